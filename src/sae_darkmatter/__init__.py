@@ -1,1 +1,51 @@
-"""sae-darkmatter."""
+"""sae-darkmatter: measure and decompose the dark matter (reconstruction error) of SAEs.
+
+Stages, each usable alone (see README):
+
+    harvest(HarvestConfig, path)            -> ActivationStore
+    make_splits(store, SplitConfig)         -> Splits (SAE-train / probe-train / probe-test rows)
+    train_sae(x, width=, cfg=, out_dir=)    -> TopKSAE (saved in SAELens format)
+    decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
+    write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
+    run(RunConfig, out)                     -> all of the above, cached per stage
+
+Names are imported lazily (PEP 562), so ``import sae_darkmatter`` and the CLI start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "config": ["CorpusConfig", "DecomposeConfig", "HarvestConfig", "ModelConfig", "RunConfig",
+               "SAETrainConfig", "SplitConfig", "TokenFilter", "load_toml"],
+    "errors": ["CorruptStoreError", "DarkMatterError", "EmptyCorpusError", "HookError",
+               "ModelNotAvailableError", "ShapeMismatchError"],
+    "models": ["LoadedModel", "forward_capture", "hook_names", "load_model"],
+    "corpus": ["build_contexts"],
+    "store": ["ActivationStore"],
+    "harvest": ["harvest"],
+    "splits": ["Splits", "make_splits"],
+    "saes": ["TopKSAE", "load_sae", "save_sae", "train_sae"],
+    "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
+    "decompose": ["Decomposition", "DecompositionOutput", "decompose"],
+    "pipeline": ["decompose_saes", "quick", "run", "train_saes"],
+    "report": ["write_report"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sae_darkmatter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__ + ["__version__"]

@@ -1,0 +1,290 @@
+"""The ``darkmatter`` command line: ``run`` the whole pipeline or each stage alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from . import __version__
+from .config import (
+    DecomposeConfig,
+    HarvestConfig,
+    RunConfig,
+    SAETrainConfig,
+    SplitConfig,
+    TokenFilter,
+    load_toml,
+)
+from .errors import DarkMatterError
+
+app = typer.Typer(
+    help="Measure and decompose the dark matter (reconstruction error) of sparse autoencoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+# Shared option declarations (None = keep the config's value).
+Model = Annotated[Optional[str], typer.Option(help="'smollm2' (embedded), HF model id, local folder or .gguf file.")]
+Corpus = Annotated[Optional[str], typer.Option(help="'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<dataset>[:<config>]'.")]
+NContexts = Annotated[Optional[int], typer.Option(help="Number of contexts to harvest.")]
+CtxLen = Annotated[Optional[int], typer.Option(help="Tokens per context.")]
+Loss = Annotated[Optional[bool], typer.Option("--loss/--no-loss", help="Also store per-token LM loss (full forward; without it the forward stops early).")]
+Device = Annotated[Optional[str], typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")]
+Widths = Annotated[Optional[str], typer.Option(help="Comma-separated SAE widths, e.g. 1024,2048,4096.")]
+K = Annotated[Optional[int], typer.Option("--k", help="TopK sparsity (active latents per token).")]
+TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SAE (epochs repeat the data).")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
+Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [harvest], [split], [train], [decompose] tables.")]
+
+
+def _set(obj: Any, **values: Any) -> Any:
+    """dataclasses.replace with the values that were actually given."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(obj, **given) if given else obj
+
+
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise typer.BadParameter(f"widths must be comma-separated integers, got {text!r}") from None
+
+
+def _build_config(
+    config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
+    context_length=None, loss=None, device=None, widths=None, k=None, train_tokens=None,
+    seed=None, skip_positions=None,
+) -> RunConfig:
+    cfg = load_toml(config) if config else RunConfig()
+    h = cfg.harvest
+    harvest = _set(
+        h,
+        model=_set(h.model, name=model, device=device),
+        corpus=_set(h.corpus, source=corpus, n_contexts=n_contexts,
+                    context_length=context_length, seed=seed),
+        hooks=(hook,) if hook else None,
+        with_loss=loss,
+    )
+    split = _set(cfg.split, seed=seed, filter=_set(cfg.split.filter, skip_positions=skip_positions))
+    train = _set(cfg.train, widths=_widths(widths), k=k, train_tokens=train_tokens, seed=seed,
+                 device=device)
+    return _set(cfg, harvest=harvest, split=split, train=train,
+                decompose=_set(cfg.decompose, device=device))
+
+
+def _main(fn: Any) -> Any:
+    """Run a command body; print library errors plainly and exit non-zero."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return fn()
+    except DarkMatterError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: committed work is kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+
+
+def _summary(metrics: dict[str, Any]) -> Table:
+    table = Table(title=f"SAE dark matter: {metrics.get('model')} @ {metrics.get('hook')} (held-out)")
+    cols = [("width", "d_sae", "{:,}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
+            ("linear", "fvu_linear", "{:.4f}"), ("nonlinear", "fvu_nonlinear", "{:.4f}"),
+            ("lin. share", "linear_share", "{:.3f}"), ("R² e", "r2_error_mean_dim", "{:.3f}"),
+            ("R² ‖e‖²", "r2_error_norm", "{:.3f}")]
+    for title, _, _ in cols:
+        table.add_column(title, justify="right")
+    for s in metrics["saes"]:
+        table.add_row(*(fmt.format(s[key]) for _, key, fmt in cols))
+    return table
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (reused and resumed).")] = Path("darkmatter_out"),
+    quick: Annotated[bool, typer.Option(help="Same pipeline on less data (a few minutes on a CPU).")] = False,
+    config: ConfigFile = None,
+    model: Model = None,
+    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: middle layer).")] = None,
+    corpus: Corpus = None,
+    n_contexts: NContexts = None,
+    context_length: CtxLen = None,
+    loss: Loss = None,
+    widths: Widths = None,
+    k: K = None,
+    train_tokens: TrainTokens = None,
+    skip_positions: Skip = None,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Run the whole pipeline: harvest -> train SAEs -> decompose their error -> report."""
+    from . import pipeline
+
+    def body() -> None:
+        cfg = _build_config(
+            config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
+            context_length=context_length, loss=loss, device=device, widths=widths, k=k,
+            train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
+        )
+        if quick:
+            cfg = pipeline.quick(cfg)
+        metrics = pipeline.run(cfg, out)
+        Console().print(_summary(metrics))
+        Console().print(f"report: {out / 'report.html'}")
+
+    _main(body)
+
+
+@app.command("harvest")
+def harvest_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store folder (resumed if it exists).")] = Path("darkmatter_out/store"),
+    model: Model = None,
+    hook: Annotated[Optional[list[str]], typer.Option(help="Hook point(s), repeatable: resid_post.L, mlp_out.L, attn_out.L.")] = None,
+    corpus: Corpus = None,
+    n_contexts: NContexts = None,
+    context_length: CtxLen = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
+    contexts_per_shard: Annotated[Optional[int], typer.Option(help="Contexts per committed shard (a multiple of the batch size).")] = None,
+    loss: Loss = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Model dtype: float32, bfloat16, float16.")] = None,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Harvest activations (and per-token loss) of a causal LM into an activation store."""
+    from .harvest import harvest
+
+    def body() -> None:
+        base = HarvestConfig()
+        cfg = _set(
+            base,
+            model=_set(base.model, name=model, dtype=dtype, device=device),
+            corpus=_set(base.corpus, source=corpus, n_contexts=n_contexts,
+                        context_length=context_length, seed=seed),
+            hooks=tuple(hook) if hook else None,
+            batch_size=batch_size,
+            contexts_per_shard=contexts_per_shard,
+            with_loss=loss,
+        )
+        store = harvest(cfg, out)
+        Console().print(f"store: {out} ({store.n_rows:,} tokens; hooks {', '.join(store.hooks)})")
+
+    _main(body)
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SAE folders.")] = Path("darkmatter_out/saes"),
+    hook: Annotated[Optional[str], typer.Option(help="Stored hook to train on (default: the first).")] = None,
+    widths: Widths = None,
+    k: K = None,
+    train_tokens: TrainTokens = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: scaled by width).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step.")] = None,
+    skip_positions: Skip = None,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Train a width sweep of TopK SAEs on a store's SAE-training split (SAELens format)."""
+    from .pipeline import train_saes
+    from .splits import make_splits
+    from .store import ActivationStore
+
+    def body() -> None:
+        split = _set(SplitConfig(), seed=seed, filter=_set(TokenFilter(), skip_positions=skip_positions))
+        cfg = _set(SAETrainConfig(), widths=_widths(widths), k=k, train_tokens=train_tokens,
+                   lr=lr, batch_size=batch_size, seed=seed, device=device)
+        st = ActivationStore.open(store)
+        dirs = train_saes(st, make_splits(st, split), cfg, out, hook=hook)
+        for d in dirs:
+            Console().print(f"SAE: {d}")
+
+    _main(body)
+
+
+@app.command("decompose")
+def decompose_cmd(
+    sae: Annotated[list[Path], typer.Option(help="SAE folder (SAELens format), repeatable.")],
+    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path("darkmatter_out/decompose"),
+    hook: Annotated[Optional[str], typer.Option(help="Stored hook (default: the first).")] = None,
+    skip_positions: Skip = None,
+    ridge: Annotated[Optional[float], typer.Option(help="Ridge penalty of the probes.")] = None,
+    bias: Annotated[Optional[bool], typer.Option("--bias/--no-bias", help="Bias column in the probes.")] = None,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Split each SAE's error into linear and nonlinear parts on held-out tokens."""
+    from .pipeline import decompose_saes
+    from .splits import make_splits
+    from .store import ActivationStore
+
+    def body() -> None:
+        split = _set(SplitConfig(), seed=seed, filter=_set(TokenFilter(), skip_positions=skip_positions))
+        cfg = _set(DecomposeConfig(), ridge=ridge, bias=bias, device=device)
+        st = ActivationStore.open(store)
+        results = decompose_saes(st, make_splits(st, split), list(sae), cfg, out, hook=hook)
+        Console().print(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
+                                  "saes": [r["metrics"] for r in results]}))
+
+    _main(body)
+
+
+@app.command("report")
+def report_cmd(
+    decompose_dir: Annotated[Path, typer.Argument(help="Folder of decomposition results.")] = Path("darkmatter_out/decompose"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: the results' parent).")] = None,
+) -> None:
+    """Write report.html, metrics.json and figures from decomposition results."""
+    from .report import write_report
+
+    _main(lambda: Console().print(f"report: {write_report(decompose_dir, out or decompose_dir.parent)}"))
+
+
+@app.command()
+def info(
+    store: Annotated[Optional[Path], typer.Option(help="Also summarise this activation store.")] = None,
+) -> None:
+    """Versions, devices, the embedded model's location, and an optional store summary."""
+    import torch
+
+    from .models import embedded_gguf_path
+
+    def body() -> None:
+        c = Console()
+        c.print(f"sae-darkmatter {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+        c.print(f"cuda available: {torch.cuda.is_available()}")
+        try:
+            c.print(f"embedded model: {embedded_gguf_path()}")
+        except DarkMatterError as err:
+            c.print(f"embedded model: missing ({err})")
+        if store is not None:
+            from .store import ActivationStore
+
+            st = ActivationStore.open(store)
+            c.print(f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts, "
+                    f"hooks {st.hooks}, model {st.meta.get('model_name')}")
+
+    _main(body)
+
+
+
+if __name__ == "__main__":
+    app()

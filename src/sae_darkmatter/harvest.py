@@ -1,0 +1,137 @@
+"""The harvest loop: run an LM over packed contexts and append activations to a store.
+
+Work is committed one shard (``contexts_per_shard`` contexts) at a time, so an interrupted
+harvest loses at most the shard in flight; rerunning the same command resumes after the last
+committed shard and yields exactly the store an uninterrupted run would (the shard and batch
+boundaries do not depend on where the run stopped). A complete store whose settings match is
+returned without loading the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import HarvestConfig, fingerprint, to_dict
+from .corpus import build_contexts, corpus_fingerprint, special_token_ids
+from .errors import DarkMatterError
+from .models import LoadedModel, default_hook, forward_capture, hook_dim, load_model, parse_hook
+from .store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+def harvest_fingerprint(cfg: HarvestConfig) -> str:
+    """Identifies a harvest's output: model, corpus (with file stamps), hooks, loss, batching."""
+    return fingerprint(cfg, corpus_fingerprint(cfg.corpus))
+
+
+def finished_store(path: str | Path, cfg: HarvestConfig) -> ActivationStore | None:
+    """The store at ``path`` if it is complete and was made with the same settings."""
+    if not (Path(path) / "manifest.json").exists():
+        return None
+    store = ActivationStore.open(path)
+    meta = store.meta
+    if (
+        meta.get("harvest_fingerprint") == harvest_fingerprint(cfg)
+        and store.committed_contexts == meta.get("n_contexts")
+    ):
+        return store
+    return None
+
+
+def harvest(
+    cfg: HarvestConfig,
+    path: str | Path,
+    *,
+    lm: LoadedModel | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """Harvest activations at ``cfg.hooks`` (default: the middle residual stream) into ``path``."""
+    if cfg.contexts_per_shard % cfg.batch_size:
+        raise DarkMatterError(
+            f"contexts_per_shard ({cfg.contexts_per_shard}) must be a multiple of "
+            f"batch_size ({cfg.batch_size})"
+        )
+    done = finished_store(path, cfg)
+    if done is not None:
+        log.info("harvest: %s is complete (%d tokens); reusing it", path, done.n_rows)
+        return done
+
+    lm = lm or load_model(cfg.model)
+    hooks = list(cfg.hooks) or [default_hook(lm.model)]
+    for hook in hooks:
+        parse_hook(lm.model, hook)
+    contexts = build_contexts(cfg.corpus, lm.tokenizer)
+    meta = {
+        "harvest_fingerprint": harvest_fingerprint(cfg),
+        "config": to_dict(cfg),
+        "model_name": lm.name,
+        "n_layers": lm.n_layers,
+        "n_contexts": int(contexts.shape[0]),
+        "special_token_ids": special_token_ids(lm.tokenizer),
+        "with_loss": cfg.with_loss,
+    }
+    store = ActivationStore.create_or_resume(
+        path,
+        hooks={h: hook_dim(lm.model, h) for h in hooks},
+        context_length=int(contexts.shape[1]),
+        meta=meta,
+    )
+    start = store.committed_contexts
+    if start:
+        log.info("harvest: resuming at context %d of %d", start, contexts.shape[0])
+    with Progress(
+        TextColumn("[bold]harvest[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=True,
+    ) as bar:
+        tokens_per_context = contexts.shape[1]
+        task = bar.add_task(
+            ", ".join(hooks),
+            total=contexts.shape[0] * tokens_per_context,
+            completed=start * tokens_per_context,
+            rate="",
+        )
+        for shard_start in range(start, contexts.shape[0], cfg.contexts_per_shard):
+            shard = contexts[shard_start : shard_start + cfg.contexts_per_shard]
+            acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
+            store.append(context_start=shard_start, acts=acts, tokens=shard, loss=loss)
+    log.info("harvest: %d tokens in %s", store.n_rows, path)
+    return store
+
+
+def _run_shard(
+    lm: LoadedModel,
+    shard: np.ndarray,
+    hooks: list[str],
+    cfg: HarvestConfig,
+    bar: Progress,
+    task: object,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Forward one shard in batches; returns {hook: [B, T, d]} and loss [B, T] (or None)."""
+    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    losses: list[torch.Tensor] = []
+    for i in range(0, shard.shape[0], cfg.batch_size):
+        ids = torch.from_numpy(shard[i : i + cfg.batch_size]).to(lm.device)
+        acts, loss = forward_capture(lm, ids, hooks, with_loss=cfg.with_loss)
+        for h in hooks:
+            parts[h].append(acts[h])
+        if loss is not None:
+            losses.append(loss)
+        bar.update(task, advance=ids.numel())  # type: ignore[arg-type]
+        speed = bar.tasks[0].speed
+        if speed:
+            bar.update(task, rate=f"{speed:,.0f} tok/s")  # type: ignore[arg-type]
+    return (
+        {h: torch.cat(v) for h, v in parts.items()},
+        torch.cat(losses) if losses else None,
+    )

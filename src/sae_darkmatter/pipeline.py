@@ -1,0 +1,152 @@
+"""The whole pipeline, harvest -> train -> decompose -> report, with per-stage caching.
+
+A run folder holds every stage's output::
+
+    out/store/                      activation store (safetensors shards + manifest)
+    out/saes/topk-w{W}-k{k}/        SAELens-format SAE folders (+ training.json)
+    out/decompose/{sae}.json        held-out metrics of each SAE (+ {sae}.safetensors probes)
+    out/metrics.json, out/report.html, out/figures/*.png
+
+Each stage is skipped when its output exists and was made from the same inputs and settings;
+interrupted stages resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ._io import read_json, write_json
+from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
+from .decompose import decompose
+from .harvest import harvest
+from .report import write_report
+from .saes import load_sae, train_sae
+from .splits import Splits, make_splits
+from .store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """The ``--quick`` preset: the same pipeline on ~8x less data (a few minutes on a CPU)."""
+    h = cfg.harvest
+    corpus = dataclasses.replace(h.corpus, n_contexts=256)
+    return dataclasses.replace(
+        cfg,
+        harvest=dataclasses.replace(h, corpus=corpus),
+        train=dataclasses.replace(cfg.train, widths=(512, 1024, 2048), train_tokens=120_000),
+    )
+
+
+def sae_name(width: int, k: int) -> str:
+    return f"topk-w{width}-k{k}"
+
+
+def train_saes(
+    store: ActivationStore,
+    splits: Splits,
+    cfg: SAETrainConfig,
+    out_dir: str | Path,
+    *,
+    hook: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Train one TopK SAE per width in ``cfg.widths`` on the SAE-training split."""
+    hook = hook or next(iter(store.hooks))
+    x = store.gather(hook, splits.sae_train)
+    metadata = {"model_name": store.meta.get("model_name"), "hook_name": hook,
+                "context_size": store.context_length}
+    dirs = []
+    for width in cfg.widths:
+        path = Path(out_dir) / sae_name(width, cfg.k)
+        train_sae(x, width=width, cfg=cfg, out_dir=path, metadata=metadata, progress=progress)
+        dirs.append(path)
+    return dirs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def decompose_saes(
+    store: ActivationStore,
+    splits: Splits,
+    sae_dirs: list[Path],
+    cfg: DecomposeConfig,
+    out_dir: str | Path,
+    *,
+    hook: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Decompose each SAE's error; results are cached by (store, splits, SAE weights, cfg)."""
+    out_dir = Path(out_dir)
+    hook = hook or next(iter(store.hooks))
+    split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
+    results = []
+    for sae_dir in sae_dirs:
+        name = sae_dir.name
+        weights = sae_dir / "sae_weights.safetensors"
+        fp = fingerprint(
+            store.meta.get("harvest_fingerprint"), store.n_rows, hook, split_hash.hexdigest(),
+            cfg, _sha256(weights) if weights.exists() else str(sae_dir),
+        )
+        result_path = out_dir / f"{name}.json"
+        if result_path.exists() and read_json(result_path).get("fingerprint") == fp:
+            results.append(read_json(result_path))
+            continue
+        sae = load_sae(sae_dir)
+        out = decompose(store, sae, splits, cfg, hook=hook, progress=progress)
+        out.save(out_dir / f"{name}.safetensors")
+        sae_cfg = read_json(sae_dir / "cfg.json") if (sae_dir / "cfg.json").exists() else {}
+        result = {
+            "name": name,
+            "fingerprint": fp,
+            "sae": {"path": str(sae_dir), "architecture": sae_cfg.get("architecture"),
+                    "k": sae_cfg.get("k")},
+            "model": store.meta.get("model_name"),
+            "data": splits.summary(),
+            "metrics": out.metrics.to_dict(),
+            "probe_file": f"{name}.safetensors",
+        }
+        write_json(result_path, result)
+        results.append(result)
+    return results
+
+
+def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run every stage into ``out`` and return the metrics written to ``out/metrics.json``."""
+    out = Path(out)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    store = harvest(cfg.harvest, out / "store", progress=progress)
+    timings["harvest"] = time.perf_counter() - t
+
+    splits = make_splits(store, cfg.split)
+    t = time.perf_counter()
+    sae_dirs = train_saes(store, splits, cfg.train, out / "saes", progress=progress)
+    timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    decompose_saes(store, splits, sae_dirs, cfg.decompose, out / "decompose", progress=progress)
+    timings["decompose"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    write_report(out / "decompose", out)
+    timings["report"] = time.perf_counter() - t
+
+    metrics = read_json(out / "metrics.json")
+    metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    metrics["config"] = dataclasses.asdict(cfg)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+

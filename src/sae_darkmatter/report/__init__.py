@@ -1,0 +1,111 @@
+"""The report stage: collect decomposition results into metrics.json, figures and report.html."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from .. import __version__
+from .._io import atomic_path, read_json, write_json
+from ..errors import DarkMatterError
+from . import figures
+
+_COLUMNS = [
+    ("name", "SAE", "{}"),
+    ("d_sae", "width", "{:,}"),
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("fvu_linear", "FVU linear", "{:.4f}"),
+    ("fvu_nonlinear", "FVU nonlinear", "{:.4f}"),
+    ("linear_share", "linear share", "{:.3f}"),
+    ("r2_error_mean_dim", "R² e (mean dim)", "{:.3f}"),
+    ("r2_error_norm", "R² ‖e‖²", "{:.3f}"),
+]
+
+
+def load_results(decompose_dir: str | Path) -> list[dict[str, Any]]:
+    """All decomposition results (``*.json``) in a folder, sorted by width."""
+    paths = sorted(Path(decompose_dir).glob("*.json"))
+    if not paths:
+        raise DarkMatterError(
+            f"no decomposition results (*.json) in {decompose_dir}; run 'darkmatter decompose' first"
+        )
+    results = [read_json(p) for p in paths]
+    return sorted(results, key=lambda r: (r["metrics"]["d_sae"], r["name"]))
+
+
+def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``."""
+    decompose_dir, out_dir = Path(decompose_dir), Path(out_dir)
+    results = load_results(decompose_dir)
+    flat = [{"name": r["name"], **r.get("sae", {}), **r["metrics"]} for r in results]
+    fig_dir = out_dir / "figures"
+    samples = []
+    for r in results:
+        t = load_file(str(decompose_dir / r["probe_file"]))
+        samples.append(
+            (r["name"], t["sample.norm_sq"].numpy(), t["sample.norm_sq_pred"].numpy(),
+             r["metrics"]["r2_error_norm"])
+        )
+    figs = {
+        "fvu_vs_width": figures.fvu_vs_width(flat, fig_dir / "fvu_vs_width.png"),
+        "error_norm_prediction": figures.error_norm_prediction(
+            samples, fig_dir / "error_norm_prediction.png"
+        ),
+        "r2_vs_width": figures.r2_vs_width(flat, fig_dir / "r2_vs_width.png"),
+    }
+    metrics = {
+        "sae_darkmatter_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": results[0].get("data", {}),
+        "model": results[0].get("model"),
+        "hook": results[0]["metrics"]["hook"],
+        "saes": flat,
+        "figures": {k: str(p.relative_to(out_dir)) for k, p in figs.items()},
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    page = out_dir / "report.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text(_html(metrics))
+    return page
+
+
+def _html(m: dict[str, Any]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in _COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(fmt.format(s[key]))}</td>" for key, _, fmt in _COLUMNS) + "</tr>"
+        for s in m["saes"]
+    )
+    data = "".join(f"<li>{esc(k.replace('_', ' '))}: {v:,}</li>" for k, v in m["data"].items())
+    figs = "".join(
+        f'<figure><img src="{esc(p)}" alt="{esc(k)}"><figcaption>{esc(k.replace("_", " "))}'
+        "</figcaption></figure>"
+        for k, p in m["figures"].items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>SAE dark matter report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }}
+figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
+</style></head><body>
+<h1>SAE dark matter</h1>
+<p>Model <code>{esc(str(m['model']))}</code>, hook <code>{esc(m['hook'])}</code>;
+sae-darkmatter {esc(m['sae_darkmatter_version'])}, {esc(m['created'])}.</p>
+<h2>Metrics (held-out tokens)</h2>
+<table><tr>{head}</tr>{body}</table>
+<p>SAE error <code>e = x − x̂</code>. A least-squares probe <code>ê = [x, 1]·W</code> is fit on
+probe-train tokens; all numbers are scored on disjoint probe-test tokens. FVU = Σ‖e‖²/Σ‖x − x̄‖²;
+FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU nonlinear; linear share =
+1 − Σ‖e − ê‖²/Σ‖e‖²; R² e (mean dim) is the mean over dimensions of the per-dimension R² of ê;
+R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
+<h2>Data</h2><ul>{data}</ul>
+<h2>Figures</h2>{figs}
+</body></html>
+"""

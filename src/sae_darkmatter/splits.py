@@ -1,0 +1,111 @@
+"""Token selection and disjoint, seeded data splits of an activation store.
+
+Statistics never use the first ``skip_positions`` positions of a context or special tokens
+(attention sinks whose norms are ~100x the median). The remaining tokens are split by
+*context* into SAE-training and evaluation contexts, so the SAE never sees the evaluation
+text; evaluation tokens are then permuted and split into probe-training and held-out probe-test
+tokens, as in the paper (which permutes tokens, not contexts, for its regressions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SplitConfig, TokenFilter
+from .errors import DarkMatterError
+from .store import ActivationStore
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Rows kept by a ``TokenFilter`` and how many were excluded, and why."""
+
+    rows: np.ndarray
+    n_total: int
+    n_excluded_position: int
+    n_excluded_special: int
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "tokens_total": self.n_total,
+            "tokens_kept": int(self.rows.size),
+            "excluded_first_positions": self.n_excluded_position,
+            "excluded_special_tokens": self.n_excluded_special,
+        }
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Sorted global row indices of the three disjoint splits."""
+
+    selection: Selection
+    sae_train: np.ndarray
+    probe_train: np.ndarray
+    probe_test: np.ndarray
+
+    def summary(self) -> dict[str, int]:
+        return {
+            **self.selection.summary(),
+            "sae_train_tokens": int(self.sae_train.size),
+            "probe_train_tokens": int(self.probe_train.size),
+            "probe_test_tokens": int(self.probe_test.size),
+        }
+
+
+def select_rows(
+    store: ActivationStore, filt: TokenFilter, special_ids: Sequence[int] = ()
+) -> Selection:
+    """Apply a token filter to every stored row."""
+    position = store.column("position")
+    keep = position >= filt.skip_positions
+    n_pos = int((~keep).sum())
+    n_special = 0
+    if filt.exclude_special and len(special_ids):
+        special = np.isin(store.column("tokens"), np.asarray(special_ids)) & keep
+        n_special = int(special.sum())
+        keep &= ~special
+    return Selection(np.flatnonzero(keep).astype(np.int64), int(position.size), n_pos, n_special)
+
+
+def make_splits(
+    store: ActivationStore, cfg: SplitConfig, special_ids: Sequence[int] | None = None
+) -> Splits:
+    """Split a store's kept tokens into SAE-train / probe-train / probe-test rows.
+
+    ``special_ids`` defaults to the ids recorded in the store's metadata at harvest time.
+    """
+    for name in ("sae_train_fraction", "probe_train_fraction"):
+        value = getattr(cfg, name)
+        if not 0.0 < value < 1.0:
+            raise DarkMatterError(f"{name} must be strictly between 0 and 1, got {value}")
+    if special_ids is None:
+        special_ids = store.meta.get("special_token_ids", [])
+    sel = select_rows(store, cfg.filter, special_ids)
+    rng = np.random.default_rng(cfg.seed)
+
+    context = store.column("context")[sel.rows]
+    contexts = np.unique(context)
+    if contexts.size < 2:
+        raise DarkMatterError(
+            f"need at least 2 contexts with kept tokens to split, found {contexts.size}; "
+            "harvest more contexts"
+        )
+    n_sae = min(max(1, round(cfg.sae_train_fraction * contexts.size)), contexts.size - 1)
+    sae_contexts = rng.permutation(contexts)[:n_sae]
+    in_sae = np.isin(context, sae_contexts)
+    sae_rows = sel.rows[in_sae]
+    eval_rows = rng.permutation(sel.rows[~in_sae])
+    n_probe = int(round(cfg.probe_train_fraction * eval_rows.size))
+    if n_probe == 0 or n_probe == eval_rows.size:
+        raise DarkMatterError(
+            f"too few evaluation tokens ({eval_rows.size}) for a probe train/test split"
+        )
+    return Splits(
+        selection=sel,
+        sae_train=np.sort(sae_rows),
+        probe_train=np.sort(eval_rows[:n_probe]),
+        probe_test=np.sort(eval_rows[n_probe:]),
+    )

@@ -1,0 +1,191 @@
+"""End to end on a tiny random Llama: the CLI stages, caching, resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sae_darkmatter import (
+    CorpusConfig,
+    HarvestConfig,
+    ModelConfig,
+    RunConfig,
+    SAETrainConfig,
+    ActivationStore,
+    run,
+)
+from sae_darkmatter.cli import app
+
+runner = CliRunner()
+
+
+def tiny_run_config(model_dir: Path) -> RunConfig:
+    return RunConfig(
+        harvest=HarvestConfig(
+            model=ModelConfig(name=str(model_dir)),
+            corpus=CorpusConfig(n_contexts=96, context_length=32),
+            hooks=("resid_post.2",), batch_size=16, contexts_per_shard=32,
+        ),
+        train=SAETrainConfig(widths=(64, 128, 256), k=8, train_tokens=6000, batch_size=512),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    metrics = run(tiny_run_config(tiny_model_dir), out, progress=False)
+    return out, metrics
+
+
+def test_run_writes_report_metrics_and_figures(tiny_run):
+    out, metrics = tiny_run
+    assert (out / "report.html").read_text().count("<img") == 3
+    for fig in ("fvu_vs_width", "error_norm_prediction", "r2_vs_width"):
+        png = out / metrics["figures"][fig]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert [s["d_sae"] for s in on_disk["saes"]] == [64, 128, 256]
+    for s in on_disk["saes"]:
+        assert 0 < s["fvu_nonlinear"] <= s["fvu"] + 1e-9  # a probe with bias can only help on train;
+        assert 0 <= s["linear_share"] <= 1  # held-out it may not, but not by this much here
+        assert s["l0"] <= 8
+    data = on_disk["data"]
+    assert data["excluded_first_positions"] == 96  # skip_positions=1, one per context
+    assert data["probe_train_tokens"] + data["probe_test_tokens"] + data["sae_train_tokens"] == data["tokens_kept"]
+
+
+def test_saved_sae_loads_in_sae_lens_with_same_reconstructions(tiny_run):
+    import torch
+    from sae_lens import SAE
+
+    from sae_darkmatter import load_sae
+
+    out, _ = tiny_run
+    folder = out / "saes" / "topk-w128-k8"
+    theirs = SAE.load_from_disk(str(folder), device="cpu")
+    ours = load_sae(folder)
+    store = ActivationStore.open(out / "store")
+    x = store.gather("resid_post.2", np.arange(1, 200))
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(x).numpy(), ours(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_reuses_every_stage(tiny_run, tiny_model_dir):
+    out, first = tiny_run
+    weights = out / "saes" / "topk-w64-k8" / "sae_weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = run(tiny_run_config(tiny_model_dir), out, progress=False)
+    assert weights.stat().st_mtime_ns == stamp
+    assert [s["fvu"] for s in again["saes"]] == [s["fvu"] for s in first["saes"]]
+    assert again["timings_s"]["harvest"] < 5 and again["timings_s"]["train"] < 5
+
+
+def test_stage_commands(tiny_run, tmp_path):
+    out, metrics = tiny_run
+    sae = out / "saes" / "topk-w64-k8"
+    res = runner.invoke(app, ["decompose", "--store", str(out / "store"), "--sae", str(sae),
+                              "-o", str(tmp_path / "dec")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "dec" / "topk-w64-k8.json").read_text())
+    assert saved["metrics"]["fvu"] == pytest.approx(metrics["saes"][0]["fvu"])
+    res = runner.invoke(app, ["report", str(tmp_path / "dec")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "fvu_vs_width.png").exists()
+    for cmd in ("run", "harvest", "train", "decompose", "report", "info"):
+        assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
+
+
+def test_unknown_hook_lists_valid_ones(tiny_model_dir, tmp_path):
+    res = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--hook", "resid_pre.1",
+                              "--n-contexts", "4", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    assert "resid_post" in res.output and "mlp_out" in res.output and "attn_out" in res.output
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_empty_corpus_names_the_source(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--corpus", str(empty),
+                              "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "empty.txt" in res.output
+
+
+def test_missing_model_offline_says_how_to_pass_a_path(tmp_path):
+    res = runner.invoke(app, ["harvest", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    assert "no-such-org/no-such-model" in res.output and "path" in res.output.lower()
+
+
+def test_decompose_rejects_sae_of_wrong_width(tiny_run, tmp_path):
+    import torch
+
+    from sae_darkmatter import TopKSAE, save_sae
+
+    out, _ = tiny_run
+    save_sae(TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0)), tmp_path / "bad", metadata={})
+    res = runner.invoke(app, ["decompose", "--store", str(out / "store"), "--sae", str(tmp_path / "bad"),
+                              "-o", str(tmp_path / "dec")])
+    assert res.exit_code == 2 and "32" in res.output and "64" in res.output
+
+
+def _harvest_cmd(model_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "sae_darkmatter.cli", "harvest", "--model", str(model_dir),
+            "--n-contexts", "1536", "--context-length", "32", "--batch-size", "8",
+            "--contexts-per-shard", "16", "--hook", "resid_post.1", "--hook", "mlp_out.2", "-o", str(out)]
+
+
+def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t = time.time()
+    while time.time() - t < timeout:
+        manifest = store / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= n:
+            return
+        assert proc.poll() is None, "harvest finished before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no shard committed in time")
+
+
+def test_harvest_resumes_after_kill_and_ctrl_c(tiny_model_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "store"
+    proc = subprocess.Popen(_harvest_cmd(tiny_model_dir, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_shards(out, 2, proc)
+    proc.kill()  # SIGKILL: no cleanup at all
+    proc.wait()
+    first = ActivationStore.open(out).committed_contexts
+    assert 0 < first < 1536
+
+    proc = subprocess.Popen(_harvest_cmd(tiny_model_dir, out), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_shards(out, first // 16 + 2, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun" in text
+    assert first < ActivationStore.open(out).committed_contexts < 1536
+
+    done = subprocess.run(_harvest_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref = tmp_path / "ref"
+    done = subprocess.run(_harvest_cmd(tiny_model_dir, ref), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    a, b = ActivationStore.open(out), ActivationStore.open(ref)
+    a.verify()
+    assert a.n_rows == b.n_rows == 1536 * 32
+    for col in ("tokens", "position", "context", "loss"):
+        np.testing.assert_array_equal(a.column(col), b.column(col))
+    for hook in ("resid_post.1", "mlp_out.2"):
+        for (ra, xa), (rb, xb) in zip(a.iter_chunks(hook), b.iter_chunks(hook)):
+            np.testing.assert_array_equal(ra, rb)
+            assert np.array_equal(xa.numpy(), xb.numpy())

@@ -1,0 +1,77 @@
+"""Slow: the whole pipeline on the embedded SmolLM2-135M and the standard-library corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sae_darkmatter import (
+    ActivationStore,
+    CorpusConfig,
+    HarvestConfig,
+    RunConfig,
+    SAETrainConfig,
+    SplitConfig,
+    load_sae,
+    make_splits,
+    run,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol")
+    cfg = RunConfig(
+        harvest=HarvestConfig(corpus=CorpusConfig(n_contexts=48, context_length=128)),
+        train=SAETrainConfig(widths=(256, 512, 1024), k=16, train_tokens=60_000, batch_size=1024),
+    )
+    return out, run(cfg, out, progress=False)
+
+
+def test_store_holds_real_layer15_activations(smol_run):
+    out, _ = smol_run
+    store = ActivationStore.open(out / "store")
+    assert store.hooks == {"resid_post.15": 576}
+    assert store.n_rows == 48 * 128
+    position = store.column("position")
+    norms = np.concatenate([x.norm(dim=1).numpy() for _, x in store.iter_chunks("resid_post.15")])
+    median = np.median(norms[position > 0])
+    assert 50 < median < 1000  # measurements.md: ~171 at layer 15
+    assert norms[position == 0].min() > 20 * median  # the attention sink the filter removes
+    loss = store.column("loss").reshape(48, 128)
+    assert np.isnan(loss[:, -1]).all() and np.isfinite(loss[:, :-1]).all()
+    assert 0.5 < np.nanmean(loss) < 6  # a trained LM on English and Python, in nats
+    kept = make_splits(store, SplitConfig()).selection.rows
+    assert norms[kept].max() < 10 * median  # no sink left in the statistics
+
+
+def test_dark_matter_metrics_are_plausible(smol_run):
+    out, metrics = smol_run
+    saes = metrics["saes"]
+    assert [s["d_sae"] for s in saes] == [256, 512, 1024]
+    for s in saes:
+        assert 0.0 < s["fvu"] < 0.9
+        assert 0.0 < s["fvu_nonlinear"] < s["fvu"]
+        assert s["r2_error_norm"] > 0.3  # the paper: >90% on Gemma; far from 0 here too
+        assert s["l0"] <= 16
+    assert saes[-1]["fvu"] < saes[0]["fvu"]  # wider SAEs reconstruct better
+    assert json.loads((out / "metrics.json").read_text())["model"].endswith(".gguf")
+
+
+def test_saved_sae_matches_sae_lens_on_real_activations(smol_run):
+    import torch
+    from sae_lens import SAE
+
+    out, _ = smol_run
+    folder = out / "saes" / "topk-w512-k16"
+    store = ActivationStore.open(out / "store")
+    x = store.gather("resid_post.15", np.arange(1, 500))
+    with torch.no_grad():
+        ours = load_sae(folder)(x)
+        theirs = SAE.load_from_disk(str(folder), device="cpu")(x)
+    # norms ~170: float32 reconstructions agree to ~1e-5 relative
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)

@@ -1,0 +1,57 @@
+"""Token filtering and the three disjoint splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sae_darkmatter.config import SplitConfig, TokenFilter
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.splits import make_splits, select_rows
+from sae_darkmatter.store import ActivationStore
+
+
+@pytest.fixture()
+def store(tmp_path):
+    rng = np.random.default_rng(0)
+    st = ActivationStore.create_or_resume(
+        tmp_path / "s", hooks={"resid_post.0": 4}, context_length=8,
+        meta={"special_token_ids": [0, 2]},
+    )
+    for start in (0, 5, 10):
+        tokens = rng.integers(3, 50, size=(5, 8))
+        tokens[:, 3] = 2  # a special token in every context
+        st.append(context_start=start, acts={"resid_post.0": rng.normal(size=(5, 8, 4)).astype(np.float32)},
+                  tokens=tokens, loss=None)
+    return st
+
+
+def test_filter_counts_and_rows(store):
+    sel = select_rows(store, TokenFilter(skip_positions=2), special_ids=[0, 2])
+    pos, tok = store.column("position"), store.column("tokens")
+    expected = np.flatnonzero((pos >= 2) & ~np.isin(tok, [0, 2]))
+    np.testing.assert_array_equal(sel.rows, expected)
+    assert sel.n_excluded_position == 15 * 2
+    assert sel.n_excluded_special == 15  # position 3 of each of 15 contexts
+    assert sel.summary()["tokens_kept"] == 15 * 5
+
+
+def test_splits_disjoint_cover_and_context_level(store):
+    sp = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=1), seed=3))
+    parts = [sp.sae_train, sp.probe_train, sp.probe_test]
+    allrows = np.concatenate(parts)
+    assert len(np.unique(allrows)) == allrows.size  # disjoint
+    np.testing.assert_array_equal(np.sort(allrows), sp.selection.rows)  # cover the kept rows
+    ctx = store.column("context")
+    # SAE-train contexts never appear in the evaluation splits
+    assert not set(ctx[sp.sae_train]) & set(ctx[np.concatenate(parts[1:])])
+    assert all(np.all(np.diff(p) > 0) for p in parts)  # sorted for streaming reads
+    again = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=1), seed=3))
+    np.testing.assert_array_equal(again.probe_test, sp.probe_test)  # seeded
+    other = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=1), seed=4))
+    assert not np.array_equal(other.probe_test, sp.probe_test)
+
+
+def test_bad_fractions_rejected(store):
+    with pytest.raises(DarkMatterError, match="sae_train_fraction"):
+        make_splits(store, SplitConfig(sae_train_fraction=1.0))
