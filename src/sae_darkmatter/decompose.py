@@ -113,24 +113,24 @@ def decompose(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"decompose d_sae={sae.d_sae}", total=total)
 
-        err_fit = StreamingLstsq(d, d, bias=cfg.bias)
-        norm_fit = StreamingLstsq(d, 1, bias=cfg.bias)
+        # One fit for both targets [e, ‖e‖²]: XᵀX is shared, so this costs one accumulation.
+        fit = StreamingLstsq(d, d + 1, bias=cfg.bias, device=device)
         for _, x in store.iter_chunks(hook, splits.probe_train, cfg.chunk_rows):
             x = x.to(device)
             _, e, _ = errors(x)
-            err_fit.update(x, e)
-            norm_fit.update(x, e.square().sum(dim=1, keepdim=True))
+            fit.update(x, torch.cat([e, e.square().sum(dim=1, keepdim=True)], dim=1))
             bar.update(task, advance=x.shape[0])
-        err_probe = err_fit.solve(cfg.ridge)
-        norm_probe = norm_fit.solve(cfg.ridge)
+        both = fit.solve(cfg.ridge)
+        err_probe = LinearProbe(both.weight[:, :d], both.bias[:d], both.rank)
+        norm_probe = LinearProbe(both.weight[:, d:], both.bias[d:], both.rank)
 
         rng = np.random.default_rng(0)
         n_sample = min(cfg.n_scatter, splits.probe_test.size)
         sample = np.sort(rng.choice(splits.probe_test, n_sample, replace=False))
         sample_true, sample_pred = [], []
 
-        sae_acc, lin_acc, err_acc = (R2Accumulator(d) for _ in range(3))
-        norm_acc = R2Accumulator(1)
+        sae_acc, lin_acc, err_acc = (R2Accumulator(d, device=device) for _ in range(3))
+        norm_acc = R2Accumulator(1, device=device)
         active = 0
         for rows, x in store.iter_chunks(hook, splits.probe_test, cfg.chunk_rows):
             x = x.to(device)
@@ -156,7 +156,7 @@ def decompose(
         hook=hook,
         d_in=d,
         d_sae=sae.d_sae,
-        n_probe_train=err_fit.n,
+        n_probe_train=fit.n,
         n_probe_test=sae_acc.n,
         l0=active / max(sae_acc.n, 1),
         fvu=fvu,
