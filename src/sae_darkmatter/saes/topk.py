@@ -1,0 +1,126 @@
+"""TopK sparse autoencoder with SAELens's parameter layout and encode order.
+
+Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]``. Encoding matches SAELens's ``TopKSAE`` with ``rescale_acts_by_decoder_norm``
+off and ``normalize_activations="none"``: ``pre = (x - b_dec) @ W_enc + b_enc``, keep the top
+``k`` pre-activations, then ReLU on the kept values (SAELens's topk->ReLU order; sparsify uses
+ReLU->topk, which keeps the same set but can differ when fewer than k are positive).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AffineSAE(nn.Module):
+    """Shared parameters and affine maps of SAELens-style SAEs; subclasses define ``encode``.
+
+    ``apply_b_dec_to_input`` subtracts ``b_dec`` from the input before the encoder, as
+    SAELens's option of the same name does (Gemma Scope SAEs turn it off).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        apply_b_dec_to_input: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if d_in < 1 or d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+        w_dec = torch.randn(d_sae, d_in, generator=generator)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(w_dec.T.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(w_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+
+    @property
+    def d_in(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_dec.shape[0]
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations ``[n, d_sae]`` (before the nonlinearity)."""
+        x = x.to(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``[n, d_sae]`` -> reconstruction ``[n, d_in]``."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``x_hat`` of ``x``."""
+        return self.decode(self.encode(x))
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}"
+
+
+class TopKSAE(AffineSAE):
+    """A TopK SAE: exactly ``k`` latents are selected per token (ReLU may zero some of them)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        *,
+        apply_b_dec_to_input: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        super().__init__(
+            d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, generator=generator
+        )
+        self._k = k
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse latents: ``(values [n, k], indices [n, k])``, values >= 0."""
+        values, indices = torch.topk(self.pre_activations(x), self._k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``[n, d_sae]`` with at most ``k`` nonzeros per row."""
+        values, indices = self.encode_topk(x)
+        z = torch.zeros(*values.shape[:-1], self.d_sae, dtype=values.dtype, device=values.device)
+        return z.scatter_(-1, indices, values)
+
+    def decode_topk(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruction from sparse latents without materialising ``[n, d_sae]``.
+
+        ``embedding_bag`` gathers the k decoder rows and sums them weighted by ``values``;
+        it is exact and 1.4-2x faster than the dense product on CPU (measurements.md).
+        """
+        lead = values.shape[:-1]
+        out = F.embedding_bag(
+            indices.reshape(-1, self._k),
+            self.W_dec,
+            per_sample_weights=values.reshape(-1, self._k),
+            mode="sum",
+        )
+        return out.reshape(*lead, self.d_in) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_topk(*self.encode_topk(x))
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
