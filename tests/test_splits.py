@@ -55,3 +55,19 @@ def test_splits_disjoint_cover_and_context_level(store):
 def test_bad_fractions_rejected(store):
     with pytest.raises(DarkMatterError, match="sae_train_fraction"):
         make_splits(store, SplitConfig(sae_train_fraction=1.0))
+
+
+def test_norm_outliers_excluded_relative_to_median(tmp_path):
+    rng = np.random.default_rng(1)
+    st = ActivationStore.create_or_resume(tmp_path / "s", hooks={"h": 4}, context_length=10, meta={})
+    x = rng.normal(size=(6, 10, 4)).astype(np.float32)
+    x[2, 4] *= 1000  # a sink in the middle of a context
+    x[5, 7] *= 1000
+    st.append(context_start=0, acts={"h": x}, tokens=np.full((6, 10), 7), loss=None)
+    sel = select_rows(st, TokenFilter(skip_positions=1, max_norm_ratio=5.0))
+    assert sel.n_excluded_norm == 2
+    assert 2 * 10 + 4 not in sel.rows and 5 * 10 + 7 not in sel.rows
+    norms = np.linalg.norm(x.reshape(60, 4), axis=1)
+    assert sel.median_norm == pytest.approx(np.median(norms[np.arange(60) % 10 >= 1]), rel=1e-6)
+    keep_all = select_rows(st, TokenFilter(skip_positions=1, max_norm_ratio=None))
+    assert keep_all.rows.size == 54 and keep_all.n_excluded_norm == 0

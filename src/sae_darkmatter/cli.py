@@ -20,7 +20,6 @@ from .config import (
     RunConfig,
     SAETrainConfig,
     SplitConfig,
-    TokenFilter,
     load_toml,
 )
 from .errors import DarkMatterError
@@ -45,6 +44,7 @@ K = Annotated[Optional[int], typer.Option("--k", help="TopK sparsity (active lat
 TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SAE (epochs repeat the data).")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
 Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
+MaxNorm = Annotated[Optional[float], typer.Option(help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all.")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [harvest], [split], [train], [decompose] tables.")]
 
 
@@ -52,6 +52,15 @@ def _set(obj: Any, **values: Any) -> Any:
     """dataclasses.replace with the values that were actually given."""
     given = {k: v for k, v in values.items() if v is not None}
     return dataclasses.replace(obj, **given) if given else obj
+
+
+def _split(cfg: SplitConfig, seed: int | None, skip_positions: int | None,
+           max_norm_ratio: float | None) -> SplitConfig:
+    ratio = None if max_norm_ratio is None else (max_norm_ratio or None)
+    filt = _set(cfg.filter, skip_positions=skip_positions)
+    if max_norm_ratio is not None:
+        filt = dataclasses.replace(filt, max_norm_ratio=ratio)
+    return _set(cfg, seed=seed, filter=filt)
 
 
 def _widths(text: str | None) -> tuple[int, ...] | None:
@@ -66,7 +75,7 @@ def _widths(text: str | None) -> tuple[int, ...] | None:
 def _build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, widths=None, k=None, train_tokens=None,
-    seed=None, skip_positions=None,
+    seed=None, skip_positions=None, max_norm_ratio=None,
 ) -> RunConfig:
     cfg = load_toml(config) if config else RunConfig()
     h = cfg.harvest
@@ -78,7 +87,7 @@ def _build_config(
         hooks=(hook,) if hook else None,
         with_loss=loss,
     )
-    split = _set(cfg.split, seed=seed, filter=_set(cfg.split.filter, skip_positions=skip_positions))
+    split = _split(cfg.split, seed, skip_positions, max_norm_ratio)
     train = _set(cfg.train, widths=_widths(widths), k=k, train_tokens=train_tokens, seed=seed,
                  device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
@@ -131,6 +140,7 @@ def run(
     k: K = None,
     train_tokens: TrainTokens = None,
     skip_positions: Skip = None,
+    max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
@@ -142,6 +152,7 @@ def run(
             config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
             context_length=context_length, loss=loss, device=device, widths=widths, k=k,
             train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
+            max_norm_ratio=max_norm_ratio,
         )
         if quick:
             cfg = pipeline.quick(cfg)
@@ -199,6 +210,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: scaled by width).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step.")] = None,
     skip_positions: Skip = None,
+    max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
@@ -208,11 +220,11 @@ def train(
     from .store import ActivationStore
 
     def body() -> None:
-        split = _set(SplitConfig(), seed=seed, filter=_set(TokenFilter(), skip_positions=skip_positions))
+        split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
         cfg = _set(SAETrainConfig(), widths=_widths(widths), k=k, train_tokens=train_tokens,
                    lr=lr, batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
-        dirs = train_saes(st, make_splits(st, split), cfg, out, hook=hook)
+        dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
         for d in dirs:
             Console().print(f"SAE: {d}")
 
@@ -226,6 +238,7 @@ def decompose_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path("darkmatter_out/decompose"),
     hook: Annotated[Optional[str], typer.Option(help="Stored hook (default: the first).")] = None,
     skip_positions: Skip = None,
+    max_norm_ratio: MaxNorm = None,
     ridge: Annotated[Optional[float], typer.Option(help="Ridge penalty of the probes.")] = None,
     bias: Annotated[Optional[bool], typer.Option("--bias/--no-bias", help="Bias column in the probes.")] = None,
     seed: Seed = None,
@@ -237,10 +250,10 @@ def decompose_cmd(
     from .store import ActivationStore
 
     def body() -> None:
-        split = _set(SplitConfig(), seed=seed, filter=_set(TokenFilter(), skip_positions=skip_positions))
+        split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
         cfg = _set(DecomposeConfig(), ridge=ridge, bias=bias, device=device)
         st = ActivationStore.open(store)
-        results = decompose_saes(st, make_splits(st, split), list(sae), cfg, out, hook=hook)
+        results = decompose_saes(st, make_splits(st, split, hook=hook), list(sae), cfg, out, hook=hook)
         Console().print(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
                                   "saes": [r["metrics"] for r in results]}))
 

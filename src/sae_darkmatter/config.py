@@ -71,11 +71,15 @@ class TokenFilter:
     """Which stored tokens enter statistics and SAE training.
 
     The first ``skip_positions`` positions of every context (attention-sink tokens with norms
-    ~100x the median) and special tokens (bos/eos/pad/unk) are excluded.
+    ~100x the median) and special tokens (bos/eos/pad/unk) are excluded, and so are tokens
+    whose activation norm exceeds ``max_norm_ratio`` times the median norm (``None``: keep).
+    On SmolLM2 layer 15 the sinks also appear a few positions into a context: 47 of 262k
+    tokens above 5x the median held 74 % of the total squared norm.
     """
 
     skip_positions: int = 1
     exclude_special: bool = True
+    max_norm_ratio: float | None = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class SplitConfig:
     """
 
     filter: TokenFilter = field(default_factory=TokenFilter)
-    sae_train_fraction: float = 0.7
+    sae_train_fraction: float = 0.6
     probe_train_fraction: float = 0.5
     seed: int = 0
 

@@ -27,6 +27,8 @@ class Selection:
     n_total: int
     n_excluded_position: int
     n_excluded_special: int
+    n_excluded_norm: int = 0
+    median_norm: float | None = None
 
     def summary(self) -> dict[str, int]:
         return {
@@ -34,6 +36,7 @@ class Selection:
             "tokens_kept": int(self.rows.size),
             "excluded_first_positions": self.n_excluded_position,
             "excluded_special_tokens": self.n_excluded_special,
+            "excluded_norm_outliers": self.n_excluded_norm,
         }
 
 
@@ -56,9 +59,13 @@ class Splits:
 
 
 def select_rows(
-    store: ActivationStore, filt: TokenFilter, special_ids: Sequence[int] = ()
+    store: ActivationStore,
+    filt: TokenFilter,
+    special_ids: Sequence[int] = (),
+    *,
+    hook: str | None = None,
 ) -> Selection:
-    """Apply a token filter to every stored row."""
+    """Apply a token filter to every stored row (norms are those of ``hook``, default the first)."""
     position = store.column("position")
     keep = position >= filt.skip_positions
     n_pos = int((~keep).sum())
@@ -67,15 +74,31 @@ def select_rows(
         special = np.isin(store.column("tokens"), np.asarray(special_ids)) & keep
         n_special = int(special.sum())
         keep &= ~special
-    return Selection(np.flatnonzero(keep).astype(np.int64), int(position.size), n_pos, n_special)
+    rows = np.flatnonzero(keep).astype(np.int64)
+    n_norm, median = 0, None
+    if filt.max_norm_ratio is not None and rows.size:
+        hook = hook or next(iter(store.hooks))
+        norms = np.concatenate(
+            [x.norm(dim=1).numpy() for _, x in store.iter_chunks(hook, rows, 65_536)]
+        )
+        median = float(np.median(norms))
+        outlier = norms > filt.max_norm_ratio * median
+        n_norm = int(outlier.sum())
+        rows = rows[~outlier]
+    return Selection(rows, int(position.size), n_pos, n_special, n_norm, median)
 
 
 def make_splits(
-    store: ActivationStore, cfg: SplitConfig, special_ids: Sequence[int] | None = None
+    store: ActivationStore,
+    cfg: SplitConfig,
+    special_ids: Sequence[int] | None = None,
+    *,
+    hook: str | None = None,
 ) -> Splits:
     """Split a store's kept tokens into SAE-train / probe-train / probe-test rows.
 
-    ``special_ids`` defaults to the ids recorded in the store's metadata at harvest time.
+    ``special_ids`` defaults to the ids recorded in the store's metadata at harvest time;
+    ``hook`` (default: the first stored hook) is the one whose norms the outlier filter uses.
     """
     for name in ("sae_train_fraction", "probe_train_fraction"):
         value = getattr(cfg, name)
@@ -83,7 +106,7 @@ def make_splits(
             raise DarkMatterError(f"{name} must be strictly between 0 and 1, got {value}")
     if special_ids is None:
         special_ids = store.meta.get("special_token_ids", [])
-    sel = select_rows(store, cfg.filter, special_ids)
+    sel = select_rows(store, cfg.filter, special_ids, hook=hook)
     rng = np.random.default_rng(cfg.seed)
 
     context = store.column("context")[sel.rows]

@@ -48,14 +48,21 @@ def fvu_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
 def error_norm_prediction(
     samples: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path: Path
 ) -> Path:
-    """Predicted vs actual ‖e‖² on held-out tokens, one panel per SAE: (name, true, pred, R²)."""
+    """Predicted vs actual ‖e‖² on held-out tokens, one panel per SAE: (name, true, pred, R²).
+
+    Log-log axes: squared error norms span orders of magnitude and a few heavy-tailed tokens
+    would squash a linear plot. Predictions below the smallest actual value are drawn at it.
+    """
     n = len(samples)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
     for ax, (name, true, pred, r2) in zip(axes[0], samples):
-        ax.scatter(true, pred, s=3, alpha=0.35, color="#2a6f97", rasterized=True)
         if true.size:
-            lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+            lo, hi = float(true[true > 0].min()), float(max(true.max(), pred.max()))
+            ax.scatter(true, np.clip(pred, lo, None), s=3, alpha=0.35, color="#2a6f97",
+                       rasterized=True)
             ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_title(f"{name}\nR² = {r2:.3f}", fontsize=9)
         ax.set_xlabel("actual ‖e‖²")
         ax.set_ylabel("predicted ‖e‖² (linear in x)")
