@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "config": ["CorpusConfig", "DecomposeConfig", "HarvestConfig", "ModelConfig", "RunConfig",
                "SAETrainConfig", "SplitConfig", "TokenFilter", "load_toml"],
-    "errors": ["CorruptStoreError", "DarkMatterError", "EmptyCorpusError", "HookError",
+    "errors": ["ConfigError", "CorruptStoreError", "DarkMatterError", "EmptyCorpusError", "HookError",
                "ModelNotAvailableError", "ShapeMismatchError"],
     "models": ["LoadedModel", "forward_capture", "hook_names", "load_model"],
     "corpus": ["build_contexts"],

@@ -8,12 +8,15 @@ stage can be reused.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .errors import ConfigError
 
 T = TypeVar("T")
 
@@ -155,7 +158,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(fields)}")
+        hints = [
+            f"{key!r} -> did you mean {close[0]!r}?"
+            for key in unknown
+            if (close := difflib.get_close_matches(key, fields, n=1))
+        ]
+        raise ConfigError(
+            f"unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(fields)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         ftype = fields[name].type

@@ -5,6 +5,10 @@ class DarkMatterError(Exception):
     """Base class: a problem with the user's input or files, with a message saying what to do."""
 
 
+class ConfigError(DarkMatterError, ValueError):
+    """A config file or value that cannot be used (unknown key, wrong table)."""
+
+
 class HookError(DarkMatterError, KeyError):
     """An unknown or unsupported hook point; the message lists the valid ones."""
 

@@ -1,0 +1,72 @@
+"""Config files: TOML into nested frozen dataclasses, clear errors, stable fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+from sae_darkmatter.cli import _build_config
+from sae_darkmatter.config import RunConfig, fingerprint, load_toml
+from sae_darkmatter.errors import ConfigError
+
+TOML = """
+[harvest]
+hooks = ["resid_post.3", "mlp_out.3"]
+with_loss = false
+[harvest.model]
+name = "gpt2"
+[harvest.corpus]
+source = "data/"
+n_contexts = 10
+[split.filter]
+skip_positions = 4
+max_norm_ratio = 8.0
+[train]
+widths = [128, 256]
+k = 16
+"""
+
+
+def test_toml_builds_nested_configs(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(TOML)
+    cfg = load_toml(path)
+    assert cfg.harvest.hooks == ("resid_post.3", "mlp_out.3") and cfg.harvest.with_loss is False
+    assert cfg.harvest.model.name == "gpt2" and cfg.harvest.model.dtype == "float32"
+    assert cfg.harvest.corpus.n_contexts == 10 and cfg.harvest.corpus.source == "data/"
+    assert cfg.split.filter.skip_positions == 4 and cfg.split.filter.max_norm_ratio == 8.0
+    assert cfg.train.widths == (128, 256) and cfg.train.k == 16
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.k = 3  # type: ignore[misc]
+
+
+def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nwidth = [128]\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['width'\].*did you mean 'widths'"):
+        load_toml(path)
+
+
+def test_fingerprint_tracks_every_setting():
+    base = RunConfig()
+    assert fingerprint(base) == fingerprint(RunConfig())
+    changed = dataclasses.replace(base, train=dataclasses.replace(base.train, k=16))
+    assert fingerprint(changed) != fingerprint(base)
+
+
+def test_cli_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(TOML)
+    cfg = _build_config(path, k=8, widths="64,32", corpus="stdlib", max_norm_ratio=0)
+    assert cfg.train.k == 8 and cfg.train.widths == (64, 32)
+    assert cfg.harvest.corpus.source == "stdlib" and cfg.harvest.corpus.n_contexts == 10
+    assert cfg.split.filter.max_norm_ratio is None and cfg.split.filter.skip_positions == 4
+
+
+def test_cli_run_rejects_bad_widths():
+    from sae_darkmatter.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--widths", "12,abc"])
+    assert res.exit_code != 0 and "comma-separated integers" in res.output
