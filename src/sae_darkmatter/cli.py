@@ -113,7 +113,10 @@ def _main(fn: Any) -> Any:
 
 
 def _summary(metrics: dict[str, Any]) -> Table:
-    table = Table(title=f"SAE dark matter: {metrics.get('model')} @ {metrics.get('hook')} (held-out)")
+    from .report import display_name
+
+    model = display_name(metrics.get("model"))
+    table = Table(title=f"SAE dark matter: {model} @ {metrics.get('hook')} (held-out)")
     cols = [("width", "d_sae", "{:,}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
             ("linear", "fvu_linear", "{:.4f}"), ("nonlinear", "fvu_nonlinear", "{:.4f}"),
             ("lin. share", "linear_share", "{:.3f}"), ("R² e", "r2_error_mean_dim", "{:.3f}"),

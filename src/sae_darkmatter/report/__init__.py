@@ -27,6 +27,13 @@ _COLUMNS = [
 ]
 
 
+def display_name(model: str | None) -> str:
+    """A short model label: the file or folder name for local paths, else the id as given."""
+    if model and Path(model).exists():
+        return Path(model).name
+    return str(model)
+
+
 def load_results(decompose_dir: str | Path) -> list[dict[str, Any]]:
     """All decomposition results (``*.json``) in a folder, sorted by width."""
     paths = sorted(Path(decompose_dir).glob("*.json"))
@@ -96,7 +103,7 @@ th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
 </style></head><body>
 <h1>SAE dark matter</h1>
-<p>Model <code>{esc(str(m['model']))}</code>, hook <code>{esc(m['hook'])}</code>;
+<p>Model <code title="{esc(str(m['model']))}">{esc(display_name(m['model']))}</code>, hook <code>{esc(m['hook'])}</code>;
 sae-darkmatter {esc(m['sae_darkmatter_version'])}, {esc(m['created'])}.</p>
 <h2>Metrics (held-out tokens)</h2>
 <table><tr>{head}</tr>{body}</table>
