@@ -75,3 +75,19 @@ def test_saved_sae_matches_sae_lens_on_real_activations(smol_run):
         theirs = SAE.load_from_disk(str(folder), device="cpu")(x)
     # norms ~170: float32 reconstructions agree to ~1e-5 relative
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
+
+
+def test_synthetic_model_on_a_smollm2_sae_dictionary(smol_run, tmp_path):
+    """The ground-truth grid with the decoder of an SAE trained on SmolLM2 as the dictionary."""
+    from sae_darkmatter import SyntheticConfig, run_synthetic
+
+    out, _ = smol_run
+    cfg = SyntheticConfig(
+        dictionary=str(out / "saes" / "topk-w1024-k16"), n_tokens=12_000, l0=16,
+        ablations=(0.0, 0.5), noise_levels=(0.0, 0.5, 1.0), line_configs=((0.5, 0.3),),
+    )
+    res = run_synthetic(cfg, tmp_path, train_check=False, progress=False)
+    assert res["config"]["d"] == 576 and res["config"]["n_features"] == 1024
+    t = res["table1"]["held_out"]
+    assert t["act_noise"]["est_linear"] > 0.8 and t["rec_noise"]["est_nonlinear"] > 0.8
+    assert (tmp_path / "synthetic.html").exists()

@@ -34,6 +34,7 @@ _EXPORTS = {
     "decompose": ["Decomposition", "DecompositionOutput", "decompose"],
     "pipeline": ["decompose_saes", "quick", "run", "train_saes"],
     "report": ["write_report"],
+    "synthetic": ["SyntheticConfig", "run_synthetic"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

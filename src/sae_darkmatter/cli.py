@@ -275,6 +275,38 @@ def report_cmd(
 
 
 @app.command()
+def synthetic(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("darkmatter_synthetic"),
+    d: Annotated[Optional[int], typer.Option(help="Activation width.")] = None,
+    n_features: Annotated[Optional[int], typer.Option(help="Number of true features.")] = None,
+    n_tokens: Annotated[Optional[int], typer.Option(help="Synthetic tokens.")] = None,
+    l0: Annotated[Optional[float], typer.Option(help="Expected active features per token.")] = None,
+    frequency: Annotated[Optional[str], typer.Option(help="Feature frequencies: zipf or uniform.")] = None,
+    magnitude: Annotated[Optional[str], typer.Option(help="Activation magnitudes: exponential, lognormal or constant.")] = None,
+    dictionary: Annotated[Optional[str], typer.Option(help="'random' or an SAELens SAE folder whose decoder rows are the features.")] = None,
+    train_check: Annotated[bool, typer.Option("--train-check/--no-train-check", help="Also train real TopK SAEs on synthetic data and split their error.")] = True,
+    seed: Seed = None,
+) -> None:
+    """Synthetic activations with known ground truth: the paper's Fig. 15 grid and Table 1."""
+    from .synthetic import SyntheticConfig, run_synthetic
+
+    def body() -> None:
+        cfg = _set(SyntheticConfig(), d=d, n_features=n_features, n_tokens=n_tokens, l0=l0,
+                   frequency=frequency, magnitude=magnitude, dictionary=dictionary, seed=seed)
+        results = run_synthetic(cfg, out, train_check=train_check)
+        table = Table(title="Table 1: Pearson r over the noise grid (rows: true noise)")
+        for col in ("fit", "noise", "est. linear", "est. nonlinear"):
+            table.add_column(col, justify="right")
+        for fit, t in results["table1"].items():
+            for noise, row in t.items():
+                table.add_row(fit, noise, *(f"{v:+.3f}" for v in row.values()))
+        Console().print(table)
+        Console().print(f"report: {results['report']}")
+
+    _main(body)
+
+
+@app.command()
 def info(
     store: Annotated[Optional[Path], typer.Option(help="Also summarise this activation store.")] = None,
 ) -> None:
