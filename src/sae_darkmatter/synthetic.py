@@ -522,7 +522,7 @@ def trained_sae_check(
 def _plt():  # noqa: ANN202
     from sae_darkmatter.report import figures  # sets the Agg backend
 
-    return figures.plt, figures._save
+    return figures.plt, figures.save_figure
 
 
 def _line_figure(results: dict[str, Any], path: Path) -> Path:

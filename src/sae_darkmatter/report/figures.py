@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from .._io import atomic_path  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -42,7 +42,7 @@ def fvu_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_title("SAE error split into linear and nonlinear parts" + (f" (k={ks[0]})" if len(ks) == 1 else ""))
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def error_norm_prediction(
@@ -68,7 +68,7 @@ def error_norm_prediction(
         ax.set_ylabel("predicted ‖e‖² (linear in x)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def r2_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -86,4 +86,4 @@ def r2_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("held-out R²")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
