@@ -25,7 +25,7 @@ skip_positions = 4
 max_norm_ratio = 8.0
 [train]
 widths = [128, 256]
-k = 16
+ks = [16]
 """
 
 
@@ -37,9 +37,9 @@ def test_toml_builds_nested_configs(tmp_path):
     assert cfg.harvest.model.name == "gpt2" and cfg.harvest.model.dtype == "float32"
     assert cfg.harvest.corpus.n_contexts == 10 and cfg.harvest.corpus.source == "data/"
     assert cfg.split.filter.skip_positions == 4 and cfg.split.filter.max_norm_ratio == 8.0
-    assert cfg.train.widths == (128, 256) and cfg.train.k == 16
+    assert cfg.train.widths == (128, 256) and cfg.train.ks == (16,)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.k = 3  # type: ignore[misc]
+        cfg.train.ks = (3,)  # type: ignore[misc]
 
 
 def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
@@ -52,15 +52,15 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
 def test_fingerprint_tracks_every_setting():
     base = RunConfig()
     assert fingerprint(base) == fingerprint(RunConfig())
-    changed = dataclasses.replace(base, train=dataclasses.replace(base.train, k=16))
+    changed = dataclasses.replace(base, train=dataclasses.replace(base.train, ks=(8,)))
     assert fingerprint(changed) != fingerprint(base)
 
 
 def test_cli_flags_override_the_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(TOML)
-    cfg = _build_config(path, k=8, widths="64,32", corpus="stdlib", max_norm_ratio=0)
-    assert cfg.train.k == 8 and cfg.train.widths == (64, 32)
+    cfg = _build_config(path, k="8", widths="64,32", corpus="stdlib", max_norm_ratio=0)
+    assert cfg.train.ks == (8,) and cfg.train.widths == (64, 32)
     assert cfg.harvest.corpus.source == "stdlib" and cfg.harvest.corpus.n_contexts == 10
     assert cfg.split.filter.max_norm_ratio is None and cfg.split.filter.skip_positions == 4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_darkmatter.config import DecomposeConfig, SplitConfig, TokenFilter
-from sae_darkmatter.decompose import decompose
+from sae_darkmatter.decompose import decompose, decompose_many
 from sae_darkmatter.errors import ShapeMismatchError
 from sae_darkmatter.saes import TopKSAE
 from sae_darkmatter.splits import make_splits
@@ -79,16 +79,33 @@ def test_matches_numpy_reference(setup):
     assert 0.05 < m.linear_share < 1.0 and m.fvu_nonlinear < m.fvu
 
 
-def test_sample_and_probe_file(setup, tmp_path):
+def test_per_token_values_add_up_to_the_metrics(setup, tmp_path):
     st, sae, splits = setup
-    out = decompose(st, sae, splits, DecomposeConfig(n_scatter=100), progress=False)
-    assert out.sample_rows.size == 100 and np.isin(out.sample_rows, splits.probe_test).all()
-    assert out.sample_norm_sq.shape == out.sample_norm_sq_pred.shape == (100,)
+    out = decompose(st, sae, splits, progress=False)
+    t, m = out.tokens, out.metrics
+    np.testing.assert_array_equal(t["rows"], splits.probe_test)
+    assert all(v.shape == (splits.probe_test.size,) for v in t.values())
+    # pooled ratios of the per-token sums reproduce the streamed metrics
+    assert t["err_sq"].sum() / t["x_centered_sq"].sum() == pytest.approx(m.fvu, rel=1e-5)
+    assert t["nonlinear_sq"].sum() / t["x_centered_sq"].sum() == pytest.approx(m.fvu_nonlinear, rel=1e-5)
+    assert t["l0"].mean() == pytest.approx(m.l0)
     from safetensors.torch import load_file
 
     out.save(tmp_path / "p.safetensors")
-    t = load_file(tmp_path / "p.safetensors")
-    assert t["error_probe.weight"].shape == (D, D) and t["norm_probe.bias"].shape == (1,)
+    saved = load_file(tmp_path / "p.safetensors")
+    assert saved["error_probe.weight"].shape == (D, D) and saved["norm_probe.bias"].shape == (1,)
+    np.testing.assert_array_equal(saved["test.nonlinear_sq"].numpy(), t["nonlinear_sq"])
+
+
+def test_many_saes_in_one_pass_equal_one_at_a_time(setup):
+    st, sae, splits = setup
+    other = TopKSAE(D, 32, 2, generator=torch.Generator().manual_seed(5))
+    both = decompose_many(st, {"a": sae, "b": other}, splits, DecomposeConfig(chunk_rows=500), progress=False)
+    for name, single in (("a", sae), ("b", other)):
+        alone = decompose(st, single, splits, progress=False).metrics
+        for key, value in alone.to_dict().items():
+            if isinstance(value, float):
+                assert getattr(both[name].metrics, key) == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 def test_width_mismatch_says_both_sizes(setup):

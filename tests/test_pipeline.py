@@ -35,7 +35,7 @@ def tiny_run_config(model_dir: Path) -> RunConfig:
             corpus=CorpusConfig(n_contexts=96, context_length=32),
             hooks=("resid_post.2",), batch_size=16, contexts_per_shard=32,
         ),
-        train=SAETrainConfig(widths=(64, 128, 256), k=8, train_tokens=6000, batch_size=512),
+        train=SAETrainConfig(widths=(64, 128, 256), ks=(8,), train_tokens=6000, batch_size=512),
     )
 
 

@@ -284,8 +284,8 @@ def test_batch_stream_is_seeded_epoch_permutations():
 
 def test_training_recovers_sparse_structure(tmp_path, sae_lens):
     x, dirs = _sparse_data(8192)
-    cfg = SAETrainConfig(k=4, train_tokens=24_576, batch_size=256, checkpoint_every=1000)
-    sae = train_sae(x, width=128, cfg=cfg, out_dir=tmp_path, progress=False,
+    cfg = SAETrainConfig(ks=(4,), train_tokens=24_576, batch_size=256, checkpoint_every=1000)
+    sae = train_sae(x, width=128, k=4, cfg=cfg, out_dir=tmp_path, progress=False,
                     metadata={"hook_name": "synthetic"})
     info = json.loads((tmp_path / "training.json").read_text())
     assert info["steps"] == 96 and info["tokens_seen"] == 24_576
@@ -309,21 +309,21 @@ def test_training_recovers_sparse_structure(tmp_path, sae_lens):
 
     # a finished folder with the same config is returned without training
     mtime = (tmp_path / "training.json").stat().st_mtime_ns
-    again = train_sae(x, width=128, cfg=cfg, out_dir=tmp_path, progress=False)
+    again = train_sae(x, width=128, k=4, cfg=cfg, out_dir=tmp_path, progress=False)
     assert torch.equal(again.W_enc, saved.W_enc)
     assert (tmp_path / "training.json").stat().st_mtime_ns == mtime
 
 
 def test_training_validates_inputs(tmp_path):
-    cfg = SAETrainConfig(k=4, train_tokens=256, batch_size=64)
+    cfg = SAETrainConfig(ks=(4,), train_tokens=256, batch_size=64)
     with pytest.raises(ShapeMismatchError, match="2-D"):
-        train_sae(torch.randn(10), width=16, cfg=cfg, out_dir=tmp_path)
+        train_sae(torch.randn(10), width=16, k=4, cfg=cfg, out_dir=tmp_path)
     with pytest.raises(DarkMatterError, match="must exceed k"):
-        train_sae(torch.randn(10, 4), width=4, cfg=cfg, out_dir=tmp_path)
+        train_sae(torch.randn(10, 4), width=4, k=4, cfg=cfg, out_dir=tmp_path)
     bad = torch.randn(10, 4)
     bad[3, 1] = float("nan")
     with pytest.raises(DarkMatterError, match="NaN"):
-        train_sae(bad, width=16, cfg=cfg, out_dir=tmp_path)
+        train_sae(bad, width=16, k=4, cfg=cfg, out_dir=tmp_path)
 
 
 _CHILD = textwrap.dedent(
@@ -333,8 +333,8 @@ _CHILD = textwrap.dedent(
     from sae_darkmatter.saes import train_sae
     torch.set_num_threads(int(sys.argv[2]))
     x = torch.load(sys.argv[3], weights_only=True)
-    cfg = SAETrainConfig(k=4, train_tokens=int(sys.argv[4]), batch_size=64, checkpoint_every=2)
-    train_sae(x, width=96, cfg=cfg, out_dir=sys.argv[1], progress=False)
+    cfg = SAETrainConfig(ks=(4,), train_tokens=int(sys.argv[4]), batch_size=64, checkpoint_every=2)
+    train_sae(x, width=96, k=4, cfg=cfg, out_dir=sys.argv[1], progress=False)
     """
 )
 
@@ -343,7 +343,7 @@ def test_killed_training_resumes_bit_identically(tmp_path, caplog):
     x, _ = _sparse_data(1000, seed=1)
     torch.save(x, tmp_path / "x.pt")
     tokens = 64 * 600
-    cfg = SAETrainConfig(k=4, train_tokens=tokens, batch_size=64, checkpoint_every=2)
+    cfg = SAETrainConfig(ks=(4,), train_tokens=tokens, batch_size=64, checkpoint_every=2)
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     child = subprocess.Popen(
@@ -363,8 +363,8 @@ def test_killed_training_resumes_bit_identically(tmp_path, caplog):
     assert 0 < step < 600
 
     with caplog.at_level("INFO", logger="sae_darkmatter.saes.train"):
-        resumed = train_sae(x, width=96, cfg=cfg, out_dir=killed, progress=False)
+        resumed = train_sae(x, width=96, k=4, cfg=cfg, out_dir=killed, progress=False)
     assert f"resuming SAE training from step {step}" in caplog.text
-    straight = train_sae(x, width=96, cfg=cfg, out_dir=tmp_path / "straight", progress=True)
+    straight = train_sae(x, width=96, k=4, cfg=cfg, out_dir=tmp_path / "straight", progress=True)
     for name, p in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], p), name

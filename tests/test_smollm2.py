@@ -27,7 +27,7 @@ def smol_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol")
     cfg = RunConfig(
         harvest=HarvestConfig(corpus=CorpusConfig(n_contexts=48, context_length=128)),
-        train=SAETrainConfig(widths=(256, 512, 1024), k=16, train_tokens=60_000, batch_size=1024),
+        train=SAETrainConfig(widths=(256, 512, 1024), ks=(16,), train_tokens=60_000, batch_size=1024),
     )
     return out, run(cfg, out, progress=False)
 

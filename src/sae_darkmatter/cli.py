@@ -40,7 +40,7 @@ CtxLen = Annotated[Optional[int], typer.Option(help="Tokens per context.")]
 Loss = Annotated[Optional[bool], typer.Option("--loss/--no-loss", help="Also store per-token LM loss (full forward; without it the forward stops early).")]
 Device = Annotated[Optional[str], typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")]
 Widths = Annotated[Optional[str], typer.Option(help="Comma-separated SAE widths, e.g. 1024,2048,4096.")]
-K = Annotated[Optional[int], typer.Option("--k", help="TopK sparsity (active latents per token).")]
+Ks = Annotated[Optional[str], typer.Option("--k", help="Comma-separated TopK sparsities (active latents per token), e.g. 16,32,64.")]
 TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SAE (epochs repeat the data).")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
 Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
@@ -63,13 +63,13 @@ def _split(cfg: SplitConfig, seed: int | None, skip_positions: int | None,
     return _set(cfg, seed=seed, filter=filt)
 
 
-def _widths(text: str | None) -> tuple[int, ...] | None:
+def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
         return tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError:
-        raise typer.BadParameter(f"widths must be comma-separated integers, got {text!r}") from None
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _build_config(
@@ -88,7 +88,7 @@ def _build_config(
         with_loss=loss,
     )
     split = _split(cfg.split, seed, skip_positions, max_norm_ratio)
-    train = _set(cfg.train, widths=_widths(widths), k=k, train_tokens=train_tokens, seed=seed,
+    train = _set(cfg.train, widths=_ints(widths, 'widths'), ks=_ints(k, 'k'), train_tokens=train_tokens, seed=seed,
                  device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
                 decompose=_set(cfg.decompose, device=device))
@@ -117,14 +117,14 @@ def _summary(metrics: dict[str, Any]) -> Table:
 
     model = display_name(metrics.get("model"))
     table = Table(title=f"SAE dark matter: {model} @ {metrics.get('hook')} (held-out)")
-    cols = [("width", "d_sae", "{:,}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
+    cols = [("width", "d_sae", "{:,}"), ("k", "k", "{}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
             ("linear", "fvu_linear", "{:.4f}"), ("nonlinear", "fvu_nonlinear", "{:.4f}"),
             ("lin. share", "linear_share", "{:.3f}"), ("R² e", "r2_error_mean_dim", "{:.3f}"),
             ("R² ‖e‖²", "r2_error_norm", "{:.3f}")]
     for title, _, _ in cols:
         table.add_column(title, justify="right")
     for s in metrics["saes"]:
-        table.add_row(*(fmt.format(s[key]) for _, key, fmt in cols))
+        table.add_row(*(fmt.format(s.get(key)) for _, key, fmt in cols))
     return table
 
 
@@ -140,7 +140,7 @@ def run(
     context_length: CtxLen = None,
     loss: Loss = None,
     widths: Widths = None,
-    k: K = None,
+    k: Ks = None,
     train_tokens: TrainTokens = None,
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
@@ -208,7 +208,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SAE folders.")] = Path("darkmatter_out/saes"),
     hook: Annotated[Optional[str], typer.Option(help="Stored hook to train on (default: the first).")] = None,
     widths: Widths = None,
-    k: K = None,
+    k: Ks = None,
     train_tokens: TrainTokens = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: scaled by width).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step.")] = None,
@@ -224,7 +224,7 @@ def train(
 
     def body() -> None:
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = _set(SAETrainConfig(), widths=_widths(widths), k=k, train_tokens=train_tokens,
+        cfg = _set(SAETrainConfig(), widths=_ints(widths, 'widths'), ks=_ints(k, 'k'), train_tokens=train_tokens,
                    lr=lr, batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
@@ -258,7 +258,7 @@ def decompose_cmd(
         st = ActivationStore.open(store)
         results = decompose_saes(st, make_splits(st, split, hook=hook), list(sae), cfg, out, hook=hook)
         Console().print(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
-                                  "saes": [r["metrics"] for r in results]}))
+                                  "saes": [{"k": r["sae"].get("k"), **r["metrics"]} for r in results]}))
 
     _main(body)
 

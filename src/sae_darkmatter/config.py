@@ -45,7 +45,7 @@ class CorpusConfig:
     """
 
     source: str = "stdlib"
-    n_contexts: int = 2048
+    n_contexts: int = 1792
     context_length: int = 128
     seed: int = 0
     text_field: str = "text"
@@ -102,16 +102,16 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class SAETrainConfig:
-    """A sweep of TopK SAEs, one per width, trained on the SAE-training split.
+    """A grid of TopK SAEs, one per (width, k), trained on the SAE-training split.
 
     ``lr`` ``None`` scales the learning rate with width: 8x sparsify's rule,
     ``1.6e-3 / sqrt(width / 2**14)``, tuned for short CPU runs (see ``saes.train.default_lr``);
     it decays linearly to 0 over the last 20 % of steps.
     """
 
-    widths: tuple[int, ...] = (1024, 2048, 4096)
-    k: int = 32
-    train_tokens: int = 600_000
+    widths: tuple[int, ...] = (512, 1024, 2048, 4096)
+    ks: tuple[int, ...] = (16, 32, 64)
+    train_tokens: int = 400_000
     batch_size: int = 4096
     lr: float | None = None
     seed: int = 0
@@ -126,7 +126,6 @@ class DecomposeConfig:
     bias: bool = True
     ridge: float = 0.0
     chunk_rows: int = 8192
-    n_scatter: int = 4000
     device: str = "auto"
 
 

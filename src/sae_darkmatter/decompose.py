@@ -1,4 +1,4 @@
-"""Error decomposition of one SAE on one hook: linear vs nonlinear dark matter.
+"""Error decomposition of SAEs on one hook: linear vs nonlinear dark matter.
 
 With ``e = x − x̂`` the SAE error, a least-squares probe ``ê = [x, 1]·W`` is fit on the
 probe-train tokens, and everything reported is scored on the disjoint probe-test tokens:
@@ -11,12 +11,16 @@ probe-train tokens, and everything reported is scored on the disjoint probe-test
 - ``r2_error_pooled`` 1 − Σ‖e − ê‖² / Σ‖e − ē‖²
 - ``r2_error_norm``  R² of predicting ‖e‖² from [x, 1] (its own probe)
 
-Both passes stream over the store in chunks; memory does not grow with the number of tokens.
+Many SAEs of one hook are decomposed together: one pass fits all their probes (one least-squares
+system with the error targets of every SAE side by side, so XᵀX is accumulated and factored
+once), a second pass scores them. Both passes stream over the store in chunks; memory grows only
+with the per-token scalars kept for the held-out tokens (for bootstraps and per-token analyses).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,28 +64,33 @@ class Decomposition:
 
 @dataclass(frozen=True)
 class DecompositionOutput:
-    """Metrics, the fitted probes, and a sample of test tokens for plots."""
+    """Metrics, the fitted probes, and per-token values on the held-out tokens.
+
+    ``tokens`` maps ``rows`` (global store rows of the probe-test split, ascending), ``err_sq``
+    (‖e‖²), ``linear_sq`` (‖ê‖²), ``nonlinear_sq`` (‖e − ê‖²), ``err_sq_pred`` (the norm
+    probe's prediction of ‖e‖²), ``x_centered_sq`` (‖x − x̄‖², x̄ the test mean) and ``l0``
+    to arrays aligned with ``rows``.
+    """
 
     metrics: Decomposition
     error_probe: LinearProbe
     norm_probe: LinearProbe
-    sample_rows: np.ndarray
-    sample_norm_sq: np.ndarray
-    sample_norm_sq_pred: np.ndarray
+    tokens: dict[str, np.ndarray]
 
     def save(self, path: str | Path) -> None:
-        """Write probes and the plot sample as one safetensors file (atomic)."""
+        """Write probes and per-token values as one safetensors file (atomic)."""
         tensors = {
             "error_probe.weight": self.error_probe.weight,
             "error_probe.bias": self.error_probe.bias,
             "norm_probe.weight": self.norm_probe.weight,
             "norm_probe.bias": self.norm_probe.bias,
-            "sample.rows": torch.from_numpy(self.sample_rows),
-            "sample.norm_sq": torch.from_numpy(self.sample_norm_sq),
-            "sample.norm_sq_pred": torch.from_numpy(self.sample_norm_sq_pred),
+            **{f"test.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.tokens.items()},
         }
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+_TARGET_BUDGET = 1 << 24  # floats per chunk of stacked probe targets (~64 MB in float32)
 
 
 def decompose(
@@ -94,86 +103,127 @@ def decompose(
     progress: bool = True,
 ) -> DecompositionOutput:
     """Fit the linear error probes on ``splits.probe_train`` and score on ``splits.probe_test``."""
+    return decompose_many(store, {"sae": sae}, splits, cfg, hook=hook, progress=progress)["sae"]
+
+
+def decompose_many(
+    store: ActivationStore,
+    saes: Mapping[str, SAE],
+    splits: Splits,
+    cfg: DecomposeConfig = DecomposeConfig(),
+    *,
+    hook: str | None = None,
+    progress: bool = True,
+) -> dict[str, DecompositionOutput]:
+    """``decompose`` for several SAEs of one hook, sharing the reads and the factored XᵀX."""
     hook = hook or next(iter(store.hooks))
     d = store.d(hook)
-    if sae.d_in != d:
-        raise ShapeMismatchError(
-            f"SAE d_in is {sae.d_in} but the store's '{hook}' activations have width {d}"
-        )
+    for name, sae in saes.items():
+        if sae.d_in != d:
+            raise ShapeMismatchError(
+                f"SAE {name!r} has d_in {sae.d_in} but the store's '{hook}' activations have "
+                f"width {d}"
+            )
     device = resolve_device(cfg.device)
-    sae = sae.to(device) if isinstance(sae, torch.nn.Module) else sae
+    saes = {n: s.to(device) if isinstance(s, torch.nn.Module) else s for n, s in saes.items()}
+    names = list(saes)
+    chunk = max(256, min(cfg.chunk_rows, _TARGET_BUDGET // (len(names) * (d + 1))))
 
-    def errors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def errors(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             z = sae.encode(x)
             x_hat = sae.decode(z)
         return x_hat, x - x_hat, (z != 0).sum(dim=1)
 
-    total = splits.probe_train.size + splits.probe_test.size
+    n_train, n_test = splits.probe_train.size, splits.probe_test.size
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"decompose d_sae={sae.d_sae}", total=total)
+        task = bar.add_task(f"decompose {len(names)} SAE(s)", total=n_train + 2 * n_test)
 
-        # One fit for both targets [e, ‖e‖²]: XᵀX is shared, so this costs one accumulation.
-        fit = StreamingLstsq(d, d + 1, bias=cfg.bias, device=device)
-        for _, x in store.iter_chunks(hook, splits.probe_train, cfg.chunk_rows):
+        # Pass 1: one least-squares system, targets [e_1, ‖e_1‖², e_2, ‖e_2‖², ...].
+        fit = StreamingLstsq(d, len(names) * (d + 1), bias=cfg.bias, device=device)
+        for _, x in store.iter_chunks(hook, splits.probe_train, chunk):
             x = x.to(device)
-            _, e, _ = errors(x)
-            fit.update(x, torch.cat([e, e.square().sum(dim=1, keepdim=True)], dim=1))
+            targets = []
+            for name in names:
+                _, e, _ = errors(saes[name], x)
+                targets += [e, e.square().sum(dim=1, keepdim=True)]
+            fit.update(x, torch.cat(targets, dim=1))
             bar.update(task, advance=x.shape[0])
         both = fit.solve(cfg.ridge)
-        err_probe = LinearProbe(both.weight[:, :d], both.bias[:d], both.rank)
-        norm_probe = LinearProbe(both.weight[:, d:], both.bias[d:], both.rank)
+        probes = {}
+        for i, name in enumerate(names):
+            lo = i * (d + 1)
+            probes[name] = (
+                LinearProbe(both.weight[:, lo : lo + d], both.bias[lo : lo + d], both.rank),
+                LinearProbe(both.weight[:, lo + d : lo + d + 1], both.bias[lo + d : lo + d + 1],
+                            both.rank),
+            )
 
-        rng = np.random.default_rng(0)
-        n_sample = min(cfg.n_scatter, splits.probe_test.size)
-        sample = np.sort(rng.choice(splits.probe_test, n_sample, replace=False))
-        sample_true, sample_pred = [], []
+        # The test mean of x, for per-token ‖x − x̄‖² (the FVU denominator's terms).
+        x_sum = torch.zeros(d, dtype=torch.float64, device=device)
+        for _, x in store.iter_chunks(hook, splits.probe_test, chunk):
+            x_sum += x.to(device).double().sum(0)
+            bar.update(task, advance=x.shape[0])
+        x_mean = (x_sum / max(n_test, 1)).float()
 
-        sae_acc, lin_acc, err_acc = (R2Accumulator(d, device=device) for _ in range(3))
-        norm_acc = R2Accumulator(1, device=device)
-        active = 0
-        for rows, x in store.iter_chunks(hook, splits.probe_test, cfg.chunk_rows):
+        # Pass 2: held-out scores, streaming, plus per-token scalars.
+        accs = {n: [R2Accumulator(d, device=device) for _ in range(3)] + [R2Accumulator(1, device=device)]
+                for n in names}
+        per_token: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
+        x_centered: list[np.ndarray] = []
+        for _, x in store.iter_chunks(hook, splits.probe_test, chunk):
             x = x.to(device)
-            x_hat, e, l0 = errors(x)
-            e_hat = err_probe.predict(x)
-            norm_sq = e.square().sum(dim=1, keepdim=True)
-            norm_pred = norm_probe.predict(x)
-            sae_acc.update(x, x_hat)
-            lin_acc.update(x, x_hat + e_hat)
-            err_acc.update(e, e_hat)
-            norm_acc.update(norm_sq, norm_pred)
-            active += int(l0.sum())
-            picked = np.isin(rows, sample)
-            if picked.any():
-                mask = torch.from_numpy(picked).to(device)
-                sample_true.append(norm_sq[mask, 0].double().cpu().numpy())
-                sample_pred.append(norm_pred[mask, 0].double().cpu().numpy())
+            x_centered.append(_np((x - x_mean).square().sum(dim=1)))
+            for name in names:
+                x_hat, e, l0 = errors(saes[name], x)
+                err_probe, norm_probe = probes[name]
+                e_hat = err_probe.predict(x)
+                norm_sq = e.square().sum(dim=1, keepdim=True)
+                norm_pred = norm_probe.predict(x)
+                sae_acc, lin_acc, err_acc, norm_acc = accs[name]
+                sae_acc.update(x, x_hat)
+                lin_acc.update(x, x_hat + e_hat)
+                err_acc.update(e, e_hat)
+                norm_acc.update(norm_sq, norm_pred)
+                for key, value in (
+                    ("err_sq", norm_sq[:, 0]),
+                    ("linear_sq", e_hat.square().sum(dim=1)),
+                    ("nonlinear_sq", (e - e_hat).square().sum(dim=1)),
+                    ("err_sq_pred", norm_pred[:, 0]),
+                    ("l0", l0.to(torch.int32)),
+                ):
+                    per_token[name].setdefault(key, []).append(_np(value))
             bar.update(task, advance=x.shape[0])
 
-    fvu = sae_acc.fvu()
-    fvu_nl = lin_acc.fvu()
-    metrics = Decomposition(
-        hook=hook,
-        d_in=d,
-        d_sae=sae.d_sae,
-        n_probe_train=fit.n,
-        n_probe_test=sae_acc.n,
-        l0=active / max(sae_acc.n, 1),
-        fvu=fvu,
-        fvu_linear=fvu - fvu_nl,
-        fvu_nonlinear=fvu_nl,
-        linear_share=1.0 - err_acc.sse() / sae_acc.sse() if sae_acc.sse() > 0 else math.nan,
-        r2_error_mean_dim=err_acc.r2_mean_dim(),
-        r2_error_pooled=err_acc.r2_pooled(),
-        r2_error_norm=norm_acc.r2_pooled(),
-        bias=cfg.bias,
-        ridge=cfg.ridge,
-    )
-    return DecompositionOutput(
-        metrics=metrics,
-        error_probe=err_probe,
-        norm_probe=norm_probe,
-        sample_rows=sample,
-        sample_norm_sq=np.concatenate(sample_true) if sample_true else np.zeros(0),
-        sample_norm_sq_pred=np.concatenate(sample_pred) if sample_pred else np.zeros(0),
-    )
+    x_centered_sq = np.concatenate(x_centered) if x_centered else np.zeros(0, np.float32)
+    out = {}
+    for name in names:
+        sae_acc, lin_acc, err_acc, norm_acc = accs[name]
+        tokens = {"rows": splits.probe_test.astype(np.int64), "x_centered_sq": x_centered_sq}
+        tokens |= {k: np.concatenate(v) for k, v in per_token[name].items()}
+        fvu, fvu_nl = sae_acc.fvu(), lin_acc.fvu()
+        metrics = Decomposition(
+            hook=hook,
+            d_in=d,
+            d_sae=saes[name].d_sae,
+            n_probe_train=fit.n,
+            n_probe_test=sae_acc.n,
+            l0=float(tokens["l0"].mean()) if sae_acc.n else math.nan,
+            fvu=fvu,
+            fvu_linear=fvu - fvu_nl,
+            fvu_nonlinear=fvu_nl,
+            linear_share=1.0 - err_acc.sse() / sae_acc.sse() if sae_acc.sse() > 0 else math.nan,
+            r2_error_mean_dim=err_acc.r2_mean_dim(),
+            r2_error_pooled=err_acc.r2_pooled(),
+            r2_error_norm=norm_acc.r2_pooled(),
+            bias=cfg.bias,
+            ridge=cfg.ridge,
+        )
+        out[name] = DecompositionOutput(metrics, *probes[name], tokens)
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy; floats as float32 (per-token scalars, stored compactly)."""
+    t = t.detach().cpu()
+    return (t.float() if t.is_floating_point() else t).numpy()

@@ -22,7 +22,7 @@ from typing import Any
 
 from ._io import read_json, write_json
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
-from .decompose import decompose
+from .decompose import decompose_many
 from .harvest import harvest
 from .report import write_report
 from .saes import load_sae, train_sae
@@ -39,7 +39,7 @@ def quick(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
         harvest=dataclasses.replace(h, corpus=corpus),
-        train=dataclasses.replace(cfg.train, widths=(256, 512, 1024), train_tokens=150_000),
+        train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=150_000),
     )
 
 
@@ -56,16 +56,18 @@ def train_saes(
     hook: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Train one TopK SAE per width in ``cfg.widths`` on the SAE-training split."""
+    """Train one TopK SAE per (k, width) in ``cfg.ks`` × ``cfg.widths`` on the SAE-training split."""
     hook = hook or next(iter(store.hooks))
     x = store.gather(hook, splits.sae_train)
     metadata = {"model_name": store.meta.get("model_name"), "hook_name": hook,
                 "context_size": store.context_length}
     dirs = []
-    for width in cfg.widths:
-        path = Path(out_dir) / sae_name(width, cfg.k)
-        train_sae(x, width=width, cfg=cfg, out_dir=path, metadata=metadata, progress=progress)
-        dirs.append(path)
+    for k in cfg.ks:
+        for width in cfg.widths:
+            path = Path(out_dir) / sae_name(width, k)
+            train_sae(x, width=width, k=k, cfg=cfg, out_dir=path, metadata=metadata,
+                      progress=progress)
+            dirs.append(path)
     return dirs
 
 
@@ -91,35 +93,34 @@ def decompose_saes(
     out_dir = Path(out_dir)
     hook = hook or next(iter(store.hooks))
     split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
-    results = []
+    fingerprints, todo = {}, {}
     for sae_dir in sae_dirs:
-        name = sae_dir.name
         weights = sae_dir / "sae_weights.safetensors"
-        fp = fingerprint(
+        fingerprints[sae_dir.name] = fingerprint(
             store.meta.get("harvest_fingerprint"), store.n_rows, hook, split_hash.hexdigest(),
             cfg, _sha256(weights) if weights.exists() else str(sae_dir),
         )
-        result_path = out_dir / f"{name}.json"
-        if result_path.exists() and read_json(result_path).get("fingerprint") == fp:
-            results.append(read_json(result_path))
-            continue
-        sae = load_sae(sae_dir)
-        out = decompose(store, sae, splits, cfg, hook=hook, progress=progress)
-        out.save(out_dir / f"{name}.safetensors")
-        sae_cfg = read_json(sae_dir / "cfg.json") if (sae_dir / "cfg.json").exists() else {}
-        result = {
-            "name": name,
-            "fingerprint": fp,
-            "sae": {"path": str(sae_dir), "architecture": sae_cfg.get("architecture"),
-                    "k": sae_cfg.get("k")},
-            "model": store.meta.get("model_name"),
-            "data": splits.summary(),
-            "metrics": out.metrics.to_dict(),
-            "probe_file": f"{name}.safetensors",
-        }
-        write_json(result_path, result)
-        results.append(result)
-    return results
+        result_path = out_dir / f"{sae_dir.name}.json"
+        cached = result_path.exists() and read_json(result_path).get("fingerprint")
+        if cached != fingerprints[sae_dir.name]:
+            todo[sae_dir.name] = sae_dir
+    if todo:
+        saes = {name: load_sae(path) for name, path in todo.items()}
+        outputs = decompose_many(store, saes, splits, cfg, hook=hook, progress=progress)
+        for name, out in outputs.items():
+            out.save(out_dir / f"{name}.safetensors")
+            sae_cfg = read_json(todo[name] / "cfg.json")
+            write_json(out_dir / f"{name}.json", {
+                "name": name,
+                "fingerprint": fingerprints[name],
+                "sae": {"path": str(todo[name]), "architecture": sae_cfg.get("architecture"),
+                        "k": sae_cfg.get("k")},
+                "model": store.meta.get("model_name"),
+                "data": splits.summary(),
+                "metrics": out.metrics.to_dict(),
+                "probe_file": f"{name}.safetensors",
+            })
+    return [read_json(out_dir / f"{d.name}.json") for d in sae_dirs]
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -489,9 +489,9 @@ def trained_sae_check(
         act = torch.randn(data.x.shape, generator=gen).mul_(level * data.noise_unit)
         x_obs = data.x + act
         t0 = time.perf_counter()
-        train_cfg = SAETrainConfig(widths=(width,), k=k, train_tokens=train_tokens,
+        train_cfg = SAETrainConfig(widths=(width,), ks=(k,), train_tokens=train_tokens,
                                    batch_size=1024, seed=cfg.seed, checkpoint_every=10**9, device="cpu")
-        sae = train_sae(x_obs[fit_rows], width=width, cfg=train_cfg,
+        sae = train_sae(x_obs[fit_rows], width=width, k=k, cfg=train_cfg,
                         out_dir=Path(out_dir) / f"act_noise_{level:g}", progress=progress,
                         metadata={"model_name": "synthetic", "hook_name": f"act_noise_{level:g}"})
         seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors.torch import load_file
 
 from .. import __version__
@@ -14,9 +15,11 @@ from .._io import atomic_path, read_json, write_json
 from ..errors import DarkMatterError
 from . import figures
 
+_SCATTER_POINTS = 4000  # held-out tokens drawn per SAE in the norm-prediction scatter
 _COLUMNS = [
     ("name", "SAE", "{}"),
     ("d_sae", "width", "{:,}"),
+    ("k", "k", "{}"),
     ("l0", "L0", "{:.1f}"),
     ("fvu", "FVU", "{:.4f}"),
     ("fvu_linear", "FVU linear", "{:.4f}"),
@@ -35,14 +38,16 @@ def display_name(model: str | None) -> str:
 
 
 def load_results(decompose_dir: str | Path) -> list[dict[str, Any]]:
-    """All decomposition results (``*.json``) in a folder, sorted by width."""
+    """All decomposition results (``*.json``) in a folder, sorted by (k, width)."""
     paths = sorted(Path(decompose_dir).glob("*.json"))
     if not paths:
         raise DarkMatterError(
             f"no decomposition results (*.json) in {decompose_dir}; run 'darkmatter decompose' first"
         )
     results = [read_json(p) for p in paths]
-    return sorted(results, key=lambda r: (r["metrics"]["d_sae"], r["name"]))
+    return sorted(
+        results, key=lambda r: (r.get("sae", {}).get("k") or 0, r["metrics"]["d_sae"], r["name"])
+    )
 
 
 def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
@@ -52,12 +57,15 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     flat = [{"name": r["name"], **r.get("sae", {}), **r["metrics"]} for r in results]
     fig_dir = out_dir / "figures"
     samples = []
+    ks = sorted({r["sae"].get("k") for r in results if r.get("sae", {}).get("k") is not None})
+    middle_k = ks[len(ks) // 2] if ks else None
     for r in results:
+        if middle_k is not None and r.get("sae", {}).get("k") != middle_k:
+            continue  # one row of panels: the SAEs of the middle sparsity
         t = load_file(str(decompose_dir / r["probe_file"]))
-        samples.append(
-            (r["name"], t["sample.norm_sq"].numpy(), t["sample.norm_sq_pred"].numpy(),
-             r["metrics"]["r2_error_norm"])
-        )
+        true, pred = t["test.err_sq"].numpy(), t["test.err_sq_pred"].numpy()
+        pick = np.random.default_rng(0).permutation(true.size)[:_SCATTER_POINTS]
+        samples.append((r["name"], true[pick], pred[pick], r["metrics"]["r2_error_norm"]))
     figs = {
         "fvu_vs_width": figures.fvu_vs_width(flat, fig_dir / "fvu_vs_width.png"),
         "error_norm_prediction": figures.error_norm_prediction(

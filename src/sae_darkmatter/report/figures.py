@@ -22,25 +22,44 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _by_k(results: Sequence[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for r in sorted(results, key=lambda r: r["d_sae"]):
+        groups.setdefault(r.get("k"), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0])))
+
+
 def fvu_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Held-out FVU against SAE width, the area under it split into nonlinear and linear error."""
-    rows = sorted(results, key=lambda r: r["d_sae"])
-    width = np.array([r["d_sae"] for r in rows], dtype=float)
-    total = np.array([r["fvu"] for r in rows])
-    nonlin = np.array([r["fvu_nonlinear"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.fill_between(width, 0, nonlin, color="#4c4c8c", alpha=0.55, label="nonlinear error")
-    ax.fill_between(width, nonlin, total, color="#e8a33d", alpha=0.55, label="linear error")
-    ax.plot(width, total, "o-", color="black", label="FVU (SAE)")
-    ax.plot(width, nonlin, "s--", color="#2a2a6a", label="FVU nonlinear")
+    """Held-out FVU against SAE width, one colour per k: total (solid) and nonlinear (dashed).
+
+    The gap between the two lines is the linearly predictable error; the area under the
+    dashed line is shaded for the k with the most widths.
+    """
+    groups = _by_k(results)
+    fig, ax = plt.subplots(figsize=(6.6, 4.3))
+    colours = plt.cm.viridis(np.linspace(0.1, 0.85, len(groups)))
+    main_k = max(groups, key=lambda k: len(groups[k]))
+    top = 0.0
+    for colour, (k, rows) in zip(colours, groups.items()):
+        width = np.array([r["d_sae"] for r in rows], dtype=float)
+        total = np.array([r["fvu"] for r in rows])
+        nonlin = np.array([r["fvu_nonlinear"] for r in rows])
+        label = f"k={k}" if k is not None else "SAE"
+        ax.plot(width, total, "o-", color=colour, label=f"FVU, {label}")
+        ax.plot(width, nonlin, "s--", color=colour, label=f"FVU nonlinear, {label}")
+        if k == main_k:
+            ax.fill_between(width, 0, nonlin, color=colour, alpha=0.15)
+            ax.fill_between(width, nonlin, total, color="#e8a33d", alpha=0.25,
+                            label=f"linear error, {label}")
+        top = max(top, float(total.max()))
+    widths = sorted({r["d_sae"] for r in results})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(width, [f"{int(w):,}" for w in width])
+    ax.set_xticks(widths, [f"{int(w):,}" for w in widths])
     ax.set_xlabel("SAE width (latents)")
     ax.set_ylabel("fraction of variance unexplained (held-out)")
-    ax.set_ylim(0, max(total.max() * 1.15, 1e-3))
-    ks = sorted({r.get("k") for r in rows if r.get("k") is not None})
-    ax.set_title("SAE error split into linear and nonlinear parts" + (f" (k={ks[0]})" if len(ks) == 1 else ""))
-    ax.legend(frameon=False)
+    ax.set_ylim(0, max(top * 1.15, 1e-3))
+    ax.set_title("SAE error: total (solid) and nonlinear (dashed)")
+    ax.legend(frameon=False, fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
@@ -73,17 +92,22 @@ def error_norm_prediction(
 
 def r2_vs_width(results: Sequence[dict[str, Any]], path: Path) -> Path:
     """Held-out R² of the error vector (mean per dimension) and of its squared norm, by width."""
-    rows = sorted(results, key=lambda r: r["d_sae"])
-    width = [r["d_sae"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(width, [r["r2_error_norm"] for r in rows], "o-", label="R² of ‖e‖² from x")
-    ax.plot(width, [r["r2_error_mean_dim"] for r in rows], "s-", label="mean per-dim R² of e from x")
-    ax.plot(width, [r["linear_share"] for r in rows], "^-", label="linear share of Σ‖e‖²")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(width, [f"{int(w):,}" for w in width])
-    ax.set_xlabel("SAE width (latents)")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out R²")
-    ax.legend(frameon=False)
-    ax.grid(alpha=0.3)
+    groups = _by_k(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    colours = plt.cm.viridis(np.linspace(0.1, 0.85, len(groups)))
+    for colour, (k, rows) in zip(colours, groups.items()):
+        width = [r["d_sae"] for r in rows]
+        label = f"k={k}" if k is not None else "SAE"
+        axes[0].plot(width, [r["r2_error_mean_dim"] for r in rows], "s-", color=colour, label=label)
+        axes[1].plot(width, [r["r2_error_norm"] for r in rows], "o-", color=colour, label=label)
+    widths = sorted({r["d_sae"] for r in results})
+    for ax, title in zip(axes, ("mean per-dim R² of e from x", "R² of ‖e‖² from x")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [f"{int(w):,}" for w in widths])
+        ax.set_xlabel("SAE width (latents)")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out R²")
+    axes[0].legend(frameon=False)
     return save_figure(fig, path)

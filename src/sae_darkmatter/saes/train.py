@@ -67,6 +67,7 @@ def train_sae(
     x: torch.Tensor,
     *,
     width: int,
+    k: int,
     cfg: SAETrainConfig,
     out_dir: str | Path,
     progress: bool = True,
@@ -79,11 +80,11 @@ def train_sae(
     already holds a finished SAE for the same config and data, that SAE is returned untrained;
     if it holds a checkpoint of the same run, training resumes from it.
     """
-    _validate(x, width, cfg)
+    _validate(x, width, k, cfg)
     out_dir = Path(out_dir)
     data = _data_summary(x)
     lr = cfg.lr if cfg.lr is not None else default_lr(width)
-    key = fingerprint(ALGORITHM, width, cfg.k, cfg.train_tokens, cfg.batch_size, lr, cfg.seed, data)
+    key = fingerprint(ALGORITHM, width, k, cfg.train_tokens, cfg.batch_size, lr, cfg.seed, data)
     finished = _finished_sae(out_dir, key)
     if finished is not None:
         log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
@@ -91,7 +92,7 @@ def train_sae(
 
     device = resolve_device(cfg.device)
     scale = math.sqrt(x.shape[1]) / data["mean_norm"]
-    sae = TopKSAE(x.shape[1], width, cfg.k, generator=torch.Generator().manual_seed(cfg.seed))
+    sae = TopKSAE(x.shape[1], width, k, generator=torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
         sae.b_dec.copy_(_column_mean(x) * scale)
     sae.to(device)
@@ -112,7 +113,7 @@ def train_sae(
         "algorithm": ALGORITHM,
         "config": to_dict(cfg),
         "width": width,
-        "k": cfg.k,
+        "k": k,
         "lr": lr,
         "steps": n_steps,
         "tokens_seen": n_steps * cfg.batch_size,
@@ -174,7 +175,7 @@ def _lr_factor(step: int, n_steps: int) -> float:
     return min(1.0, (n_steps - step) / (DECAY_FRACTION * n_steps))
 
 
-def _validate(x: torch.Tensor, width: int, cfg: SAETrainConfig) -> None:
+def _validate(x: torch.Tensor, width: int, k: int, cfg: SAETrainConfig) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ShapeMismatchError(f"training activations must be a 2-D tensor [N, d_in], got "
@@ -182,8 +183,8 @@ def _validate(x: torch.Tensor, width: int, cfg: SAETrainConfig) -> None:
     if not x.is_floating_point() or x.shape[0] < 1 or x.shape[1] < 1:
         raise DarkMatterError(f"training activations must be a non-empty float tensor, got "
                               f"{x.dtype} of shape {tuple(x.shape)}")
-    if not 0 < cfg.k < width:
-        raise DarkMatterError(f"SAE width ({width}) must exceed k ({cfg.k}) and k must be >= 1")
+    if not 0 < k < width:
+        raise DarkMatterError(f"SAE width ({width}) must exceed k ({k}) and k must be >= 1")
     for name in ("batch_size", "train_tokens", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise DarkMatterError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")

@@ -1,0 +1,1 @@
+"""Analyses: each reads a run folder (store, SAEs, decompositions) and returns JSON-able results plus figures."""

@@ -1,0 +1,406 @@
+"""How predictable is the SAE error norm ‖e‖², and from what? (paper Fig. 7, Fig. 13, Fig. 14)
+
+Every baseline is an ordinary least-squares fit *with a bias column*, fit on a seeded half of
+the probe-test tokens of a decomposition and scored (R², centred on the scored half's mean) on
+the other half. Baselines (regressors besides the bias):
+
+- ``"x (linear)"``: all d activation dims, streamed from the store (StreamingLstsq/R2Accumulator).
+- ``"‖x‖"``: both ‖x‖ and ‖x‖² (a quadratic in the norm).
+- ``"L0"``: the SAE's per-token number of active latents.
+- ``"position"``: one-hot context position (= per-position mean of the target on the fit half;
+  positions absent from the fit half get the global fit mean).
+- ``"token identity"``: one-hot token id for ids seen >= 5 times in the fit half, all other ids
+  pooled into one column (= per-id means; rare and unseen ids get the pooled rare-id mean).
+- ``"‖x‖ + L0 + position"``: ‖x‖, ‖x‖², L0 and one-hot position, solved exactly by
+  Frisch–Waugh (demean within position groups, then regress).
+- ``"x + token identity"``: two-stage (not a joint fit): the x-fit's prediction plus the
+  per-token-id mean (as in "token identity") of the x-fit's residual on the fit half.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from sae_darkmatter._io import read_json  # noqa: E402
+from sae_darkmatter.errors import DarkMatterError  # noqa: E402
+from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq  # noqa: E402
+from sae_darkmatter.report.figures import save_figure  # noqa: E402
+from sae_darkmatter.saes import load_sae  # noqa: E402
+from sae_darkmatter.store import ActivationStore  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BASELINES = (
+    "x (linear)",
+    "‖x‖",
+    "L0",
+    "position",
+    "token identity",
+    "‖x‖ + L0 + position",
+    "x + token identity",
+)
+TOKEN_MIN_COUNT = 5  # token ids rarer than this in the fit half share one pooled column
+MIN_ACTIVE = 5  # latents active fewer times are left out of the alignment correlations
+_CHUNK_ROWS = 8192
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_decompositions(decompose_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``<name>.json`` + its probe safetensors in ``decompose_dir``, sorted by width then name."""
+    decompose_dir = Path(decompose_dir)
+    out = []
+    for js in sorted(decompose_dir.glob("*.json")):
+        info = read_json(js)
+        if "probe_file" not in info:
+            continue
+        tensors = load_file(decompose_dir / info["probe_file"])
+        test = {k.removeprefix("test."): v.numpy() for k, v in tensors.items() if k.startswith("test.")}
+        out.append({"name": info.get("name", js.stem), "info": info, "tensors": tensors, "test": test})
+    if not out:
+        raise DarkMatterError(f"no decomposition (<name>.json with a probe_file) found in {decompose_dir}")
+    out.sort(key=lambda r: (r["info"].get("metrics", {}).get("d_sae", 0), r["name"]))
+    return out
+
+
+def fit_mask(n: int, seed: int) -> np.ndarray:
+    """Boolean [n]: the seeded random half (floor(n/2) rows) used for fitting; the rest is scored."""
+    perm = np.random.default_rng(seed).permutation(n)
+    mask = np.zeros(n, dtype=bool)
+    mask[perm[: n // 2]] = True
+    return mask
+
+
+def _resolve_hook(store: ActivationStore, decomps: list[dict[str, Any]], hook: str | None) -> str:
+    if hook is not None:
+        return hook
+    named = decomps[0]["info"].get("metrics", {}).get("hook")
+    return named if named in store.hooks else next(iter(store.hooks))
+
+
+def _sae_path(info: dict[str, Any], decompose_dir: Path) -> Path:
+    """The SAE folder named in a decomposition json (relative paths also tried from the run folder)."""
+    path = Path(info["sae"]["path"])
+    if path.is_absolute() or path.exists():
+        return path
+    return decompose_dir.parent / path
+
+
+# ----------------------------------------------------------------------------- small OLS
+
+
+def r2_score(y: np.ndarray, y_hat: np.ndarray) -> float:
+    """1 − Σ(y − ŷ)² / Σ(y − ȳ)² in float64 (ȳ the mean of these rows); NaN for constant y."""
+    y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
+    sst = float(np.square(y - y.mean()).sum())
+    return 1.0 - float(np.square(y - y_hat).sum()) / sst if sst > 0 else float("nan")
+
+
+def _group_codes(groups: np.ndarray, fit: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
+    """Codes 0..K-1 for values seen >= min_count times in the fit rows; every other value gets K."""
+    values, counts = np.unique(groups[fit], return_counts=True)
+    kept = values[counts >= min_count]
+    if len(kept) == 0:
+        return np.zeros(len(groups), np.int64), 1
+    idx = np.minimum(np.searchsorted(kept, groups), len(kept) - 1)
+    return np.where(kept[idx] == groups, idx, len(kept)).astype(np.int64), len(kept) + 1
+
+
+def grouped_ols_predict(
+    features: np.ndarray,
+    y: np.ndarray,
+    fit: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    min_count: int = 1,
+) -> np.ndarray:
+    """Predictions for all rows of OLS ``y ~ features + one-hot(groups)`` fit on ``fit`` rows.
+
+    ``groups=None`` means a plain bias column. Solved by Frisch–Waugh: features and target are
+    demeaned within groups on the fit rows, then regressed without bias; a group with no fit
+    rows (e.g. the pooled group when nothing is rare) predicts with the global fit means.
+    """
+    y = np.asarray(y, np.float64)
+    f = np.asarray(features, np.float64).reshape(len(y), -1)
+    codes, k = (np.zeros(len(y), np.int64), 1) if groups is None else _group_codes(groups, fit, min_count)
+    cf = codes[fit]
+    count = np.bincount(cf, minlength=k).astype(np.float64)
+    present = count > 0
+
+    def group_mean(v: np.ndarray) -> np.ndarray:
+        s = np.bincount(cf, weights=v[fit], minlength=k)
+        return np.where(present, s / np.maximum(count, 1.0), v[fit].mean())
+
+    y_mean = group_mean(y)[codes]
+    f_mean = np.stack([group_mean(col)[codes] for col in f.T], axis=1) if f.shape[1] else f
+    if f.shape[1] == 0:
+        return y_mean
+    fd = f - f_mean
+    beta, *_ = np.linalg.lstsq(fd[fit], (y - y_mean)[fit], rcond=None)
+    return y_mean + fd @ beta
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def _stream_x_fit(
+    store: ActivationStore, hook: str, rows: np.ndarray, targets: np.ndarray, fit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit targets [n, s] on x (with bias) over the fit rows, streaming; return (predictions, ‖x‖²).
+
+    Two passes over the rows: accumulate the normal equations, then predict every row. Memory
+    is O(d²) plus O(n·s) scalars.
+    """
+    d = store.d(hook)
+    lstsq = StreamingLstsq(d, targets.shape[1])
+    x_sq = np.empty(len(rows), np.float64)
+    start = 0
+    for chunk_rows, x in store.iter_chunks(hook, rows, _CHUNK_ROWS):
+        sl = slice(start, start + len(chunk_rows))
+        x_sq[sl] = x.double().square().sum(1).numpy()
+        m = fit[sl]
+        if m.any():
+            lstsq.update(x[torch.from_numpy(m)], torch.from_numpy(targets[sl][m]))
+        start += len(chunk_rows)
+    probe = lstsq.solve()
+    pred = np.empty(targets.shape, np.float64)
+    start = 0
+    for chunk_rows, x in store.iter_chunks(hook, rows, _CHUNK_ROWS):
+        sl = slice(start, start + len(chunk_rows))
+        pred[sl] = probe.predict(x.double()).numpy()
+        start += len(chunk_rows)
+    return pred, x_sq
+
+
+def _x_r2(targets: np.ndarray, pred: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Held-out R² per target column, from the streaming accumulator."""
+    acc = R2Accumulator(targets.shape[1])
+    acc.update(torch.from_numpy(targets[score]), torch.from_numpy(pred[score]))
+    return acc.r2_per_dim().numpy()
+
+
+def _feature_predictions(
+    y: np.ndarray,
+    x_pred: np.ndarray,
+    norm_feats: np.ndarray,
+    l0: np.ndarray,
+    positions: np.ndarray,
+    tokens: np.ndarray,
+    fit: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Predictions (all rows) of every baseline except "x (linear)", fit on the ``fit`` rows."""
+    none = np.empty((len(y), 0))
+    return {
+        "‖x‖": grouped_ols_predict(norm_feats, y, fit),
+        "L0": grouped_ols_predict(l0, y, fit),
+        "position": grouped_ols_predict(none, y, fit, positions),
+        "token identity": grouped_ols_predict(none, y, fit, tokens, min_count=TOKEN_MIN_COUNT),
+        "‖x‖ + L0 + position": grouped_ols_predict(np.column_stack([norm_feats, l0]), y, fit, positions),
+        "x + token identity": x_pred
+        + grouped_ols_predict(none, y - x_pred, fit, tokens, min_count=TOKEN_MIN_COUNT),
+    }
+
+
+def norm_baselines(
+    decompose_dir: str | Path, store: ActivationStore, *, hook: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Held-out R² of each SAE's ‖e‖² from every baseline (see the module docstring).
+
+    Returns ``{sae_name: {baseline: r2}}`` plus ``"baselines"`` (names in order) and
+    ``"n_fit"`` / ``"n_score"`` (token counts of the halves, from the first SAE).
+    """
+    decomps = load_decompositions(decompose_dir)
+    hook = _resolve_hook(store, decomps, hook)
+    tokens_all, positions_all = store.column("tokens"), store.column("position")
+    result: dict[str, Any] = {"baselines": list(BASELINES)}
+    # SAEs sharing test rows (the usual case) share the x passes.
+    groups: list[tuple[np.ndarray, list[dict[str, Any]]]] = []
+    for dec in decomps:
+        rows = dec["test"]["rows"]
+        match = next((g for g in groups if np.array_equal(g[0], rows)), None)
+        if match is None:
+            groups.append((rows, [dec]))
+        else:
+            match[1].append(dec)
+    for rows, members in groups:
+        fit = fit_mask(len(rows), seed)
+        score = ~fit
+        result.setdefault("n_fit", int(fit.sum()))
+        result.setdefault("n_score", int(score.sum()))
+        targets = np.stack([m["test"]["err_sq"].astype(np.float64) for m in members], axis=1)
+        x_pred, x_sq = _stream_x_fit(store, hook, rows, targets, fit)
+        x_r2 = _x_r2(targets, x_pred, score)
+        tokens, positions = tokens_all[rows], positions_all[rows]
+        norm_feats = np.stack([np.sqrt(x_sq), x_sq], axis=1)
+        for j, dec in enumerate(members):
+            y = targets[:, j]
+            preds = _feature_predictions(
+                y, x_pred[:, j], norm_feats, dec["test"]["l0"].astype(np.float64), positions, tokens, fit
+            )
+            scores = {"x (linear)": float(x_r2[j])}
+            scores.update({name: r2_score(y[score], p[score]) for name, p in preds.items()})
+            result[dec["name"]] = {name: scores[name] for name in BASELINES}
+    return result
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def baseline_figure(result: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars: held-out R² of ‖e‖² per baseline (groups) and SAE (bars)."""
+    names = result["baselines"]
+    saes = [k for k, v in result.items() if isinstance(v, dict)]
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(names)), 4.2))
+    width = 0.8 / max(len(saes), 1)
+    pos = np.arange(len(names))
+    for i, sae in enumerate(saes):
+        vals = np.array([result[sae][b] for b in names], dtype=float)
+        ax.bar(pos + (i - (len(saes) - 1) / 2) * width, np.nan_to_num(vals), width, label=sae)
+    ax.set_xticks(pos, names, rotation=25, ha="right")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("held-out R² of ‖e‖²")
+    ax.set_title("Predicting the SAE error norm: x vs baselines (all with bias)")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save_figure(fig, Path(path))
+
+
+def violin_figure(decompose_dir: str | Path, path: str | Path, *, max_points: int = 20000, seed: int = 0) -> Path:
+    """Per SAE: violins of actual ‖e‖² and the norm probe's prediction (log10 scale).
+
+    Non-positive predictions cannot be drawn on a log scale; they are dropped from the
+    predicted violin and counted in the label. The label's R² is over all test tokens.
+    """
+    decomps = load_decompositions(decompose_dir)
+    rng = np.random.default_rng(seed)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.8 * len(decomps)), 4.4))
+    labels, ticks = [], []
+    for i, dec in enumerate(decomps):
+        actual = dec["test"]["err_sq"].astype(np.float64)
+        pred = dec["test"]["err_sq_pred"].astype(np.float64)
+        r2 = r2_score(actual, pred)
+        idx = rng.choice(len(actual), min(max_points, len(actual)), replace=False)
+        a, p = actual[idx], pred[idx]
+        n_bad = int((p <= 0).sum())
+        data = [np.log10(v[v > 0]) if (v > 0).any() else np.zeros(1) for v in (a, p)]
+        parts = ax.violinplot(data, positions=[3 * i, 3 * i + 1], showmedians=True, widths=0.9)
+        for body, color in zip(parts["bodies"], ("#4c72b0", "#dd8452"), strict=True):
+            body.set_facecolor(color)
+        ticks.append(3 * i + 0.5)
+        labels.append(f"{dec['name']}\nR²={r2:.3f}" + (f"\n({n_bad} pred ≤ 0)" if n_bad else ""))
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel("log10 ‖e‖²")
+    ax.set_title("‖e‖² per token: actual (blue) vs predicted from x (orange), held-out")
+    return save_figure(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- Fig. 14
+
+
+@torch.no_grad()
+def latent_norm_alignment(
+    sae: torch.nn.Module,
+    norm_probe_weight: torch.Tensor | np.ndarray,
+    store: ActivationStore,
+    rows: np.ndarray,
+    *,
+    hook: str | None = None,
+    max_rows: int = 20000,
+) -> dict[str, Any]:
+    """Each latent's mean activation when active vs ``a*·d_i`` (unit-norm decoder row d_i).
+
+    The norm-is-linear argument predicts these agree when ‖·‖² ≈ a*·x with a* = Σ c_i d_i.
+    ``rows`` (sorted) are thinned evenly to at most ``max_rows`` and encoded in chunks.
+    Correlations use latents active >= 5 times; ``None`` when fewer than 3 such latents.
+    """
+    hook = hook or next(iter(store.hooks))
+    rows = np.asarray(rows, np.int64)
+    if len(rows) > max_rows:
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
+    w_dec = sae.W_dec.detach().double().cpu()
+    d_sae = w_dec.shape[0]
+    total = torch.zeros(d_sae, dtype=torch.float64)
+    count = torch.zeros(d_sae, dtype=torch.int64)
+    device = sae.W_dec.device
+    for _, x in store.iter_chunks(hook, rows, 4096):
+        z = sae.encode(x.to(device)).cpu()
+        total += z.double().sum(0)
+        count += (z > 0).sum(0)
+    a = torch.as_tensor(np.asarray(norm_probe_weight), dtype=torch.float64).reshape(-1)
+    proj = (w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ a
+    keep = (count >= MIN_ACTIVE).numpy()
+    mean_act = (total / count.clamp_min(1)).numpy()[keep]
+    projection = proj.numpy()[keep]
+    enough = int(keep.sum()) >= 3
+    return {
+        "pearson": float(stats.pearsonr(mean_act, projection)[0]) if enough else None,
+        "spearman": float(stats.spearmanr(mean_act, projection)[0]) if enough else None,
+        "n_latents": int(keep.sum()),
+        "n_rows": int(len(rows)),
+        "latent_index": np.flatnonzero(keep).tolist(),
+        "mean_activation": mean_act.tolist(),
+        "projection": projection.tolist(),
+    }
+
+
+def alignment_figure(result: dict[str, Any], path: str | Path) -> Path:
+    """Scatter of each latent's mean activation when active vs the norm probe's a*·d_i."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    ax.scatter(result["mean_activation"], result["projection"], s=4, alpha=0.4, color="#4c72b0")
+    ax.set_xlabel("mean activation when active")
+    ax.set_ylabel("a*·d_i (norm probe onto unit decoder row)")
+    r, rho = result["pearson"], result["spearman"]
+    corr = "n/a" if r is None else f"Pearson {r:.3f}, Spearman {rho:.3f}"
+    ax.set_title(f"Why ‖e‖² is linear in x: {result['n_latents']} latents ({corr})", fontsize=9)
+    return save_figure(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def norm_analysis(
+    decompose_dir: str | Path, store: ActivationStore | str | Path, out_dir: str | Path, *, seed: int = 0
+) -> dict[str, Any]:
+    """Baselines, violins and (for the widest SAE) latent/norm-probe alignment, with figures.
+
+    Writes ``figures/norm_baselines.png``, ``figures/norm_violins.png`` and
+    ``figures/norm_alignment.png`` under ``out_dir``; returns a JSON-able summary.
+    The alignment uses the decomposition's norm probe (fit on x to predict ‖e‖²) and the
+    widest SAE's probe-test rows.
+    """
+    decompose_dir = Path(decompose_dir)
+    store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+    figs = Path(out_dir) / "figures"
+    baselines = norm_baselines(decompose_dir, store, seed=seed)
+    decomps = load_decompositions(decompose_dir)
+    widest = decomps[-1]
+    hook = _resolve_hook(store, decomps, None)
+    align = latent_norm_alignment(
+        load_sae(_sae_path(widest["info"], decompose_dir)),
+        widest["tensors"]["norm_probe.weight"],
+        store,
+        widest["test"]["rows"],
+        hook=hook,
+    )
+    paths = {
+        "baselines": baseline_figure(baselines, figs / "norm_baselines.png"),
+        "violins": violin_figure(decompose_dir, figs / "norm_violins.png", seed=seed),
+        "alignment": alignment_figure(align, figs / "norm_alignment.png"),
+    }
+    summary_align = {k: align[k] for k in ("pearson", "spearman", "n_latents", "n_rows")}
+    return {
+        "baselines": baselines,
+        "alignment": {"sae": widest["name"], **summary_align},
+        "figures": {k: str(v) for k, v in paths.items()},
+    }

@@ -1,0 +1,405 @@
+"""Per-token scaling of SAE error (paper Fig. 4–6).
+
+Do larger SAEs fail on the same tokens as smaller ones? For every SAE of a run this reads the
+per-token error norms of the shared probe-test tokens (``decompose/<name>.safetensors``) and
+
+- predicts SAE j's ‖e_j‖ from SAE i's ‖e_i‖ (held-out R², upper triangle i <= j), and measures
+  how much of the remaining variance ‖nonlinear_i‖ removes when added as a second regressor;
+- finds the contexts with the largest mean nonlinear (or linear, or total) error norm and
+  renders them as shaded token strips (HTML);
+- plots ‖e‖ of all SAEs along a stretch of consecutive test tokens.
+
+All norms are unsquared L2 norms, as in the paper. Test rows are a seeded random subset of the
+store's tokens, so a context holds only some test tokens; the others are shown without a value.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from .._io import read_json  # noqa: E402
+from ..errors import DarkMatterError  # noqa: E402
+from ..report.figures import save_figure  # noqa: E402
+from ..store import ActivationStore  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+By = Literal["nonlinear", "linear", "total"]
+_KEYS = ("test.rows", "test.err_sq", "test.linear_sq", "test.nonlinear_sq")
+# Below this unexplained variance (1 − R²) the % improvement is 0/0 and reported as missing.
+_PERFECT = 1e-9
+_VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
+# For matplotlib labels: visible whitespace, and "$" escaped so token text is never parsed as math.
+_PLAIN = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥", "$": r"\$"})
+
+
+@dataclass(frozen=True)
+class PerTokenNorms:
+    """Unsquared per-token error norms of all SAEs of a run on their shared test tokens.
+
+    ``err``, ``linear`` and ``nonlinear`` are float64 ``[n_sae, n_test]``, aligned with ``rows``
+    (global store rows, ascending); SAEs are sorted by width, then k.
+    """
+
+    names: list[str]
+    widths: list[int]
+    ks: list[int | None]
+    rows: np.ndarray
+    err: np.ndarray
+    linear: np.ndarray
+    nonlinear: np.ndarray
+
+    def of(self, by: By) -> np.ndarray:
+        """The ``[n_sae, n_test]`` matrix for ``by``: "total" (‖e‖), "linear" or "nonlinear"."""
+        table = {"total": self.err, "linear": self.linear, "nonlinear": self.nonlinear}
+        if by not in table:
+            raise DarkMatterError(f"unknown error kind {by!r}; choose one of {', '.join(table)}")
+        return table[by]
+
+
+def _open_store(store: ActivationStore | str | Path) -> ActivationStore:
+    return store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+
+
+def _read_one(folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    path = folder / meta["probe_file"]
+    if not path.is_file():
+        raise DarkMatterError(f"{path} is missing; rerun 'darkmatter decompose' for SAE {meta.get('name')!r}")
+    with safe_open(str(path), framework="numpy") as fh:
+        missing = [k for k in _KEYS if k not in fh.keys()]
+        if missing:
+            raise DarkMatterError(
+                f"{path} lacks the per-token arrays {missing}; it was written by an older version, "
+                "rerun 'darkmatter decompose'"
+            )
+        return {k: fh.get_tensor(k) for k in _KEYS}
+
+
+def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
+    """Load ‖e‖, ‖linear‖ and ‖nonlinear‖ per test token for every SAE in ``decompose_dir``.
+
+    ``decompose_dir`` is a run's ``decompose/`` folder (a run folder holding one also works).
+    All SAEs must share the same test rows; an SAE whose rows differ raises DarkMatterError.
+    """
+    folder = Path(decompose_dir)
+    if (folder / "decompose").is_dir():
+        folder = folder / "decompose"
+    metas = [m for m in (read_json(p) for p in sorted(folder.glob("*.json"))) if "probe_file" in m]
+    if not metas:
+        raise DarkMatterError(f"no decompositions (<name>.json with a probe_file) in {folder}; run 'darkmatter decompose'")
+
+    def order(m: dict[str, Any]) -> tuple[int, float, str]:
+        k = m.get("sae", {}).get("k")
+        return int(m["metrics"]["d_sae"]), math.inf if k is None else float(k), m["name"]
+
+    metas.sort(key=order)
+    arrays = [_read_one(folder, m) for m in metas]
+    rows = arrays[0]["test.rows"].astype(np.int64)
+    for m, a in zip(metas[1:], arrays[1:]):
+        if not np.array_equal(a["test.rows"], rows):
+            raise DarkMatterError(
+                f"SAE {m['name']!r} was scored on different test rows than {metas[0]['name']!r}; "
+                "decompose all SAEs of a run with the same store and split settings"
+            )
+
+    def norms(key: str) -> np.ndarray:
+        return np.sqrt(np.clip(np.stack([a[key].astype(np.float64) for a in arrays]), 0.0, None))
+
+    return PerTokenNorms(
+        names=[m["name"] for m in metas],
+        widths=[int(m["metrics"]["d_sae"]) for m in metas],
+        ks=[m.get("sae", {}).get("k") for m in metas],
+        rows=rows,
+        err=norms("test.err_sq"),
+        linear=norms("test.linear_sq"),
+        nonlinear=norms("test.nonlinear_sq"),
+    )
+
+
+# ------------------------------------------------------------------ predictability matrix
+
+
+def _heldout_r2(features: Sequence[np.ndarray], y: np.ndarray, fit: np.ndarray, score: np.ndarray) -> float:
+    """R² on ``score`` of OLS ``y ~ [features, 1]`` fit on ``fit``."""
+    design = np.column_stack([*features, np.ones_like(y)])
+    coef, *_ = np.linalg.lstsq(design[fit], y[fit], rcond=None)
+    resid = y[score] - design[score] @ coef
+    total = y[score] - y[score].mean()
+    return float(1.0 - resid @ resid / (total @ total))
+
+
+def _listify(a: np.ndarray) -> list[list[float | None]]:
+    """Nested lists with NaN as None, so the result is strict JSON."""
+    return [[None if math.isnan(v) else float(v) for v in row] for row in a]
+
+
+def predictability_matrix(norms: PerTokenNorms, *, seed: int = 0, train_fraction: float = 0.5) -> dict[str, Any]:
+    """Held-out R² of predicting ‖e_j‖ from ‖e_i‖ (and from ‖e_i‖, ‖nonlinear_i‖), i <= j.
+
+    Tokens are split by a seeded permutation into a fit part (``train_fraction``) and a score
+    part. ``improvement`` = (R²_nl − R²)/(1 − R²)·100, the % of the unexplained variance that
+    ‖nonlinear_i‖ removes; missing where R² is already ~1 (e.g. the diagonal). Entries below
+    the diagonal are None.
+    """
+    n = norms.rows.size
+    n_fit = int(round(n * train_fraction))
+    if not 0.0 < train_fraction < 1.0 or n_fit < 3 or n - n_fit < 3:
+        raise DarkMatterError(
+            f"need at least 3 fit and 3 score tokens (have {n} test tokens, train_fraction={train_fraction})"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    fit, score = perm[:n_fit], perm[n_fit:]
+    m = len(norms.names)
+    r2 = np.full((m, m), np.nan)
+    r2_nl = np.full((m, m), np.nan)
+    for i in range(m):
+        for j in range(i, m):
+            r2[i, j] = _heldout_r2([norms.err[i]], norms.err[j], fit, score)
+            r2_nl[i, j] = _heldout_r2([norms.err[i], norms.nonlinear[i]], norms.err[j], fit, score)
+    unexplained = 1.0 - r2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        improvement = np.where(unexplained > _PERFECT, (r2_nl - r2) / unexplained * 100.0, np.nan)
+    return {
+        "names": list(norms.names),
+        "widths": list(norms.widths),
+        "r2": _listify(r2),
+        "r2_nl": _listify(r2_nl),
+        "improvement": _listify(improvement),
+        "n_fit": n_fit,
+        "n_score": n - n_fit,
+        "seed": seed,
+    }
+
+
+def _as_array(nested: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in nested], dtype=float)
+
+
+def matrix_figure(result: dict[str, Any], path: str | Path) -> Path:
+    """Two heatmaps: held-out R² of ‖e_j‖ from ‖e_i‖, and % improvement from adding ‖nonlinear_i‖."""
+    names = result["names"]
+    m = len(names)
+    panels = [
+        (_as_array(result["r2"]), "R² of ‖e_j‖ from ‖e_i‖", "viridis", "{:.2f}"),
+        (_as_array(result["improvement"]), "% of unexplained variance removed\nby adding ‖nonlinear_i‖", "magma", "{:.0f}"),
+    ]
+    size = 1.2 + 0.7 * m
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size))
+    for ax, (mat, title, cmap, fmt) in zip(axes, panels):
+        finite = mat[np.isfinite(mat)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+        for i in range(m):
+            for j in range(i, m):
+                if np.isfinite(mat[i, j]):
+                    bright = (mat[i, j] - lo) / (hi - lo) > 0.6 if hi > lo else False
+                    ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center", fontsize=8,
+                            color="black" if bright else "white")
+        labels = [n.translate(_PLAIN) for n in names]
+        ax.set_xticks(range(m), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(m), labels, fontsize=8)
+        ax.set_xlabel("target SAE j")
+        ax.set_ylabel("predictor SAE i")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"Per-token error predictability (held-out, {result['n_score']:,} tokens)", fontsize=11)
+    return save_figure(fig, Path(path))
+
+
+# ------------------------------------------------------------------ darkest contexts
+
+
+def _token_text(token: int, tokenizer: Any | None) -> str:
+    return f"<{token}>" if tokenizer is None else tokenizer.decode([int(token)])
+
+
+def darkest_contexts(
+    decompose_dir: str | Path | PerTokenNorms,
+    store: ActivationStore | str | Path,
+    *,
+    sae: str | None = None,
+    n: int = 5,
+    by: By = "nonlinear",
+    tokenizer: Any | None = None,
+    min_tokens: int = 8,
+) -> list[dict[str, Any]]:
+    """The ``n`` contexts with the largest mean per-token error norm ``by`` over their test tokens.
+
+    Only contexts with at least ``min_tokens`` test tokens compete (a mean over 1–2 tokens is
+    noise). ``sae`` names the SAE (default: the widest). Each result holds ``context``,
+    ``score``, ``n_test`` and ``tokens``: the whole context, each token as ``{"text",
+    "position", "value"}`` with value None for tokens outside the test split. Returns [] when no
+    context has enough test tokens. Already loaded norms may be passed instead of the folder.
+    """
+    norms = decompose_dir if isinstance(decompose_dir, PerTokenNorms) else per_token_norms(decompose_dir)
+    idx = len(norms.names) - 1 if sae is None else _sae_index(norms, sae)
+    values = norms.of(by)[idx]
+    st = _open_store(store)
+    context = st.column("context")
+    ctx_of_test = context[norms.rows]
+    ids, inverse, counts = np.unique(ctx_of_test, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=values) / counts
+    eligible = np.flatnonzero(counts >= min_tokens)
+    if eligible.size == 0:
+        log.warning("no context has %d or more test tokens; no darkest contexts", min_tokens)
+        return []
+    best = eligible[np.argsort(-means[eligible], kind="stable")[:n]]
+    tokens, position = st.column("tokens"), st.column("position")
+    value_of_row = dict(zip(norms.rows.tolist(), values.tolist()))
+    out = []
+    for b in best:
+        rows = np.flatnonzero(context == ids[b])
+        rows = rows[np.argsort(position[rows], kind="stable")]
+        out.append({
+            "context": int(ids[b]),
+            "score": float(means[b]),
+            "n_test": int(counts[b]),
+            "sae": norms.names[idx],
+            "by": by,
+            "tokens": [
+                {"text": _token_text(tokens[r], tokenizer), "position": int(position[r]),
+                 "value": value_of_row.get(int(r))}
+                for r in rows
+            ],
+        })
+    return out
+
+
+def _sae_index(norms: PerTokenNorms, name: str) -> int:
+    if name not in norms.names:
+        raise DarkMatterError(f"no decomposition for SAE {name!r}; available: {', '.join(norms.names)}")
+    return norms.names.index(name)
+
+
+def darkest_html(contexts: Sequence[dict[str, Any]], *, title: str) -> str:
+    """An HTML fragment: one line of shaded ``<span>`` tokens per context (white → red by value).
+
+    Shading shares one scale (the largest value shown) across contexts; tokens without a value
+    are grey. All text is escaped; newlines and tabs are drawn as ↵ and ⇥, spaces are kept.
+    """
+    vmax = max((t["value"] for c in contexts for t in c["tokens"] if t["value"] is not None), default=0.0)
+    parts = [f'<section class="darkest"><h3>{html.escape(title)}</h3>']
+    if not contexts:
+        parts.append("<p>No context has enough test tokens.</p>")
+    for c in contexts:
+        head = f"context {c['context']} · mean {c['score']:.4g} over {c['n_test']} test tokens"
+        spans = []
+        for t in c["tokens"]:
+            text = html.escape(t["text"].translate(_VISIBLE))
+            if t["value"] is None:
+                style, tip = "color:#999;background:#eee", f"position {t['position']}: not a test token"
+            else:
+                a = t["value"] / vmax if vmax > 0 else 0.0
+                g = round(255 * (1 - a))
+                style, tip = f"background:rgb(255,{g},{g})", f"position {t['position']}: {t['value']:.4g}"
+            spans.append(f'<span style="{style}" title="{html.escape(tip)}">{text}</span>')
+        parts.append(
+            f'<div style="margin:0.6em 0"><div style="font-size:0.8em;color:#555">{html.escape(head)}</div>'
+            f'<div style="white-space:pre-wrap;font-family:monospace;line-height:1.6">{"".join(spans)}</div></div>'
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ token strip
+
+
+def token_strip_figure(
+    norms: PerTokenNorms,
+    store: ActivationStore | str | Path,
+    path: str | Path,
+    *,
+    start: int | None = None,
+    length: int = 60,
+    tokenizer: Any | None = None,
+) -> Path:
+    """‖e‖ of every SAE along up to ``length`` consecutive test tokens of one context.
+
+    ``start`` indexes the test tokens (``norms.rows``); the strip stays inside that token's
+    context. By default it starts at the first test token of the context with the most.
+    """
+    st = _open_store(store)
+    ctx = st.column("context")[norms.rows]
+    if start is None:
+        ids, counts = np.unique(ctx, return_counts=True)
+        start = int(np.flatnonzero(ctx == ids[np.argmax(counts)])[0])
+    if not 0 <= start < norms.rows.size:
+        raise DarkMatterError(f"start must index the {norms.rows.size} test tokens, got {start}")
+    sel = np.arange(start, min(start + length, norms.rows.size))
+    sel = sel[ctx[sel] == ctx[start]]  # test rows are ascending, so one context is contiguous
+    rows = norms.rows[sel]
+    position = st.column("position")[rows]
+    tokens = st.column("tokens")[rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * sel.size + 2.0), 4.0))
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(norms.names)))
+    for name, row, color in zip(norms.names, norms.err[:, sel], colors):
+        ax.plot(position, row, "o-", ms=2.5, lw=1.2, color=color, label=name.translate(_PLAIN))
+    labels = [_token_text(t, tokenizer).translate(_PLAIN) for t in tokens]
+    ax.set_xticks(position, labels, rotation=90, fontsize=7)
+    ax.set_xlabel(f"test tokens of context {int(ctx[start])} (by position)")
+    ax.set_ylabel("‖e‖ (SAE error norm)")
+    ax.set_title("Per-token SAE error norm across widths")
+    ax.legend(frameon=False, fontsize=8, ncol=min(4, len(norms.names)))
+    ax.grid(alpha=0.3)
+    return save_figure(fig, Path(path))
+
+
+# ------------------------------------------------------------------ the whole analysis
+
+
+def per_token_analysis(
+    decompose_dir: str | Path,
+    store: ActivationStore | str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the per-token analysis; write ``figures/per_token_{matrix,strip}.png`` under ``out_dir``.
+
+    Returns a JSON-able summary: the predictability matrices, mean norms per SAE, figure paths
+    and, for the widest SAE, the darkest contexts by nonlinear and by linear error (as HTML).
+    """
+    out = Path(out_dir)
+    st = _open_store(store)
+    norms = per_token_norms(decompose_dir)
+    matrix = predictability_matrix(norms, seed=seed)
+    figures = {
+        "matrix": str(matrix_figure(matrix, out / "figures" / "per_token_matrix.png")),
+        "strip": str(token_strip_figure(norms, st, out / "figures" / "per_token_strip.png", tokenizer=tokenizer)),
+    }
+    darkest = {}
+    for by in ("nonlinear", "linear"):
+        ctxs = darkest_contexts(norms, st, by=by, tokenizer=tokenizer)
+        darkest[by] = {
+            "sae": norms.names[-1],
+            "contexts": [{k: c[k] for k in ("context", "score", "n_test")} for c in ctxs],
+            "html": darkest_html(ctxs, title=f"Contexts with the largest {by} error ({norms.names[-1]})"),
+        }
+    return {
+        "names": norms.names,
+        "widths": norms.widths,
+        "ks": norms.ks,
+        "n_test": int(norms.rows.size),
+        "mean_norm": {
+            "total": norms.err.mean(axis=1).tolist(),
+            "linear": norms.linear.mean(axis=1).tolist(),
+            "nonlinear": norms.nonlinear.mean(axis=1).tolist(),
+        },
+        "predictability": matrix,
+        "figures": figures,
+        "darkest": darkest,
+    }

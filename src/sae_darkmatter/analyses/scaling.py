@@ -1,0 +1,419 @@
+"""Scaling of SAE error with width (paper Fig. 1): power-law fit FVU(W) = c + a·W^(−m).
+
+Reads a sweep of decompositions (``decompose/<name>.json`` + ``.safetensors``, see the format
+contract), picks one SAE per width near a target L0, fits the power law, bootstraps confidence
+intervals over held-out tokens, and draws the stacked "dark matter" figure and the contour maps
+of FVU_nonlinear and of the linear predictability of the error over (width, L0).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from scipy.optimize import least_squares
+
+from .._io import read_json
+from ..errors import DarkMatterError
+from ..report.figures import plt, save_figure
+
+log = logging.getLogger(__name__)
+
+_ARRAYS = {"rows": "test.rows", "err_sq": "test.err_sq", "nonlinear_sq": "test.nonlinear_sq",
+           "x_centered_sq": "test.x_centered_sq"}
+_GRID_METRICS = ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_mean_dim",
+                 "r2_error_norm")
+STACKED_FIGURE = "figures/scaling_stacked.png"
+CONTOUR_FIGURE = "figures/scaling_contours.png"
+
+
+@dataclass(frozen=True, eq=False)
+class SweepPoint:
+    """One decomposed SAE: identity, size, empirical L0, JSON metrics and per-test-token sums.
+
+    The per-token arrays (aligned with ``rows``) are kept so FVUs can be recomputed on bootstrap
+    resamples of the held-out tokens.
+    """
+
+    name: str
+    width: int
+    k: int | None
+    l0: float
+    metrics: dict[str, Any]
+    rows: np.ndarray
+    err_sq: np.ndarray
+    nonlinear_sq: np.ndarray
+    x_centered_sq: np.ndarray
+
+    @property
+    def fvu(self) -> float:
+        """Σ‖e‖² / Σ‖x − x̄‖² over the held-out tokens."""
+        return float(self.err_sq.sum() / self.x_centered_sq.sum())
+
+    @property
+    def fvu_nonlinear(self) -> float:
+        """Σ‖e − ê‖² / Σ‖x − x̄‖² over the held-out tokens."""
+        return float(self.nonlinear_sq.sum() / self.x_centered_sq.sum())
+
+
+CI = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """FVU(W) = c + a·W^(−m) fitted on one SAE per width, with 95 % percentile bootstrap CIs.
+
+    ``widths``/``fvu``/``fvu_nonlinear`` (and their CIs) are the selected points, by width.
+    """
+
+    c: float
+    a: float
+    m: float
+    c_ci: CI
+    a_ci: CI
+    m_ci: CI
+    n_boot: int
+    fvu_nonlinear_mean: float
+    fvu_nonlinear_mean_ci: CI
+    target_l0: float
+    widths: tuple[int, ...]
+    fvu: tuple[float, ...]
+    fvu_ci: tuple[CI, ...]
+    fvu_nonlinear: tuple[float, ...]
+    fvu_nonlinear_ci: tuple[CI, ...]
+
+    def predict(self, widths: np.ndarray | Sequence[float]) -> np.ndarray:
+        """The fitted curve at the given widths."""
+        return self.c + self.a * np.asarray(widths, dtype=float) ** (-self.m)
+
+
+def _load_point(json_path: Path) -> SweepPoint | None:
+    meta = read_json(json_path)
+    if not isinstance(meta, dict) or "probe_file" not in meta or "metrics" not in meta:
+        log.warning("skipping %s: not a decomposition result", json_path)
+        return None
+    probe = json_path.parent / meta["probe_file"]
+    if not probe.is_file():
+        raise DarkMatterError(f"{json_path} names {probe}, which does not exist; rerun decompose")
+    metrics = meta["metrics"]
+    try:
+        width, l0 = int(metrics["d_sae"]), float(metrics["l0"])
+    except KeyError as exc:
+        raise DarkMatterError(f"{json_path}: metrics lack {exc}; rerun decompose") from exc
+    k = (meta.get("sae") or {}).get("k")
+    with safe_open(str(probe), framework="np") as f:
+        missing = [key for key in _ARRAYS.values() if key not in f.keys()]
+        if missing:
+            raise DarkMatterError(f"{probe} lacks {missing}; rerun decompose")
+        arrays = {field: f.get_tensor(key) for field, key in _ARRAYS.items()}
+    n = {a.shape for a in arrays.values()}
+    if len(n) != 1 or len(next(iter(n))) != 1 or arrays["rows"].size == 0:
+        raise DarkMatterError(f"{probe}: per-token test arrays are empty or not aligned ({n})")
+    return SweepPoint(
+        name=str(meta.get("name", json_path.stem)), width=width,
+        k=None if k is None else int(k), l0=l0, metrics=metrics,
+        rows=arrays["rows"].astype(np.int64),
+        err_sq=arrays["err_sq"].astype(np.float64),
+        nonlinear_sq=arrays["nonlinear_sq"].astype(np.float64),
+        x_centered_sq=arrays["x_centered_sq"].astype(np.float64),
+    )
+
+
+def load_sweep(decompose_dir: str | Path) -> list[SweepPoint]:
+    """All decomposed SAEs in ``decompose_dir`` (one per ``<name>.json``), sorted by (k, width)."""
+    paths = sorted(Path(decompose_dir).glob("*.json"))
+    points = [p for p in map(_load_point, paths) if p is not None]
+    if not points:
+        raise DarkMatterError(f"no decomposition results in {decompose_dir}; run decompose first")
+    return sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name))
+
+
+def grid_table(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    """One row per SAE (name, width, k, l0 and the JSON metrics), sorted by (k, width)."""
+    rows = []
+    for p in sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name)):
+        row: dict[str, Any] = {"name": p.name, "width": p.width, "k": p.k, "l0": p.l0}
+        row.update({key: _maybe_float(p.metrics.get(key)) for key in _GRID_METRICS})
+        rows.append(row)
+    return rows
+
+
+def _maybe_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def select_at_l0(points: Sequence[SweepPoint], target_l0: float) -> list[tuple[SweepPoint, float]]:
+    """Per width, the SAE whose empirical L0 is nearest ``target_l0``, with |l0 − target|/target.
+
+    Ties go to the lower L0. Result is sorted by width. Distances above 20 % are logged (the
+    paper's code flags those as "Bad!").
+    """
+    if target_l0 <= 0:
+        raise DarkMatterError(f"target L0 must be positive, got {target_l0}")
+    best: dict[int, SweepPoint] = {}
+    for p in points:
+        cur = best.get(p.width)
+        if cur is None or (abs(p.l0 - target_l0), p.l0) < (abs(cur.l0 - target_l0), cur.l0):
+            best[p.width] = p
+    out = [(p, abs(p.l0 - target_l0) / target_l0) for _, p in sorted(best.items())]
+    for p, dist in out:
+        if dist > 0.2:
+            log.warning("%s: L0 %.1f is %.0f%% from target %.1f", p.name, p.l0, 100 * dist, target_l0)
+    return out
+
+
+def fit_power_law(widths: Sequence[float] | np.ndarray,
+                  fvus: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Least-squares fit of FVU(W) = c + a·W^(−m) with c, a, m ≥ 0; returns (c, a, m).
+
+    The fit is parametrised as c + b·exp(−m·u) with u = ln(W / W_min), so the amplitude b is the
+    excess FVU at the smallest width (order one) instead of a, which can be huge for large W;
+    a = b·W_min^m. Several deterministic starts (different m0); the lowest cost wins.
+    """
+    w = np.asarray(widths, dtype=np.float64)
+    y = np.asarray(fvus, dtype=np.float64)
+    if w.ndim != 1 or w.shape != y.shape:
+        raise DarkMatterError(f"widths and FVUs must be 1-D of equal length, got {w.shape}, {y.shape}")
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(y)) and np.all(w > 0)):
+        raise DarkMatterError("widths must be positive and FVUs finite for a power-law fit")
+    if np.unique(w).size < 3:
+        raise DarkMatterError(
+            f"a power-law fit needs at least 3 distinct widths, got {np.unique(w).size}; "
+            "train/decompose more SAE widths"
+        )
+    order = np.argsort(w, kind="stable")
+    w, y = w[order], y[order]
+    w_min = w[0]
+    u = np.log(w / w_min)
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        c, b, m = p
+        return c + b * np.exp(-m * u) - y
+
+    def jacobian(p: np.ndarray) -> np.ndarray:
+        _, b, m = p
+        ex = np.exp(-m * u)
+        return np.stack([np.ones_like(u), ex, -b * u * ex], axis=1)
+
+    c0 = 0.5 * max(float(y.min()), 0.0)
+    b0 = max(float(y[0]) - c0, 1e-9)
+    best = None
+    for m0 in (0.5, 0.1, 1.0, 2.0):
+        res = least_squares(residuals, x0=[c0, b0, m0], jac=jacobian, bounds=(0.0, np.inf),
+                            method="trf", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+        if best is None or res.cost < best.cost:
+            best = res
+    c, b, m = (float(v) for v in best.x)
+    return c, b * w_min**m, m
+
+
+def _percentile_ci(samples: np.ndarray) -> CI:
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int = 200,
+                seed: int = 0) -> PowerLawFit:
+    """Fit the power law on the SAEs nearest ``target_l0`` per width; bootstrap over test tokens.
+
+    Each bootstrap draws test-token indices with replacement (one draw shared by all SAEs, since
+    they share the test rows), recomputes every selected SAE's FVU and FVU_nonlinear from the
+    per-token sums and refits. x̄ stays the full-sample mean (an O(1/n) simplification).
+    CIs are 2.5/97.5 percentiles.
+    """
+    if n_boot < 1:
+        raise DarkMatterError(f"n_boot must be at least 1, got {n_boot}")
+    selected = [p for p, _ in select_at_l0(points, target_l0)]
+    if len(selected) < 3:
+        raise DarkMatterError(
+            f"a power-law fit needs SAEs of at least 3 widths, the sweep has {len(selected)}"
+        )
+    rows = selected[0].rows
+    for p in selected[1:]:
+        if not np.array_equal(p.rows, rows):
+            raise DarkMatterError(
+                f"{p.name} and {selected[0].name} were decomposed on different test tokens; "
+                "rerun decompose on one run folder"
+            )
+    widths = np.array([p.width for p in selected], dtype=np.float64)
+    err = np.stack([p.err_sq for p in selected])
+    nonlin = np.stack([p.nonlinear_sq for p in selected])
+    total = np.stack([p.x_centered_sq for p in selected])
+    fvu = err.sum(1) / total.sum(1)
+    fvu_nl = nonlin.sum(1) / total.sum(1)
+    c, a, m = fit_power_law(widths, fvu)
+
+    rng = np.random.default_rng(seed)
+    n = rows.size
+    boot_fvu = np.empty((n_boot, len(selected)))
+    boot_nl = np.empty((n_boot, len(selected)))
+    boot_par = np.empty((n_boot, 3))
+    for i in range(n_boot):
+        counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+        denom = total @ counts
+        boot_fvu[i] = err @ counts / denom
+        boot_nl[i] = nonlin @ counts / denom
+        boot_par[i] = fit_power_law(widths, boot_fvu[i])
+    return PowerLawFit(
+        c=c, a=a, m=m,
+        c_ci=_percentile_ci(boot_par[:, 0]), a_ci=_percentile_ci(boot_par[:, 1]),
+        m_ci=_percentile_ci(boot_par[:, 2]), n_boot=n_boot,
+        fvu_nonlinear_mean=float(fvu_nl.mean()),
+        fvu_nonlinear_mean_ci=_percentile_ci(boot_nl.mean(1)),
+        target_l0=float(target_l0),
+        widths=tuple(int(w) for w in widths),
+        fvu=tuple(float(v) for v in fvu),
+        fvu_ci=tuple(_percentile_ci(boot_fvu[:, j]) for j in range(len(selected))),
+        fvu_nonlinear=tuple(float(v) for v in fvu_nl),
+        fvu_nonlinear_ci=tuple(_percentile_ci(boot_nl[:, j]) for j in range(len(selected))),
+    )
+
+
+def stacked_figure(fit: PowerLawFit, selected: Sequence[tuple[SweepPoint, float]],
+                   path: str | Path, *, extrapolate: float = 10.0,
+                   pursuit_nonlinear: float | None = None) -> Path:
+    """Paper Fig. 1: FVU by width with the fitted power law and the error split into bands.
+
+    Bands, top to bottom: absent features (curve − c), linear error (c − mean FVU_nonlinear),
+    encoder error (mean FVU_nonlinear − ``pursuit_nonlinear``, only when given), nonlinear error.
+    The curve is solid over the measured widths and dotted up to ``extrapolate`` × max width.
+    """
+    if len(selected) != len(fit.widths):
+        raise DarkMatterError(f"{len(selected)} selected SAEs but the fit has {len(fit.widths)} widths")
+    widths = np.array(fit.widths, dtype=float)
+    fvu = np.array(fit.fvu)
+    ci = np.array(fit.fvu_ci)
+    w_max = widths.max() * max(extrapolate, 1.0)
+    grid = np.geomspace(widths.min() / 1.25, w_max, 200)
+    curve = fit.predict(grid)
+    inside = grid <= widths.max()
+    nl = fit.fvu_nonlinear_mean
+    floor = nl if pursuit_nonlinear is None else pursuit_nonlinear
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    ax.fill_between(grid, fit.c, curve, color="#e8a33d", alpha=0.45, label="absent features")
+    ax.fill_between(grid, nl, fit.c, color="#5fa55a", alpha=0.45, label="linear error")
+    if pursuit_nonlinear is not None:
+        ax.fill_between(grid, pursuit_nonlinear, nl, color="#b05fa5", alpha=0.45, label="encoder error")
+    ax.fill_between(grid, 0, floor, color="#4c4c8c", alpha=0.45, label="nonlinear error")
+    ax.plot(grid[inside], curve[inside], color="black", lw=1.5,
+            label=f"fit: {fit.c:.3g} + {fit.a:.3g}·W^(−{fit.m:.3g})")
+    ax.plot(grid[~inside], curve[~inside], color="black", lw=1.5, ls=":")
+    ax.axhline(fit.c, color="#2d6a2a", lw=1, ls="--", label=f"asymptote c = {fit.c:.3g}")
+    ax.axhline(nl, color="#2a2a6a", lw=1, ls="--", label=f"mean FVU nonlinear = {nl:.3g}")
+    ax.errorbar(widths, fvu, yerr=np.abs(np.stack([fvu - ci[:, 0], ci[:, 1] - fvu])), fmt="o",
+                color="black", capsize=3, zorder=5, label="FVU (SAE), 95% CI")
+    ax.plot(widths, fit.fvu_nonlinear, "s", color="#2a2a6a", ms=4, zorder=5, label="FVU nonlinear")
+    for (p, _), w, y in zip(selected, widths, fvu):
+        ax.annotate(f"L0 {p.l0:.0f}", (w, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(widths.min() / 1.25, w_max)
+    ax.set_ylim(0, max(float(ci[:, 1].max()), float(curve.max())) * 1.15)
+    ax.set_xlabel("SAE width (latents)")
+    ax.set_ylabel("fraction of variance unexplained (held-out)")
+    ax.set_title(f"SAE error scaling at L0 ≈ {fit.target_l0:.0f}")
+    ax.legend(frameon=False, fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, Path(path))
+
+
+_CONTOUR_PANELS = (("fvu_nonlinear", "FVU nonlinear"), ("r2_error_mean_dim", "R² of error vector e ← x"),
+                   ("r2_error_norm", "R² of ‖e‖² ← x"))
+
+
+def contour_figure(points: Sequence[SweepPoint], path: str | Path) -> Path:
+    """Three panels over (width, L0): FVU_nonlinear, error-vector R², error-norm R².
+
+    Linear interpolation (scipy ``griddata``) on (log2 width, log2 L0) when there are at least 3
+    widths and 2 L0 values; otherwise (or when the points are degenerate) a scatter with the
+    values written next to each SAE. A constant metric is drawn the same way (no contours).
+    """
+    from scipy.interpolate import griddata
+    from scipy.spatial import QhullError
+
+    lw = np.log2([p.width for p in points])
+    ll = np.log2([max(p.l0, 1e-9) for p in points])
+    interpolate = np.unique(lw).size >= 3 and np.unique(ll).size >= 2
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], _CONTOUR_PANELS):
+        vals = np.array([np.nan if p.metrics.get(key) is None else float(p.metrics[key]) for p in points])
+        ok = np.isfinite(vals)
+        drawn = False
+        varies = ok.any() and np.ptp(vals[ok]) > 1e-9 * max(1.0, float(np.abs(vals[ok]).max()))
+        if interpolate and varies and ok.sum() >= 3:
+            gx, gy = np.meshgrid(np.linspace(lw.min(), lw.max(), 120), np.linspace(ll.min(), ll.max(), 120))
+            try:
+                z = griddata((lw[ok], ll[ok]), vals[ok], (gx, gy), method="linear")
+            except QhullError:
+                z = None
+            if z is not None and np.isfinite(z).any():
+                cs = ax.contourf(2**gx, 2**gy, np.ma.masked_invalid(z), levels=12, cmap="viridis")
+                fig.colorbar(cs, ax=ax)
+                drawn = True
+        if drawn:
+            ax.scatter(2**lw, 2**ll, c="white", edgecolors="black", s=18, zorder=5, clip_on=False)
+        else:
+            sc = ax.scatter(2**lw[ok], 2**ll[ok], c=vals[ok], cmap="viridis", s=60,
+                            edgecolors="black", zorder=5, clip_on=False)
+            if ok.any():
+                fig.colorbar(sc, ax=ax)
+            for x, y, v in zip(2**lw[ok], 2**ll[ok], vals[ok]):
+                ax.annotate(f"{v:.3f}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("SAE width (latents)")
+        ax.set_ylabel("empirical L0")
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def default_target_l0(points: Sequence[SweepPoint]) -> float:
+    """Median empirical L0 of the k with the most distinct widths (ties: the smaller k)."""
+    by_k: dict[int | None, list[SweepPoint]] = {}
+    for p in points:
+        by_k.setdefault(p.k, []).append(p)
+    k = min(by_k, key=lambda k: (-len({p.width for p in by_k[k]}), -1 if k is None else k))
+    return float(np.median([p.l0 for p in by_k[k]]))
+
+
+def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
+                     target_l0: float | None = None, n_boot: int = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """Run the scaling analysis; writes the two figures under ``out_dir/figures`` only.
+
+    Returns a JSON-able summary: the (width, k) grid, target L0, the selected SAEs with their
+    L0 distance, the fit (c, a, m with CIs), mean FVU_nonlinear with CI, per-width FVUs with CIs,
+    and figure paths relative to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    points = load_sweep(decompose_dir)
+    target = default_target_l0(points) if target_l0 is None else float(target_l0)
+    selected = select_at_l0(points, target)
+    fit = fit_scaling(points, target, n_boot=n_boot, seed=seed)
+    stacked_figure(fit, selected, out_dir / STACKED_FIGURE)
+    contour_figure(points, out_dir / CONTOUR_FIGURE)
+    return {
+        "target_l0": target,
+        "target_l0_source": "given" if target_l0 is not None else "median L0 of the k with most widths",
+        "grid": grid_table(points),
+        "selected": [{"name": p.name, "width": p.width, "k": p.k, "l0": p.l0,
+                      "l0_rel_distance": dist} for p, dist in selected],
+        "fit": {"model": "FVU(W) = c + a * W^(-m)", "c": fit.c, "c_ci": list(fit.c_ci),
+                "a": fit.a, "a_ci": list(fit.a_ci), "m": fit.m, "m_ci": list(fit.m_ci),
+                "n_boot": fit.n_boot, "seed": seed, "n_test_tokens": int(selected[0][0].rows.size)},
+        "fvu_nonlinear_mean": fit.fvu_nonlinear_mean,
+        "fvu_nonlinear_mean_ci": list(fit.fvu_nonlinear_mean_ci),
+        "per_width": [
+            {"name": p.name, "width": w, "fvu": f, "fvu_ci": list(fc), "fvu_nonlinear": nl,
+             "fvu_nonlinear_ci": list(nc)}
+            for (p, _), w, f, fc, nl, nc in zip(selected, fit.widths, fit.fvu, fit.fvu_ci,
+                                                fit.fvu_nonlinear, fit.fvu_nonlinear_ci)
+        ],
+        "figures": {"stacked": STACKED_FIGURE, "contours": CONTOUR_FIGURE},
+    }
