@@ -48,10 +48,21 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 def test_run_writes_report_metrics_and_figures(tiny_run):
     out, metrics = tiny_run
-    assert (out / "report.html").read_text().count("<img") == 3
-    for fig in ("fvu_vs_width", "error_norm_prediction", "r2_vs_width"):
-        png = out / metrics["figures"][fig]
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import re
+
+    page = (out / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 10  # 3 overview + 2 scaling + 2 per-token + 3 norm-prediction figures
+    for src in images:
+        assert (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    assert "Contexts with the largest nonlinear error" in page
+    analyses = metrics["analyses"]
+    assert set(analyses) == {"scaling", "per_token", "norms"}
+    assert not any("skipped" in a for a in analyses.values())
+    fit = analyses["scaling"]["fit"]
+    assert fit["c_ci"][0] <= fit["c"] <= fit["c_ci"][1]
+    assert len(analyses["per_token"]["predictability"]["r2"]) == 3
+    assert "x (linear)" in analyses["norms"]["baselines"]["baselines"]
     on_disk = json.loads((out / "metrics.json").read_text())
     assert [s["d_sae"] for s in on_disk["saes"]] == [64, 128, 256]
     for s in on_disk["saes"]:
@@ -100,7 +111,12 @@ def test_stage_commands(tiny_run, tmp_path):
     res = runner.invoke(app, ["report", str(tmp_path / "dec")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "fvu_vs_width.png").exists()
-    for cmd in ("run", "harvest", "train", "decompose", "report", "info"):
+    res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((out / "analyses.json").read_text())) == {"scaling"}
+    res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
+    assert res.exit_code == 2 and "scaling" in res.output
+    for cmd in ("run", "harvest", "train", "decompose", "analyze", "report", "info", "synthetic"):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
 
 

@@ -263,6 +263,35 @@ def decompose_cmd(
     _main(body)
 
 
+@app.command()
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with store/, saes/ and decompose/.")] = Path("darkmatter_out"),
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated subset of: scaling, per_token, norms.")] = None,
+    model: Model = None,
+    seed: Seed = None,
+) -> None:
+    """Scaling law with bootstrap CIs, per-token scaling and darkest contexts, norm baselines; then the report."""
+    from .analyses import ANALYSES, run_analyses
+    from .config import ModelConfig
+    from .models import load_tokenizer
+    from .report import write_report
+    from .store import ActivationStore
+
+    def body() -> None:
+        name = model or ActivationStore.open(run_dir / "store").meta.get("config", {}).get(
+            "model", {}).get("name", "smollm2")
+        try:
+            tokenizer = load_tokenizer(ModelConfig(name=name))
+        except DarkMatterError as err:
+            console.print(f"[yellow]token texts unavailable[/] ({err}); showing token ids")
+            tokenizer = None
+        chosen = tuple(x.strip() for x in only.split(",")) if only else ANALYSES
+        run_analyses(run_dir, only=chosen, tokenizer=tokenizer, seed=seed or 0)
+        Console().print(f"report: {write_report(run_dir / 'decompose', run_dir)}")
+
+    _main(body)
+
+
 @app.command("report")
 def report_cmd(
     decompose_dir: Annotated[Path, typer.Argument(help="Folder of decomposition results.")] = Path("darkmatter_out/decompose"),

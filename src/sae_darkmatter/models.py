@@ -152,6 +152,15 @@ def _resolve_source(name: str) -> tuple[Path | str, str | None]:
     return name, None
 
 
+def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
+    """Only the tokenizer of ``cfg.name`` (same sources and errors as ``load_model``)."""
+    source, _ = _resolve_source(cfg.name)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(f"cannot load the tokenizer of {cfg.name!r}: {exc}") from exc
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load ``cfg.name`` (``"smollm2"``, a hub id, a local folder or a ``.gguf`` file)."""
     if cfg.dtype not in _DTYPES:

@@ -1,10 +1,11 @@
-"""The whole pipeline, harvest -> train -> decompose -> report, with per-stage caching.
+"""The whole pipeline, harvest -> train -> decompose -> analyses -> report, with caching.
 
 A run folder holds every stage's output::
 
     out/store/                      activation store (safetensors shards + manifest)
     out/saes/topk-w{W}-k{k}/        SAELens-format SAE folders (+ training.json)
     out/decompose/{sae}.json        held-out metrics of each SAE (+ {sae}.safetensors probes)
+    out/analyses.json               scaling law, per-token scaling, norm baselines (+ figures)
     out/metrics.json, out/report.html, out/figures/*.png
 
 Each stage is skipped when its output exists and was made from the same inputs and settings;
@@ -22,8 +23,11 @@ from typing import Any
 
 from ._io import read_json, write_json
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
+from .analyses import run_analyses
 from .decompose import decompose_many
+from .errors import DarkMatterError
 from .harvest import harvest
+from .models import load_tokenizer
 from .report import write_report
 from .saes import load_sae, train_sae
 from .splits import Splits, make_splits
@@ -140,6 +144,15 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     t = time.perf_counter()
     decompose_saes(store, splits, sae_dirs, cfg.decompose, out / "decompose", progress=progress)
     timings["decompose"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    try:
+        tokenizer = load_tokenizer(cfg.harvest.model)
+    except DarkMatterError as err:
+        log.warning("token texts unavailable (%s); showing token ids", err)
+        tokenizer = None
+    run_analyses(out, tokenizer=tokenizer, seed=cfg.split.seed)
+    timings["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
     write_report(out / "decompose", out)
