@@ -97,6 +97,33 @@ def test_per_token_values_add_up_to_the_metrics(setup, tmp_path):
     np.testing.assert_array_equal(saved["test.nonlinear_sq"].numpy(), t["nonlinear_sq"])
 
 
+def test_intervals_cover_the_estimates(setup):
+    st, sae, splits = setup
+    m = decompose(st, sae, splits, progress=False).metrics
+    assert set(m.ci) == {"fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_norm",
+                         "r2_error_mean_dim"}
+    for key, (lo, hi) in m.ci.items():
+        assert lo < getattr(m, key) < hi, key
+    lo, hi = m.ci["fvu"]
+    assert hi - lo < 0.2 * m.fvu  # 1,200 test tokens: a pooled ratio is known to a few %
+
+
+def test_bootstrap_interval_shrinks_like_one_over_sqrt_n():
+    from sae_darkmatter.decompose import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        err = rng.exponential(size=n)
+        tokens = {"err_sq": err, "nonlinear_sq": 0.5 * err * rng.uniform(size=n),
+                  "x_centered_sq": 4 + rng.exponential(size=n), "err_sq_pred": err + rng.normal(size=n)}
+        lo, hi = bootstrap_intervals(tokens)["fvu"]
+        return hi - lo
+
+    ratio = width(1_000) / width(16_000)
+    assert 2.5 < ratio < 6.5  # sqrt(16) = 4, with bootstrap noise
+
+
 def test_many_saes_in_one_pass_equal_one_at_a_time(setup):
     st, sae, splits = setup
     other = TopKSAE(D, 32, 2, generator=torch.Generator().manual_seed(5))
@@ -104,7 +131,7 @@ def test_many_saes_in_one_pass_equal_one_at_a_time(setup):
     for name, single in (("a", sae), ("b", other)):
         alone = decompose(st, single, splits, progress=False).metrics
         for key, value in alone.to_dict().items():
-            if isinstance(value, float):
+            if isinstance(value, float) and key != "ci":
                 assert getattr(both[name].metrics, key) == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 

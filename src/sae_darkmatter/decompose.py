@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +58,9 @@ class Decomposition:
     r2_error_norm: float
     bias: bool
     ridge: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float | int | str | bool]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -91,6 +93,8 @@ class DecompositionOutput:
 
 
 _TARGET_BUDGET = 1 << 24  # floats per chunk of stacked probe targets (~64 MB in float32)
+JACKKNIFE_GROUPS = 16  # token groups for the jackknife interval of the mean per-dim R²
+N_BOOT = 200  # bootstrap resamples of held-out tokens for the other intervals
 
 
 def decompose(
@@ -169,11 +173,17 @@ def decompose_many(
         # Pass 2: held-out scores, streaming, plus per-token scalars.
         accs = {n: [R2Accumulator(d, device=device) for _ in range(3)] + [R2Accumulator(1, device=device)]
                 for n in names}
+        groups = np.random.default_rng(0).permutation(n_test) % JACKKNIFE_GROUPS
+        group_accs = {n: [R2Accumulator(d, device=device) for _ in range(JACKKNIFE_GROUPS)]
+                      for n in names}
+        offset = 0
         per_token: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
         x_centered: list[np.ndarray] = []
         for _, x in store.iter_chunks(hook, splits.probe_test, chunk):
             x = x.to(device)
             x_centered.append(_np((x - x_mean).square().sum(dim=1)))
+            chunk_groups = torch.from_numpy(groups[offset : offset + x.shape[0]]).to(device)
+            offset += x.shape[0]
             for name in names:
                 x_hat, e, l0 = errors(saes[name], x)
                 err_probe, norm_probe = probes[name]
@@ -185,6 +195,10 @@ def decompose_many(
                 lin_acc.update(x, x_hat + e_hat)
                 err_acc.update(e, e_hat)
                 norm_acc.update(norm_sq, norm_pred)
+                for g, acc in enumerate(group_accs[name]):
+                    mask = chunk_groups == g
+                    if mask.any():
+                        acc.update(e[mask], e_hat[mask])
                 for key, value in (
                     ("err_sq", norm_sq[:, 0]),
                     ("linear_sq", e_hat.square().sum(dim=1)),
@@ -218,9 +232,53 @@ def decompose_many(
             r2_error_norm=norm_acc.r2_pooled(),
             bias=cfg.bias,
             ridge=cfg.ridge,
+            ci={**bootstrap_intervals(tokens),
+                "r2_error_mean_dim": _jackknife_interval(group_accs[name], err_acc.r2_mean_dim())},
         )
         out[name] = DecompositionOutput(metrics, *probes[name], tokens)
     return out
+
+
+def bootstrap_intervals(
+    tokens: Mapping[str, np.ndarray], *, n_boot: int = N_BOOT, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of the per-token-decomposable metrics, resampling test tokens.
+
+    ``x_centered_sq`` keeps the full-sample mean (an O(1/n) approximation per resample).
+    """
+    n = tokens["err_sq"].size
+    if n < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    err, nl = tokens["err_sq"].astype(np.float64), tokens["nonlinear_sq"].astype(np.float64)
+    xc, pred = tokens["x_centered_sq"].astype(np.float64), tokens["err_sq_pred"].astype(np.float64)
+    draws: dict[str, list[float]] = {k: [] for k in
+                                     ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_norm")}
+    for _ in range(n_boot):
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        s_err, s_nl, s_xc = w @ err, w @ nl, w @ xc
+        mean = (w @ err) / n
+        draws["fvu"].append(s_err / s_xc)
+        draws["fvu_nonlinear"].append(s_nl / s_xc)
+        draws["fvu_linear"].append((s_err - s_nl) / s_xc)
+        draws["linear_share"].append(1 - s_nl / s_err)
+        draws["r2_error_norm"].append(1 - (w @ (err - pred) ** 2) / (w @ (err - mean) ** 2))
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def _jackknife_interval(groups: list[R2Accumulator], full: float) -> tuple[float, float]:
+    """Delete-one-group jackknife 95 % interval of the mean per-dimension R² (normal approx.)."""
+    g = len(groups)
+    thetas = []
+    for left_out in range(g):
+        acc = R2Accumulator(groups[0].d, device=groups[0].device)
+        for i, other in enumerate(groups):
+            if i != left_out and other.n:
+                acc.merge(other)
+        thetas.append(acc.r2_mean_dim())
+    t = np.asarray(thetas)
+    se = float(np.sqrt((g - 1) / g * np.sum((t - t.mean()) ** 2)))
+    return (full - 1.96 * se, full + 1.96 * se)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

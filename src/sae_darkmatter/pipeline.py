@@ -36,6 +36,9 @@ from .store import ActivationStore
 log = logging.getLogger(__name__)
 
 
+DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
+
+
 def quick(cfg: RunConfig) -> RunConfig:
     """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (< 3 min on a CPU)."""
     h = cfg.harvest
@@ -101,7 +104,7 @@ def decompose_saes(
     for sae_dir in sae_dirs:
         weights = sae_dir / "sae_weights.safetensors"
         fingerprints[sae_dir.name] = fingerprint(
-            store.meta.get("harvest_fingerprint"), store.n_rows, hook, split_hash.hexdigest(),
+            DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook, split_hash.hexdigest(),
             cfg, _sha256(weights) if weights.exists() else str(sae_dir),
         )
         result_path = out_dir / f"{sae_dir.name}.json"

@@ -187,8 +187,15 @@ def _analyses_html(a: dict[str, Any], out_dir: Path) -> str:
 def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in _COLUMNS)
+    def cell(s: dict[str, Any], key: str, fmt: str) -> str:
+        text = esc(fmt.format(s.get(key)))
+        if key in s.get("ci", {}):
+            lo, hi = s["ci"][key]
+            text += f'<br><small>[{esc(fmt.format(lo))}, {esc(fmt.format(hi))}]</small>'
+        return f"<td>{text}</td>"
+
     body = "".join(
-        "<tr>" + "".join(f"<td>{esc(fmt.format(s[key]))}</td>" for key, _, fmt in _COLUMNS) + "</tr>"
+        "<tr>" + "".join(cell(s, key, fmt) for key, _, fmt in _COLUMNS) + "</tr>"
         for s in m["saes"]
     )
     data = "".join(f"<li>{esc(k.replace('_', ' '))}: {v:,}</li>" for k, v in m["data"].items())
@@ -210,7 +217,8 @@ figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
 sae-darkmatter {esc(m['sae_darkmatter_version'])}, {esc(m['created'])}.</p>
 <h2>Metrics (held-out tokens)</h2>
 <table><tr>{head}</tr>{body}</table>
-<p>SAE error <code>e = x − x̂</code>. A least-squares probe <code>ê = [x, 1]·W</code> is fit on
+<p>Brackets: 95 % intervals (bootstrap over held-out tokens; a 16-group jackknife for the
+mean per-dimension R²). SAE error <code>e = x − x̂</code>. A least-squares probe <code>ê = [x, 1]·W</code> is fit on
 probe-train tokens; all numbers are scored on disjoint probe-test tokens. FVU = Σ‖e‖²/Σ‖x − x̄‖²;
 FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU nonlinear; linear share =
 1 − Σ‖e − ê‖²/Σ‖e‖²; R² e (mean dim) is the mean over dimensions of the per-dimension R² of ê;
