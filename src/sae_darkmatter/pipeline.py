@@ -42,11 +42,11 @@ DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outp
 def quick(cfg: RunConfig) -> RunConfig:
     """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (< 3 min on a CPU)."""
     h = cfg.harvest
-    corpus = dataclasses.replace(h.corpus, n_contexts=384)
+    corpus = dataclasses.replace(h.corpus, n_contexts=320)
     return dataclasses.replace(
         cfg,
         harvest=dataclasses.replace(h, corpus=corpus),
-        train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=150_000),
+        train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=100_000),
     )
 
 
