@@ -173,6 +173,20 @@ def test_latent_norm_alignment_matches_dense(run):
     assert thinned["n_rows"] == 100
 
 
+def test_reconstruction_norm_probe_matches_numpy_lstsq(run):
+    from sae_darkmatter.analyses.norm_baselines import reconstruction_norm_probe
+
+    sae = load_sae(run["root"] / "saes" / "mix")
+    rows = run["rows"]
+    a = reconstruction_norm_probe(sae, run["store"], rows, hook="h")
+    with torch.no_grad():
+        r = (sae(torch.from_numpy(run["x"])) - sae.b_dec).double().numpy()
+    design = np.hstack([r, np.ones((len(r), 1))])
+    ref, *_ = np.linalg.lstsq(design, (r**2).sum(1), rcond=None)
+    # float32 reconstructions, float64 fit: agreement to ~1e-5 relative of the largest weight
+    np.testing.assert_allclose(a.numpy(), ref[:-1], rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 def test_figures_and_analysis(run, result, tmp_path):
     assert baseline_figure(result, tmp_path / "b.png").read_bytes()[:8] == PNG
     assert violin_figure(run["dec"], tmp_path / "v.png", max_points=200).read_bytes()[:8] == PNG

@@ -309,6 +309,32 @@ def violin_figure(decompose_dir: str | Path, path: str | Path, *, max_points: in
 
 
 @torch.no_grad()
+def reconstruction_norm_probe(
+    sae: torch.nn.Module,
+    store: ActivationStore,
+    rows: np.ndarray,
+    *,
+    hook: str | None = None,
+    max_rows: int = 20000,
+) -> torch.Tensor:
+    """The paper's a* (Fig. 14): least squares ``‖r‖² ≈ a*·r + b`` with ``r = Sae(x) − b_dec``.
+
+    If every latent fires with a typical magnitude c_i on near-orthogonal directions d_i, then
+    ‖r‖² = Σ w_i² ≈ Σ c_i w_i, which is linear in r with a* = Σ c_i d_i, so a*·d_i ≈ c_i.
+    """
+    hook = hook or next(iter(store.hooks))
+    rows = np.asarray(rows, np.int64)
+    if len(rows) > max_rows:
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
+    fit = StreamingLstsq(store.d(hook), 1, bias=True)
+    device = sae.W_dec.device
+    with torch.inference_mode():
+        for _, x in store.iter_chunks(hook, rows, 4096):
+            r = sae(x.to(device)) - sae.b_dec
+            fit.update(r, r.square().sum(dim=1, keepdim=True))
+    return fit.solve().weight[:, 0]
+
+
 def latent_norm_alignment(
     sae: torch.nn.Module,
     norm_probe_weight: torch.Tensor | np.ndarray,
@@ -333,10 +359,11 @@ def latent_norm_alignment(
     total = torch.zeros(d_sae, dtype=torch.float64)
     count = torch.zeros(d_sae, dtype=torch.int64)
     device = sae.W_dec.device
-    for _, x in store.iter_chunks(hook, rows, 4096):
-        z = sae.encode(x.to(device)).cpu()
-        total += z.double().sum(0)
-        count += (z > 0).sum(0)
+    with torch.inference_mode():
+        for _, x in store.iter_chunks(hook, rows, 4096):
+            z = sae.encode(x.to(device)).cpu()
+            total += z.double().sum(0)
+            count += (z > 0).sum(0)
     a = torch.as_tensor(np.asarray(norm_probe_weight), dtype=torch.float64).reshape(-1)
     proj = (w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ a
     keep = (count >= MIN_ACTIVE).numpy()
@@ -376,8 +403,8 @@ def norm_analysis(
 
     Writes ``figures/norm_baselines.png``, ``figures/norm_violins.png`` and
     ``figures/norm_alignment.png`` under ``out_dir``; returns a JSON-able summary.
-    The alignment uses the decomposition's norm probe (fit on x to predict ‖e‖²) and the
-    widest SAE's probe-test rows.
+    The alignment uses the paper's a* (``reconstruction_norm_probe``) on the widest SAE's
+    probe-test rows.
     """
     decompose_dir = Path(decompose_dir)
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
@@ -386,12 +413,10 @@ def norm_analysis(
     decomps = load_decompositions(decompose_dir)
     widest = decomps[-1]
     hook = _resolve_hook(store, decomps, None)
+    sae = load_sae(_sae_path(widest["info"], decompose_dir))
+    rows = widest["test"]["rows"]
     align = latent_norm_alignment(
-        load_sae(_sae_path(widest["info"], decompose_dir)),
-        widest["tensors"]["norm_probe.weight"],
-        store,
-        widest["test"]["rows"],
-        hook=hook,
+        sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook
     )
     paths = {
         "baselines": baseline_figure(baselines, figs / "norm_baselines.png"),
