@@ -156,8 +156,7 @@ def _analyses_html(a: dict[str, Any], out_dir: Path) -> str:
             for kind in ("nonlinear", "linear"):
                 d = p.get("darkest", {}).get(kind)
                 if d and d.get("html"):
-                    parts.append(f"<h3>Contexts with the largest {kind} error ({esc(str(d['sae']))})</h3>"
-                                 + d["html"])
+                    parts.append(d["html"])  # titled "Contexts with the largest {kind} error"
     n = a.get("norms")
     if n:
         parts.append("<h2>Predicting the error norm: baselines</h2>")
