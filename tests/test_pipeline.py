@@ -113,7 +113,7 @@ def test_stage_commands(tiny_run, tmp_path):
     assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "fvu_vs_width.png").exists()
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
-    assert set(json.loads((out / "analyses.json").read_text())) == {"scaling"}
+    assert set(json.loads((out / "analyses.json").read_text())) == {"scaling", "per_token", "norms"}
     res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
     assert res.exit_code == 2 and "scaling" in res.output
     for cmd in ("run", "harvest", "train", "decompose", "analyze", "report", "info", "synthetic"):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._io import write_json
+from .._io import read_json, write_json
 from ..errors import DarkMatterError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run_analyses(
     """Run the chosen analyses on ``run_dir`` (with ``store/`` and ``decompose/``).
 
     A failing analysis (e.g. the scaling fit with fewer than 3 widths) is recorded with its
-    message instead of stopping the others. Results go to ``run_dir/analyses.json``.
+    message instead of stopping the others. Results are merged into ``run_dir/analyses.json``.
     """
     from ..store import ActivationStore
     from .norm_baselines import norm_analysis
@@ -58,5 +58,7 @@ def run_analyses(
             log.warning("analysis %s skipped: %s", name, err)
             results[name] = {"skipped": str(err)}
         results[name]["seconds"] = round(time.perf_counter() - t, 2)
-    write_json(run_dir / RESULTS_FILE, results)
+    path = run_dir / RESULTS_FILE
+    previous = read_json(path) if path.exists() else {}
+    write_json(path, {**previous, **results})  # a subset rerun keeps the other analyses
     return results
