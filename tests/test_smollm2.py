@@ -59,6 +59,15 @@ def test_dark_matter_metrics_are_plausible(smol_run):
         assert s["r2_error_norm"] > 0.3  # the paper: >90% on Gemma; far from 0 here too
         assert s["l0"] <= 16
     assert saes[-1]["fvu"] < saes[0]["fvu"]  # wider SAEs reconstruct better
+    analyses = metrics["analyses"]
+    assert not any("skipped" in a for a in analyses.values())
+    r2 = analyses["per_token"]["predictability"]["r2"]
+    assert r2[0][2] > 0.5  # the narrowest SAE's per-token ‖e‖ predicts the widest's (paper: yes)
+    norms = analyses["norms"]["baselines"]["topk-w1024-k16"]
+    assert all(np.isfinite(v) for v in norms.values())
+    # ~600 fitting tokens: the 577-parameter x baseline overfits (negative held-out R²), while
+    # the two-parameter ‖x‖ baseline must still generalise
+    assert norms["‖x‖"] > 0.05
     assert json.loads((out / "metrics.json").read_text())["model"].endswith(".gguf")
 
 
