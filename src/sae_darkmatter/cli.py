@@ -56,10 +56,9 @@ def _set(obj: Any, **values: Any) -> Any:
 
 def _split(cfg: SplitConfig, seed: int | None, skip_positions: int | None,
            max_norm_ratio: float | None) -> SplitConfig:
-    ratio = None if max_norm_ratio is None else (max_norm_ratio or None)
     filt = _set(cfg.filter, skip_positions=skip_positions)
-    if max_norm_ratio is not None:
-        filt = dataclasses.replace(filt, max_norm_ratio=ratio)
+    if max_norm_ratio is not None:  # 0 turns the norm filter off
+        filt = dataclasses.replace(filt, max_norm_ratio=max_norm_ratio or None)
     return _set(cfg, seed=seed, filter=filt)
 
 
@@ -88,8 +87,8 @@ def _build_config(
         with_loss=loss,
     )
     split = _split(cfg.split, seed, skip_positions, max_norm_ratio)
-    train = _set(cfg.train, widths=_ints(widths, 'widths'), ks=_ints(k, 'k'), train_tokens=train_tokens, seed=seed,
-                 device=device)
+    train = _set(cfg.train, widths=_ints(widths, "widths"), ks=_ints(k, "k"),
+                 train_tokens=train_tokens, seed=seed, device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
                 decompose=_set(cfg.decompose, device=device))
 
@@ -224,7 +223,7 @@ def train(
 
     def body() -> None:
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = _set(SAETrainConfig(), widths=_ints(widths, 'widths'), ks=_ints(k, 'k'), train_tokens=train_tokens,
+        cfg = _set(SAETrainConfig(), widths=_ints(widths, "widths"), ks=_ints(k, "k"), train_tokens=train_tokens,
                    lr=lr, batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
