@@ -95,6 +95,10 @@ def write_decompose(folder: Path, rows: np.ndarray, norms: dict, bad_rows_for: s
             "test.err_sq": (n["err"] ** 2).astype(np.float32),
             "test.linear_sq": (n["lin"] ** 2).astype(np.float32),
             "test.nonlinear_sq": (n["nl"] ** 2).astype(np.float32),
+            # the rest of the decompose format, unused by this analysis
+            "test.err_sq_pred": (n["err"] ** 2).astype(np.float32),
+            "test.x_centered_sq": np.ones(r.size, np.float32),
+            "test.l0": np.full(r.size, k, np.int32),
         }, str(folder / f"{name}.safetensors"))
     write_json(folder / "summary.json", {"not": "a decomposition"})  # ignored: no probe_file
     return folder

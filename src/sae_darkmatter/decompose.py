@@ -19,6 +19,7 @@ with the per-token scalars kept for the held-out tokens (for bootstraps and per-
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,11 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import Progress
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._io import atomic_path, resolve_device
 from .config import DecomposeConfig
-from .errors import ShapeMismatchError
+from .errors import DarkMatterError, ShapeMismatchError
 from .linalg import LinearProbe, R2Accumulator, StreamingLstsq
 from .saes import SAE
 from .splits import Splits
@@ -90,6 +92,64 @@ class DecompositionOutput:
         }
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+@dataclass(frozen=True)
+class SavedDecomposition:
+    """One ``<name>.json`` of a decompose folder with the per-token arrays of its safetensors.
+
+    ``tokens`` holds the ``test.*`` arrays without their prefix (see ``DecompositionOutput``);
+    ``probe_path`` is the safetensors file, for the probes.
+    """
+
+    name: str
+    info: dict[str, Any]
+    tokens: dict[str, np.ndarray]
+    probe_path: Path
+
+    @property
+    def width(self) -> int:
+        return int(self.info["metrics"]["d_sae"])
+
+    @property
+    def k(self) -> int | None:
+        k = self.info.get("sae", {}).get("k")
+        return None if k is None else int(k)
+
+
+TOKEN_ARRAYS = ("rows", "err_sq", "linear_sq", "nonlinear_sq", "err_sq_pred", "x_centered_sq", "l0")
+
+
+def load_decompositions(decompose_dir: str | Path) -> list[SavedDecomposition]:
+    """Every decomposition result in ``decompose_dir``, sorted by (width, k, name).
+
+    Other JSON files there are ignored. A missing safetensors file, or one without the
+    per-token arrays (written by an older version), is an error that says to rerun decompose.
+    """
+    folder = Path(decompose_dir)
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict) or "probe_file" not in info or "metrics" not in info:
+            continue
+        probe = folder / info["probe_file"]
+        if not probe.is_file():
+            raise DarkMatterError(f"{path} names {probe}, which does not exist; rerun decompose")
+        with safe_open(str(probe), framework="np") as fh:
+            missing = [k for k in TOKEN_ARRAYS if f"test.{k}" not in fh.keys()]  # noqa: SIM118
+            if missing:
+                raise DarkMatterError(
+                    f"{probe} lacks the per-token arrays {missing} (an older version wrote it); "
+                    "rerun decompose"
+                )
+            tokens = {k: fh.get_tensor(f"test.{k}") for k in TOKEN_ARRAYS}
+        out.append(SavedDecomposition(info.get("name", path.stem), info, tokens, probe))
+    if not out:
+        raise DarkMatterError(
+            f"no decomposition results (<name>.json with a probe file) in {folder}; "
+            "run 'darkmatter decompose' first"
+        )
+    return sorted(out, key=lambda d: (d.width, d.k if d.k is not None else -1, d.name))
 
 
 _TARGET_BUDGET = 1 << 24  # floats per chunk of stacked probe targets (~64 MB in float32)

@@ -29,11 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from sae_darkmatter._io import read_json  # noqa: E402
-from sae_darkmatter.errors import DarkMatterError  # noqa: E402
+from sae_darkmatter.decompose import SavedDecomposition, load_decompositions  # noqa: E402
 from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq  # noqa: E402
 from sae_darkmatter.report.figures import save_figure  # noqa: E402
 from sae_darkmatter.saes import load_sae  # noqa: E402
@@ -58,23 +56,6 @@ _CHUNK_ROWS = 8192
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_decompositions(decompose_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``<name>.json`` + its probe safetensors in ``decompose_dir``, sorted by width then name."""
-    decompose_dir = Path(decompose_dir)
-    out = []
-    for js in sorted(decompose_dir.glob("*.json")):
-        info = read_json(js)
-        if "probe_file" not in info:
-            continue
-        tensors = load_file(decompose_dir / info["probe_file"])
-        test = {k.removeprefix("test."): v.numpy() for k, v in tensors.items() if k.startswith("test.")}
-        out.append({"name": info.get("name", js.stem), "info": info, "tensors": tensors, "test": test})
-    if not out:
-        raise DarkMatterError(f"no decomposition (<name>.json with a probe_file) found in {decompose_dir}")
-    out.sort(key=lambda r: (r["info"].get("metrics", {}).get("d_sae", 0), r["name"]))
-    return out
-
-
 def fit_mask(n: int, seed: int) -> np.ndarray:
     """Boolean [n]: the seeded random half (floor(n/2) rows) used for fitting; the rest is scored."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -83,10 +64,10 @@ def fit_mask(n: int, seed: int) -> np.ndarray:
     return mask
 
 
-def _resolve_hook(store: ActivationStore, decomps: list[dict[str, Any]], hook: str | None) -> str:
+def _resolve_hook(store: ActivationStore, decomps: list[SavedDecomposition], hook: str | None) -> str:
     if hook is not None:
         return hook
-    named = decomps[0]["info"].get("metrics", {}).get("hook")
+    named = decomps[0].info.get("metrics", {}).get("hook")
     return named if named in store.hooks else next(iter(store.hooks))
 
 
@@ -226,9 +207,9 @@ def norm_baselines(
     tokens_all, positions_all = store.column("tokens"), store.column("position")
     result: dict[str, Any] = {"baselines": list(BASELINES)}
     # SAEs sharing test rows (the usual case) share the x passes.
-    groups: list[tuple[np.ndarray, list[dict[str, Any]]]] = []
+    groups: list[tuple[np.ndarray, list[SavedDecomposition]]] = []
     for dec in decomps:
-        rows = dec["test"]["rows"]
+        rows = dec.tokens["rows"]
         match = next((g for g in groups if np.array_equal(g[0], rows)), None)
         if match is None:
             groups.append((rows, [dec]))
@@ -239,7 +220,7 @@ def norm_baselines(
         score = ~fit
         result.setdefault("n_fit", int(fit.sum()))
         result.setdefault("n_score", int(score.sum()))
-        targets = np.stack([m["test"]["err_sq"].astype(np.float64) for m in members], axis=1)
+        targets = np.stack([m.tokens["err_sq"].astype(np.float64) for m in members], axis=1)
         x_pred, x_sq = _stream_x_fit(store, hook, rows, targets, fit)
         x_r2 = _x_r2(targets, x_pred, score)
         tokens, positions = tokens_all[rows], positions_all[rows]
@@ -247,11 +228,11 @@ def norm_baselines(
         for j, dec in enumerate(members):
             y = targets[:, j]
             preds = _feature_predictions(
-                y, x_pred[:, j], norm_feats, dec["test"]["l0"].astype(np.float64), positions, tokens, fit
+                y, x_pred[:, j], norm_feats, dec.tokens["l0"].astype(np.float64), positions, tokens, fit
             )
             scores = {"x (linear)": float(x_r2[j])}
             scores.update({name: r2_score(y[score], p[score]) for name, p in preds.items()})
-            result[dec["name"]] = {name: scores[name] for name in BASELINES}
+            result[dec.name] = {name: scores[name] for name in BASELINES}
     return result
 
 
@@ -287,8 +268,8 @@ def violin_figure(decompose_dir: str | Path, path: str | Path, *, max_points: in
     fig, ax = plt.subplots(figsize=(max(6.4, 1.8 * len(decomps)), 4.4))
     labels, ticks = [], []
     for i, dec in enumerate(decomps):
-        actual = dec["test"]["err_sq"].astype(np.float64)
-        pred = dec["test"]["err_sq_pred"].astype(np.float64)
+        actual = dec.tokens["err_sq"].astype(np.float64)
+        pred = dec.tokens["err_sq_pred"].astype(np.float64)
         r2 = r2_score(actual, pred)
         idx = rng.choice(len(actual), min(max_points, len(actual)), replace=False)
         a, p = actual[idx], pred[idx]
@@ -298,7 +279,7 @@ def violin_figure(decompose_dir: str | Path, path: str | Path, *, max_points: in
         for body, color in zip(parts["bodies"], ("#4c72b0", "#dd8452"), strict=True):
             body.set_facecolor(color)
         ticks.append(3 * i + 0.5)
-        labels.append(f"{dec['name']}\nR²={r2:.3f}" + (f"\n({n_bad} pred ≤ 0)" if n_bad else ""))
+        labels.append(f"{dec.name}\nR²={r2:.3f}" + (f"\n({n_bad} pred ≤ 0)" if n_bad else ""))
     ax.set_xticks(ticks, labels, fontsize=8)
     ax.set_ylabel("log10 ‖e‖²")
     ax.set_title("‖e‖² per token: actual (blue) vs predicted from x (orange), held-out")
@@ -411,10 +392,10 @@ def norm_analysis(
     figs = Path(out_dir) / "figures"
     baselines = norm_baselines(decompose_dir, store, seed=seed)
     decomps = load_decompositions(decompose_dir)
-    widest = decomps[-1]
+    widest = max(decomps, key=lambda d: d.width)
     hook = _resolve_hook(store, decomps, None)
-    sae = load_sae(_sae_path(widest["info"], decompose_dir))
-    rows = widest["test"]["rows"]
+    sae = load_sae(_sae_path(widest.info, decompose_dir))
+    rows = widest.tokens["rows"]
     align = latent_norm_alignment(
         sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook
     )
@@ -426,6 +407,6 @@ def norm_analysis(
     summary_align = {k: align[k] for k in ("pearson", "spearman", "n_latents", "n_rows")}
     return {
         "baselines": baselines,
-        "alignment": {"sae": widest["name"], **summary_align},
+        "alignment": {"sae": widest.name, **summary_align},
         "figures": {k: str(v) for k, v in paths.items()},
     }

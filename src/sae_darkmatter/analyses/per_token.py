@@ -28,9 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
-from .._io import read_json  # noqa: E402
+from ..decompose import load_decompositions  # noqa: E402
 from ..errors import DarkMatterError  # noqa: E402
 from ..report.figures import save_figure  # noqa: E402
 from ..store import ActivationStore  # noqa: E402
@@ -38,7 +37,6 @@ from ..store import ActivationStore  # noqa: E402
 log = logging.getLogger(__name__)
 
 By = Literal["nonlinear", "linear", "total"]
-_KEYS = ("test.rows", "test.err_sq", "test.linear_sq", "test.nonlinear_sq")
 # Below this unexplained variance (1 − R²) the % improvement is 0/0 and reported as missing.
 _PERFECT = 1e-9
 _VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
@@ -74,20 +72,6 @@ def _open_store(store: ActivationStore | str | Path) -> ActivationStore:
     return store if isinstance(store, ActivationStore) else ActivationStore.open(store)
 
 
-def _read_one(folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    path = folder / meta["probe_file"]
-    if not path.is_file():
-        raise DarkMatterError(f"{path} is missing; rerun 'darkmatter decompose' for SAE {meta.get('name')!r}")
-    with safe_open(str(path), framework="numpy") as fh:
-        missing = [k for k in _KEYS if k not in fh.keys()]
-        if missing:
-            raise DarkMatterError(
-                f"{path} lacks the per-token arrays {missing}; it was written by an older version, "
-                "rerun 'darkmatter decompose'"
-            )
-        return {k: fh.get_tensor(k) for k in _KEYS}
-
-
 def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
     """Load ‖e‖, ‖linear‖ and ‖nonlinear‖ per test token for every SAE in ``decompose_dir``.
 
@@ -97,35 +81,26 @@ def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
     folder = Path(decompose_dir)
     if (folder / "decompose").is_dir():
         folder = folder / "decompose"
-    metas = [m for m in (read_json(p) for p in sorted(folder.glob("*.json"))) if "probe_file" in m]
-    if not metas:
-        raise DarkMatterError(f"no decompositions (<name>.json with a probe_file) in {folder}; run 'darkmatter decompose'")
-
-    def order(m: dict[str, Any]) -> tuple[int, float, str]:
-        k = m.get("sae", {}).get("k")
-        return int(m["metrics"]["d_sae"]), math.inf if k is None else float(k), m["name"]
-
-    metas.sort(key=order)
-    arrays = [_read_one(folder, m) for m in metas]
-    rows = arrays[0]["test.rows"].astype(np.int64)
-    for m, a in zip(metas[1:], arrays[1:]):
-        if not np.array_equal(a["test.rows"], rows):
+    decs = load_decompositions(folder)  # sorted by width, then k, then name
+    rows = decs[0].tokens["rows"].astype(np.int64)
+    for d in decs[1:]:
+        if not np.array_equal(d.tokens["rows"], rows):
             raise DarkMatterError(
-                f"SAE {m['name']!r} was scored on different test rows than {metas[0]['name']!r}; "
+                f"SAE {d.name!r} was scored on different test rows than {decs[0].name!r}; "
                 "decompose all SAEs of a run with the same store and split settings"
             )
 
     def norms(key: str) -> np.ndarray:
-        return np.sqrt(np.clip(np.stack([a[key].astype(np.float64) for a in arrays]), 0.0, None))
+        return np.sqrt(np.clip(np.stack([d.tokens[key].astype(np.float64) for d in decs]), 0.0, None))
 
     return PerTokenNorms(
-        names=[m["name"] for m in metas],
-        widths=[int(m["metrics"]["d_sae"]) for m in metas],
-        ks=[m.get("sae", {}).get("k") for m in metas],
+        names=[d.name for d in decs],
+        widths=[d.width for d in decs],
+        ks=[d.k for d in decs],
         rows=rows,
-        err=norms("test.err_sq"),
-        linear=norms("test.linear_sq"),
-        nonlinear=norms("test.nonlinear_sq"),
+        err=norms("err_sq"),
+        linear=norms("linear_sq"),
+        nonlinear=norms("nonlinear_sq"),
     )
 
 

@@ -15,17 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 from scipy.optimize import least_squares
 
-from .._io import read_json
+from ..decompose import SavedDecomposition, load_decompositions
 from ..errors import DarkMatterError
 from ..report.figures import plt, save_figure
 
 log = logging.getLogger(__name__)
 
-_ARRAYS = {"rows": "test.rows", "err_sq": "test.err_sq", "nonlinear_sq": "test.nonlinear_sq",
-           "x_centered_sq": "test.x_centered_sq"}
 _GRID_METRICS = ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_mean_dim",
                  "r2_error_norm")
 STACKED_FIGURE = "figures/scaling_stacked.png"
@@ -92,44 +89,20 @@ class PowerLawFit:
         return self.c + self.a * np.asarray(widths, dtype=float) ** (-self.m)
 
 
-def _load_point(json_path: Path) -> SweepPoint | None:
-    meta = read_json(json_path)
-    if not isinstance(meta, dict) or "probe_file" not in meta or "metrics" not in meta:
-        log.warning("skipping %s: not a decomposition result", json_path)
-        return None
-    probe = json_path.parent / meta["probe_file"]
-    if not probe.is_file():
-        raise DarkMatterError(f"{json_path} names {probe}, which does not exist; rerun decompose")
-    metrics = meta["metrics"]
-    try:
-        width, l0 = int(metrics["d_sae"]), float(metrics["l0"])
-    except KeyError as exc:
-        raise DarkMatterError(f"{json_path}: metrics lack {exc}; rerun decompose") from exc
-    k = (meta.get("sae") or {}).get("k")
-    with safe_open(str(probe), framework="np") as f:
-        missing = [key for key in _ARRAYS.values() if key not in f.keys()]
-        if missing:
-            raise DarkMatterError(f"{probe} lacks {missing}; rerun decompose")
-        arrays = {field: f.get_tensor(key) for field, key in _ARRAYS.items()}
-    n = {a.shape for a in arrays.values()}
-    if len(n) != 1 or len(next(iter(n))) != 1 or arrays["rows"].size == 0:
-        raise DarkMatterError(f"{probe}: per-token test arrays are empty or not aligned ({n})")
+def _point(d: SavedDecomposition) -> SweepPoint:
+    t = d.tokens
     return SweepPoint(
-        name=str(meta.get("name", json_path.stem)), width=width,
-        k=None if k is None else int(k), l0=l0, metrics=metrics,
-        rows=arrays["rows"].astype(np.int64),
-        err_sq=arrays["err_sq"].astype(np.float64),
-        nonlinear_sq=arrays["nonlinear_sq"].astype(np.float64),
-        x_centered_sq=arrays["x_centered_sq"].astype(np.float64),
+        name=d.name, width=d.width, k=d.k, l0=float(d.info["metrics"]["l0"]),
+        metrics=d.info["metrics"], rows=t["rows"].astype(np.int64),
+        err_sq=t["err_sq"].astype(np.float64),
+        nonlinear_sq=t["nonlinear_sq"].astype(np.float64),
+        x_centered_sq=t["x_centered_sq"].astype(np.float64),
     )
 
 
 def load_sweep(decompose_dir: str | Path) -> list[SweepPoint]:
     """All decomposed SAEs in ``decompose_dir`` (one per ``<name>.json``), sorted by (k, width)."""
-    paths = sorted(Path(decompose_dir).glob("*.json"))
-    points = [p for p in map(_load_point, paths) if p is not None]
-    if not points:
-        raise DarkMatterError(f"no decomposition results in {decompose_dir}; run decompose first")
+    points = [_point(d) for d in load_decompositions(decompose_dir)]
     return sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name))
 
 

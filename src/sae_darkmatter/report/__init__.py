@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
 from .. import __version__
 from .._io import atomic_path, read_json, write_json
-from ..errors import DarkMatterError
+from ..decompose import load_decompositions
 from . import figures
 
 _SCATTER_POINTS = 4000  # held-out tokens drawn per SAE in the norm-prediction scatter
@@ -37,35 +36,22 @@ def display_name(model: str | None) -> str:
     return str(model)
 
 
-def load_results(decompose_dir: str | Path) -> list[dict[str, Any]]:
-    """All decomposition results (``*.json``) in a folder, sorted by (k, width)."""
-    paths = sorted(Path(decompose_dir).glob("*.json"))
-    if not paths:
-        raise DarkMatterError(
-            f"no decomposition results (*.json) in {decompose_dir}; run 'darkmatter decompose' first"
-        )
-    results = [read_json(p) for p in paths]
-    return sorted(
-        results, key=lambda r: (r.get("sae", {}).get("k") or 0, r["metrics"]["d_sae"], r["name"])
-    )
-
-
 def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``."""
     decompose_dir, out_dir = Path(decompose_dir), Path(out_dir)
-    results = load_results(decompose_dir)
+    decs = sorted(load_decompositions(decompose_dir), key=lambda d: (d.k or 0, d.width, d.name))
+    results = [d.info for d in decs]
     flat = [{"name": r["name"], **r.get("sae", {}), **r["metrics"]} for r in results]
     fig_dir = out_dir / "figures"
-    samples = []
-    ks = sorted({r["sae"].get("k") for r in results if r.get("sae", {}).get("k") is not None})
+    ks = sorted({d.k for d in decs if d.k is not None})
     middle_k = ks[len(ks) // 2] if ks else None
-    for r in results:
-        if middle_k is not None and r.get("sae", {}).get("k") != middle_k:
+    samples = []
+    for d in decs:
+        if middle_k is not None and d.k != middle_k:
             continue  # one row of panels: the SAEs of the middle sparsity
-        t = load_file(str(decompose_dir / r["probe_file"]))
-        true, pred = t["test.err_sq"].numpy(), t["test.err_sq_pred"].numpy()
+        true, pred = d.tokens["err_sq"], d.tokens["err_sq_pred"]
         pick = np.random.default_rng(0).permutation(true.size)[:_SCATTER_POINTS]
-        samples.append((r["name"], true[pick], pred[pick], r["metrics"]["r2_error_norm"]))
+        samples.append((d.name, true[pick], pred[pick], d.info["metrics"]["r2_error_norm"]))
     figs = {
         "fvu_vs_width": figures.fvu_vs_width(flat, fig_dir / "fvu_vs_width.png"),
         "error_norm_prediction": figures.error_norm_prediction(
