@@ -66,8 +66,9 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert [s["d_sae"] for s in on_disk["saes"]] == [64, 128, 256]
     for s in on_disk["saes"]:
-        assert 0 < s["fvu_nonlinear"] <= s["fvu"] + 1e-9  # a probe with bias can only help on train;
-        assert 0 <= s["linear_share"] <= 1  # held-out it may not, but not by this much here
+        # held-out, the probe could in principle add error; on 4k test tokens with d=64 it helps
+        assert 0 < s["fvu_nonlinear"] < s["fvu"]
+        assert 0 < s["linear_share"] < 1
         assert s["l0"] <= 8
     data = on_disk["data"]
     assert data["excluded_first_positions"] == 96  # skip_positions=1, one per context

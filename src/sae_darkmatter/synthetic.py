@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from sae_darkmatter._io import atomic_path, write_json
 from sae_darkmatter.config import SAETrainConfig
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
+from sae_darkmatter.linalg import StreamingLstsq, fvu
 from sae_darkmatter.saes import load_sae, train_sae
 
 
@@ -242,12 +242,6 @@ def _centred_ss(y: torch.Tensor) -> float:
     return float((y - y.mean(0)).square().sum())
 
 
-def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    acc = R2Accumulator(y.shape[1])
-    acc.update(y, y_hat)
-    return acc.fvu()
-
-
 def known_features(data: SyntheticData, ablation: float) -> torch.Tensor:
     """[F] bool: the features the stand-in SAE knows (all but the ``ablation`` least active)."""
     _check_ablation(ablation)
@@ -272,8 +266,8 @@ def _decomposition(x_obs: torch.Tensor, recon: torch.Tensor, rows: torch.Tensor 
     lstsq.update(fx, fe)
     probe = lstsq.solve()
     xs, rs = (x_obs, recon) if rows is None else (x_obs[rows], recon[rows])
-    fvu_recon = _fvu(xs, rs)
-    fvu_lin = _fvu(xs, rs + probe.predict(xs))
+    fvu_recon = fvu(xs, rs)
+    fvu_lin = fvu(xs, rs + probe.predict(xs))
     return {"fvu_recon": fvu_recon, "fvu_lin": fvu_lin}
 
 

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from sae_darkmatter._io import atomic_path, read_json, resolve_device, write_json
 from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.linalg import fvu
 from sae_darkmatter.saes.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
 from sae_darkmatter.saes.topk import TopKSAE
 
@@ -149,25 +150,25 @@ def _fit(
     stream = _BatchStream(x.shape[0], cfg.batch_size, cfg.seed)
     since_fired, dead_after = state["since_fired"], dead_after_tokens(cfg)
     device = sae.W_dec.device
-    start, t0, fvu = state["step"], time.perf_counter(), float("nan")
+    start, t0, batch_fvu = state["step"], time.perf_counter(), float("nan")
     with _progress_bar(progress) as bar:
         task = bar.add_task(f"SAE W={sae.d_sae}", total=n_steps * cfg.batch_size,
-                            completed=start * cfg.batch_size, fvu=fvu, tps=0.0)
+                            completed=start * cfg.batch_size, fvu=batch_fvu, tps=0.0)
         for step in range(start, n_steps):
             xb = x[stream.rows(step)].to(device, torch.float32) * scale
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(step, n_steps)
-            fvu = _train_step(sae, opt, xb, since_fired >= dead_after, since_fired)
+            batch_fvu = _train_step(sae, opt, xb, since_fired >= dead_after, since_fired)
             elapsed = time.perf_counter() - t0
             state.update(step=step + 1)
-            bar.update(task, completed=(step + 1) * cfg.batch_size, fvu=fvu,
+            bar.update(task, completed=(step + 1) * cfg.batch_size, fvu=batch_fvu,
                        tps=(step + 1 - start) * cfg.batch_size / elapsed)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
                 state["seconds"] += elapsed
                 t0, start = time.perf_counter(), step + 1
                 save_checkpoint()
     state["seconds"] += time.perf_counter() - t0
-    return fvu
+    return batch_fvu
 
 
 def _lr_factor(step: int, n_steps: int) -> float:
@@ -377,9 +378,8 @@ def _fold_scale(sae: TopKSAE, scale: float) -> TopKSAE:
 def _score(sae: TopKSAE, x: torch.Tensor) -> tuple[float, float]:
     """FVU and per-element MSE of the saved (raw-input) SAE on the first ``EVAL_ROWS`` rows."""
     xs = x[:EVAL_ROWS].to(torch.float32)
-    sq = float((xs - sae(xs)).double().pow(2).sum())
-    var = float((xs.double() - xs.double().mean(0)).pow(2).sum())
-    return sq / max(var, 1e-30), sq / xs.numel()
+    x_hat = sae(xs)
+    return fvu(xs, x_hat), float((xs - x_hat).double().pow(2).mean())
 
 
 def _finished_sae(out_dir: Path, key: str) -> TopKSAE | None:
