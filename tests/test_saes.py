@@ -50,7 +50,10 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def sae_lens():
-    return pytest.importorskip("sae_lens")
+    """The real library (a dev dependency): a missing install must fail, not skip."""
+    import sae_lens
+
+    return sae_lens
 
 
 # --------------------------------------------------------------------------- TopK math
