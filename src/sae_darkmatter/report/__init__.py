@@ -13,6 +13,7 @@ from .. import __version__
 from .._io import atomic_path, read_json, write_json
 from ..decompose import load_decompositions
 from . import figures
+from .sections import analyses_html
 
 _SCATTER_POINTS = 4000  # held-out tokens drawn per SAE in the norm-prediction scatter
 _COLUMNS = [
@@ -63,7 +64,7 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     analyses = read_json(analyses_path) if analyses_path.exists() else {}
     metrics = {
         "sae_darkmatter_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": results[0].get("data", {}),
         "model": results[0].get("model"),
         "hook": results[0]["metrics"]["hook"],
@@ -85,88 +86,6 @@ def _strip_html(result: dict[str, Any]) -> dict[str, Any]:
         out["darkest"] = {k: {kk: vv for kk, vv in v.items() if kk != "html"}
                           for k, v in out["darkest"].items()}
     return out
-
-
-def _rel(path: str, out_dir: Path) -> str:
-    p = Path(path)
-    return str(p.relative_to(out_dir)) if p.is_absolute() and p.is_relative_to(out_dir) else str(p)
-
-
-def _figures_html(paths: dict[str, str], out_dir: Path) -> str:
-    esc = html.escape
-    return "".join(
-        f'<figure><img src="{esc(_rel(p, out_dir))}" alt="{esc(k)}"></figure>'
-        for k, p in paths.items()
-    )
-
-
-def _ci(value: float, ci: Any) -> str:
-    return f"{value:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
-
-
-def _analyses_html(a: dict[str, Any], out_dir: Path) -> str:
-    """Report sections for the analyses that ran (a skipped one says why)."""
-    esc = html.escape
-    parts = []
-    s = a.get("scaling")
-    if s:
-        parts.append("<h2>Scaling with width</h2>")
-        if "skipped" in s:
-            parts.append(f"<p>Skipped: {esc(s['skipped'])}</p>")
-        else:
-            f = s["fit"]
-            rows = "".join(
-                f"<tr><td>{esc(p['name'])}</td><td>{p['width']:,}</td><td>{p['l0']:.1f}</td>"
-                f"<td>{100 * p['l0_rel_distance']:.0f} %</td></tr>" for p in s["selected"]
-            )
-            parts.append(
-                f"<p>At target L0 ≈ {s['target_l0']:.1f}: FVU(W) = c + a·W<sup>−m</sup> with "
-                f"c = {_ci(f['c'], f['c_ci'])}, a = {_ci(f['a'], f['a_ci'])}, "
-                f"m = {_ci(f['m'], f['m_ci'])}; mean FVU nonlinear = "
-                f"{_ci(s['fvu_nonlinear_mean'], s['fvu_nonlinear_mean_ci'])} "
-                f"(95 % bootstrap intervals over held-out tokens, {f['n_boot']} resamples).</p>"
-                f"<table><tr><th>SAE used</th><th>width</th><th>L0</th><th>L0 off target</th></tr>"
-                f"{rows}</table>" + _figures_html(s["figures"], out_dir)
-            )
-    p = a.get("per_token")
-    if p:
-        parts.append("<h2>Per-token scaling</h2>")
-        if "skipped" in p:
-            parts.append(f"<p>Skipped: {esc(p['skipped'])}</p>")
-        else:
-            parts.append(
-                "<p>Held-out R² of predicting SAE j's per-token ‖e‖ from SAE i's, and the share of "
-                "the remaining variance removed by adding SAE i's ‖nonlinear error‖.</p>"
-                + _figures_html(p["figures"], out_dir)
-            )
-            for kind in ("nonlinear", "linear"):
-                d = p.get("darkest", {}).get(kind)
-                if d and d.get("html"):
-                    parts.append(d["html"])  # titled "Contexts with the largest {kind} error"
-    n = a.get("norms")
-    if n:
-        parts.append("<h2>Predicting the error norm: baselines</h2>")
-        if "skipped" in n:
-            parts.append(f"<p>Skipped: {esc(n['skipped'])}</p>")
-        else:
-            b = n["baselines"]
-            names = [k for k in b if k not in ("baselines", "n_fit", "n_score")]
-            head = "".join(f"<th>{esc(x)}</th>" for x in b["baselines"])
-            body = "".join(
-                f"<tr><td>{esc(name)}</td>"
-                + "".join(f"<td>{b[name][x]:.3f}</td>" for x in b["baselines"]) + "</tr>"
-                for name in names
-            )
-            al = n.get("alignment", {})
-            parts.append(
-                f"<p>Held-out R² of ‖e‖² ({b['n_fit']:,} fit / {b['n_score']:,} scored tokens).</p>"
-                f"<table><tr><th>SAE</th>{head}</tr>{body}</table>"
-                f"<p>Latent mean activation vs norm-probe projection on its decoder direction "
-                f"({esc(str(al.get('sae')))}): Pearson {al.get('pearson') or float('nan'):.3f}, "
-                f"Spearman {al.get('spearman') or float('nan'):.3f} over {al.get('n_latents')} latents.</p>"
-                + _figures_html(n["figures"], out_dir)
-            )
-    return "".join(parts)
 
 
 def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
@@ -210,6 +129,6 @@ FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU
 R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
 <h2>Data</h2><ul>{data}</ul>
 <h2>Figures</h2>{figs}
-{_analyses_html(analyses, out_dir)}
+{analyses_html(analyses, out_dir)}
 </body></html>
 """

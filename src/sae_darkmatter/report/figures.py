@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .._io import atomic_path  # noqa: E402
+from .._io import atomic_path
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:

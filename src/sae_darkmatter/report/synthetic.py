@@ -11,6 +11,7 @@ import numpy as np
 from .._io import atomic_path, write_json
 from .figures import plt, save_figure
 
+
 def _line_figure(results: dict[str, Any], path: Path) -> Path:
     lines, fits = results["lines"], results["fits"]
     fig, axes = plt.subplots(1, len(lines), figsize=(5.2 * len(lines), 3.8), squeeze=False, sharey=True)
