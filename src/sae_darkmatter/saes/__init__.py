@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from sae_darkmatter.saes.architectures import JumpReLUSAE, ReLUSAE
+from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.io import load_sae, load_sae_config, save_sae
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 from sae_darkmatter.saes.train import default_lr, train_sae
@@ -38,6 +38,7 @@ class SAE(Protocol):
 __all__ = [
     "SAE",
     "AffineSAE",
+    "GatedSAE",
     "JumpReLUSAE",
     "ReLUSAE",
     "TopKSAE",

@@ -1,8 +1,9 @@
 """Read and write SAELens-format SAE folders (``cfg.json`` + ``sae_weights.safetensors``).
 
-The folders we write load with ``sae_lens.SAE.load_from_disk`` (architecture ``"topk"``,
-``normalize_activations="none"``) without importing ``sae_lens`` here: it is an optional extra
-that takes ~5 s to import. Tensors are read with safetensors only (never a pickle).
+The folders we write load with ``sae_lens.SAE.load_from_disk`` (architectures ``"topk"``,
+``"standard"``, ``"jumprelu"``, ``"gated"``; ``normalize_activations="none"``) without
+importing ``sae_lens`` here: it is an optional extra that takes ~5 s to import. Tensors are
+read with safetensors only (never a pickle).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
-from sae_darkmatter.saes.architectures import JumpReLUSAE, ReLUSAE
+from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
 CFG_FILENAME = "cfg.json"
@@ -30,16 +32,23 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_KEYS = {
-    "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
-    "standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
-    "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
+# SAELens architecture name -> our class (isinstance order: no class here subclasses another)
+CLASSES: dict[str, type[AffineSAE]] = {
+    "topk": TopKSAE, "standard": ReLUSAE, "jumprelu": JumpReLUSAE, "gated": GatedSAE,
 }
+_EXTRA_KEYS = {"topk": (), "standard": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
+_SAELENS_NAMES = {"gated": {"b_enc": "b_gate"}}  # our tensor name -> SAELens's, where they differ
 
 
-def topk_config(sae: TopKSAE, metadata: dict[str, Any]) -> dict[str, Any]:
-    """The ``cfg.json`` dict SAELens 6 writes for a ``TopKSAEConfig`` (same keys and order)."""
-    return {
+def sae_config(sae: AffineSAE, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The ``cfg.json`` dict SAELens 6 writes for ``sae``'s config class (same keys and order).
+
+    ``TopKSAE`` -> ``"topk"``, ``ReLUSAE`` -> ``"standard"``, ``JumpReLUSAE`` -> ``"jumprelu"``,
+    ``GatedSAE`` -> ``"gated"``.
+    """
+    arch = architecture_name(sae)
+    cfg: dict[str, Any] = {
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": _DTYPE_NAMES[sae.W_dec.dtype],
@@ -53,10 +62,21 @@ def topk_config(sae: TopKSAE, metadata: dict[str, Any]) -> dict[str, Any]:
             "written_by": f"sae-darkmatter {_our_version()}",
             **metadata,
         },
-        "k": sae.k,
-        "rescale_acts_by_decoder_norm": False,
-        "architecture": "topk",
     }
+    if isinstance(sae, TopKSAE):
+        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    return cfg | {"architecture": arch}
+
+
+def architecture_name(sae: AffineSAE) -> str:
+    """SAELens's architecture name for one of our SAE classes."""
+    for name, cls in CLASSES.items():
+        if isinstance(sae, cls):
+            return name
+    supported = ", ".join(cls.__name__ for cls in CLASSES.values())
+    raise DarkMatterError(
+        f"cannot save a {type(sae).__name__} as a SAELens folder (supported: {supported})"
+    )
 
 
 def _our_version() -> str:
@@ -66,22 +86,28 @@ def _our_version() -> str:
         return "unknown"
 
 
-def save_sae(sae: TopKSAE, path: str | Path, *, metadata: dict[str, Any]) -> None:
+def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> None:
     """Write ``sae`` as a SAELens folder; ``metadata`` (model_name, hook_name, ...) is kept as is.
+
+    ``TopKSAE``, ``ReLUSAE``, ``JumpReLUSAE`` (threshold included) and ``GatedSAE`` are
+    supported; the folder loads with ``sae_lens.SAE.load_from_disk`` and with ``load_sae``.
 
     Files are written into a temporary sibling folder first. A new folder then appears at once
     (one rename); into an existing folder each file is renamed in (weights before config), and
     other files there (e.g. ``training.json``) are left alone.
     """
     path = Path(path)
+    cfg = sae_config(sae, metadata)
+    names = _SAELENS_NAMES.get(cfg["architecture"], {})
+    tensors = {names.get(name, name): t.detach().cpu().contiguous()
+               for name, t in sae.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not mkdtemp, which makes it owner-only) so the folder gets the usual umask mode
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in sae.named_parameters()}
         save_file(tensors, tmp / WEIGHTS_FILENAME)
-        (tmp / CFG_FILENAME).write_text(json.dumps(topk_config(sae, metadata)))
+        (tmp / CFG_FILENAME).write_text(json.dumps(cfg))
         if not path.exists():
             os.replace(tmp, path)
         else:
@@ -100,7 +126,12 @@ def load_sae_config(path: str | Path) -> dict[str, Any]:
             f"{path} is not a SAELens SAE folder: missing {', '.join(missing)} "
             f"(expected {CFG_FILENAME} and {WEIGHTS_FILENAME})"
         )
-    cfg: dict[str, Any] = json.loads((path / CFG_FILENAME).read_text())
+    return normalize_config(json.loads((path / CFG_FILENAME).read_text()))
+
+
+def normalize_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Bring a SAELens config dict written before 6.0 up to the 6.x key conventions."""
+    cfg = dict(cfg)
     if "architecture" not in cfg:  # SAELens < 6 wrote TopK as activation_fn "topk"
         topk_k = (cfg.get("activation_fn_kwargs") or {}).get("k")
         is_topk = cfg.get("activation_fn") == "topk" and topk_k is not None
@@ -120,23 +151,38 @@ def load_sae(
     *,
     norm_scaling_factor: float | None = None,
 ) -> AffineSAE:
-    """Load a SAELens folder into a float32 ``TopKSAE``, ``ReLUSAE`` or ``JumpReLUSAE``.
+    """Load a SAELens folder into a float32 ``TopKSAE``, ``ReLUSAE``, ``JumpReLUSAE`` or ``GatedSAE``.
 
-    Supported: architectures ``topk`` / ``standard`` / ``jumprelu``; ``apply_b_dec_to_input``;
-    TopK ``rescale_acts_by_decoder_norm`` (folded into the weights, as SAELens does on save);
-    ``reshape_activations`` ``hook_z`` for inputs already flattened to ``[n, n_heads*d_head]``;
-    ``normalize_activations`` ``"none"`` or ``"expected_average_only_in"`` with a scaling factor
-    from ``norm_scaling_factor`` or the folder's ``activation_scaler.json``, folded into the
-    weights (``W_enc *= s; W_dec /= s; b_dec /= s``) so the SAE works on raw activations.
+    Supported: architectures ``topk`` / ``standard`` / ``jumprelu`` / ``gated``;
+    ``apply_b_dec_to_input``; TopK ``rescale_acts_by_decoder_norm`` (folded into the weights,
+    as SAELens does on save); ``reshape_activations`` ``hook_z`` for inputs already flattened
+    to ``[n, n_heads*d_head]``; ``normalize_activations`` ``"none"`` or
+    ``"expected_average_only_in"`` with a scaling factor from ``norm_scaling_factor`` or the
+    folder's ``activation_scaler.json``, folded into the weights (``W_enc *= s; W_dec /= s;
+    b_dec /= s``) so the SAE works on raw activations.
     """
     path = Path(path)
     cfg = load_sae_config(path)
+    scale = norm_scale(cfg, str(path), norm_scaling_factor, path / SCALER_FILENAME)
+    state = load_file(path / WEIGHTS_FILENAME)
+    return sae_from_saelens(cfg, state, where=str(path / WEIGHTS_FILENAME), scale=scale).to(
+        device
+    )
+
+
+def sae_from_saelens(
+    cfg: dict[str, Any], state: dict[str, torch.Tensor], *, where: str, scale: float | None
+) -> AffineSAE:
+    """Our float32 SAE from a SAELens config dict and state dict (``where`` names the source).
+
+    ``scale`` is the ``expected_average_only_in`` factor to fold in (see ``norm_scale``).
+    """
+    cfg = normalize_config(cfg)
     arch = cfg["architecture"]
-    if arch not in _KEYS:
+    if arch not in CLASSES:
         raise DarkMatterError(
-            f"{path}: SAE architecture {arch!r} is not supported; supported: {sorted(_KEYS)}"
+            f"{where}: SAE architecture {arch!r} is not supported; supported: {sorted(CLASSES)}"
         )
-    scale = _norm_scale(path, cfg, norm_scaling_factor)
     unsupported = [
         f"{key}={cfg[key]!r}"
         for key, ok in (("reshape_activations", ("none", "hook_z")),
@@ -144,74 +190,99 @@ def load_sae(
         if key in cfg and cfg[key] not in ok
     ]
     if unsupported:
-        raise DarkMatterError(f"{path}: unsupported SAE setting(s): {', '.join(unsupported)}")
+        raise DarkMatterError(f"{where}: unsupported SAE setting(s): {', '.join(unsupported)}")
 
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    state = _read_weights(path, arch, d_in, d_sae)
+    state = _check_weights(state, where, arch, d_in, d_sae)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
     sae: AffineSAE
     if arch == "topk":
         sae = TopKSAE(d_in, d_sae, int(cfg["k"]), apply_b_dec_to_input=apply_b_dec)
         if cfg.get("rescale_acts_by_decoder_norm", False):
             _fold_decoder_norm(state)
-    elif arch == "jumprelu":
-        sae = JumpReLUSAE(d_in, d_sae, apply_b_dec_to_input=apply_b_dec)
     else:
-        sae = ReLUSAE(d_in, d_sae, apply_b_dec_to_input=apply_b_dec)
+        sae = CLASSES[arch](d_in, d_sae, apply_b_dec_to_input=apply_b_dec)
     if scale is not None:
         state["W_enc"] = state["W_enc"] * scale
         state["W_dec"] = state["W_dec"] / scale
         state["b_dec"] = state["b_dec"] / scale
     sae.load_state_dict(state)
-    return sae.to(device)
+    return sae
 
 
-def _norm_scale(path: Path, cfg: dict[str, Any], given: float | None) -> float | None:
-    """The input scaling factor to fold in, or None when the folder needs none."""
-    mode = cfg.get("normalize_activations", "none")
+def norm_scale(
+    cfg: dict[str, Any], where: str, given: float | None, scaler: Path | None = None
+) -> float | None:
+    """The input scaling factor to fold in, or None when the SAE needs none.
+
+    ``constant_norm_rescale``, ``layer_norm`` and ``covariance_whitening`` are refused: the
+    first two normalise each token by its own statistics, which no fixed affine SAE can
+    reproduce through ``decode``; SAELens folds the third into the weights when it saves.
+    """
+    mode = normalize_config(cfg).get("normalize_activations", "none")
     if mode == "none":
         return None
     if mode != "expected_average_only_in":
+        why = (": it rescales each token by its own statistics, so the reconstruction is not a "
+               "fixed map of the latents" if mode in ("constant_norm_rescale", "layer_norm") else "")
         raise DarkMatterError(
-            f"{path}: unsupported SAE setting normalize_activations={mode!r} "
+            f"{where}: unsupported SAE setting normalize_activations={mode!r}{why} "
             "(supported: 'none', 'expected_average_only_in')"
         )
     if given is not None:
         return float(given)
-    scaler = path / SCALER_FILENAME
-    if scaler.is_file():
+    if scaler is not None and scaler.is_file():
         factor = json.loads(scaler.read_text()).get("scaling_factor")
         if factor is not None:
             return float(factor)
     raise DarkMatterError(
-        f"{path}: normalize_activations='expected_average_only_in' needs the activation "
+        f"{where}: normalize_activations='expected_average_only_in' needs the activation "
         f"scaling factor sqrt(d_in)/mean||x||; pass norm_scaling_factor= (SAELens lists it as "
         f"norm_scaling_factor in pretrained_saes.yaml) or put {SCALER_FILENAME} in the folder"
     )
 
 
-def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict[str, torch.Tensor]:
-    """Tensors of ``sae_weights.safetensors`` as float32, checked against the config."""
-    state = load_file(path / WEIGHTS_FILENAME)
+def safetensors_dtype(path: str | Path, name: str) -> str | None:
+    """dtype (``"float32"``, ``"bfloat16"``, ...) of tensor ``name`` in a safetensors file.
+
+    Reads the header only; None when the file has no tensor of that name.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        if name not in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            return None
+        code = f.get_slice(name).get_dtype()
+    return _SAFETENSORS_DTYPES.get(code, code.lower())
+
+
+def _check_weights(
+    state: dict[str, torch.Tensor], where: str, arch: str, d_in: int, d_sae: int
+) -> dict[str, torch.Tensor]:
+    """SAELens tensors renamed to ours, as float32, checked against the config."""
+    state = dict(state)
     ones = state.get("scaling_factor")
     if ones is not None and torch.equal(ones, torch.ones_like(ones)):
         del state["scaling_factor"]  # older SAELens saved a no-op factor; SAELens drops it too
-    expected = _KEYS[arch]
+    ours = ("W_enc", "b_enc", "W_dec", "b_dec", *_EXTRA_KEYS[arch])
+    names = _SAELENS_NAMES.get(arch, {})
+    expected = {names.get(n, n) for n in ours}
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
         raise DarkMatterError(
-            f"{path / WEIGHTS_FILENAME}: tensors do not match architecture {arch!r}: "
+            f"{where}: tensors do not match architecture {arch!r}: "
             f"missing {missing}, unexpected {extra}"
         )
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
-              "b_dec": (d_in,), "threshold": (d_sae,)}
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != shapes[name]:
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    out = {}
+    for name in ours:
+        tensor = state[names.get(name, name)]
+        want = shapes.get(name, (d_sae,))
+        if tuple(tensor.shape) != want:
             raise ShapeMismatchError(
-                f"{path / WEIGHTS_FILENAME}: {name} has shape {tuple(tensor.shape)}, "
-                f"cfg.json (d_in={d_in}, d_sae={d_sae}) implies {shapes[name]}"
+                f"{where}: {names.get(name, name)} has shape {tuple(tensor.shape)}, "
+                f"the config (d_in={d_in}, d_sae={d_sae}) implies {want}"
             )
-    return {name: tensor.to(torch.float32) for name, tensor in state.items()}
+        out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
+    return out
 
 
 def _fold_decoder_norm(state: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,207 @@
+"""Pretrained SAEs from SAELens's registry: ``saelens:<release>/<sae_id>``.
+
+``sae_lens`` is an optional extra (``pip install sae-darkmatter[saelens]``) imported only here,
+and only when a registry SAE is opened: it takes ~5 s to import. SAELens downloads (or, with
+``HF_HUB_OFFLINE=1``, reads from the local Hugging Face cache) and converts the weights; we
+turn its SAE into ours and translate its TransformerLens hook and model names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from sae_darkmatter._io import resolve_device
+from sae_darkmatter.errors import DarkMatterError, ModelNotAvailableError
+from sae_darkmatter.saes.io import (
+    architecture_name,
+    norm_scale,
+    sae_from_saelens,
+    safetensors_dtype,
+)
+from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+
+REGISTRY_PREFIX = "saelens:"
+INSTALL_HINT = "pip install sae-darkmatter[saelens]"
+
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$")
+_OUR_HOOK = re.compile(r"^(resid_post|mlp_out|attn_out)\.\d+$")
+_TL_KIND = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
+
+
+def translate_hook(name: str | None) -> tuple[str | None, str | None]:
+    """Our hook name for a TransformerLens hook name (ours pass through), and a note if none fits.
+
+    ``blocks.L.hook_resid_post`` -> ``resid_post.L``; ``hook_mlp_out`` -> ``mlp_out.L``;
+    ``hook_attn_out`` -> ``attn_out.L``; ``blocks.L.hook_resid_pre`` is the residual stream
+    before layer ``L``, i.e. ``resid_post.{L-1}`` (nothing for ``L = 0``: the embeddings).
+    """
+    if name is None:
+        return None, None
+    if _OUR_HOOK.match(name):
+        return name, None
+    match = _TL_HOOK.match(name)
+    if match is None:
+        if re.match(r"^blocks\.\d+\.attn\.hook_z$", name):
+            return None, (f"{name} is the per-head attention output before W_O; attn_out.L is "
+                          "after W_O, so no hook here matches")
+        return None, f"hook {name!r} has no counterpart among resid_post/mlp_out/attn_out"
+    layer, kind = int(match.group(1)), match.group(2)
+    if kind != "hook_resid_pre":
+        return f"{_TL_KIND[kind]}.{layer}", None
+    if layer == 0:
+        return None, f"{name} is the embedding output; no resid_post/mlp_out/attn_out hook matches"
+    return f"resid_post.{layer - 1}", f"{name} equals resid_post.{layer - 1}"
+
+
+def hf_model_id(model_name: str | None) -> str | None:
+    """The Hugging Face id for a model name an SAE states, or None if it cannot be told.
+
+    Names with a ``/`` are taken as ids already; TransformerLens names (``gpt2-small``,
+    ``gemma-2-2b``) are looked up in its official-name table (importing ``transformer_lens``
+    takes ~4 s; it comes with ``sae_lens``).
+    """
+    if not model_name:
+        return None
+    if "/" in model_name:
+        return model_name
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:
+        return None
+    try:
+        return str(get_official_model_name(model_name))
+    except ValueError:
+        return None
+
+
+def import_sae_lens() -> ModuleType:
+    """``sae_lens``, or a ``ModelNotAvailableError`` saying how to install it."""
+    try:
+        import sae_lens
+    except ImportError as exc:
+        raise ModelNotAvailableError(
+            f"loading SAEs from the SAELens registry needs sae_lens: {INSTALL_HINT}"
+        ) from exc
+    return sae_lens
+
+
+def _directory() -> dict[str, Any]:
+    import_sae_lens()
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``[saelens:]<release>/<sae_id>`` -> ``(release, sae_id)``.
+
+    The release is the longest ``/``-separated prefix that SAELens's registry knows (sae_ids
+    contain ``/``). A prefix ``org/name`` that the registry does not know is taken as a Hugging
+    Face repo id holding SAELens folders, as ``sae_lens`` itself does.
+    """
+    body = spec.removeprefix(REGISTRY_PREFIX).strip("/")
+    parts = body.split("/")
+    directory = _directory()
+    for cut in range(len(parts) - 1, 0, -1):
+        release = "/".join(parts[:cut])
+        if release in directory:
+            sae_id = "/".join(parts[cut:])
+            known = directory[release].saes_map
+            if sae_id not in known:
+                close = difflib.get_close_matches(sae_id, list(known), n=5, cutoff=0.5)
+                raise DarkMatterError(
+                    f"SAELens release {release!r} has no SAE {sae_id!r}"
+                    + (f"; close matches: {close}" if close else "")
+                    + f" ({len(known)} SAEs, e.g. {list(known)[:3]})"
+                )
+            return release, sae_id
+    if len(parts) >= 3:
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    close = difflib.get_close_matches(parts[0], list(directory), n=5, cutoff=0.5)
+    raise DarkMatterError(
+        f"{spec!r} names no SAELens release"
+        + (f"; close matches: {close}" if close else "")
+        + f". Use {REGISTRY_PREFIX}<release>/<sae_id> (a release from SAELens's "
+        "pretrained_saes.yaml, or an HF repo id org/name holding SAELens folders)"
+    )
+
+
+def load_pretrained(
+    spec: str, *, device: str | torch.device = "cpu", norm_scaling_factor: float | None = None
+) -> tuple[AffineSAE, dict[str, Any]]:
+    """Our SAE and its provenance for a registry spec (see ``parse_spec``).
+
+    Offline (``HF_HUB_OFFLINE=1``) files must already be in the local Hugging Face cache;
+    otherwise a ``ModelNotAvailableError`` names the release and id.
+    """
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    release, sae_id = parse_spec(spec)
+    sae_lens = import_sae_lens()
+    try:
+        theirs = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+    except LocalEntryNotFoundError as exc:
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE=1 forbids downloading them; run once online"
+               if constants.HF_HUB_OFFLINE else "downloading them failed")
+        raise ModelNotAvailableError(
+            f"SAELens SAE {release}/{sae_id}: its files are not in the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}) and {why}"
+        ) from exc
+    except (EntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as exc:
+        raise ModelNotAvailableError(f"SAELens SAE {release}/{sae_id}: {exc}") from exc
+    cfg = theirs.cfg.to_dict()
+    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
+    scale = norm_scale(cfg, where, norm_scaling_factor)
+    sae = sae_from_saelens(cfg, theirs.state_dict(), where=where, scale=scale)
+    return sae.to(resolve_device(str(device))), _provenance(release, sae_id, cfg, sae)
+
+
+def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) -> dict[str, Any]:
+    """Where a registry SAE came from and what it was trained on, in our names."""
+    directory = _directory()
+    entry = directory.get(release)
+    meta = cfg.get("metadata") or {}
+    model_name = meta.get("model_name") or (entry.model if entry else None)
+    original_hook = meta.get("hook_name")
+    hook, note = translate_hook(original_hook)
+    repo_id = entry.repo_id if entry else release
+    path = entry.saes_map[sae_id] if entry else sae_id
+    return {
+        "library": "sae_lens",
+        "source": f"{release}/{sae_id}",
+        "release": release,
+        "sae_id": sae_id,
+        "repo_id": repo_id,
+        "repo_path": path,
+        "architecture": cfg["architecture"],
+        "loaded_as": architecture_name(sae),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k if isinstance(sae, TopKSAE) else None,
+        "dtype": _cached_dtype(repo_id, path),
+        "model_name": model_name,
+        "model": hf_model_id(model_name),
+        "hook_name": hook,
+        "original_hook_name": original_hook,
+        "notes": [note] if note else [],
+    }
+
+
+def _cached_dtype(repo_id: str, path: str) -> str | None:
+    """dtype of ``W_dec`` in the cached ``sae_weights.safetensors`` (None for other formats)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, f"{path}/sae_weights.safetensors".lstrip("/"))
+    return safetensors_dtype(found, "W_dec") if isinstance(found, str) else None
