@@ -121,6 +121,77 @@ def test_stage_commands(tiny_run, tmp_path):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
 
 
+def test_run_with_our_sae_folder_takes_model_and_hook_from_its_metadata(tiny_run, tmp_path):
+    """`darkmatter run --sae FOLDER` with no --model/--hook: both come from the SAE's cfg.json."""
+    out, metrics = tiny_run
+    res = runner.invoke(app, ["run", "--sae", str(out / "saes" / "topk-w64-k8"), "-o", str(tmp_path),
+                              "--n-contexts", "48", "--context-length", "32"])
+    assert res.exit_code == 0, res.output
+    store = ActivationStore.open(tmp_path / "store")
+    assert list(store.hooks) == ["resid_post.2"]
+    assert store.meta["model_name"] == metrics["model"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    (entry,) = saved["saes"]
+    assert entry["name"] == "topk-w64-k8" and entry["d_sae"] == 64
+    prov = entry["provenance"]
+    assert prov["library"] == "sae_darkmatter" and prov["architecture"] == "topk"
+    assert prov["source"] == str((out / "saes" / "topk-w64-k8").resolve())
+    assert saved["data"]["sae_train_tokens"] == 0  # no training split for pretrained SAEs
+    assert not (tmp_path / "saes").exists()
+    assert "sae_darkmatter" in (tmp_path / "report.html").read_text()
+
+
+def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, tmp_path):
+    """`saelens:<repo>/<id>` through sae_lens's own loader, offline, from a real hub-cache layout."""
+    import torch
+    from sae_lens.registry import get_sae_class
+    from sae_lens.saes.sae import SAEMetadata
+
+    from conftest import cached_hub_repo
+
+    cls, cfg_cls = get_sae_class("jumprelu")
+    meta = SAEMetadata(model_name=str(tiny_model_dir), hook_name="blocks.3.hook_resid_pre")
+    theirs = cls(cfg_cls(d_in=64, d_sae=96, metadata=meta))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    theirs.save_model(cached_hub_repo(hub_cache, "acme/tiny-llama-saes") / "l3" / "res")
+
+    cfg = RunConfig(
+        harvest=HarvestConfig(corpus=CorpusConfig(n_contexts=48, context_length=32),
+                              batch_size=16, contexts_per_shard=16),
+        saes=("saelens:acme/tiny-llama-saes/l3/res",),
+    )
+    metrics = run(cfg, tmp_path, progress=False)
+    store = ActivationStore.open(tmp_path / "store")
+    assert list(store.hooks) == ["resid_post.2"]  # blocks.3.hook_resid_pre == resid_post.2
+    assert store.meta["model_name"] == str(Path(tiny_model_dir).resolve())
+    (entry,) = metrics["saes"]
+    assert entry["name"] == "acme__tiny-llama-saes__l3__res"
+    assert (entry["provenance"]["library"], entry["provenance"]["architecture"]) == ("sae_lens", "jumprelu")
+    assert 0 < entry["fvu"] and 0 <= entry["linear_share"] <= 1
+    # the decomposition used sae_lens's own reconstruction of the stored activations
+    x = store.gather("resid_post.2", np.arange(1, 40))
+    from sae_darkmatter.saes.formats import open_sae
+
+    with torch.no_grad():
+        ours = open_sae("saelens:acme/tiny-llama-saes/l3/res").sae
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_saes_naming_different_hooks_are_refused(tiny_run, tmp_path):
+    import torch
+
+    from sae_darkmatter import TopKSAE, save_sae
+
+    out, _ = tiny_run
+    save_sae(TopKSAE(64, 64, 4, generator=torch.Generator().manual_seed(0)), tmp_path / "other",
+             metadata={"hook_name": "resid_post.1"})
+    res = runner.invoke(app, ["run", "--sae", str(out / "saes" / "topk-w64-k8"), "--sae",
+                              str(tmp_path / "other"), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "resid_post.1" in res.output and "resid_post.2" in res.output
+
+
 def test_unknown_hook_lists_valid_ones(tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--hook", "resid_pre.1",
                               "--n-contexts", "4", "-o", str(tmp_path / "s")])

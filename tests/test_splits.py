@@ -55,6 +55,15 @@ def test_splits_disjoint_cover_and_context_level(store):
 def test_bad_fractions_rejected(store):
     with pytest.raises(DarkMatterError, match="sae_train_fraction"):
         make_splits(store, SplitConfig(sae_train_fraction=1.0))
+    with pytest.raises(DarkMatterError, match="probe_train_fraction"):
+        make_splits(store, SplitConfig(probe_train_fraction=0.0))
+
+
+def test_no_sae_training_split_for_pretrained_saes(store):
+    sp = make_splits(store, SplitConfig(sae_train_fraction=0.0))
+    assert sp.sae_train.size == 0
+    kept = sp.selection.rows
+    np.testing.assert_array_equal(np.sort(np.concatenate([sp.probe_train, sp.probe_test])), kept)
 
 
 def test_norm_outliers_excluded_relative_to_median(tmp_path):

@@ -33,7 +33,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Shared option declarations (None = keep the config's value).
-Model = Annotated[Optional[str], typer.Option(help="'smollm2' (embedded), HF model id, local folder or .gguf file.")]
+Model = Annotated[Optional[str], typer.Option(help="'smollm2' (embedded), HF model id, local folder or .gguf file (default: the one --sae names, else smollm2).")]
+SaeSpecs = Annotated[Optional[list[str]], typer.Option("--sae", help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")]
 Corpus = Annotated[Optional[str], typer.Option(help="'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<dataset>[:<config>]'.")]
 NContexts = Annotated[Optional[int], typer.Option(help="Number of contexts to harvest.")]
 CtxLen = Annotated[Optional[int], typer.Option(help="Tokens per context.")]
@@ -74,7 +75,7 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
 def _build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, widths=None, k=None, train_tokens=None,
-    seed=None, skip_positions=None, max_norm_ratio=None,
+    seed=None, skip_positions=None, max_norm_ratio=None, saes=None,
 ) -> RunConfig:
     cfg = load_toml(config) if config else RunConfig()
     h = cfg.harvest
@@ -90,7 +91,8 @@ def _build_config(
     train = _set(cfg.train, widths=_ints(widths, "widths"), ks=_ints(k, "k"),
                  train_tokens=train_tokens, seed=seed, device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
-                decompose=_set(cfg.decompose, device=device))
+                decompose=_set(cfg.decompose, device=device),
+                saes=tuple(saes) if saes else None)
 
 
 def _main(fn: Any) -> Any:
@@ -116,7 +118,7 @@ def _summary(metrics: dict[str, Any]) -> Table:
 
     model = display_name(metrics.get("model"))
     table = Table(title=f"SAE dark matter: {model} @ {metrics.get('hook')} (held-out)")
-    cols = [("width", "d_sae", "{:,}"), ("k", "k", "{}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
+    cols = [("SAE", "name", "{}"), ("width", "d_sae", "{:,}"), ("k", "k", "{}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
             ("linear", "fvu_linear", "{:.4f}"), ("nonlinear", "fvu_nonlinear", "{:.4f}"),
             ("lin. share", "linear_share", "{:.3f}"), ("R² e", "r2_error_mean_dim", "{:.3f}"),
             ("R² ‖e‖²", "r2_error_norm", "{:.3f}")]
@@ -132,8 +134,9 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (reused and resumed).")] = Path("darkmatter_out"),
     quick: Annotated[bool, typer.Option(help="Same pipeline on less data (a few minutes on a CPU).")] = False,
     config: ConfigFile = None,
+    sae: SaeSpecs = None,
     model: Model = None,
-    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: middle layer).")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer).")] = None,
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
@@ -146,7 +149,7 @@ def run(
     seed: Seed = None,
     device: Device = None,
 ) -> None:
-    """Run the whole pipeline: harvest -> train SAEs -> decompose their error -> report."""
+    """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their error -> report."""
     from . import pipeline
 
     def body() -> None:
@@ -154,7 +157,7 @@ def run(
             config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
             context_length=context_length, loss=loss, device=device, widths=widths, k=k,
             train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio,
+            max_norm_ratio=max_norm_ratio, saes=sae,
         )
         if quick:
             cfg = pipeline.quick(cfg)
@@ -235,7 +238,7 @@ def train(
 
 @app.command("decompose")
 def decompose_cmd(
-    sae: Annotated[list[Path], typer.Option(help="SAE folder (SAELens format), repeatable.")],
+    sae: Annotated[list[str], typer.Option(help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")],
     store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path("darkmatter_out/decompose"),
     hook: Annotated[Optional[str], typer.Option(help="Stored hook (default: the first).")] = None,
@@ -255,9 +258,10 @@ def decompose_cmd(
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
         cfg = _set(DecomposeConfig(), ridge=ridge, bias=bias, device=device)
         st = ActivationStore.open(store)
-        results = decompose_saes(st, make_splits(st, split, hook=hook), list(sae), cfg, out, hook=hook)
+        results = decompose_saes(st, make_splits(st, split, hook=hook), sae, cfg, out, hook=hook)
         Console().print(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
-                                  "saes": [{"k": r["sae"].get("k"), **r["metrics"]} for r in results]}))
+                                  "saes": [{"name": r["name"], "k": r["sae"].get("k"), **r["metrics"]}
+                                           for r in results]}))
 
     _main(body)
 

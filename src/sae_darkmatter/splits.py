@@ -100,10 +100,15 @@ def make_splits(
     ``special_ids`` defaults to the ids recorded in the store's metadata at harvest time;
     ``hook`` (default: the first stored hook) is the one whose norms the outlier filter uses.
     """
-    for name in ("sae_train_fraction", "probe_train_fraction"):
-        value = getattr(cfg, name)
-        if not 0.0 < value < 1.0:
-            raise DarkMatterError(f"{name} must be strictly between 0 and 1, got {value}")
+    if not 0.0 <= cfg.sae_train_fraction < 1.0:
+        raise DarkMatterError(
+            f"sae_train_fraction must be in [0, 1) (0: pretrained SAEs, every context evaluates), "
+            f"got {cfg.sae_train_fraction}"
+        )
+    if not 0.0 < cfg.probe_train_fraction < 1.0:
+        raise DarkMatterError(
+            f"probe_train_fraction must be strictly between 0 and 1, got {cfg.probe_train_fraction}"
+        )
     if special_ids is None:
         special_ids = store.meta.get("special_token_ids", [])
     sel = select_rows(store, cfg.filter, special_ids, hook=hook)
@@ -116,7 +121,9 @@ def make_splits(
             f"need at least 2 contexts with kept tokens to split, found {contexts.size}; "
             "harvest more contexts"
         )
-    n_sae = min(max(1, round(cfg.sae_train_fraction * contexts.size)), contexts.size - 1)
+    n_sae = 0 if cfg.sae_train_fraction == 0 else min(
+        max(1, round(cfg.sae_train_fraction * contexts.size)), contexts.size - 1
+    )
     sae_contexts = rng.permutation(contexts)[:n_sae]
     in_sae = np.isin(context, sae_contexts)
     sae_rows = sel.rows[in_sae]

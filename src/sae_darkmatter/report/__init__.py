@@ -42,7 +42,9 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     decompose_dir, out_dir = Path(decompose_dir), Path(out_dir)
     decs = sorted(load_decompositions(decompose_dir), key=lambda d: (d.k or 0, d.width, d.name))
     results = [d.info for d in decs]
-    flat = [{"name": r["name"], **r.get("sae", {}), **r["metrics"]} for r in results]
+    flat = [{"name": r["name"], "architecture": r.get("sae", {}).get("architecture"),
+             "k": r.get("sae", {}).get("k"), **r["metrics"], "provenance": r.get("sae", {})}
+            for r in results]
     fig_dir = out_dir / "figures"
     ks = sorted({d.k for d in decs if d.k is not None})
     middle_k = ks[len(ks) // 2] if ks else None
@@ -88,6 +90,21 @@ def _strip_html(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _provenance_rows(saes: list[dict[str, Any]]) -> str:
+    """One row per SAE: library, source (registry id or path), architecture, size, training hook."""
+    esc = html.escape
+    rows = []
+    for s in saes:
+        p = s.get("provenance", {})
+        hook = p.get("original_hook_name") or p.get("hook_name")
+        trained_on = " @ ".join(str(v) for v in (p.get("model_name"), hook) if v)
+        cells = [s["name"], p.get("library", "?"), p.get("source", p.get("path", "?")),
+                 p.get("architecture", "?"), f"{s['d_sae']:,}", f"{s['l0']:.1f}",
+                 p.get("dtype") or "?", trained_on or "?"]
+        rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+    return "".join(rows)
+
+
 def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in _COLUMNS)
@@ -127,6 +144,9 @@ probe-train tokens; all numbers are scored on disjoint probe-test tokens. FVU = 
 FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU nonlinear; linear share =
 1 − Σ‖e − ê‖²/Σ‖e‖²; R² e (mean dim) is the mean over dimensions of the per-dimension R² of ê;
 R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
+<h2>SAEs: where they come from</h2>
+<table><tr><th>SAE</th><th>library</th><th>source</th><th>architecture</th><th>width</th><th>L0</th>
+<th>stored dtype</th><th>trained on</th></tr>{_provenance_rows(m["saes"])}</table>
 <h2>Data</h2><ul>{data}</ul>
 <h2>Figures</h2>{figs}
 {analyses_html(analyses, out_dir)}
