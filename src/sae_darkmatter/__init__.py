@@ -4,6 +4,7 @@ Stages, each usable alone (see README):
 
     harvest(HarvestConfig, path)            -> ActivationStore
     make_splits(store, SplitConfig)         -> Splits (SAE-train / probe-train / probe-test rows)
+    open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
     train_sae(x, width=, cfg=, out_dir=)    -> TopKSAE (saved in SAELens format)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
@@ -29,7 +30,8 @@ _EXPORTS = {
     "store": ["ActivationStore"],
     "harvest": ["harvest"],
     "splits": ["Splits", "make_splits"],
-    "saes": ["TopKSAE", "load_sae", "save_sae", "train_sae"],
+    "saes": ["GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "load_sae", "save_sae", "train_sae"],
+    "saes.formats": ["LoadedSAE", "open_sae"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
     "decompose": ["Decomposition", "DecompositionOutput", "decompose"],
     "pipeline": ["decompose_saes", "quick", "run", "train_saes"],
