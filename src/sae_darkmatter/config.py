@@ -103,21 +103,66 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class SAETrainConfig:
-    """A grid of TopK SAEs, one per (width, k), trained on the SAE-training split.
+    """A grid of SAEs, one per (width, sparsity value), trained on the SAE-training split.
 
-    ``lr`` ``None`` scales the learning rate with width: 8x sparsify's rule,
-    ``1.6e-3 / sqrt(width / 2**14)``, tuned for short CPU runs (see ``saes.train.default_lr``);
-    it decays linearly to 0 over the last 20 % of steps.
+    - ``architecture``: ``"topk"`` (OpenAI TopK + AuxK), ``"batchtopk"`` (saved as JumpReLU),
+      ``"relu"`` (L1 penalty, Anthropic's April 2024 recipe) or ``"jumprelu"`` (L0 penalty with
+      straight-through estimators); recipes in ``saes.train_archs``.
+    - ``widths``: numbers of latents.
+    - The sparsity axis depends on the architecture: ``ks`` (active latents per token; the mean
+      over the batch for batchtopk) for topk/batchtopk, ``l1_coefficients`` for relu,
+      ``l0_coefficients`` for jumprelu. Coefficients are in SAELens's units: the loss is
+      ``||x - x_hat||^2 + coef * penalty`` per token, with inputs scaled to
+      ``E||x|| = sqrt(d_in)``. The other axes are ignored. On SmolLM2 layer 15 (W=1024, 300k
+      tokens) L1 0.5 / 1 / 2 gave L0 ~90 / 36 / 12 and L0 coefficients 0.3 / 1 / 3 gave L0
+      64 / 17 / 6.
+    - ``train_tokens`` per SAE, in batches of ``batch_size`` rows (the whole grid reads one
+      stream of batches once).
+    - ``lr`` ``None`` scales the learning rate with width (``saes.train.default_lr``: 8x
+      sparsify's rule ``2e-4 / sqrt(width / 2**14)`` for topk/batchtopk/jumprelu, 16x for
+      relu, tuned for short CPU runs); it decays linearly to 0 over the last 20 % of steps.
+    - ``seed`` fixes initialisation and batch order; ``checkpoint_every`` is in steps.
     """
 
+    architecture: str = "topk"
     widths: tuple[int, ...] = (512, 1024, 2048, 4096)
     ks: tuple[int, ...] = (16, 32, 64)
+    l1_coefficients: tuple[float, ...] = (0.5, 1.0, 2.0)
+    l0_coefficients: tuple[float, ...] = (0.25, 0.5, 1.0)
     train_tokens: int = 400_000
     batch_size: int = 4096
     lr: float | None = None
     seed: int = 0
     checkpoint_every: int = 25
     device: str = "auto"
+
+    ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+
+    def __post_init__(self) -> None:
+        if self.architecture not in self.ARCHITECTURES:
+            raise ConfigError(f"train.architecture must be one of {list(self.ARCHITECTURES)}, "
+                              f"got {self.architecture!r}")
+        for name in ("widths", self.sparsity_field()):
+            values, kind = getattr(self, name), float if name.endswith("coefficients") else int
+            if not values or any(not isinstance(v, kind | int) or isinstance(v, bool)
+                                 or not v > 0 for v in values):
+                raise ConfigError(f"train.{name} must be a non-empty list of positive "
+                                  f"{kind.__name__}s for architecture {self.architecture!r}, "
+                                  f"got {values!r}")
+        for name in ("batch_size", "train_tokens", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0 (or unset for the default), got {self.lr}")
+
+    def sparsity_field(self) -> str:
+        """Name of the field holding the grid's sparsity axis for ``architecture``."""
+        return {"relu": "l1_coefficients", "jumprelu": "l0_coefficients"}.get(
+            self.architecture, "ks")
+
+    def sparsity_values(self) -> tuple[float, ...]:
+        """The grid's sparsity axis for ``architecture`` (ks or a coefficient list)."""
+        return getattr(self, self.sparsity_field())
 
 
 @dataclass(frozen=True)
@@ -128,6 +173,81 @@ class DecomposeConfig:
     ridge: float = 0.0
     chunk_rows: int = 8192
     device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PursuitConfig:
+    """Encoder error (paper §6): re-encode with pursuit over each scaling-selected SAE's decoder.
+
+    ``method`` is ``"gp"`` (gradient pursuit), ``"mp"`` (matching pursuit) or ``"omp"``
+    (orthogonal matching pursuit, signed coefficients); ``l0`` ``"match"`` gives each token the
+    SAE's own number of active latents on it, an int a fixed L0. SAE and pursuit are decomposed on
+    the same ``max_tokens`` evaluation tokens (half probe-train, half probe-test; pursuit runs at
+    ~300-3,000 tok/s on a CPU depending on width).
+    """
+
+    enabled: bool = True
+    method: str = "gp"
+    l0: int | str = "match"
+    max_tokens: int = 20_000
+
+
+@dataclass(frozen=True)
+class CrossLayerConfig:
+    """Cross-layer prediction (paper §8): the target hook's SAE error from other hooks' SAE outputs.
+
+    With ``enabled`` and the default hook, the run harvests ``resid_post.{L-1}``, ``attn_out.L``
+    and ``mlp_out.L`` besides ``resid_post.L`` and trains one SAE on each (the grid's widest
+    width and middle k). ``ridge`` is added to every fit's XᵀX.
+    """
+
+    enabled: bool = True
+    ridge: float = 0.0
+    chunk_rows: int = 4096
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """Settings of the splice analysis.
+
+    ``saes``: decomposition names to splice; empty: ``select`` decides, ``"all"`` SAEs of the
+    run or ``"cross"``: those of the k with most widths plus those of the width with most ks
+    (the two panels of the figure). ``n_contexts`` evaluation contexts are drawn (seeded) from
+    the contexts outside SAE training. ``splice_all_after_skip`` also splices special tokens
+    and norm outliers after ``skip_positions`` (the paper splices every position after 200).
+    """
+
+    enabled: bool = True
+    n_contexts: int = 8
+    batch_size: int = 8
+    saes: tuple[str, ...] = ()
+    select: str = "cross"
+    splice_all_after_skip: bool = False
+    n_boot: int = 1000
+    seed: int = 0
+    loss_tolerance: float = 1e-3  # nats; clean CE vs the harvest's stored loss
+
+
+def _error_sae_train() -> SAETrainConfig:
+    return SAETrainConfig(widths=(512,), ks=(8, 16, 32, 64), train_tokens=48_000, batch_size=512)
+
+
+@dataclass(frozen=True)
+class ErrorSAEConfig:
+    """Which base SAEs, and the SAE grid trained on each of the three error targets.
+
+    ``saes`` empty: the widest SAE of the run at the k closest to the median k. ``train``
+    gives the architecture, widths, ks and budget of the error SAEs; ``train_fraction`` of the
+    probe-test contexts train them, the rest evaluate them.
+    """
+
+    enabled: bool = True
+    saes: tuple[str, ...] = ()
+    train: SAETrainConfig = field(default_factory=_error_sae_train)
+    train_fraction: float = 0.7
+    seed: int = 0
+    chunk_rows: int = 8192
 
 
 @dataclass(frozen=True)
@@ -144,6 +264,10 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: SAETrainConfig = field(default_factory=SAETrainConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    pursuit: PursuitConfig = field(default_factory=PursuitConfig)
+    cross_layer: CrossLayerConfig = field(default_factory=CrossLayerConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    error_saes: ErrorSAEConfig = field(default_factory=ErrorSAEConfig)
     saes: tuple[str, ...] = ()
 
 
@@ -203,6 +327,10 @@ _CONFIG_TYPES: dict[str, type] = {
         SplitConfig,
         SAETrainConfig,
         DecomposeConfig,
+        PursuitConfig,
+        CrossLayerConfig,
+        DownstreamConfig,
+        ErrorSAEConfig,
         RunConfig,
     )
 }

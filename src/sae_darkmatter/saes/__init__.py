@@ -9,7 +9,7 @@ import torch
 from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.io import load_sae, load_sae_config, save_sae
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
-from sae_darkmatter.saes.train import default_lr, train_sae
+from sae_darkmatter.saes.train import default_lr, sae_folder_name, train_grid, train_sae
 
 
 @runtime_checkable
@@ -45,6 +45,8 @@ __all__ = [
     "default_lr",
     "load_sae",
     "load_sae_config",
+    "sae_folder_name",
     "save_sae",
+    "train_grid",
     "train_sae",
 ]

@@ -30,6 +30,7 @@ from sae_darkmatter.saes import registry
 from sae_darkmatter.saes.io import (
     CFG_FILENAME,
     CLASSES,
+    TRAINING_FILENAME,
     WEIGHTS_FILENAME,
     architecture_name,
     load_sae,
@@ -144,12 +145,21 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
     model_name = meta.get("model_name", cfg.get("model_name"))
     original_hook = meta.get("hook_name", cfg.get("hook_name"))
     hook, note = registry.translate_hook(original_hook)
-    return sae, _provenance(
+    prov = _provenance(
         "sae_darkmatter" if ours else "sae_lens", path, cfg["architecture"], sae,
         safetensors_dtype(path / WEIGHTS_FILENAME, "W_dec"), model_name,
         model_name if ours else registry.hf_model_id(model_name), hook, original_hook,
         [note] if note else [],
     )
+    trained = path / TRAINING_FILENAME
+    if ours and trained.is_file():  # our trainer's record: e.g. BatchTopK saved as JumpReLU
+        info = json.loads(trained.read_text())
+        prov["architecture"] = info.get("architecture", prov["architecture"])
+        sparsity = info.get("sparsity") or {}
+        if sparsity.get("name") == "k":
+            prov["k"] = sparsity.get("value")
+        prov["training"] = {key: info.get(key) for key in ("sparsity", "tokens_seen", "final_train_fvu")}
+    return sae, prov
 
 
 def _provenance(

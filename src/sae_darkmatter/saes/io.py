@@ -27,6 +27,7 @@ from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SCALER_FILENAME = "activation_scaler.json"  # SAELens training checkpoints keep the factor here
+TRAINING_FILENAME = "training.json"  # our trainer's record beside the SAE (recipe, curve, scores)
 # handle_config_defaulting in SAELens treats configs without a version >= 6 as the old format.
 SAELENS_FORMAT_VERSION = "6.0.0"
 

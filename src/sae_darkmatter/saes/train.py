@@ -1,62 +1,76 @@
-"""Train a TopK SAE on in-memory activations: deterministic, resumable, SAELens-format output.
+"""Train SAEs on in-memory activations: one pass over the data for a whole grid, resumable.
 
-Recipe (OpenAI TopK paper / sparsify, adapted to short CPU runs):
-- inputs scaled by ``s = sqrt(d_in) / mean||x||`` during training; ``s`` is folded into the
-  saved weights, so the saved SAE takes raw activations (SAELens ``normalize_activations="none"``);
-- ``b_dec`` starts at the data mean, decoder rows are random unit vectors, ``W_enc = W_dec.T``;
-  decoder rows stay unit-norm (gradient parallel to each row removed before the Adam step);
-- loss = FVU of the batch + 1/32 * AuxK loss: latents that have not fired for
-  ``dead_after_tokens`` tokens reconstruct the residual with their top ``d_in // 2``
-  pre-activations;
-- encoder and decoder backward passes touch only the selected latents (sparse gradients):
-  1.4x / 1.8x / 2.0x / 2.2x faster on CPU than dense autograd with the same embedding_bag decode
-  at W = 1024 / 2048 / 4096 / 8192, d_in = 576, k = 32 (see ``_GatherPre`` / ``_SparseDecode``).
+``train_grid`` trains one SAE per (width, sparsity value) of ``cfg`` (architecture
+``cfg.architecture``; recipes in ``train_archs``) on the same stream of batches: each batch is
+gathered and scaled once, then every SAE takes its own Adam step on it. Every SAE has its own
+folder (SAELens ``cfg.json`` + ``sae_weights.safetensors``, ``training.json``, and
+``checkpoint.pt`` while unfinished).
 
-Batches are a pure function of ``(seed, step)``: the data stream is a concatenation of seeded
-per-epoch permutations of the rows. Together with checkpoints holding model, optimizer and
-dead-latent counters, a killed and rerun training ends with bit-identical weights (on CPU).
+Shared recipe: inputs scaled by ``s = sqrt(d_in) / mean||x||`` during training, folded into the
+saved weights (the saved SAE takes raw activations, SAELens ``normalize_activations="none"``);
+``b_dec`` starts at the data mean; the learning rate is constant, then decays linearly to 0 over
+the last 20 % of steps. Batches are a pure function of ``(seed, step)`` (seeded per-epoch
+permutations of the rows) and initialisation of ``seed``, so an SAE trained in a grid equals
+the same SAE trained alone, and, with checkpoints holding model, optimizer and counters, a
+killed and rerun training ends with bit-identical weights (on CPU).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sae_darkmatter._io import atomic_path, read_json, resolve_device, write_json
 from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
-from sae_darkmatter.linalg import fvu
-from sae_darkmatter.saes.io import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
-from sae_darkmatter.saes.topk import TopKSAE
+from sae_darkmatter.linalg import R2Accumulator
+from sae_darkmatter.saes.io import (
+    CFG_FILENAME,
+    TRAINING_FILENAME,
+    WEIGHTS_FILENAME,
+    load_sae,
+    save_sae,
+)
+from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+from sae_darkmatter.saes.train_archs import TRAINERS, TrainingSAE, total_variance
+from sae_darkmatter.saes.train_data import BatchStream, column_mean, data_summary
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
-TRAINING_FILENAME = "training.json"
-ALGORITHM = "topk-auxk-v1"  # part of the cache fingerprint: bump when the training math changes
-AUXK_COEF = 1.0 / 32.0
+# part of the cache fingerprint: bump an entry when that architecture's training math changes
+ALGORITHMS = {"topk": "topk-auxk-v1", "batchtopk": "batchtopk-auxk-v1",
+              "relu": "relu-l1-april2024-v1", "jumprelu": "jumprelu-l0-v1"}
 DECAY_FRACTION = 0.2
 MAX_DEAD_AFTER_TOKENS = 1_000_000
 EVAL_ROWS = 16_384  # training rows scored with the final (folded) SAE for training.json
+CURVE_POINTS = 64  # about this many training-curve entries per SAE
+_BASE_LR = {"topk": 1.6e-3, "batchtopk": 1.6e-3, "relu": 3.2e-3, "jumprelu": 1.6e-3}
 
 
-def default_lr(width: int) -> float:
-    """sparsify's width rule ``2e-4 / sqrt(width / 2**14)`` times 8, for short runs.
+def default_lr(width: int, architecture: str = "topk") -> float:
+    """sparsify's width rule ``2e-4 / sqrt(width / 2**14)`` times 8 (16 for relu), for short runs.
 
-    Our runs take ~150-300 Adam steps (0.6-1.2M tokens at batch 4096). On SmolLM2 layer-15
-    activations (k=32, 600k tokens) the plain rule left held-out FVU at 0.27-0.30 for
-    W=1024-4096; 8x gave 0.17-0.20, 16x about the same, 32x diverged (0.31).
+    Our runs take ~100-300 Adam steps (0.4-1.2M tokens at batch 4096). On SmolLM2 layer-15
+    activations (TopK, k=32, 600k tokens) the plain rule left held-out FVU at 0.27-0.30 for
+    W=1024-4096; 8x gave 0.17-0.20, 16x about the same, 32x diverged (0.31). At W=1024 and 300k
+    tokens, relu's L0/FVU frontier was best at 16x (L0 36: FVU 0.228 vs 0.25-0.28 at 4-8x);
+    jumprelu at 16x left 55 % of latents dead (8x: < 4 %).
     """
-    return 1.6e-3 / math.sqrt(width / 2**14)
+    return _BASE_LR[architecture] / math.sqrt(width / 2**14)
 
 
 def dead_after_tokens(cfg: SAETrainConfig) -> int:
@@ -64,119 +78,224 @@ def dead_after_tokens(cfg: SAETrainConfig) -> int:
     return min(MAX_DEAD_AFTER_TOKENS, max(cfg.batch_size, cfg.train_tokens // 10))
 
 
+def sae_folder_name(architecture: str, width: int, sparsity: float) -> str:
+    """Stable, filesystem-safe folder name: ``topk-w512-k32``, ``relu-w512-l1_3e-02``."""
+    if architecture in ("topk", "batchtopk"):
+        return f"{architecture}-w{width}-k{sparsity:g}"
+    mantissa, exponent = f"{float(sparsity):.6e}".split("e")
+    tag = "l1" if architecture == "relu" else "l0"
+    return f"{architecture}-w{width}-{tag}_{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
 def train_sae(
     x: torch.Tensor,
     *,
     width: int,
-    k: int,
+    k: int | None = None,
     cfg: SAETrainConfig,
     out_dir: str | Path,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
-) -> TopKSAE:
-    """Train a TopK SAE of ``width`` latents on ``x [N, d_in]`` and save it in ``out_dir``.
+    sparsity: float | None = None,
+) -> AffineSAE:
+    """Train one ``cfg.architecture`` SAE of ``width`` latents on ``x [N, d_in]`` into ``out_dir``.
 
-    ``out_dir`` receives the SAELens folder (``cfg.json``, ``sae_weights.safetensors``;
-    ``metadata`` such as model_name/hook_name goes into cfg.json) and ``training.json``. If it
-    already holds a finished SAE for the same config and data, that SAE is returned untrained;
-    if it holds a checkpoint of the same run, training resumes from it.
+    ``k`` (topk / batchtopk) or ``sparsity`` (any architecture: k, L1 or L0 coefficient) sets
+    the sparsity. ``metadata`` (model_name, hook_name, ...) goes into cfg.json. A finished SAE
+    of the same config and data in ``out_dir`` is returned untrained; a checkpoint resumes.
     """
-    _validate(x, width, k, cfg)
-    out_dir = Path(out_dir)
-    data = _data_summary(x)
-    lr = cfg.lr if cfg.lr is not None else default_lr(width)
-    key = fingerprint(ALGORITHM, width, k, cfg.train_tokens, cfg.batch_size, lr, cfg.seed, data)
-    finished = _finished_sae(out_dir, key)
-    if finished is not None:
-        log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
-        return finished
+    if (k is None) == (sparsity is None):
+        raise DarkMatterError("train_sae needs exactly one of k= and sparsity=")
+    if k is not None and cfg.architecture not in ("topk", "batchtopk"):
+        raise DarkMatterError(f"k= is for topk/batchtopk; pass sparsity= for {cfg.architecture}")
+    value = k if k is not None else sparsity
+    assert value is not None
+    member = _train([(Path(out_dir), width, value)], x, cfg, metadata, progress)[0]
+    return member if member is not None else load_sae(out_dir)
 
+
+def train_grid(
+    x: torch.Tensor,
+    cfg: SAETrainConfig,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Train every (sparsity value, width) SAE of ``cfg`` in one pass; their folders, in order.
+
+    Folders are ``out_dir / sae_folder_name(...)``, sparsity values outer, widths inner.
+    """
+    specs = [(Path(out_dir) / sae_folder_name(cfg.architecture, w, s), w, s)
+             for s in cfg.sparsity_values() for w in cfg.widths]
+    names = [p.name for p, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise DarkMatterError(f"the grid has repeated SAEs (folder names {names})")
+    _train(specs, x, cfg, metadata, progress)
+    return [p for p, _, _ in specs]
+
+
+@dataclass
+class _Member:
+    """One SAE of a grid being trained and everything its checkpoint holds."""
+
+    out_dir: Path
+    key: str
+    lr: float
+    sae: TrainingSAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor
+    step: int = 0
+    seconds: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)
+    last_fvu: float = math.nan
+
+
+def _train(
+    specs: list[tuple[Path, int, float]],
+    x: torch.Tensor,
+    cfg: SAETrainConfig,
+    metadata: dict[str, Any] | None,
+    progress: bool,
+) -> list[AffineSAE | None]:
+    """Train the unfinished SAEs of ``specs``; the inference SAEs (None where already done)."""
+    _validate(x, cfg, specs)
+    data = data_summary(x)
     device = resolve_device(cfg.device)
     scale = math.sqrt(x.shape[1]) / data["mean_norm"]
-    sae = TopKSAE(x.shape[1], width, k, generator=torch.Generator().manual_seed(cfg.seed))
-    with torch.no_grad():
-        sae.b_dec.copy_(_column_mean(x) * scale)
-    sae.to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    state = {"step": 0, "seconds": 0.0, "since_fired": torch.zeros(width, dtype=torch.int64)}
-    checkpoint = out_dir / CHECKPOINT_FILENAME
-    _maybe_resume(checkpoint, key, sae, opt, state)
-    state["since_fired"] = state["since_fired"].to(device)
-    last_fvu = _fit(x, sae, opt, state, cfg, lr, scale, progress, lambda: _save_checkpoint(
-        checkpoint, key, sae, opt, state))
+    b_dec = column_mean(x) * scale
+    members: list[_Member | None] = []
+    for out_dir, width, value in specs:
+        lr = cfg.lr if cfg.lr is not None else default_lr(width, cfg.architecture)
+        key = _fingerprint(cfg, width, value, lr, data)
+        if _is_finished(out_dir, key):
+            log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
+            members.append(None)
+            continue
+        sae = TRAINERS[cfg.architecture](x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
+        sae.to(device)
+        member = _Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
+                         torch.zeros(width, dtype=torch.int64))
+        _maybe_resume(member)
+        member.since_fired = member.since_fired.to(device)
+        members.append(member)
+    todo = [m for m in members if m is not None]
+    if todo:
+        _fit(x, todo, cfg, scale, progress)
+    return [None if m is None else _finish(m, x, cfg, scale, data, device, metadata)
+            for m in members]
 
-    sae = _fold_scale(sae.cpu(), scale)
-    save_sae(sae, out_dir, metadata=dict(metadata or {}))
-    eval_fvu, eval_mse = _score(sae, x)
-    n_steps, dead_after = state["step"], dead_after_tokens(cfg)
-    write_json(out_dir / TRAINING_FILENAME, {
-        "fingerprint": key,
-        "algorithm": ALGORITHM,
+
+def _fingerprint(cfg: SAETrainConfig, width: int, value: float, lr: float,
+                 data: dict[str, Any]) -> str:
+    """Cache key of one SAE (for topk the same as before other architectures existed)."""
+    sparsity = float(value) if cfg.architecture in ("relu", "jumprelu") else int(value)
+    return fingerprint(ALGORITHMS[cfg.architecture], width, sparsity, cfg.train_tokens,
+                       cfg.batch_size, lr, cfg.seed, data)
+
+
+def _fit(x: torch.Tensor, members: list[_Member], cfg: SAETrainConfig, scale: float,
+         progress: bool) -> None:
+    """Run every member from its own step to the end on the shared stream of batches."""
+    n_steps = math.ceil(cfg.train_tokens / cfg.batch_size)
+    stream = BatchStream(x.shape[0], cfg.batch_size, cfg.seed)
+    dead_after = dead_after_tokens(cfg)
+    curve_every = max(1, n_steps // CURVE_POINTS)
+    device = members[0].sae.W_dec.device
+    start = min(m.step for m in members)
+    label = (f"SAE {members[0].out_dir.name}" if len(members) == 1
+             else f"{cfg.architecture} grid ({len(members)} SAEs)")
+    t0 = time.perf_counter()
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(label, total=n_steps * cfg.batch_size,
+                            completed=start * cfg.batch_size, fvu=math.nan, tps=0.0)
+        for step in range(start, n_steps):
+            xb = x[stream.rows(step)].to(device, torch.float32) * scale
+            total_var = total_variance(xb)
+            lr_factor = min(1.0, (n_steps - step) / (DECAY_FRACTION * n_steps))
+            for m in members:
+                if m.step != step:  # ahead: its checkpoint was saved later than another's
+                    continue
+                t = time.perf_counter()
+                fvu, l0 = _train_step(m, xb, total_var, lr_factor, step / n_steps, dead_after)
+                m.seconds += time.perf_counter() - t
+                m.step, m.last_fvu = step + 1, fvu
+                if m.step % curve_every == 0 or m.step == n_steps:
+                    m.curve.append({"tokens": m.step * cfg.batch_size, "fvu": fvu, "l0": l0,
+                                    "dead_fraction": _dead_fraction(m, dead_after)})
+                if m.step % cfg.checkpoint_every == 0 and m.step < n_steps:
+                    _save_checkpoint(m)
+            bar.update(task, completed=(step + 1) * cfg.batch_size,
+                       fvu=sum(m.last_fvu for m in members) / len(members),
+                       tps=(step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
+
+
+def _train_step(m: _Member, xb: torch.Tensor, total_var: torch.Tensor, lr_factor: float,
+                progress: float, dead_after: int) -> tuple[float, float]:
+    """One Adam step of one SAE; updates its dead-latent counters; batch FVU and L0."""
+    for group in m.opt.param_groups:
+        group["lr"] = m.lr * lr_factor * group.get("lr_scale", 1.0)  # absent in old checkpoints
+    dead = m.since_fired >= dead_after
+    fw = m.sae(xb)
+    loss = m.sae.loss(fw, total_var, dead, progress)
+    m.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    m.sae.before_step()
+    m.opt.step()
+    m.sae.after_step(fw)
+    with torch.no_grad():
+        m.since_fired += xb.shape[0]
+        m.since_fired[fw.fired(m.sae.width)] = 0
+        fvu = float(fw.residual.pow(2).sum() / total_var)
+    return fvu, int(fw.active().sum()) / xb.shape[0]
+
+
+def _dead_fraction(m: _Member, dead_after: int) -> float:
+    return float((m.since_fired >= dead_after).float().mean())
+
+
+def _finish(m: _Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
+            data: dict[str, Any], device: torch.device, metadata: dict[str, Any] | None
+            ) -> AffineSAE:
+    """Save the inference SAE and training.json; remove the checkpoint."""
+    sae = m.sae.cpu().export(scale)
+    save_sae(sae, m.out_dir, metadata=dict(metadata or {}))
+    eval_fvu, eval_mse, eval_l0 = _score(sae, x)
+    dead_after = dead_after_tokens(cfg)
+    n_dead = int((m.since_fired >= dead_after).sum())
+    tokens = m.step * cfg.batch_size
+    write_json(m.out_dir / TRAINING_FILENAME, {
+        "fingerprint": m.key,
+        "algorithm": ALGORITHMS[cfg.architecture],
+        "architecture": cfg.architecture,
         "config": to_dict(cfg),
-        "width": width,
-        "k": k,
-        "lr": lr,
-        "steps": n_steps,
-        "tokens_seen": n_steps * cfg.batch_size,
+        "width": m.sae.width,
+        **({"k": int(m.sae.sparsity)} if m.sae.sparsity_name == "k" else {}),
+        "sparsity": {"name": m.sae.sparsity_name, "value": m.sae.sparsity},
+        "lr": m.lr,
+        "steps": m.step,
+        "tokens_seen": tokens,
         "data": data,
         "input_scale": scale,
-        "last_batch_fvu": last_fvu,
+        "last_batch_fvu": m.last_fvu,
         "final_train_fvu": eval_fvu,
         "final_train_mse": eval_mse,
+        "final_train_l0": eval_l0,
         "eval_rows": min(EVAL_ROWS, x.shape[0]),
         "dead_after_tokens": dead_after,
-        "dead_fraction": float((state["since_fired"] >= dead_after).float().mean()),
-        "seconds": state["seconds"],
-        "tokens_per_second": n_steps * cfg.batch_size / max(state["seconds"], 1e-9),
+        "dead_latents": n_dead,
+        "dead_fraction": n_dead / m.sae.width,
+        "seconds": m.seconds,
+        "tokens_per_second": tokens / max(m.seconds, 1e-9),
         "device": str(device),
+        **m.sae.summary(),
+        "curve": m.curve,
     })
-    checkpoint.unlink(missing_ok=True)
+    (m.out_dir / CHECKPOINT_FILENAME).unlink(missing_ok=True)
     return sae
 
 
-def _fit(
-    x: torch.Tensor,
-    sae: TopKSAE,
-    opt: torch.optim.Optimizer,
-    state: dict[str, Any],
-    cfg: SAETrainConfig,
-    lr: float,
-    scale: float,
-    progress: bool,
-    save_checkpoint: Callable[[], None],
-) -> float:
-    """Run the remaining steps from ``state["step"]``; keeps ``state`` current; last batch FVU."""
-    n_steps = math.ceil(cfg.train_tokens / cfg.batch_size)
-    stream = _BatchStream(x.shape[0], cfg.batch_size, cfg.seed)
-    since_fired, dead_after = state["since_fired"], dead_after_tokens(cfg)
-    device = sae.W_dec.device
-    start, t0, batch_fvu = state["step"], time.perf_counter(), float("nan")
-    with _progress_bar(progress) as bar:
-        task = bar.add_task(f"SAE W={sae.d_sae}", total=n_steps * cfg.batch_size,
-                            completed=start * cfg.batch_size, fvu=batch_fvu, tps=0.0)
-        for step in range(start, n_steps):
-            xb = x[stream.rows(step)].to(device, torch.float32) * scale
-            for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(step, n_steps)
-            batch_fvu = _train_step(sae, opt, xb, since_fired >= dead_after, since_fired)
-            elapsed = time.perf_counter() - t0
-            state.update(step=step + 1)
-            bar.update(task, completed=(step + 1) * cfg.batch_size, fvu=batch_fvu,
-                       tps=(step + 1 - start) * cfg.batch_size / elapsed)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
-                state["seconds"] += elapsed
-                t0, start = time.perf_counter(), step + 1
-                save_checkpoint()
-    state["seconds"] += time.perf_counter() - t0
-    return batch_fvu
-
-
-def _lr_factor(step: int, n_steps: int) -> float:
-    """Constant, then linear decay to 0 over the last ``DECAY_FRACTION`` of the steps."""
-    return min(1.0, (n_steps - step) / (DECAY_FRACTION * n_steps))
-
-
-def _validate(x: torch.Tensor, width: int, k: int, cfg: SAETrainConfig) -> None:
+def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int, float]]) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ShapeMismatchError(f"training activations must be a 2-D tensor [N, d_in], got "
@@ -184,245 +303,75 @@ def _validate(x: torch.Tensor, width: int, k: int, cfg: SAETrainConfig) -> None:
     if not x.is_floating_point() or x.shape[0] < 1 or x.shape[1] < 1:
         raise DarkMatterError(f"training activations must be a non-empty float tensor, got "
                               f"{x.dtype} of shape {tuple(x.shape)}")
-    if not 0 < k < width:
-        raise DarkMatterError(f"SAE width ({width}) must exceed k ({k}) and k must be >= 1")
-    for name in ("batch_size", "train_tokens", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise DarkMatterError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise DarkMatterError(f"train.lr must be > 0 (or unset for the default), got {cfg.lr}")
-
-
-def _data_summary(x: torch.Tensor) -> dict[str, Any]:
-    """Rows, width and mean token norm (float64); rejects non-finite values."""
-    total = 0.0
-    for chunk in x.split(65_536):
-        chunk = chunk.double()
-        if not torch.isfinite(chunk).all():
-            raise DarkMatterError("training activations contain NaN or infinite values")
-        total += float(chunk.norm(dim=1).sum())
-    mean_norm = total / x.shape[0]
-    if not mean_norm > 0:
-        raise DarkMatterError("training activations are all zero")
-    return {"rows": x.shape[0], "d_in": x.shape[1], "mean_norm": mean_norm}
-
-
-def _column_mean(x: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    for chunk in x.split(65_536):
-        total += chunk.double().sum(0)
-    return (total / x.shape[0]).float()
-
-
-class _BatchStream:
-    """Row indices of batch ``step``: slices of a stream of seeded per-epoch permutations."""
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
-        self.n, self.b, self.seed = n_rows, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            digest = hashlib.sha256(f"{self.seed}:{epoch}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=gen)
-        return self._perms[epoch]
-
-    def rows(self, step: int) -> torch.Tensor:
-        parts, pos, end = [], step * self.b, (step + 1) * self.b
-        while pos < end:
-            epoch, offset = divmod(pos, self.n)
-            take = min(self.n - offset, end - pos)
-            parts.append(self._perm(epoch)[offset : offset + take])
-            pos += take
-        return torch.cat(parts)
-
-
-def _scatter_rows(
-    idx: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int
-) -> torch.Tensor:
-    """``out[idx[n, j]] += weights[n, j] * dense[n]``: one sparse-dense product ``[n_rows, d]``."""
-    batch = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-    coo = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), batch]), weights.reshape(-1),
-                                  (n_rows, idx.shape[0]), check_invariants=False)
-    return torch.sparse.mm(coo, dense)
-
-
-class _GatherPre(torch.autograd.Function):
-    """Selected pre-activations ``xc @ W_enc[:, idx] + b_enc[idx]`` with a sparse backward.
-
-    The dense pre-activations are computed without autograd; the backward touches only the
-    selected columns instead of two dense ``[n, d_in] x [d_in, d_sae]`` products.
-    """
-
-    @staticmethod
-    def forward(xc, w_enc, b_enc, pre, idx):  # type: ignore[override]
-        return pre.gather(1, idx)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        xc, w_enc, _, _, idx = inputs
-        ctx.save_for_backward(xc, w_enc, idx)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        xc, w_enc, idx = ctx.saved_tensors
-        w_rows = w_enc.T.contiguous()
-        grad_xc = F.embedding_bag(idx, w_rows, per_sample_weights=grad, mode="sum")
-        grad_w = _scatter_rows(idx, grad, xc, w_enc.shape[1]).T
-        grad_b = torch.zeros(w_enc.shape[1], dtype=grad.dtype, device=grad.device)
-        grad_b.index_add_(0, idx.reshape(-1), grad.reshape(-1))
-        return grad_xc, grad_w, grad_b, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """``sum_j values[n, j] * W_dec[idx[n, j]]`` (embedding_bag) with a sparse-matmul backward.
-
-    embedding_bag's own weight gradient is ~5x slower on CPU than one sparse-dense product.
-    """
-
-    @staticmethod
-    def forward(values, idx, w_dec):  # type: ignore[override]
-        return F.embedding_bag(idx, w_dec, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        values, idx, w_dec = ctx.saved_tensors
-        with torch.enable_grad():
-            v = values.detach().requires_grad_()
-            out = F.embedding_bag(idx, w_dec.detach(), per_sample_weights=v, mode="sum")
-            (grad_values,) = torch.autograd.grad(out, v, grad)
-        return grad_values, None, _scatter_rows(idx, values, grad, w_dec.shape[0])
-
-
-def _train_step(
-    sae: TopKSAE,
-    opt: torch.optim.Optimizer,
-    xb: torch.Tensor,
-    dead: torch.Tensor,
-    since_fired: torch.Tensor,
-) -> float:
-    """One Adam step on FVU + AuxK; updates ``since_fired`` in place; returns the batch FVU."""
-    xc = xb - sae.b_dec
-    with torch.no_grad():
-        pre = torch.addmm(sae.b_enc, xc, sae.W_enc)
-        idx = pre.topk(sae.k, dim=1, sorted=False).indices
-    values = _GatherPre.apply(xc, sae.W_enc, sae.b_enc, pre, idx).relu()
-    x_hat = _SparseDecode.apply(values, idx, sae.W_dec) + sae.b_dec
-    residual = xb - x_hat
-    fvu = residual.pow(2).sum() / _total_variance(xb)
-    loss = fvu
-    n_dead = int(dead.sum())
-    if n_dead:
-        loss = loss + AUXK_COEF * _auxk_loss(sae, xc, pre, dead, n_dead, residual.detach())
-
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    with torch.no_grad():
-        w, g = sae.W_dec, sae.W_dec.grad
-        g -= (g * w).sum(1, keepdim=True) * w
-    opt.step()
-    with torch.no_grad():
-        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-        fired = torch.zeros_like(dead)
-        fired[idx[values.detach() > 0]] = True
-        since_fired += xb.shape[0]
-        since_fired[fired] = 0
-    return float(fvu.detach())
-
-
-def _auxk_loss(
-    sae: TopKSAE,
-    xc: torch.Tensor,
-    pre: torch.Tensor,
-    dead: torch.Tensor,
-    n_dead: int,
-    residual: torch.Tensor,
-) -> torch.Tensor:
-    """Normalised MSE of the residual predicted by the top ``d_in // 2`` dead latents.
-
-    As in OpenAI's TopK paper (no ``b_dec``: the residual already excludes it), scaled down by
-    ``n_dead / k_aux`` when fewer latents are dead than ``k_aux`` (sparsify).
-    """
-    k_aux_max = max(sae.d_in // 2, 1)
-    k_aux = min(k_aux_max, n_dead)
-    dead_ids = dead.nonzero().squeeze(1)
-    local = pre[:, dead_ids].topk(k_aux, dim=1, sorted=False).indices
-    idx = dead_ids[local]
-    values = _GatherPre.apply(xc, sae.W_enc, sae.b_enc, pre, idx)
-    e_hat = _SparseDecode.apply(values, idx, sae.W_dec)
-    scale = min(n_dead / k_aux_max, 1.0)
-    return scale * (e_hat - residual).pow(2).sum() / _total_variance(residual)
-
-
-def _total_variance(y: torch.Tensor) -> torch.Tensor:
-    """``sum ||y - mean(y)||^2`` over the batch (kept above 0 for constant batches)."""
-    return (y - y.mean(0)).pow(2).sum().clamp_min(torch.finfo(y.dtype).tiny)
-
-
-def _fold_scale(sae: TopKSAE, scale: float) -> TopKSAE:
-    """Make an SAE trained on ``s * x`` act on raw ``x``: same latents, output divided by s."""
-    with torch.no_grad():
-        sae.W_enc *= scale
-        sae.W_dec /= scale
-        sae.b_dec /= scale
-    return sae
+    for _, width, value in specs:
+        if width < 1:
+            raise DarkMatterError(f"SAE width must be >= 1, got {width}")
+        if cfg.architecture in ("topk", "batchtopk") and not (
+                value == int(value) and 0 < value < width):
+            raise DarkMatterError(f"SAE width ({width}) must exceed k ({value}) and k must be "
+                                  f"an integer >= 1")
+        if not value > 0:
+            raise DarkMatterError(f"{cfg.architecture} sparsity coefficient must be > 0, got "
+                                  f"{value}")
 
 
 @torch.no_grad()
-def _score(sae: TopKSAE, x: torch.Tensor) -> tuple[float, float]:
-    """FVU and per-element MSE of the saved (raw-input) SAE on the first ``EVAL_ROWS`` rows."""
+def _score(sae: AffineSAE, x: torch.Tensor) -> tuple[float, float, float]:
+    """FVU, per-element MSE and mean L0 of the saved (raw-input) SAE on the first rows."""
     xs = x[:EVAL_ROWS].to(torch.float32)
-    x_hat = sae(xs)
-    return fvu(xs, x_hat), float((xs - x_hat).double().pow(2).mean())
+    acc, active = R2Accumulator(xs.shape[1]), 0
+    for chunk in xs.split(4096):
+        if isinstance(sae, TopKSAE):
+            values, indices = sae.encode_topk(chunk)
+            x_hat = sae.decode_topk(values, indices)
+        else:
+            z = sae.encode(chunk)
+            values, x_hat = z, sae.decode(z)
+        acc.update(chunk, x_hat)
+        active += int((values > 0).sum())
+    return acc.fvu(), float(acc.sse_dim.sum()) / xs.numel(), active / xs.shape[0]
 
 
-def _finished_sae(out_dir: Path, key: str) -> TopKSAE | None:
+def _is_finished(out_dir: Path, key: str) -> bool:
     info = out_dir / TRAINING_FILENAME
     needed = (info, out_dir / CFG_FILENAME, out_dir / WEIGHTS_FILENAME)
-    if not all(p.is_file() for p in needed) or read_json(info).get("fingerprint") != key:
-        return None
-    sae = load_sae(out_dir)
-    return sae if isinstance(sae, TopKSAE) else None
+    return all(p.is_file() for p in needed) and read_json(info).get("fingerprint") == key
 
 
-def _save_checkpoint(
-    path: Path, key: str, sae: TopKSAE, opt: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
+def _save_checkpoint(m: _Member) -> None:
     """Atomically write everything a bit-identical resume needs (tensors and plain data only)."""
     blob = {
-        "fingerprint": key,
-        "step": state["step"],
-        "seconds": state["seconds"],
-        "model": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "since_fired": state["since_fired"].cpu(),
+        "fingerprint": m.key,
+        "step": m.step,
+        "seconds": m.seconds,
+        "model": {k: v.detach().cpu() for k, v in m.sae.state_dict().items()},
+        "optimizer": m.opt.state_dict(),
+        "since_fired": m.since_fired.cpu(),
+        "curve": m.curve,
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(m.out_dir / CHECKPOINT_FILENAME) as tmp:
         torch.save(blob, tmp)
 
 
-def _maybe_resume(
-    path: Path, key: str, sae: TopKSAE, opt: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
+def _maybe_resume(m: _Member) -> None:
     """Load model, optimizer and counters from a checkpoint of the same run, if there is one."""
+    path = m.out_dir / CHECKPOINT_FILENAME
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill during a save
         stale.unlink()
     if not path.is_file():
         return
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("fingerprint") != key:
+    if blob.get("fingerprint") != m.key:
         log.warning("ignoring %s: it belongs to a different config or data", path)
         return
-    sae.load_state_dict(blob["model"])
-    opt.load_state_dict(blob["optimizer"])
-    state.update(step=blob["step"], seconds=blob["seconds"], since_fired=blob["since_fired"])
-    log.info("resuming SAE training from step %d (%s)", blob["step"], path)
+    if set(blob["model"]) != set(m.sae.state_dict()):
+        log.warning("ignoring %s: written by an older version of the trainer", path)
+        return
+    m.sae.load_state_dict(blob["model"])
+    m.opt.load_state_dict(blob["optimizer"])
+    m.step, m.seconds, m.since_fired = blob["step"], blob["seconds"], blob["since_fired"]
+    m.curve = blob.get("curve", [])
+    log.info("resuming SAE training from step %d (%s)", m.step, path)
 
 
 def _progress_bar(enabled: bool) -> Progress:
