@@ -15,15 +15,16 @@ import pytest
 from typer.testing import CliRunner
 
 from sae_darkmatter import (
+    ActivationStore,
     CorpusConfig,
     HarvestConfig,
     ModelConfig,
     RunConfig,
     SAETrainConfig,
-    ActivationStore,
     run,
 )
 from sae_darkmatter.cli import app
+from sae_darkmatter.saes.formats import open_sae
 
 runner = CliRunner()
 
@@ -52,13 +53,32 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
 
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) == 10  # 3 overview + 2 scaling + 2 per-token + 3 norm-prediction figures
+    # 3 overview + 2 scaling + 2 per-token + 3 norm-prediction + encoder error + cross-layer
+    # + error SAEs + 2 downstream
+    assert len(images) == 15
     for src in images:
         assert (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
     assert "Contexts with the largest nonlinear error" in page
     analyses = metrics["analyses"]
-    assert set(analyses) == {"scaling", "per_token", "norms"}
+    assert set(analyses) == {"encoder_error", "scaling", "per_token", "norms", "cross_layer",
+                             "error_saes", "downstream"}
     assert not any("skipped" in a for a in analyses.values())
+    # the encoder-error band (pursuit on the scaling SAEs) reaches the scaling figure
+    enc = analyses["encoder_error"]
+    assert [e["width"] for e in enc["per_sae"]] == [64, 128, 256]
+    assert analyses["scaling"]["encoder_band"] == enc["fvu_nonlinear_drop_mean"]
+    # cross-layer: the target's neighbours were harvested, each got one SAE
+    assert list(ActivationStore.open(out / "store").hooks) == [
+        "resid_post.2", "resid_post.1", "attn_out.2", "mlp_out.2"]
+    for hook in ("resid_post.1", "attn_out.2", "mlp_out.2"):
+        assert (out / "saes" / hook / "topk-w256-k8" / "sae_weights.safetensors").is_file()
+    cross = analyses["cross_layer"]
+    assert cross["target"] == "resid_post.2" and cross["best"]["predictor"] in cross["predictors"]
+    # downstream: the splice reproduces the harvest's loss; every selected SAE is in the table
+    down = analyses["downstream"]
+    assert down["check"]["clean_vs_stored_max_abs"] < 1e-3 and down["check"]["identity_max_kl"] < 1e-6
+    assert {t["sae"] for t in down["table"]} == {"topk-w64-k8", "topk-w128-k8", "topk-w256-k8"}
+    assert {t["fvu_error"] >= 0 for t in analyses["error_saes"]["table"]} == {True}
     fit = analyses["scaling"]["fit"]
     assert fit["c_ci"][0] <= fit["c"] <= fit["c_ci"][1]
     assert len(analyses["per_token"]["predictability"]["r2"]) == 3
@@ -99,6 +119,9 @@ def test_rerun_reuses_every_stage(tiny_run, tiny_model_dir):
     assert weights.stat().st_mtime_ns == stamp
     assert [s["fvu"] for s in again["saes"]] == [s["fvu"] for s in first["saes"]]
     assert again["timings_s"]["harvest"] < 5 and again["timings_s"]["train"] < 5
+    # every analysis is reused, not recomputed
+    assert again["analyses"] == first["analyses"]
+    assert again["timings_s"]["analyses"] < 5
 
 
 def test_stage_commands(tiny_run, tmp_path):
@@ -114,9 +137,22 @@ def test_stage_commands(tiny_run, tmp_path):
     assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "fvu_vs_width.png").exists()
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
-    assert set(json.loads((out / "analyses.json").read_text())) == {"scaling", "per_token", "norms"}
+    assert set(json.loads((out / "analyses.json").read_text())) == {
+        "encoder_error", "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream"}
     res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
     assert res.exit_code == 2 and "scaling" in res.output
+    res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "batchtopk",
+                              "--widths", "64,96", "--k", "8", "--train-tokens", "2048",
+                              "--batch-size", "512", "-o", str(tmp_path / "saes")])
+    assert res.exit_code == 0, res.output
+    for width in (64, 96):
+        cfg = json.loads((tmp_path / "saes" / f"batchtopk-w{width}-k8" / "cfg.json").read_text())
+        assert (cfg["architecture"], cfg["d_sae"]) == ("jumprelu", width)  # saved for inference
+        prov = open_sae(tmp_path / "saes" / f"batchtopk-w{width}-k8").provenance
+        assert (prov["architecture"], prov["loaded_as"], prov["k"]) == ("batchtopk", "jumprelu", 8)
+    res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "gatedd",
+                              "-o", str(tmp_path / "saes")])
+    assert res.exit_code == 2 and "batchtopk" in res.output
     for cmd in ("run", "harvest", "train", "decompose", "analyze", "report", "info", "synthetic"):
         assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
 
@@ -144,10 +180,9 @@ def test_run_with_our_sae_folder_takes_model_and_hook_from_its_metadata(tiny_run
 def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, tmp_path):
     """`saelens:<repo>/<id>` through sae_lens's own loader, offline, from a real hub-cache layout."""
     import torch
+    from conftest import cached_hub_repo
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
-
-    from conftest import cached_hub_repo
 
     cls, cfg_cls = get_sae_class("jumprelu")
     meta = SAEMetadata(model_name=str(tiny_model_dir), hook_name="blocks.3.hook_resid_pre")

@@ -16,7 +16,12 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file as torch_load_file
 
-from sae_darkmatter.errors import CorruptStoreError, DarkMatterError, HookError, ShapeMismatchError
+from sae_darkmatter.errors import (
+    CorruptStoreError,
+    DarkMatterError,
+    HookError,
+    ShapeMismatchError,
+)
 from sae_darkmatter.store import ActivationStore
 
 T = 4

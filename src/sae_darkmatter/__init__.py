@@ -5,8 +5,10 @@ Stages, each usable alone (see README):
     harvest(HarvestConfig, path)            -> ActivationStore
     make_splits(store, SplitConfig)         -> Splits (SAE-train / probe-train / probe-test rows)
     open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
-    train_sae(x, width=, cfg=, out_dir=)    -> TopKSAE (saved in SAELens format)
+    train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu, one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
+    run_analyses(run_dir, cfg=RunConfig)    -> encoder error (pursuit), scaling, per-token, norms,
+                                               cross-layer, error SAEs, downstream CE
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
     run(RunConfig, out)                     -> all of the above, cached per stage
 
@@ -21,7 +23,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "config": ["CorpusConfig", "DecomposeConfig", "HarvestConfig", "ModelConfig", "RunConfig",
+    "config": ["CorpusConfig", "CrossLayerConfig", "DecomposeConfig", "DownstreamConfig",
+               "ErrorSAEConfig", "HarvestConfig", "ModelConfig", "PursuitConfig", "RunConfig",
                "SAETrainConfig", "SplitConfig", "TokenFilter", "load_toml"],
     "errors": ["ConfigError", "CorruptStoreError", "DarkMatterError", "EmptyCorpusError", "HookError",
                "ModelNotAvailableError", "ShapeMismatchError"],
@@ -30,11 +33,18 @@ _EXPORTS = {
     "store": ["ActivationStore"],
     "harvest": ["harvest"],
     "splits": ["Splits", "make_splits"],
-    "saes": ["GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "load_sae", "save_sae", "train_sae"],
+    "saes": ["GatedSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE", "load_sae", "save_sae", "train_grid",
+             "train_sae"],
     "saes.formats": ["LoadedSAE", "open_sae"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
     "decompose": ["Decomposition", "DecompositionOutput", "decompose"],
     "pipeline": ["decompose_saes", "quick", "run", "train_saes"],
+    "analyses": ["run_analyses"],
+    "analyses.encoder_error": ["encoder_error_analysis"],
+    "analyses.cross_layer": ["cross_layer_analysis"],
+    "analyses.downstream": ["downstream_analysis"],
+    "analyses.error_saes": ["error_sae_analysis"],
+    "saes.pursuit": ["PursuitSAE", "pursue"],
     "report": ["write_report"],
     "synthetic": ["SyntheticConfig", "run_synthetic"],
 }

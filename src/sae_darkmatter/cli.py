@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -41,7 +42,8 @@ CtxLen = Annotated[Optional[int], typer.Option(help="Tokens per context.")]
 Loss = Annotated[Optional[bool], typer.Option("--loss/--no-loss", help="Also store per-token LM loss (full forward; without it the forward stops early).")]
 Device = Annotated[Optional[str], typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")]
 Widths = Annotated[Optional[str], typer.Option(help="Comma-separated SAE widths, e.g. 1024,2048,4096.")]
-Ks = Annotated[Optional[str], typer.Option("--k", help="Comma-separated TopK sparsities (active latents per token), e.g. 16,32,64.")]
+Ks = Annotated[Optional[str], typer.Option("--k", help="Comma-separated sparsities: k (active latents per token) for topk/batchtopk, e.g. 16,32,64; the L1 (relu) or L0 (jumprelu) coefficients otherwise.")]
+Arch = Annotated[Optional[str], typer.Option("--architecture", help="SAE architecture to train: topk, batchtopk, relu (L1) or jumprelu.")]
 TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SAE (epochs repeat the data).")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
 Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
@@ -72,10 +74,25 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
+def _grid(cfg: SAETrainConfig, architecture: str | None, widths: str | None,
+          k: str | None, **values: Any) -> SAETrainConfig:
+    """The training grid with command-line overrides; ``--k`` fills the architecture's axis."""
+    cfg = _set(cfg, architecture=architecture, widths=_ints(widths, "widths"), **values)
+    if k is None:
+        return cfg
+    if cfg.sparsity_field() == "ks":
+        return dataclasses.replace(cfg, ks=_ints(k, "k"))
+    try:
+        coefs = tuple(float(w) for w in k.split(",") if w.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--k must be comma-separated numbers, got {k!r}") from None
+    return dataclasses.replace(cfg, **{cfg.sparsity_field(): coefs})
+
+
 def _build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, widths=None, k=None, train_tokens=None,
-    seed=None, skip_positions=None, max_norm_ratio=None, saes=None,
+    seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
 ) -> RunConfig:
     cfg = load_toml(config) if config else RunConfig()
     h = cfg.harvest
@@ -88,8 +105,8 @@ def _build_config(
         with_loss=loss,
     )
     split = _split(cfg.split, seed, skip_positions, max_norm_ratio)
-    train = _set(cfg.train, widths=_ints(widths, "widths"), ks=_ints(k, "k"),
-                 train_tokens=train_tokens, seed=seed, device=device)
+    train = _grid(cfg.train, architecture, widths, k, train_tokens=train_tokens, seed=seed,
+                  device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
                 decompose=_set(cfg.decompose, device=device),
                 saes=tuple(saes) if saes else None)
@@ -141,6 +158,7 @@ def run(
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
     loss: Loss = None,
+    architecture: Arch = None,
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
@@ -157,7 +175,7 @@ def run(
             config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
             context_length=context_length, loss=loss, device=device, widths=widths, k=k,
             train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio, saes=sae,
+            max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture,
         )
         if quick:
             cfg = pipeline.quick(cfg)
@@ -209,6 +227,7 @@ def train(
     store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SAE folders.")] = Path("darkmatter_out/saes"),
     hook: Annotated[Optional[str], typer.Option(help="Stored hook to train on (default: the first).")] = None,
+    architecture: Arch = None,
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
@@ -219,15 +238,15 @@ def train(
     seed: Seed = None,
     device: Device = None,
 ) -> None:
-    """Train a width sweep of TopK SAEs on a store's SAE-training split (SAELens format)."""
+    """Train a width × sparsity grid of SAEs in one pass over a store's SAE-training split (SAELens format)."""
     from .pipeline import train_saes
     from .splits import make_splits
     from .store import ActivationStore
 
     def body() -> None:
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = _set(SAETrainConfig(), widths=_ints(widths, "widths"), ks=_ints(k, "k"), train_tokens=train_tokens,
-                   lr=lr, batch_size=batch_size, seed=seed, device=device)
+        cfg = _grid(SAETrainConfig(), architecture, widths, k, train_tokens=train_tokens, lr=lr,
+                    batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
         for d in dirs:
@@ -269,27 +288,33 @@ def decompose_cmd(
 @app.command()
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with store/, saes/ and decompose/.")] = Path("darkmatter_out"),
-    only: Annotated[Optional[str], typer.Option(help="Comma-separated subset of: scaling, per_token, norms.")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated subset of: encoder_error, scaling, per_token, norms, cross_layer.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML run config (default: the run's run_config.json).")] = None,
     model: Model = None,
     seed: Seed = None,
 ) -> None:
-    """Scaling law with bootstrap CIs, per-token scaling and darkest contexts, norm baselines; then the report."""
-    from .analyses import ANALYSES, run_analyses
-    from .config import ModelConfig
+    """Encoder error, scaling law, per-token scaling, norm baselines, cross-layer prediction; then the report."""
+    from .analyses import run_analyses
+    from .config import RunConfig, from_dict
     from .models import load_tokenizer
+    from .pipeline import RUN_CONFIG_FILE
     from .report import write_report
     from .store import ActivationStore
 
     def body() -> None:
+        saved = run_dir / RUN_CONFIG_FILE
+        cfg = load_toml(config) if config else (
+            from_dict(RunConfig, json.loads(saved.read_text())) if saved.exists() else RunConfig())
+        cfg = _set(cfg, split=_set(cfg.split, seed=seed))
         name = model or ActivationStore.open(run_dir / "store").meta.get("config", {}).get(
             "model", {}).get("name", "smollm2")
         try:
-            tokenizer = load_tokenizer(ModelConfig(name=name))
+            tokenizer = load_tokenizer(dataclasses.replace(cfg.harvest.model, name=name))
         except DarkMatterError as err:
             console.print(f"[yellow]token texts unavailable[/] ({err}); showing token ids")
             tokenizer = None
-        chosen = tuple(x.strip() for x in only.split(",")) if only else ANALYSES
-        run_analyses(run_dir, only=chosen, tokenizer=tokenizer, seed=seed or 0)
+        chosen = tuple(x.strip() for x in only.split(",")) if only else None
+        run_analyses(run_dir, only=chosen, cfg=cfg, tokenizer=tokenizer)
         Console().print(f"report: {write_report(run_dir / 'decompose', run_dir)}")
 
     _main(body)

@@ -29,7 +29,12 @@ import torch.nn.functional as F
 import transformers
 from huggingface_hub import is_offline_mode
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from sae_darkmatter._io import resolve_device
 from sae_darkmatter.config import ModelConfig
@@ -252,6 +257,17 @@ def hook_names(model: PreTrainedModel | LoadedModel) -> list[str]:
 def default_hook(model: PreTrainedModel | LoadedModel) -> str:
     """The residual stream after the middle layer."""
     return f"resid_post.{len(_decoder_layers(_unwrap(model))) // 2}"
+
+
+def default_hook_for(cfg: ModelConfig) -> str:
+    """``default_hook`` from the model's config alone (no weights are loaded)."""
+    source, _ = _resolve_source(cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(f"cannot read the config of model {cfg.name!r}: {exc}") from exc
+    config = getattr(config, "text_config", None) or config
+    return f"resid_post.{int(config.num_hidden_layers) // 2}"
 
 
 def parse_hook(model: PreTrainedModel | LoadedModel, name: str) -> tuple[str, int]:

@@ -2,10 +2,13 @@
 
 A run folder holds every stage's output::
 
+    out/run_config.json             the resolved RunConfig (hooks, model) the run used
     out/store/                      activation store (safetensors shards + manifest)
     out/saes/topk-w{W}-k{k}/        SAELens-format SAE folders (+ training.json)
+    out/saes/{hook}/topk-w{W}-k{k}/ one SAE per other hook, for cross-layer prediction
     out/decompose/{sae}.json        held-out metrics of each SAE (+ {sae}.safetensors probes)
-    out/analyses.json               scaling law, per-token scaling, norm baselines (+ figures)
+    out/analyses.json               encoder error, scaling law, per-token scaling, norm
+                                    baselines, cross-layer prediction (+ figures)
     out/metrics.json, out/report.html, out/figures/*.png
 
 Each stage is skipped when its output exists and was made from the same inputs and settings;
@@ -27,37 +30,39 @@ import torch
 
 from ._io import read_json, write_json
 from .analyses import run_analyses
-from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint
+from .analyses.cross_layer import default_sources
+from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
 from .decompose import decompose_many
 from .errors import DarkMatterError
 from .harvest import harvest
-from .models import AUTO_NAME, load_tokenizer
+from .models import AUTO_NAME, default_hook_for, load_tokenizer
 from .report import write_report
-from .saes import train_sae
 from .saes.formats import LoadedSAE, open_sae
 from .saes.registry import REGISTRY_PREFIX
+from .saes.train import train_grid
 from .splits import Splits, make_splits
 from .store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 
+RUN_CONFIG_FILE = "run_config.json"
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
 
 
 def quick(cfg: RunConfig) -> RunConfig:
-    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (< 3 min on a CPU)."""
+    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (a few minutes on a CPU)."""
     h = cfg.harvest
     corpus = dataclasses.replace(h.corpus, n_contexts=320)
     return dataclasses.replace(
         cfg,
         harvest=dataclasses.replace(h, corpus=corpus),
         train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=100_000),
+        pursuit=dataclasses.replace(cfg.pursuit, max_tokens=8_000),
+        downstream=dataclasses.replace(cfg.downstream, n_contexts=4),
+        error_saes=dataclasses.replace(
+            cfg.error_saes, train=dataclasses.replace(cfg.error_saes.train, train_tokens=24_000)),
     )
-
-
-def sae_name(width: int, k: int) -> str:
-    return f"topk-w{width}-k{k}"
 
 
 def train_saes(
@@ -69,19 +74,34 @@ def train_saes(
     hook: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Train one TopK SAE per (k, width) in ``cfg.ks`` × ``cfg.widths`` on the SAE-training split."""
+    """Train ``cfg``'s width × sparsity grid on the SAE-training split, in one pass over the data."""
     hook = hook or next(iter(store.hooks))
+    if splits.sae_train.size == 0:
+        raise DarkMatterError("the SAE-training split is empty (split.sae_train_fraction = 0)")
     x = store.gather(hook, splits.sae_train)
     metadata = {"model_name": store.meta.get("model_name"), "hook_name": hook,
                 "context_size": store.context_length}
-    dirs = []
-    for k in cfg.ks:
-        for width in cfg.widths:
-            path = Path(out_dir) / sae_name(width, k)
-            train_sae(x, width=width, k=k, cfg=cfg, out_dir=path, metadata=metadata,
-                      progress=progress)
-            dirs.append(path)
-    return dirs
+    return train_grid(x, cfg, out_dir, metadata=metadata, progress=progress)
+
+
+def cross_layer_hooks(cfg: RunConfig) -> tuple[str, ...]:
+    """The harvest's hooks: with cross-layer prediction on, the target plus its neighbours."""
+    hooks = cfg.harvest.hooks
+    if not cfg.cross_layer.enabled or cfg.saes or len(hooks) > 1:
+        return hooks
+    target = hooks[0] if hooks else default_hook_for(cfg.harvest.model)
+    return (target, *default_sources(target))
+
+
+def _train_source_saes(
+    store: ActivationStore, splits: Splits, cfg: SAETrainConfig, out_dir: Path, progress: bool
+) -> None:
+    """One SAE per non-target hook (widest width, middle sparsity) for cross-layer prediction."""
+    values = cfg.sparsity_values()
+    one = dataclasses.replace(cfg, widths=(max(cfg.widths),),
+                              **{cfg.sparsity_field(): (values[len(values) // 2],)})
+    for hook in list(store.hooks)[1:]:
+        train_saes(store, splits, one, out_dir / hook, hook=hook, progress=progress)
 
 
 def sae_label(spec: str | Path) -> str:
@@ -201,6 +221,9 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
         cfg = adopt_sae_metadata(cfg, open_saes(cfg.saes))
         cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, sae_train_fraction=0.0))
 
+    cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, hooks=cross_layer_hooks(cfg)))
+    write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
+
     t = time.perf_counter()
     store = harvest(cfg.harvest, out / "store", progress=progress)
     timings["harvest"] = time.perf_counter() - t
@@ -209,6 +232,8 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     t = time.perf_counter()
     saes: list[str | Path] = list(cfg.saes) or list(
         train_saes(store, splits, cfg.train, out / "saes", progress=progress))
+    if not cfg.saes and len(store.hooks) > 1:
+        _train_source_saes(store, splits, cfg.train, out / "saes", progress)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -221,7 +246,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     except DarkMatterError as err:
         log.warning("token texts unavailable (%s); showing token ids", err)
         tokenizer = None
-    run_analyses(out, tokenizer=tokenizer, seed=cfg.split.seed)
+    run_analyses(out, cfg=cfg, tokenizer=tokenizer, progress=progress)
     timings["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()

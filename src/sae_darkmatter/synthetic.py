@@ -385,7 +385,13 @@ def _fit_differences(grid: list[dict[str, Any]], fits: tuple[str, ...], n: int, 
 
 
 def _progress(enabled: bool):  # noqa: ANN202 (rich type is internal)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), disable=not enabled, transient=True)

@@ -357,19 +357,21 @@ def default_target_l0(points: Sequence[SweepPoint]) -> float:
 
 def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
                      target_l0: float | None = None, n_boot: int = 200,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, encoder_band: float | None = None) -> dict[str, Any]:
     """Run the scaling analysis; writes the two figures under ``out_dir/figures`` only.
 
     Returns a JSON-able summary: the (width, k) grid, target L0, the selected SAEs with their
     L0 distance, the fit (c, a, m with CIs), mean FVU_nonlinear with CI, per-width FVUs with CIs,
-    and figure paths relative to ``out_dir``.
+    and figure paths relative to ``out_dir``. ``encoder_band`` (the mean drop of FVU_nonlinear
+    under pursuit, from ``encoder_error``) splits the nonlinear band in the stacked figure.
     """
     out_dir = Path(out_dir)
     points = load_sweep(decompose_dir)
     target = default_target_l0(points) if target_l0 is None else float(target_l0)
     selected = select_at_l0(points, target)
     fit = fit_scaling(points, target, n_boot=n_boot, seed=seed)
-    stacked_figure(fit, selected, out_dir / STACKED_FIGURE)
+    floor = None if encoder_band is None else max(fit.fvu_nonlinear_mean - encoder_band, 0.0)
+    stacked_figure(fit, selected, out_dir / STACKED_FIGURE, pursuit_nonlinear=floor)
     contour_figure(points, out_dir / CONTOUR_FIGURE)
     return {
         "target_l0": target,
@@ -382,6 +384,7 @@ def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
                 "n_boot": fit.n_boot, "seed": seed, "n_test_tokens": int(selected[0][0].rows.size)},
         "fvu_nonlinear_mean": fit.fvu_nonlinear_mean,
         "fvu_nonlinear_mean_ci": list(fit.fvu_nonlinear_mean_ci),
+        "encoder_band": encoder_band,
         "per_width": [
             {"name": p.name, "width": w, "fvu": f, "fvu_ci": list(fc), "fvu_nonlinear": nl,
              "fvu_nonlinear_ci": list(nc)}

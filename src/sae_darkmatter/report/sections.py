@@ -77,11 +77,100 @@ def _norms(n: dict[str, Any], out_dir: Path) -> str:
     )
 
 
+def _encoder_error(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(e['name'])}</td><td>{e['width']:,}</td><td>{e['sae_l0']:.1f} / "
+        f"{e['pursuit_l0']:.1f}</td><td>{e['sae_fvu']:.4f} / {e['pursuit_fvu']:.4f}</td>"
+        f"<td>{e['sae_fvu_nonlinear']:.4f} / {e['pursuit_fvu_nonlinear']:.4f}</td>"
+        f"<td>{e['fvu_nonlinear_drop']:+.4f}</td></tr>" for e in r["per_sae"]
+    )
+    return (
+        f"<p>Each SAE of the scaling fit re-encoded by {esc(str(r['method']))} over its own decoder "
+        f"(L0 {esc(str(r['l0']))}), decomposed with the SAE on the same "
+        f"{r['n_probe_train']:,} + {r['n_probe_test']:,} probe-train/test tokens. The drop in FVU "
+        f"nonlinear is the encoder error (mean {r['fvu_nonlinear_drop_mean']:+.4f}; its band is "
+        f"drawn in the scaling figure).</p><table><tr><th>SAE</th><th>width</th>"
+        f"<th>L0 SAE / pursuit</th><th>FVU SAE / pursuit</th><th>FVU nonlinear SAE / pursuit</th>"
+        f"<th>encoder error</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
+def _cross_layer(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td>"
+        + "".join(f"<td>{p[t]['r2_pooled']:.3f}</td>" for t in ("error", "linear", "nonlinear"))
+        + f"<td>{p['nonlinear_remaining']:.3f}</td></tr>"
+        for name, p in r["predictors"].items()
+    )
+    best = r["best"]
+    return (
+        f"<p>Held-out R² (pooled) of predicting the {esc(r['target'])} SAE error e, its linear part "
+        f"ê and its nonlinear part e − ê linearly from other hooks' SAE reconstructions (and x); "
+        f"{r['n_probe_train']:,} fit / {r['n_probe_test']:,} scored tokens. Best set: "
+        f"<code>{esc(best['predictor'])}</code> leaves {100 * best['nonlinear_remaining']:.1f} % of "
+        f"FVU nonlinear ({best['fvu_nonlinear_before']:.4f} → {best['fvu_nonlinear_after']:.4f}; "
+        f"chosen on the scored tokens, so slightly optimistic).</p>"
+        f"<table><tr><th>predictors</th><th>R² e</th><th>R² ê</th><th>R² e − ê</th>"
+        f"<th>nonlinear left</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
+def _error_saes(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        + "".join(f"<td>{t[f'fvu_{p}']:.3f}</td>" for p in ("error", "linear", "nonlinear"))
+        + "".join(f"<td>{t[f'dead_{p}']}</td>" for p in ("error", "linear", "nonlinear"))
+        + "</tr>" for t in r["table"]
+    )
+    tokens = r["bases"][0]["tokens"] if r["bases"] else {}
+    return (
+        f"<p>SAEs trained on the SAE error e, its linear part ê and its nonlinear part e − ê, on "
+        f"tokens the error probe never saw ({tokens.get('train', 0):,} train / "
+        f"{tokens.get('eval', 0):,} held-out tokens, split by context). Held-out FVU of each "
+        f"target and dead latents, compared at matched L0:</p>"
+        f"<table><tr><th>base SAE</th><th>width</th><th>L0</th><th>FVU e</th><th>FVU ê</th>"
+        f"<th>FVU e − ê</th><th>dead e</th><th>dead ê</th><th>dead e − ê</th></tr>{rows}</table>"
+        + figures_html(r["figures"], out_dir)
+    )
+
+
+def _downstream(r: dict[str, Any], out_dir: Path) -> str:
+    def ci(v: float, c: Any) -> str:
+        return f"{v:.2f} <small>[{c[0]:.2f}, {c[1]:.2f}]</small>"
+
+    rows = "".join(
+        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        f"<td>{t['ce_increase_sae']:+.3f}</td>"
+        + "".join(f"<td>{ci(t[f'ce_gap_closed_{p}'], t[f'ce_gap_closed_{p}_ci'])}</td>"
+                  f"<td>{t[f'fvu_gap_closed_{p}']:.2f}</td>" for p in ("linear", "nonlinear"))
+        + f"<td>{t['ce_gap_closed_sae+random@error']:.2f}</td></tr>" for t in r["table"]
+    )
+    tok, sh = r["tokens"], r["shared"]
+    clean = sh["clean"]["ce"]["mean"]
+    ablations = ", ".join(f"{name} ablation {sh[key]['ce']['mean']:.3f}"
+                          for key, name in (("zero", "zero"), ("mean", "mean")) if key in sh)
+    return (
+        f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
+        f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
+        f"{tok['averaged']:,} tokens. Clean CE {clean:.3f} (equal to the harvest's stored loss: max "
+        f"difference {r['check'].get('clean_vs_stored_max_abs') or 0:.1e}); {esc(ablations)}. Share of "
+        f"the CE gap of x̂ closed by adding each error part (95 % bootstrap over contexts) next to "
+        f"the share of the FVU it closes; the last column adds a random vector of ‖e‖ instead.</p>"
+        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>ΔCE x̂</th><th>CE gap closed "
+        f"by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th><th>FVU closed by "
+        f"e − ê</th><th>random ‖e‖</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
 # analysis name in analyses.json -> (section title, renderer), in report order
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], str]]] = {
     "scaling": ("Scaling with width", _scaling),
     "per_token": ("Per-token scaling", _per_token),
     "norms": ("Predicting the error norm: baselines", _norms),
+    "encoder_error": ("Encoder error: pursuit over the SAE's decoder", _encoder_error),
+    "cross_layer": ("Predicting the error from other hooks' SAEs", _cross_layer),
+    "error_saes": ("SAEs trained on each part of the error", _error_saes),
+    "downstream": ("Downstream loss of each part of the error", _downstream),
 }
 
 

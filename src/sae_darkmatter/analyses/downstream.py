@@ -1,0 +1,524 @@
+"""Downstream cross-entropy of SAE error parts (paper Fig. 9): splice interventions into the LM.
+
+For chosen evaluation contexts of a run (never SAE-training contexts), the real model runs
+clean once per batch and then once per intervention with the hook's output replaced at the
+spliced positions (by default exactly the tokens the run's ``TokenFilter`` keeps; earlier
+positions, special tokens and norm outliers keep their clean activation). Interventions:
+
+- shared: ``x`` (identity: must reproduce the clean loss), ``zero`` and ``mean`` ablation
+  (mean over the run's SAE-training tokens);
+- per SAE: ``sae`` (x̂), ``sae+linear`` (x̂ + ê), ``sae+nonlinear`` (x̂ + e − ê) and the
+  random-direction controls ``sae+random@error`` (x̂ + ‖e‖·u), ``sae+linear+random@nonlinear``
+  (x̂ + ê + ‖e − ê‖·u) and ``sae+nonlinear+random@linear`` (x̂ + e − ê + ‖ê‖·u), with ``u`` a
+  seeded isotropic unit vector per token (one per (context, position), shared by all SAEs).
+
+Per token: next-token CE and KL(clean ‖ spliced) over the vocabulary. Averages cover the kept
+tokens of the chosen contexts except the last position (no next token). "Gap closed" by an
+intervention is (CE(x̂) − CE(i)) / (CE(x̂) − CE(x)); it is reported next to each error part's
+share of Σ‖e‖² and its "FVU gap closed" (1 − Σ‖other part‖²/Σ‖e‖², the paper's "R² recovered"),
+with percentile bootstrap CIs over contexts.
+
+The splice is exact, not an approximation: the decoder layers before the hook replay their
+clean outputs (so only the layers from the hook on run again) and the hook module returns the
+replacement; the identity splice reproduces the clean logits bit for bit, and the clean loss is
+checked against the loss the harvest stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from torch import nn
+
+from .._io import atomic_path
+from ..config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
+from ..decompose import SavedDecomposition, load_decompositions
+from ..errors import DarkMatterError, HookError
+from ..linalg import LinearProbe
+from ..models import LoadedModel, hook_module, load_model, parse_hook
+from ..report.figures import plt, save_figure
+from ..saes import SAE
+from ..saes.formats import open_sae
+from ..splits import Splits, make_splits
+from ..store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+SHARED = ("x", "zero", "mean")
+PER_SAE = ("sae", "sae+linear", "sae+nonlinear", "sae+random@error",
+           "sae+linear+random@nonlinear", "sae+nonlinear+random@linear")
+PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
+PER_TOKEN_FILE = "downstream/per_token.safetensors"
+SHARES_FIGURE = "figures/downstream_shares.png"
+CE_FIGURE = "figures/downstream_ce.png"
+
+
+# ---------------------------------------------------------------------------- the splice
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_first(output: Any, tensor: torch.Tensor) -> Any:
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+@contextmanager
+def _constant_forwards(outputs: Mapping[nn.Module, Any]) -> Iterator[None]:
+    """Make each module's forward return a fixed output (skipping its computation)."""
+    saved = {m: m.__dict__.get("forward") for m in outputs}
+    try:
+        for m, out in outputs.items():
+            m.forward = lambda *_a, _out=out, **_k: _out
+        yield
+    finally:
+        for m, fwd in saved.items():
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+
+
+class HookSplicer:
+    """Run an LM clean, then with the output of hook ``hook`` replaced, on the same batch.
+
+    ``clean(ids)`` runs the whole model and remembers the outputs of the hook module and of the
+    decoder layer before it; ``splice(ids, new)`` then runs the model with the earlier layers
+    replaying that output and the hook module returning ``new``, so only the rest is computed.
+    Works for every hook kind ``models`` supports (resid_post, attn_out, mlp_out).
+    """
+
+    def __init__(self, lm: LoadedModel, hook: str) -> None:
+        _, layer = parse_hook(lm.model, hook)
+        self.lm = lm
+        self.module = hook_module(lm.model, hook)
+        self.skipped = [hook_module(lm.model, f"resid_post.{i}") for i in range(layer)]
+        self._hook_out: Any = None
+        self._prev_out: Any = None
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
+
+    def clean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hook activations [B, T, d] float32, logits [B, T, V])`` of the clean forward."""
+        captured: dict[str, Any] = {}
+        handles = [self.module.register_forward_hook(lambda _m, _a, out: captured.update(hook=out))]
+        if self.skipped:
+            handles.append(self.skipped[-1].register_forward_hook(
+                lambda _m, _a, out: captured.update(prev=out)))
+        try:
+            logits = self._logits(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        if "hook" not in captured:
+            raise HookError(f"the hook module produced no output on {type(self.lm.model).__name__}")
+        self._hook_out, self._prev_out = captured["hook"], captured.get("prev")
+        return _first(self._hook_out).float(), logits
+
+    def splice(self, ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` with the hook output replaced by ``new`` ([B, T, d]) for ``ids``."""
+        if self._hook_out is None:
+            raise DarkMatterError("HookSplicer.splice needs a clean() forward on the same batch first")
+        out = _with_first(self._hook_out, new.to(_first(self._hook_out).dtype))
+        with _constant_forwards({self.module: out} | {m: self._prev_out for m in self.skipped}):
+            return self._logits(ids)
+
+
+def ce_kl(logits: torch.Tensor, ids: torch.Tensor,
+          clean_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token CE and KL(clean ‖ this) ``[B, T]`` (last position NaN), float32 CPU.
+
+    ``clean_logp`` holds the clean next-token log-probabilities ``[B, T−1, V]``.
+    """
+    ce, kl = torch.full(ids.shape, float("nan")), torch.full(ids.shape, float("nan"))
+    ids = ids.to(logits.device)
+    for i in range(ids.shape[0]):  # one row at a time bounds the [T, V] temporaries
+        logq = logits[i, :-1].float().log_softmax(-1)
+        ce[i, :-1] = -logq.gather(1, ids[i, 1:, None])[:, 0].cpu()
+        kl[i, :-1] = F.kl_div(logq, clean_logp[i], log_target=True, reduction="none").sum(-1).cpu()
+    return ce, kl
+
+
+def random_directions(contexts: np.ndarray, length: int, d: int, seed: int) -> torch.Tensor:
+    """Isotropic unit vectors ``[n, length, d]``, a pure function of (seed, context, position)."""
+    out = np.stack([np.random.default_rng([seed, int(c)]).standard_normal((length, d)) for c in contexts])
+    return torch.from_numpy(out / np.linalg.norm(out, axis=-1, keepdims=True)).float()
+
+
+def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
+                  u: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The per-SAE replacements of activations ``x [m, d]`` and per-token ‖e‖², ‖ê‖², ‖e − ê‖².
+
+    ``u [m, d]`` are unit directions for the random controls.
+    """
+    with torch.inference_mode():
+        x_hat = sae.forward(x)
+        e = x - x_hat
+        lin = probe.predict(x)
+    nl = e - lin
+    n_err, n_lin, n_nl = (v.norm(dim=1, keepdim=True) for v in (e, lin, nl))
+    new = {"sae": x_hat, "sae+linear": x_hat + lin, "sae+nonlinear": x_hat + nl,
+           "sae+random@error": x_hat + n_err * u, "sae+linear+random@nonlinear": x_hat + lin + n_nl * u,
+           "sae+nonlinear+random@linear": x_hat + nl + n_lin * u}
+    sq = {"err_sq": n_err[:, 0] ** 2, "linear_sq": n_lin[:, 0] ** 2, "nonlinear_sq": n_nl[:, 0] ** 2}
+    return new, sq
+
+
+def _replacements(xm: torch.Tensor, mean: torch.Tensor, saes: Mapping[str, tuple[SAE, LinearProbe]],
+                  u: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Replacement values ``[m, d]`` of every intervention, and per-token squared norms ``[m]``."""
+    yield from (("shared/x", xm), ("shared/zero", torch.zeros_like(xm)),
+                ("shared/mean", mean.to(xm).expand_as(xm)))
+    for name, (sae, probe) in saes.items():
+        new, sq = interventions(xm, sae, probe, u)
+        yield from ((f"{name}/{key}", value) for key, value in (sq | new).items())
+
+
+def splice_contexts(
+    lm: LoadedModel,
+    hook: str,
+    tokens: np.ndarray,
+    contexts: np.ndarray,
+    spliced: np.ndarray,
+    saes: Mapping[str, tuple[SAE, LinearProbe]],
+    mean: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """CE/KL of every intervention on ``tokens [n, T]`` (global ids ``contexts``), per token.
+
+    ``spliced [n, T]`` marks the positions replaced. Returns ``[n, T]`` float32 arrays keyed
+    ``"clean/ce"``, ``"shared/<i>/ce|kl"``, ``"<sae>/<i>/ce|kl"`` and ``"<sae>/<part>"`` (parts
+    NaN where not spliced).
+    """
+    n, t = tokens.shape
+    splicer = HookSplicer(lm, hook)
+    out: dict[str, np.ndarray] = {}
+
+    def put(key: str, lo: int, value: torch.Tensor) -> None:
+        out.setdefault(key, np.full((n, t), np.nan, np.float32))[lo : lo + value.shape[0]] = value.numpy()
+
+    n_forwards = len(SHARED) + len(PER_SAE) * len(saes)
+    with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():
+        task = bar.add_task(f"splice {hook}: {len(saes)} SAE(s)", total=n * n_forwards)
+        for lo in range(0, n, batch_size):
+            ids = torch.from_numpy(tokens[lo : lo + batch_size].astype(np.int64))
+            mask = torch.from_numpy(spliced[lo : lo + batch_size]).to(lm.device)
+            x, logits = splicer.clean(ids)
+            clean_logp = logits[:, :-1].float().log_softmax(-1)
+            del logits
+            clean_ce = torch.full(ids.shape, float("nan"))
+            clean_ce[:, :-1] = -clean_logp.gather(2, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
+            put("clean/ce", lo, clean_ce)
+            u = random_directions(contexts[lo : lo + batch_size], t, x.shape[-1], seed).to(x.device)
+            for key, values in _replacements(x[mask], mean, saes, u[mask]):
+                if values.ndim == 1:  # a per-token squared norm, NaN where not spliced
+                    full = torch.full(mask.shape, float("nan"), device=x.device)
+                    full[mask] = values.float()
+                    put(key, lo, full.cpu())
+                    continue
+                new = x.clone()
+                new[mask] = values.to(new.dtype)
+                ce, kl = ce_kl(splicer.splice(ids, new), ids, clean_logp)
+                put(f"{key}/ce", lo, ce)
+                put(f"{key}/kl", lo, kl)
+                bar.advance(task, ids.shape[0])
+    return out
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def _stat(v: np.ndarray) -> dict[str, Any]:
+    """Row 0 is the point estimate, the rest bootstrap draws: mean and 95 % percentile interval."""
+    return {"mean": float(v[0]), "ci": [float(np.nanpercentile(v[1:], 2.5)), float(np.nanpercentile(v[1:], 97.5))]}
+
+
+def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: list[str], *,
+              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Means with bootstrap CIs over contexts (rows of the ``[n, T]`` arrays).
+
+    CE/KL are averaged over ``averaged`` tokens; squared norms are summed over spliced tokens.
+    """
+    n = averaged.shape[0]
+    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    w = np.vstack([np.ones(n), w])  # row 0: the sample itself
+
+    def sums(key: str, mask: np.ndarray = averaged) -> np.ndarray:
+        return w @ np.where(mask, per_token[key].astype(np.float64), 0.0).sum(axis=1)
+
+    count, clean = w @ averaged.sum(axis=1), sums("clean/ce")
+
+    def loss_stats(ce: np.ndarray, kl: np.ndarray) -> dict[str, Any]:
+        return {"ce": _stat(ce / count), "ce_increase": _stat((ce - clean) / count), "kl": _stat(kl / count)}
+
+    out: dict[str, Any] = {"shared": {"clean": {"ce": _stat(clean / count)}}, "saes": {}}
+    out["shared"] |= {i: loss_stats(sums(f"shared/{i}/ce"), sums(f"shared/{i}/kl")) for i in SHARED}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in names:
+            ce = {i: sums(f"{name}/{i}/ce") for i in PER_SAE}
+            kl = {i: sums(f"{name}/{i}/kl") for i in PER_SAE}
+            stats = {i: loss_stats(ce[i], kl[i]) for i in PER_SAE}
+            sq = {p: sums(f"{name}/{p}", np.isfinite(per_token[f"{name}/{p}"])) for p in PARTS}
+            share = {"linear": sq["linear_sq"] / sq["err_sq"], "nonlinear": sq["nonlinear_sq"] / sq["err_sq"]}
+            out["saes"][name] = {
+                **{key: {i: stats[i][key] for i in PER_SAE} for key in ("ce", "ce_increase", "kl")},
+                "ce_gap_closed": {i: _stat((ce["sae"] - ce[i]) / (ce["sae"] - clean)) for i in PER_SAE},
+                "kl_gap_closed": {i: _stat((kl["sae"] - kl[i]) / kl["sae"]) for i in PER_SAE},
+                "sq_norm_share": {p: _stat(v) for p, v in share.items()},
+                "fvu_gap_closed": {"linear": _stat(1 - share["nonlinear"]),
+                                   "nonlinear": _stat(1 - share["linear"])},
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------- run folder
+
+
+def open_run_sae(d: SavedDecomposition, run_dir: Path, device: torch.device | str = "cpu") -> SAE:
+    """The SAE a decomposition names (folder, relative to the run if need be, or registry spec)."""
+    spec = str(d.info["sae"]["path"])
+    if not Path(spec).exists() and (run_dir / spec).exists():
+        spec = str(run_dir / spec)
+    return open_sae(spec, device=device).sae.eval()
+
+
+def error_probe(d: SavedDecomposition) -> LinearProbe:
+    """The decomposition's error probe ê = x·W + b (fit on the probe-train tokens)."""
+    with safe_open(str(d.probe_path), framework="pt") as fh:
+        return LinearProbe(fh.get_tensor("error_probe.weight"), fh.get_tensor("error_probe.bias"))
+
+
+def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The sweep's two slices: SAEs of the k with most widths (by width), of the width with most ks (by L0).
+
+    Ties: the k nearest the median k, the largest width. Items need "width", "k" and "l0".
+    """
+    ks = [s["k"] for s in saes if s["k"] is not None]
+    median = float(np.median(ks)) if ks else 0.0
+    by_k: dict[Any, list[dict[str, Any]]] = {}
+    by_w: dict[int, list[dict[str, Any]]] = {}
+    for s in saes:
+        by_k.setdefault(s["k"], []).append(s)
+        by_w.setdefault(s["width"], []).append(s)
+    k = max(by_k, key=lambda k: (len(by_k[k]), -abs((k or 0) - median)))
+    w = max(by_w, key=lambda w: (len(by_w[w]), w))
+    out = [(f"k = {k}, by width", sorted(by_k[k], key=lambda s: s["width"]))]
+    if len(by_w[w]) > 1:
+        out.append((f"width = {w:,}, by L0", sorted(by_w[w], key=lambda s: s["l0"])))
+    return out
+
+
+def select_saes(decs: list[SavedDecomposition], cfg: DownstreamConfig) -> list[SavedDecomposition]:
+    """The decompositions ``cfg`` asks for (see ``DownstreamConfig``), in sweep order."""
+    names = [d.name for d in decs]
+    if cfg.saes:
+        missing = sorted(set(cfg.saes) - set(names))
+        if missing:
+            raise DarkMatterError(f"no decomposition for {missing}; available: {names}")
+        return [d for d in decs if d.name in cfg.saes]
+    if cfg.select not in ("all", "cross"):
+        raise DarkMatterError(f"downstream select must be 'all' or 'cross', got {cfg.select!r}")
+    if cfg.select == "all":
+        return decs
+    items = [{"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"]} for d in decs]
+    chosen = {s["name"] for _, group in panels(items) for s in group}
+    return [d for d in decs if d.name in chosen]
+
+
+def store_contexts(store: ActivationStore) -> np.ndarray:
+    """Token ids ``[n_contexts, T]`` of every stored context (row ``c·T + t`` is position t of c)."""
+    t = store.context_length
+    tokens, context, position = (store.column(c) for c in ("tokens", "context", "position"))
+    n = tokens.size // t
+    if (tokens.size % t or not np.array_equal(context, np.repeat(np.arange(n), t))
+            or not np.array_equal(position, np.tile(np.arange(t), n))):
+        raise DarkMatterError(f"{store.path}: rows are not whole contexts in order; cannot rebuild them")
+    return tokens.reshape(n, t)
+
+
+def downstream_analysis(
+    run_dir: str | Path,
+    *,
+    lm: LoadedModel | None = None,
+    cfg: DownstreamConfig | None = None,
+    split: SplitConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Splice every chosen SAE of ``run_dir`` into the LM; write per-token values and figures.
+
+    ``lm`` defaults to the harvest's model (from the store's metadata); ``split`` must be the
+    run's split config (checked against the decompositions' test rows). Writes
+    ``downstream/per_token.safetensors`` and ``figures/downstream_{shares,ce}.png``.
+    """
+    run_dir, cfg, split = Path(run_dir), cfg or DownstreamConfig(), split or SplitConfig()
+    t0 = time.perf_counter()
+    store = ActivationStore.open(run_dir / "store")
+    decs = select_saes(load_decompositions(run_dir / "decompose"), cfg)
+    hook = decs[0].info["metrics"]["hook"]
+    splits = make_splits(store, split, hook=hook)
+    if not np.array_equal(splits.probe_test, decs[0].tokens["rows"]):
+        raise DarkMatterError("the split settings differ from the run's (probe-test rows do not match "
+                              "the decompositions); pass the run's SplitConfig")
+    tokens = store_contexts(store)
+    chosen, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
+    lm = lm or load_model(from_dict(ModelConfig, store.meta["config"]["model"]))
+    mean_rows = splits.sae_train if splits.sae_train.size else splits.probe_train  # pretrained SAEs: no SAE split
+    mean = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows)) / mean_rows.size
+    saes = {d.name: (open_run_sae(d, run_dir, lm.device), error_probe(d)) for d in decs}
+    log.info("splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d", len(saes), hook,
+             chosen.size, len(SHARED) + len(PER_SAE) * len(saes), cfg.batch_size)
+    t1 = time.perf_counter()
+    per_token = splice_contexts(lm, hook, tokens[chosen], chosen, spliced, saes, mean,
+                                batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    seconds = time.perf_counter() - t1
+    stored = store.column("loss").reshape(tokens.shape)[chosen]
+    check = _check(per_token, stored, cfg.loss_tolerance)
+    per_token |= {"stored_loss": stored, "contexts": chosen, "spliced": spliced, "averaged": averaged}
+    with atomic_path(run_dir / PER_TOKEN_FILE) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp))
+    summary = summarize(per_token, averaged, list(saes), n_boot=cfg.n_boot, seed=cfg.seed)
+    rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
+    result = {
+        "hook": hook, "model": lm.name, "contexts": chosen.tolist(),
+        "tokens": {"contexts": int(chosen.size), "positions": int(rows.size),
+                   "spliced": int(spliced.sum()), "averaged": int(averaged.sum()),
+                   "averaged_probe_train": int(np.isin(rows[averaged], splits.probe_train).sum()),
+                   "averaged_probe_test": int(np.isin(rows[averaged], splits.probe_test).sum()),
+                   "note": "CE/KL are averaged over the kept tokens (TokenFilter) of evaluation contexts, "
+                           "last position excluded; the error probes were fit on the probe-train tokens "
+                           "among them"},
+        "check": check,
+        "config": asdict(cfg), "mean_ablation_tokens": int(mean_rows.size),
+        "shared": summary["shared"],
+        "saes": [{"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"],
+                  **summary["saes"][d.name]} for d in decs],
+        "per_token_file": PER_TOKEN_FILE,
+        "seconds_splice": round(seconds, 2),
+        "seconds_per_context": round(seconds / max(chosen.size, 1), 3),
+    }
+    result["table"] = table(result)
+    result["figures"] = {"shares": str(shares_figure(result, run_dir / SHARES_FIGURE).relative_to(run_dir)),
+                         "ce": str(ce_figure(result, run_dir / CE_FIGURE).relative_to(run_dir))}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per SAE: CE increase of x̂, then per part the CE gap closed (with CI) next to
+    its FVU gap closed and share of Σ‖e‖², and the CE gap closed by the random controls."""
+    rows = []
+    for s in result["saes"]:
+        row = {"sae": s["name"], "width": s["width"], "k": s["k"], "l0": s["l0"],
+               "ce_increase_sae": s["ce_increase"]["sae"]["mean"], "kl_sae": s["kl"]["sae"]["mean"]}
+        for part in ("linear", "nonlinear"):
+            gap = s["ce_gap_closed"][f"sae+{part}"]
+            row |= {f"ce_gap_closed_{part}": gap["mean"], f"ce_gap_closed_{part}_ci": gap["ci"],
+                    f"fvu_gap_closed_{part}": s["fvu_gap_closed"][part]["mean"],
+                    f"sq_norm_share_{part}": s["sq_norm_share"][part]["mean"]}
+        rows.append(row | {f"ce_gap_closed_{k}": s["ce_gap_closed"][k]["mean"] for k in PER_SAE[3:]})
+    return rows
+
+
+def _choose(splits: Splits, shape: tuple[int, int], split: SplitConfig,
+            cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded evaluation contexts (sorted) and their ``[n, T]`` spliced and averaged masks."""
+    n_ctx, t = shape
+    evaluation = np.union1d(splits.probe_train, splits.probe_test)
+    pool = np.unique(evaluation // t)
+    if cfg.n_contexts < 1 or cfg.batch_size < 1:
+        raise DarkMatterError("downstream n_contexts and batch_size must be >= 1")
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(pool)[: cfg.n_contexts])
+    kept = np.zeros(n_ctx * t, bool)
+    kept[evaluation] = True
+    kept = kept.reshape(n_ctx, t)[chosen]
+    spliced = kept.copy()
+    if cfg.splice_all_after_skip:
+        spliced[:, split.filter.skip_positions:] = True
+    averaged = kept.copy()
+    averaged[:, -1] = False
+    return chosen.astype(np.int64), spliced, averaged
+
+
+def _check(per_token: Mapping[str, np.ndarray], stored: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Clean CE vs the stored harvest loss, and the identity splice vs clean (must agree)."""
+    clean, ident = per_token["clean/ce"], per_token["shared/x/ce"]
+    valid = np.isfinite(stored)
+    out = {"clean_vs_stored_max_abs": float(np.abs(clean - stored)[valid].max()) if valid.any() else None,
+           "identity_vs_clean_max_abs": float(np.nanmax(np.abs(ident - clean))),
+           "identity_max_kl": float(np.nanmax(np.abs(per_token["shared/x/kl"]))),
+           "tolerance": tolerance}
+    if out["clean_vs_stored_max_abs"] is not None and out["clean_vs_stored_max_abs"] > tolerance:
+        raise DarkMatterError(f"clean CE differs from the harvest's stored loss by up to "
+                              f"{out['clean_vs_stored_max_abs']:.3g} nats: the model or contexts are not "
+                              "the ones harvested (load the model with the harvest's ModelConfig)")
+    if out["identity_vs_clean_max_abs"] > tolerance:
+        raise HookError("the identity splice does not reproduce the clean loss on this architecture")
+    return out
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def shares_figure(result: dict[str, Any], path: Path) -> Path:
+    """Bars: CE gap closed by the linear / nonlinear part (95 % CI); markers: FVU gap closed."""
+    slices = panels(result["saes"])
+    fig, axes = plt.subplots(1, len(slices), figsize=(5.2 * len(slices), 3.9), squeeze=False)
+    for ax, (title, rows), by in zip(axes[0], slices, ("width", "l0")):
+        pos = np.arange(len(rows))
+        for j, (part, colour) in enumerate((("linear", "#e8a33d"), ("nonlinear", "#2a6f97"))):
+            stat = [r["ce_gap_closed"][f"sae+{part}"] for r in rows]
+            mean = np.array([s["mean"] for s in stat])
+            err = np.abs(np.array([s["ci"] for s in stat]).T - mean)
+            ax.bar(pos + (j - 0.5) * 0.38, mean, 0.38, yerr=err, color=colour, capsize=3,
+                   label=f"CE gap closed by {part} error")
+            ax.plot(pos + (j - 0.5) * 0.38, [r["fvu_gap_closed"][part]["mean"] for r in rows], "D",
+                    color="black", ms=4, label="FVU gap closed" if j == 0 else None)
+        labels = [f"{r['width']:,}" if by == "width" else f"{r['l0']:.0f}" for r in rows]
+        ax.set_xticks(pos, labels)
+        ax.set_xlabel("SAE width" if by == "width" else "L0")
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("share of the SAE's gap closed")
+    axes[0][0].legend(frameon=False, fontsize=7)
+    fig.suptitle(f"Splicing x̂ + error part at {result['hook']} ({result['tokens']['contexts']} contexts)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def ce_figure(result: dict[str, Any], path: Path) -> Path:
+    """CE increase over the clean model per intervention and SAE; ablations as horizontal lines."""
+    saes = sorted(result["saes"], key=lambda s: (s["k"] or 0, s["width"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(saes) + 3), 4.2))
+    pos = np.arange(len(saes))
+    for key, colour in zip(PER_SAE, plt.cm.tab10(np.arange(len(PER_SAE)))):
+        ax.plot(pos, [s["ce_increase"][key]["mean"] for s in saes], "o", color=colour, label=key, ms=5)
+    for key, ls in (("zero", ":"), ("mean", "--")):
+        ax.axhline(result["shared"][key]["ce_increase"]["mean"], color="grey", ls=ls, label=f"{key} ablation")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    lowest = min(s["ce_increase"][key]["mean"] for s in saes for key in PER_SAE)
+    ax.set_ylim(bottom=min(0.0, 1.5 * lowest))
+    ax.set_xticks(pos, [s["name"] for s in saes], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("CE − clean CE (nats/token)")
+    ax.set_title(f"Downstream loss of splices at {result['hook']}", fontsize=10)
+    ax.legend(frameon=False, fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

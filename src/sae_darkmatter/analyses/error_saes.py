@@ -1,0 +1,208 @@
+"""SAEs trained on the SAE error and on its linear and nonlinear parts (paper Fig. 8).
+
+For a base SAE of a run, the error ``e = x − x̂``, its linear part ``ê = [x, 1]·W`` (the probe
+that decompose fit on the probe-train tokens) and its nonlinear part ``e − ê`` are computed on
+the probe-test tokens only, which the probe never saw. Those tokens are split by context
+(seeded) into a training and an evaluation part; one SAE per (target, width, k) of the same
+architecture and sweep is trained on each target and scored on the evaluation part: FVU of its
+own target, unexplained variance relative to the error's, L0 and dead latents (never active on
+the evaluation tokens). FVUs of the three targets are compared at matched L0 by log-log
+interpolation over each target's own L0 sweep.
+
+SAEs go to ``<run>/error_saes/<base>/<target>/<arch>-w{W}-k{k}/`` (reruns reuse them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import read_json
+from ..config import ErrorSAEConfig, to_dict
+from ..decompose import SavedDecomposition, load_decompositions
+from ..errors import DarkMatterError
+from ..linalg import R2Accumulator
+from ..report.figures import plt, save_figure
+from ..saes import SAE, load_sae
+from ..saes.train import train_grid
+from ..store import ActivationStore
+from .downstream import error_probe, open_run_sae
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("error", "linear", "nonlinear")
+FIGURE = "figures/error_saes.png"
+
+
+
+
+
+def split_by_context(rows: np.ndarray, contexts: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rows`` (with their ``contexts``) into (train, eval) rows by a seeded context split."""
+    ids = np.unique(contexts)
+    if ids.size < 2 or not 0.0 < fraction < 1.0:
+        raise DarkMatterError(f"need >= 2 contexts and 0 < train_fraction < 1 (have {ids.size} "
+                              f"contexts, fraction {fraction}); harvest more contexts")
+    n_train = min(max(1, round(fraction * ids.size)), ids.size - 1)
+    train_ids = np.random.default_rng(seed).permutation(ids)[:n_train]
+    in_train = np.isin(contexts, train_ids)
+    return rows[in_train], rows[~in_train]
+
+
+def error_targets(store: ActivationStore, hook: str, rows: np.ndarray, sae: SAE, dec: SavedDecomposition,
+                  *, chunk_rows: int = 8192) -> dict[str, torch.Tensor]:
+    """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 ``[len(rows), d]`` (rows sorted)."""
+    probe = error_probe(dec)
+    parts: dict[str, list[torch.Tensor]] = {t: [] for t in TARGETS}
+    with torch.inference_mode():
+        for _, x in store.iter_chunks(hook, rows, chunk_rows):
+            e = x - sae.forward(x)
+            lin = probe.predict(x)
+            for key, value in zip(TARGETS, (e, lin, e - lin)):
+                parts[key].append(value.clone())
+    return {k: torch.cat(v) if v else torch.zeros(0, store.d(hook)) for k, v in parts.items()}
+
+
+def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192) -> dict[str, Any]:
+    """Held-out FVU of ``sae`` on ``y``, its residual over the error's total variance, L0, dead latents."""
+    acc = R2Accumulator(y.shape[1])
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    active = 0
+    with torch.inference_mode():
+        for chunk in y.split(chunk_rows):
+            z = sae.encode(chunk)
+            acc.update(chunk, sae.decode(z))
+            fired |= (z != 0).any(0)
+            active += int((z != 0).sum())
+    return {"fvu": acc.fvu(), "unexplained_over_error_var": acc.sse() / error_sst,
+            "l0": active / max(y.shape[0], 1), "dead": int((~fired).sum()),
+            "dead_fraction": float((~fired).float().mean())}
+
+
+def _total_var(y: torch.Tensor) -> float:
+    acc = R2Accumulator(y.shape[1])
+    acc.update(y, y)
+    return acc.sst()
+
+
+def train_on_targets(train: dict[str, torch.Tensor], held_out: dict[str, torch.Tensor], cfg: ErrorSAEConfig,
+                     out_dir: Path, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train the ``cfg.train`` grid on each target; one row of held-out scores per SAE.
+
+    ``sparsity`` is the grid's sparsity value (k for TopK SAEs).
+    """
+    error_sst = _total_var(held_out["error"])
+    grid = [(s, w) for s in cfg.train.sparsity_values() for w in cfg.train.widths]  # train_grid's order
+    rows = []
+    for target in TARGETS:
+        folders = train_grid(train[target], cfg.train, out_dir / target, progress=progress,
+                             metadata={"error_target": target, "base_sae": out_dir.name})
+        for folder, (sparsity, width) in zip(folders, grid):
+            rows.append({"target": target, "width": width, "sparsity": sparsity, "path": str(folder),
+                         **score(load_sae(folder).eval(), held_out[target], error_sst),
+                         "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction")})
+    return rows
+
+
+def matched_l0(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per error SAE: each target's FVU at its L0 (log-log interpolation over that target's L0
+    sweep at the same width; None outside it) and the dead latents of each target's SAE of the
+    same width and sparsity (None if absent)."""
+    out = []
+    for width in sorted({r["width"] for r in rows}):
+        by_target = {t: sorted((r for r in rows if r["width"] == width and r["target"] == t),
+                               key=lambda r: r["l0"]) for t in TARGETS}
+        for ref in by_target["error"]:
+            fvu, dead = {}, {}
+            for t, pts in by_target.items():
+                l0 = np.log([p["l0"] for p in pts])
+                inside = pts and l0[0] - 1e-9 <= np.log(ref["l0"]) <= l0[-1] + 1e-9
+                fvu[t] = (float(np.exp(np.interp(np.log(ref["l0"]), l0, np.log([p["fvu"] for p in pts]))))
+                          if inside else None)
+                dead[t] = next((p["dead"] for p in pts if p.get("sparsity") == ref.get("sparsity")), None)
+            out.append({"width": width, "sparsity": ref.get("sparsity"), "l0": ref["l0"], "fvu": fvu,
+                        "dead": dead})
+    return out
+
+
+def _default_base(decs: list[SavedDecomposition]) -> SavedDecomposition:
+    ks = [d.k for d in decs if d.k is not None]
+    median = float(np.median(ks)) if ks else 0.0
+    return max(decs, key=lambda d: (d.width, -abs((d.k or 0) - median), -(d.k or 0)))
+
+
+def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Train and score SAEs on e, ê and e − ê of each chosen base SAE; write ``figures/error_saes.png``."""
+    run_dir, cfg = Path(run_dir), cfg or ErrorSAEConfig()
+    t0 = time.perf_counter()
+    store = ActivationStore.open(run_dir / "store")
+    decs = load_decompositions(run_dir / "decompose")
+    names = {d.name: d for d in decs}
+    missing = sorted(set(cfg.saes) - set(names))
+    if missing:
+        raise DarkMatterError(f"no decomposition for {missing}; available: {sorted(names)}")
+    bases = [names[n] for n in cfg.saes] if cfg.saes else [_default_base(decs)]
+    results = []
+    for dec in bases:
+        hook = dec.info["metrics"]["hook"]
+        rows = dec.tokens["rows"].astype(np.int64)  # the probe-test tokens: unseen by the probe
+        train_rows, eval_rows = split_by_context(rows, store.column("context")[rows], cfg.train_fraction,
+                                                 cfg.seed)
+        log.info("error SAEs of %s: %d training and %d evaluation tokens (probe-test split)", dec.name,
+                 train_rows.size, eval_rows.size)
+        sae = open_run_sae(dec, run_dir)
+        train = error_targets(store, hook, train_rows, sae, dec, chunk_rows=cfg.chunk_rows)
+        held_out = error_targets(store, hook, eval_rows, sae, dec, chunk_rows=cfg.chunk_rows)
+        grid = train_on_targets(train, held_out, cfg, run_dir / "error_saes" / dec.name, progress=progress)
+        results.append({
+            "sae": dec.name, "width": dec.width, "k": dec.k, "hook": hook,
+            "tokens": {"train": int(train_rows.size), "eval": int(eval_rows.size),
+                       "source": "probe-test tokens of the decomposition (never seen by the error probe), "
+                                 "split by context"},
+            "target_variance": {t: _total_var(held_out[t]) / max(eval_rows.size, 1) for t in TARGETS},
+            "grid": grid,
+            "matched_l0": matched_l0(grid),
+        })
+    table = [{"sae": b["sae"], "width": m["width"], "sparsity": m["sparsity"], "l0": m["l0"],
+              **{f"fvu_{t}": m["fvu"][t] for t in TARGETS}, **{f"dead_{t}": m["dead"][t] for t in TARGETS}}
+             for b in results for m in b["matched_l0"]]
+    result = {"bases": results, "table": table, "config": to_dict(cfg)}
+    result["figures"] = {"error_saes": str(error_sae_figure(result, run_dir / FIGURE).relative_to(run_dir))}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def error_sae_figure(result: dict[str, Any], path: Path) -> Path:
+    """Per base SAE, against L0: held-out FVU of each target, residual over the error's variance, dead latents."""
+    bases = result["bases"]
+    metrics = (("fvu", "held-out FVU of its own target"),
+               ("unexplained_over_error_var", "unexplained / error variance"), ("dead", "dead latents (held out)"))
+    fig, axes = plt.subplots(len(bases), 3, figsize=(14, 3.8 * len(bases)), squeeze=False)
+    colours = dict(zip(TARGETS, ("black", "#e8a33d", "#2a6f97")))
+    for row, base in zip(axes, bases):
+        widths = sorted({r["width"] for r in base["grid"]})
+        for target in TARGETS:
+            for width, ls in zip(widths, ("-", "--", ":", "-.") * len(widths)):
+                pts = sorted((r for r in base["grid"] if r["target"] == target and r["width"] == width),
+                             key=lambda r: r["l0"])
+                for ax, (key, _) in zip(row, metrics):
+                    ax.plot([p["l0"] for p in pts], [p[key] for p in pts], "o" + ls, color=colours[target],
+                            label=f"{target}, W={width:,}", ms=4)
+        for ax, (_, ylabel) in zip(row, metrics):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("L0")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        row[0].set_title(f"SAEs on the error of {base['sae']} ({base['tokens']['eval']:,} held-out tokens)",
+                         fontsize=9)
+        row[0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
