@@ -20,13 +20,15 @@ from sae_darkmatter import (
 )
 from sae_darkmatter._io import write_json
 from sae_darkmatter.analyses.downstream import (
-    PER_SAE,
     PER_TOKEN_FILE,
-    HookSplicer,
     downstream_analysis,
+    summarize,
+)
+from sae_darkmatter.analyses.splice import (
+    PER_SAE,
+    HookSplicer,
     interventions,
     random_directions,
-    summarize,
 )
 from sae_darkmatter.config import DecomposeConfig, DownstreamConfig
 from sae_darkmatter.decompose import decompose_many, load_decompositions

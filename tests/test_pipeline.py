@@ -312,3 +312,13 @@ def test_harvest_resumes_after_kill_and_ctrl_c(tiny_model_dir, tmp_path):
         for (ra, xa), (rb, xb) in zip(a.iter_chunks(hook), b.iter_chunks(hook)):
             np.testing.assert_array_equal(ra, rb)
             assert np.array_equal(xa.numpy(), xb.numpy())
+
+
+def test_report_section_shows_a_dash_for_l0_outside_a_sweep(tmp_path):
+    from sae_darkmatter.report.sections import analyses_html
+
+    row = {"sae": "topk-w64-k8", "width": 64, "sparsity": 8, "l0": 7.5, "fvu_error": 0.5,
+           "fvu_linear": None, "fvu_nonlinear": 0.25, "dead_error": 0, "dead_linear": None,
+           "dead_nonlinear": 3}
+    page = analyses_html({"error_saes": {"table": [row], "bases": [], "figures": {}}}, tmp_path)
+    assert "<td>0.500</td><td>–</td><td>0.250</td><td>0</td><td>–</td><td>3</td>" in page

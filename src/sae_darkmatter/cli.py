@@ -249,8 +249,15 @@ def train(
                     batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
+        table = Table(title=f"SAEs in {out} (scores on up to 16k training rows; curves in training.json)")
+        for col in ("SAE", "FVU", "L0", "dead latents", "tokens", "tok/s"):
+            table.add_column(col, justify="right")
         for d in dirs:
-            Console().print(f"SAE: {d}")
+            t = json.loads((d / "training.json").read_text())
+            table.add_row(d.name, f"{t['final_train_fvu']:.4f}", f"{t['final_train_l0']:.1f}",
+                          f"{t['dead_latents']:,} ({100 * t['dead_fraction']:.1f} %)",
+                          f"{t['tokens_seen']:,}", f"{t['tokens_per_second']:,.0f}")
+        Console().print(table)
 
     _main(body)
 

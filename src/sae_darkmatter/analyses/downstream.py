@@ -1,4 +1,4 @@
-"""Downstream cross-entropy of SAE error parts (paper Fig. 9): splice interventions into the LM.
+"""Downstream cross-entropy of SAE error parts (paper Fig. 9), spliced in by ``analyses.splice``.
 
 For chosen evaluation contexts of a run (never SAE-training contexts), the real model runs
 clean once per batch and then once per intervention with the hook's output replaced at the
@@ -28,219 +28,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from torch import nn
 
 from .._io import atomic_path
 from ..config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
 from ..decompose import SavedDecomposition, load_decompositions
 from ..errors import DarkMatterError, HookError
 from ..linalg import LinearProbe
-from ..models import LoadedModel, hook_module, load_model, parse_hook
+from ..models import LoadedModel, load_model
 from ..report.figures import plt, save_figure
 from ..saes import SAE
 from ..saes.formats import open_sae
 from ..splits import Splits, make_splits
 from ..store import ActivationStore
+from .splice import PER_SAE, SHARED, splice_contexts
 
 log = logging.getLogger(__name__)
 
-SHARED = ("x", "zero", "mean")
-PER_SAE = ("sae", "sae+linear", "sae+nonlinear", "sae+random@error",
-           "sae+linear+random@nonlinear", "sae+nonlinear+random@linear")
 PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
 PER_TOKEN_FILE = "downstream/per_token.safetensors"
 SHARES_FIGURE = "figures/downstream_shares.png"
 CE_FIGURE = "figures/downstream_ce.png"
-
-
-# ---------------------------------------------------------------------------- the splice
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_first(output: Any, tensor: torch.Tensor) -> Any:
-    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
-
-
-@contextmanager
-def _constant_forwards(outputs: Mapping[nn.Module, Any]) -> Iterator[None]:
-    """Make each module's forward return a fixed output (skipping its computation)."""
-    saved = {m: m.__dict__.get("forward") for m in outputs}
-    try:
-        for m, out in outputs.items():
-            m.forward = lambda *_a, _out=out, **_k: _out
-        yield
-    finally:
-        for m, fwd in saved.items():
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd
-
-
-class HookSplicer:
-    """Run an LM clean, then with the output of hook ``hook`` replaced, on the same batch.
-
-    ``clean(ids)`` runs the whole model and remembers the outputs of the hook module and of the
-    decoder layer before it; ``splice(ids, new)`` then runs the model with the earlier layers
-    replaying that output and the hook module returning ``new``, so only the rest is computed.
-    Works for every hook kind ``models`` supports (resid_post, attn_out, mlp_out).
-    """
-
-    def __init__(self, lm: LoadedModel, hook: str) -> None:
-        _, layer = parse_hook(lm.model, hook)
-        self.lm = lm
-        self.module = hook_module(lm.model, hook)
-        self.skipped = [hook_module(lm.model, f"resid_post.{i}") for i in range(layer)]
-        self._hook_out: Any = None
-        self._prev_out: Any = None
-
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
-
-    def clean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hook activations [B, T, d] float32, logits [B, T, V])`` of the clean forward."""
-        captured: dict[str, Any] = {}
-        handles = [self.module.register_forward_hook(lambda _m, _a, out: captured.update(hook=out))]
-        if self.skipped:
-            handles.append(self.skipped[-1].register_forward_hook(
-                lambda _m, _a, out: captured.update(prev=out)))
-        try:
-            logits = self._logits(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        if "hook" not in captured:
-            raise HookError(f"the hook module produced no output on {type(self.lm.model).__name__}")
-        self._hook_out, self._prev_out = captured["hook"], captured.get("prev")
-        return _first(self._hook_out).float(), logits
-
-    def splice(self, ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, T, V]`` with the hook output replaced by ``new`` ([B, T, d]) for ``ids``."""
-        if self._hook_out is None:
-            raise DarkMatterError("HookSplicer.splice needs a clean() forward on the same batch first")
-        out = _with_first(self._hook_out, new.to(_first(self._hook_out).dtype))
-        with _constant_forwards({self.module: out} | {m: self._prev_out for m in self.skipped}):
-            return self._logits(ids)
-
-
-def ce_kl(logits: torch.Tensor, ids: torch.Tensor,
-          clean_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token CE and KL(clean ‖ this) ``[B, T]`` (last position NaN), float32 CPU.
-
-    ``clean_logp`` holds the clean next-token log-probabilities ``[B, T−1, V]``.
-    """
-    ce, kl = torch.full(ids.shape, float("nan")), torch.full(ids.shape, float("nan"))
-    ids = ids.to(logits.device)
-    for i in range(ids.shape[0]):  # one row at a time bounds the [T, V] temporaries
-        logq = logits[i, :-1].float().log_softmax(-1)
-        ce[i, :-1] = -logq.gather(1, ids[i, 1:, None])[:, 0].cpu()
-        kl[i, :-1] = F.kl_div(logq, clean_logp[i], log_target=True, reduction="none").sum(-1).cpu()
-    return ce, kl
-
-
-def random_directions(contexts: np.ndarray, length: int, d: int, seed: int) -> torch.Tensor:
-    """Isotropic unit vectors ``[n, length, d]``, a pure function of (seed, context, position)."""
-    out = np.stack([np.random.default_rng([seed, int(c)]).standard_normal((length, d)) for c in contexts])
-    return torch.from_numpy(out / np.linalg.norm(out, axis=-1, keepdims=True)).float()
-
-
-def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
-                  u: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The per-SAE replacements of activations ``x [m, d]`` and per-token ‖e‖², ‖ê‖², ‖e − ê‖².
-
-    ``u [m, d]`` are unit directions for the random controls.
-    """
-    with torch.inference_mode():
-        x_hat = sae.forward(x)
-        e = x - x_hat
-        lin = probe.predict(x)
-    nl = e - lin
-    n_err, n_lin, n_nl = (v.norm(dim=1, keepdim=True) for v in (e, lin, nl))
-    new = {"sae": x_hat, "sae+linear": x_hat + lin, "sae+nonlinear": x_hat + nl,
-           "sae+random@error": x_hat + n_err * u, "sae+linear+random@nonlinear": x_hat + lin + n_nl * u,
-           "sae+nonlinear+random@linear": x_hat + nl + n_lin * u}
-    sq = {"err_sq": n_err[:, 0] ** 2, "linear_sq": n_lin[:, 0] ** 2, "nonlinear_sq": n_nl[:, 0] ** 2}
-    return new, sq
-
-
-def _replacements(xm: torch.Tensor, mean: torch.Tensor, saes: Mapping[str, tuple[SAE, LinearProbe]],
-                  u: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Replacement values ``[m, d]`` of every intervention, and per-token squared norms ``[m]``."""
-    yield from (("shared/x", xm), ("shared/zero", torch.zeros_like(xm)),
-                ("shared/mean", mean.to(xm).expand_as(xm)))
-    for name, (sae, probe) in saes.items():
-        new, sq = interventions(xm, sae, probe, u)
-        yield from ((f"{name}/{key}", value) for key, value in (sq | new).items())
-
-
-def splice_contexts(
-    lm: LoadedModel,
-    hook: str,
-    tokens: np.ndarray,
-    contexts: np.ndarray,
-    spliced: np.ndarray,
-    saes: Mapping[str, tuple[SAE, LinearProbe]],
-    mean: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """CE/KL of every intervention on ``tokens [n, T]`` (global ids ``contexts``), per token.
-
-    ``spliced [n, T]`` marks the positions replaced. Returns ``[n, T]`` float32 arrays keyed
-    ``"clean/ce"``, ``"shared/<i>/ce|kl"``, ``"<sae>/<i>/ce|kl"`` and ``"<sae>/<part>"`` (parts
-    NaN where not spliced).
-    """
-    n, t = tokens.shape
-    splicer = HookSplicer(lm, hook)
-    out: dict[str, np.ndarray] = {}
-
-    def put(key: str, lo: int, value: torch.Tensor) -> None:
-        out.setdefault(key, np.full((n, t), np.nan, np.float32))[lo : lo + value.shape[0]] = value.numpy()
-
-    n_forwards = len(SHARED) + len(PER_SAE) * len(saes)
-    with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():
-        task = bar.add_task(f"splice {hook}: {len(saes)} SAE(s)", total=n * n_forwards)
-        for lo in range(0, n, batch_size):
-            ids = torch.from_numpy(tokens[lo : lo + batch_size].astype(np.int64))
-            mask = torch.from_numpy(spliced[lo : lo + batch_size]).to(lm.device)
-            x, logits = splicer.clean(ids)
-            clean_logp = logits[:, :-1].float().log_softmax(-1)
-            del logits
-            clean_ce = torch.full(ids.shape, float("nan"))
-            clean_ce[:, :-1] = -clean_logp.gather(2, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
-            put("clean/ce", lo, clean_ce)
-            u = random_directions(contexts[lo : lo + batch_size], t, x.shape[-1], seed).to(x.device)
-            for key, values in _replacements(x[mask], mean, saes, u[mask]):
-                if values.ndim == 1:  # a per-token squared norm, NaN where not spliced
-                    full = torch.full(mask.shape, float("nan"), device=x.device)
-                    full[mask] = values.float()
-                    put(key, lo, full.cpu())
-                    continue
-                new = x.clone()
-                new[mask] = values.to(new.dtype)
-                ce, kl = ce_kl(splicer.splice(ids, new), ids, clean_logp)
-                put(f"{key}/ce", lo, ce)
-                put(f"{key}/kl", lo, kl)
-                bar.advance(task, ids.shape[0])
-    return out
 
 
 # ---------------------------------------------------------------------------- statistics

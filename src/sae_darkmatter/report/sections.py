@@ -115,11 +115,16 @@ def _cross_layer(r: dict[str, Any], out_dir: Path) -> str:
     )
 
 
+def _num(value: Any, fmt: str) -> str:
+    """A formatted number, or a dash where there is none (e.g. an L0 outside a sweep)."""
+    return "–" if value is None else fmt.format(value)
+
+
 def _error_saes(r: dict[str, Any], out_dir: Path) -> str:
     rows = "".join(
         f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
-        + "".join(f"<td>{t[f'fvu_{p}']:.3f}</td>" for p in ("error", "linear", "nonlinear"))
-        + "".join(f"<td>{t[f'dead_{p}']}</td>" for p in ("error", "linear", "nonlinear"))
+        + "".join(f"<td>{_num(t[f'fvu_{p}'], '{:.3f}')}</td>" for p in ("error", "linear", "nonlinear"))
+        + "".join(f"<td>{_num(t[f'dead_{p}'], '{}')}</td>" for p in ("error", "linear", "nonlinear"))
         + "</tr>" for t in r["table"]
     )
     tokens = r["bases"][0]["tokens"] if r["bases"] else {}
@@ -127,7 +132,8 @@ def _error_saes(r: dict[str, Any], out_dir: Path) -> str:
         f"<p>SAEs trained on the SAE error e, its linear part ê and its nonlinear part e − ê, on "
         f"tokens the error probe never saw ({tokens.get('train', 0):,} train / "
         f"{tokens.get('eval', 0):,} held-out tokens, split by context). Held-out FVU of each "
-        f"target and dead latents, compared at matched L0:</p>"
+        f"target and dead latents, compared at matched L0 (– : that L0 is outside the "
+        f"target's sweep):</p>"
         f"<table><tr><th>base SAE</th><th>width</th><th>L0</th><th>FVU e</th><th>FVU ê</th>"
         f"<th>FVU e − ê</th><th>dead e</th><th>dead ê</th><th>dead e − ê</th></tr>{rows}</table>"
         + figures_html(r["figures"], out_dir)
