@@ -35,7 +35,9 @@ def smol_run(tmp_path_factory):
 def test_store_holds_real_layer15_activations(smol_run):
     out, _ = smol_run
     store = ActivationStore.open(out / "store")
-    assert store.hooks == {"resid_post.15": 576}
+    # the target first, then its neighbours for cross-layer prediction
+    assert store.hooks == {"resid_post.15": 576, "resid_post.14": 576, "attn_out.15": 576,
+                           "mlp_out.15": 576}
     assert store.n_rows == 48 * 128
     position = store.column("position")
     norms = np.concatenate([x.norm(dim=1).numpy() for _, x in store.iter_chunks("resid_post.15")])
@@ -69,6 +71,26 @@ def test_dark_matter_metrics_are_plausible(smol_run):
     # the two-parameter ‖x‖ baseline must still generalise
     assert norms["‖x‖"] > 0.05
     assert json.loads((out / "metrics.json").read_text())["model"].endswith(".gguf")
+
+
+def test_analyses_ii_on_smollm2(smol_run):
+    """Pursuit, cross-layer prediction, error SAEs and the downstream splice on the real model."""
+    _, metrics = smol_run
+    a = metrics["analyses"]
+    for entry in a["encoder_error"]["per_sae"]:
+        assert entry["pursuit_fvu"] < entry["sae_fvu"]  # pursuit over the same decoder fits better
+        assert entry["pursuit_l0"] <= entry["sae_l0"] + 1e-9
+    cross = a["cross_layer"]
+    assert cross["sources"] == ["resid_post.15", "resid_post.14", "attn_out.15", "mlp_out.15"]
+    assert cross["predictors"]["x"]["linear"]["r2_pooled"] > 0.999  # ê is linear in x by construction
+    down = a["downstream"]
+    assert down["check"]["clean_vs_stored_max_abs"] < 1e-3  # the splice reruns the harvest's forward
+    assert down["check"]["identity_max_kl"] < 1e-6
+    clean, zero = down["shared"]["clean"]["ce"]["mean"], down["shared"]["zero"]["ce"]["mean"]
+    assert zero > clean + 1  # zero-ablating the middle residual stream wrecks the model
+    for row in down["table"]:
+        assert 0 < row["ce_increase_sae"] < zero - clean
+    assert {t["sae"] for t in a["error_saes"]["table"]} == {"topk-w1024-k16"}
 
 
 def test_saved_sae_matches_sae_lens_on_real_activations(smol_run):

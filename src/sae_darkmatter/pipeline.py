@@ -8,7 +8,8 @@ A run folder holds every stage's output::
     out/saes/{hook}/topk-w{W}-k{k}/ one SAE per other hook, for cross-layer prediction
     out/decompose/{sae}.json        held-out metrics of each SAE (+ {sae}.safetensors probes)
     out/analyses.json               encoder error, scaling law, per-token scaling, norm
-                                    baselines, cross-layer prediction (+ figures)
+                                    baselines, cross-layer prediction, error SAEs, downstream
+    out/error_saes/, out/downstream/ SAEs trained on the error parts; per-token splice values
     out/metrics.json, out/report.html, out/figures/*.png
 
 Each stage is skipped when its output exists and was made from the same inputs and settings;
