@@ -52,7 +52,7 @@ DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outp
 
 
 def quick(cfg: RunConfig) -> RunConfig:
-    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (a few minutes on a CPU)."""
+    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (~3 min on a CPU)."""
     h = cfg.harvest
     corpus = dataclasses.replace(h.corpus, n_contexts=320)
     return dataclasses.replace(
