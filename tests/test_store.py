@@ -8,6 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +153,7 @@ def test_crash_leftovers_are_ignored_then_replaced(tmp_path):
 
     store = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
     assert sorted(p.name for p in path.iterdir()) == [
-        "manifest.json", "shard_000000.safetensors", "shard_000001.safetensors"]
+        ".writer.lock", "manifest.json", "shard_000000.safetensors", "shard_000001.safetensors"]
     batch = make_batch(np.random.default_rng(5), 2)
     store.append(context_start=5, **batch)
     again = ActivationStore.open(path)
@@ -177,6 +180,7 @@ def test_resume_checks_settings(tmp_path):
     meta_tuple = {**META, "hooks": tuple(META["hooks"])}  # JSON round trip makes this a list: same settings
     resumed = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=meta_tuple)
     assert resumed.committed_contexts == 2
+    resumed.finish()  # one writer at a time, also within a process
     other = {**META, "corpus": {"source": "stdlib", "seed": 1}}
     with pytest.raises(DarkMatterError, match=r"meta\.corpus\.seed: 0 != 1.*new store path or delete"):
         ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=other)
@@ -307,3 +311,34 @@ def test_bad_arguments_fail_at_call_time(tmp_path):
         store.iter_chunks("mlp_out.1", chunk_rows=0)
     with pytest.raises(DarkMatterError, match="1-D integer"):
         store.gather("mlp_out.1", np.array([0.5]))
+
+
+def test_a_second_writer_gets_a_clear_error_and_the_lock_dies_with_its_holder(tmp_path):
+    """Two processes writing one store: the second is refused; SIGKILL of the first frees it."""
+    from sae_darkmatter.errors import StoreLockedError
+
+    path = tmp_path / "s"
+    fill(path, batches=[2])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from sae_darkmatter.store import ActivationStore
+            s = ActivationStore.create_or_resume({str(path)!r}, hooks={HOOKS!r}, context_length={T},
+                                                 meta={META!r})
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError, match="another process is writing"):
+            ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
+        assert ActivationStore.open(path).committed_contexts == 2  # readers are never blocked
+    finally:
+        holder.kill()
+        holder.wait()
+    store = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
+    store.append(context_start=2, **make_batch(np.random.default_rng(9), 1))
+    store.finish()
+    with pytest.raises(DarkMatterError, match="read-only"):
+        store.append(context_start=3, **make_batch(np.random.default_rng(9), 1))
+    assert ActivationStore.open(path).committed_contexts == 3

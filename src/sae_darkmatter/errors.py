@@ -28,5 +28,9 @@ class CorruptStoreError(DarkMatterError):
     """An activation store fails validation; the message names the bad file."""
 
 
+class StoreLockedError(DarkMatterError):
+    """Another process holds an activation store's writer lock."""
+
+
 class ShapeMismatchError(DarkMatterError, ValueError):
     """Sizes that must agree do not (e.g. SAE d_in vs stored activation width)."""

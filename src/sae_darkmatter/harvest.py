@@ -113,10 +113,13 @@ def harvest(
             completed=start * tokens_per_context,
             rate="",
         )
-        for shard_start in range(start, contexts.shape[0], cfg.contexts_per_shard):
-            shard = contexts[shard_start : shard_start + cfg.contexts_per_shard]
-            acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
-            store.append(context_start=shard_start, acts=acts, tokens=shard, loss=loss)
+        try:
+            for shard_start in range(start, contexts.shape[0], cfg.contexts_per_shard):
+                shard = contexts[shard_start : shard_start + cfg.contexts_per_shard]
+                acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
+                store.append(context_start=shard_start, acts=acts, tokens=shard, loss=loss)
+        finally:
+            store.finish()  # release the writer lock, also on Ctrl-C
     log.info("harvest: %d tokens in %s", store.n_rows, path)
     return store
 

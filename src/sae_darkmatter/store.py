@@ -36,8 +36,10 @@ shards taken in manifest order. Any safetensors reader opens a shard without thi
 Commits. A shard is written to a temp file, fsynced and renamed into place; then the manifest is
 rewritten atomically (temp + rename). A crash therefore leaves at worst a shard or temp file the
 manifest does not list: readers ignore it and the next writer (``create_or_resume``) deletes it.
-Appends must continue at ``committed_contexts``. One writer at a time; a reader sees the manifest
-as it was when it opened the store.
+Appends must continue at ``committed_contexts``. One writer at a time: ``create_or_resume``
+takes an OS file lock (``.writer.lock``, via ``filelock``) until ``finish()`` or the process
+ends (the kernel drops it even after SIGKILL), and a second writer gets ``StoreLockedError``
+instead of interleaving shards. A reader sees the manifest as it was when it opened the store.
 
 Integrity. Every shard's sha256 is in the manifest. Each shard is hashed the first time this
 process reads it (then remembered per process), so a corrupt shard is never silently used;
@@ -74,6 +76,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from sae_darkmatter._io import atomic_path, read_json, write_json
@@ -82,6 +85,7 @@ from sae_darkmatter.errors import (
     DarkMatterError,
     HookError,
     ShapeMismatchError,
+    StoreLockedError,
 )
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ log = logging.getLogger(__name__)
 FORMAT = "sae-darkmatter-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = ".writer.lock"
 SHARD_PATTERN = re.compile(r"shard_\d{6}\.safetensors")
 
 # Per-row columns stored beside the hooks: name -> (safetensors dtype tag, numpy dtype).
@@ -120,6 +125,7 @@ class ActivationStore:
         self._writable = writable
         self._verify_reads = verify_reads
         self._layouts: dict[int, dict[str, tuple[int, int]]] = {}
+        self._lock: FileLock | None = None
 
     # ----------------------------------------------------------------- construction
 
@@ -142,23 +148,38 @@ class ActivationStore:
         """
         path = Path(path)
         wanted = _new_manifest(hooks, context_length, meta, dtype)
-        if (path / MANIFEST).exists():
-            manifest = _load_manifest(path)
-            diff = _settings_diff(manifest, wanted)
-            if diff:
-                raise DarkMatterError(
-                    f"the activation store at {path} was written with different settings "
-                    f"({', '.join(diff)}); use a new store path or delete {path} to start over"
-                )
-            log.info("resuming activation store %s at %d contexts", path, manifest["committed_contexts"])
-        else:
+        if not (path / MANIFEST).exists():
             _check_free_folder(path)
-            manifest = wanted
-            path.mkdir(parents=True, exist_ok=True)
-            write_json(path / MANIFEST, manifest)
-        store = cls(path, manifest, writable=True, verify_reads=verify_reads)
-        store._remove_uncommitted()
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _writer_lock(path)
+        try:
+            if (path / MANIFEST).exists():
+                manifest = _load_manifest(path)
+                diff = _settings_diff(manifest, wanted)
+                if diff:
+                    raise DarkMatterError(
+                        f"the activation store at {path} was written with different settings "
+                        f"({', '.join(diff)}); use a new store path or delete {path} to start over"
+                    )
+                log.info("resuming activation store %s at %d contexts", path,
+                         manifest["committed_contexts"])
+            else:
+                manifest = wanted
+                write_json(path / MANIFEST, manifest)
+            store = cls(path, manifest, writable=True, verify_reads=verify_reads)
+            store._remove_uncommitted()
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
         return store
+
+    def finish(self) -> None:
+        """Stop writing: release the writer lock (the store stays open for reading)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._writable = False
 
     @classmethod
     def open(cls, path: str | Path, *, verify_reads: bool = True) -> ActivationStore:
@@ -548,13 +569,27 @@ def _dict_diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} != {b!r}"]
 
 
+def _writer_lock(path: Path) -> FileLock:
+    """Take the store's writer lock without waiting; held by another process: StoreLockedError."""
+    lock = FileLock(path / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreLockedError(
+            f"another process is writing the activation store at {path} (it holds "
+            f"{path / LOCK_FILE}); wait for it to finish or use another store path"
+        ) from None
+    return lock
+
+
 def _check_free_folder(path: Path) -> None:
     """Refuse to create a store inside a folder holding anything but a crashed store's leftovers."""
     if not path.exists():
         return
     if not path.is_dir():
         raise DarkMatterError(f"cannot create an activation store at {path}: it is a file")
-    foreign = [f.name for f in path.iterdir() if not (SHARD_PATTERN.fullmatch(f.name) or f.name.endswith(".tmp"))]
+    foreign = [f.name for f in path.iterdir()
+               if not (SHARD_PATTERN.fullmatch(f.name) or f.name.endswith(".tmp") or f.name == LOCK_FILE)]
     if foreign:
         raise DarkMatterError(
             f"cannot create an activation store at {path}: the folder has no {MANIFEST} but holds "
