@@ -66,8 +66,6 @@ class GatedSAE(AffineSAE):
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
+        x = self.encoder_input(x)
         gate = (x @ self.W_enc + self.b_enc > 0).to(x.dtype)
         return gate * (x @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()

@@ -48,12 +48,14 @@ class AffineSAE(nn.Module):
     def d_sae(self) -> int:
         return self.W_dec.shape[0]
 
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the parameters' dtype, minus ``b_dec`` when ``apply_b_dec_to_input``."""
+        x = x.to(self.W_enc.dtype)
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations ``[n, d_sae]`` (before the nonlinearity)."""
-        x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
