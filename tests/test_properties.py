@@ -67,22 +67,22 @@ def run_configs(draw: st.DrawFn) -> RunConfig:
     harvest = HarvestConfig(
         model=ModelConfig(name=draw(TEXT), trust_remote_code=draw(st.booleans())),
         corpus=CorpusConfig(source=draw(TEXT), n_contexts=draw(POS_INT),
-                            context_length=draw(st.integers(1, 4096)), seed=draw(SEED)),
+                            context_length=draw(st.integers(65, 4096)), seed=draw(SEED)),
         hooks=tuple(draw(st.lists(TEXT, max_size=3))),
         with_loss=draw(st.booleans()),
     )
     split = SplitConfig(
         filter=TokenFilter(skip_positions=draw(st.integers(0, 64)),
                            max_norm_ratio=draw(st.none() | st.floats(1.0, 1e3))),
-        sae_train_fraction=draw(st.floats(0.0, 1.0)),
+        sae_train_fraction=draw(st.floats(0.0, 1.0, exclude_max=True)),
         seed=draw(SEED),
     )
     return RunConfig(
         harvest=harvest,
         split=split,
         train=train,
-        # infinity is a valid TOML/JSON float, NaN is not comparable so it is left out
-        decompose=DecomposeConfig(ridge=draw(st.floats(0.0, allow_nan=False, allow_infinity=True))),
+        # a ridge must be finite (the config rejects inf and NaN)
+        decompose=DecomposeConfig(ridge=draw(st.floats(0.0, allow_nan=False, allow_infinity=False))),
         pursuit=PursuitConfig(method=draw(st.sampled_from(["gp", "mp", "omp"])),
                               l0=draw(st.integers(1, 256) | st.just("match")),
                               max_tokens=draw(POS_INT)),

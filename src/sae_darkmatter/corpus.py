@@ -10,6 +10,12 @@ Sources (``CorpusConfig.source``):
 - a ``.txt`` / ``.jsonl`` / ``.parquet`` file, or a folder of them (sorted, recursive).
 - ``"hf:<dataset>"`` or ``"hf:<dataset>:<config>"``: a Hugging Face dataset, streamed.
 
+Text files must be UTF-8: a ``.txt`` or ``.jsonl`` file with other bytes stops with an error
+naming the file and the byte offset, unless ``encoding_errors = "replace"`` reads them as
+U+FFFD. The ``stdlib`` source always replaces (as it did before the option existed, so its
+tokens do not change; the library's own files are UTF-8). A file that yields no text is named:
+in the error when no file of the source has text, in a warning otherwise.
+
 Long texts (stdlib files, ``.txt`` files) are cut at blank lines into pieces of at most
 ~4,000 characters (~1,000 tokens), each one document; jsonl/parquet/HF records stay whole.
 Documents are joined with the tokenizer's eos token (else bos; else nothing) and the token
@@ -35,7 +41,7 @@ import numpy as np
 from rich.progress import Progress
 
 from sae_darkmatter.config import CorpusConfig, fingerprint
-from sae_darkmatter.errors import DarkMatterError, EmptyCorpusError
+from sae_darkmatter.errors import CorpusEncodingError, DarkMatterError, EmptyCorpusError
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +70,27 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     The source is checked now (missing paths, unknown forms, unavailable datasets raise
     immediately); the documents themselves are read lazily.
     """
+    return _documents(cfg, [])
+
+
+def _documents(cfg: CorpusConfig, empty: list[Path]) -> Iterator[str]:
+    """``iter_documents``; local files read to the end without any text are added to ``empty``."""
     if cfg.source == "stdlib":
         return iter(_stdlib_documents(cfg.seed))
     if cfg.source.startswith("hf:"):
         return _hf_documents(cfg)
     files = _local_files(cfg.source)
-    return itertools.chain.from_iterable(_READERS[f.suffix](f, cfg.text_field) for f in files)
+    return itertools.chain.from_iterable(_file_documents(f, cfg, empty) for f in files)
+
+
+def _file_documents(path: Path, cfg: CorpusConfig, empty: list[Path]) -> Iterator[str]:
+    n = 0
+    for doc in _READERS[path.suffix](path, cfg):
+        n += bool(doc.strip())
+        yield doc
+    if n == 0:
+        empty.append(path)
+        log.warning("corpus file %s holds no text (empty or whitespace only)", path)
 
 
 def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
@@ -171,13 +192,37 @@ def _local_files(source: str) -> list[Path]:
     raise DarkMatterError(f"unknown corpus source {source!r}; use {SOURCE_FORMS}")
 
 
-def _txt_documents(path: Path, _field: str) -> Iterator[str]:
-    yield from split_paragraphs(path.read_text(encoding="utf-8", errors="replace"))
+def _decode(raw: bytes, path: Path, errors: str, *, offset: int = 0, lineno: int = 1) -> str:
+    """UTF-8 text of ``raw`` (bytes of ``path`` from byte ``offset``, line ``lineno`` on).
+
+    With ``errors="strict"`` a byte that is not UTF-8 raises ``CorpusEncodingError`` naming
+    the file, the byte offset and the line; ``"replace"`` reads such bytes as U+FFFD.
+    """
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        line = lineno + raw.count(b"\n", 0, err.start)
+        hint = " (it starts with a UTF-16 byte-order mark)" if offset == 0 and raw[:2] in (
+            b"\xff\xfe", b"\xfe\xff") else ""
+        raise CorpusEncodingError(
+            f"corpus file {path} is not valid UTF-8{hint}: byte 0x{raw[err.start]:02x} at byte "
+            f"offset {offset + err.start} (line {line}) ({err.reason}); convert the file to "
+            f"UTF-8, or set harvest.corpus.encoding_errors = \"replace\" to read such bytes as "
+            f"U+FFFD"
+        ) from None
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+def _txt_documents(path: Path, cfg: CorpusConfig) -> Iterator[str]:
+    yield from split_paragraphs(_decode(path.read_bytes(), path, cfg.encoding_errors))
+
+
+def _jsonl_documents(path: Path, cfg: CorpusConfig) -> Iterator[str]:
+    field = cfg.text_field
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw, path, cfg.encoding_errors, offset=offset, lineno=lineno)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -193,7 +238,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             yield from _as_text(record[field], f"{path}, line {lineno}")
 
 
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _parquet_documents(path: Path, cfg: CorpusConfig) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -201,7 +246,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise DarkMatterError(f"{path}: not a readable parquet file ({exc})") from None
-    columns = pf.schema_arrow.names
+    columns, field = pf.schema_arrow.names, cfg.text_field
     if field not in columns:
         raise DarkMatterError(
             f"{path}: no column {field!r} (columns: {columns}); set the corpus text_field"
@@ -253,7 +298,7 @@ def _as_text(value: Any, where: str) -> Iterator[str]:
     yield value
 
 
-_READERS: dict[str, Callable[[Path, str], Iterator[str]]] = {
+_READERS: dict[str, Callable[[Path, CorpusConfig], Iterator[str]]] = {
     ".txt": _txt_documents,
     ".jsonl": _jsonl_documents,
     ".parquet": _parquet_documents,
@@ -276,7 +321,8 @@ def build_contexts(cfg: CorpusConfig, tokenizer: Any) -> np.ndarray:
     sep = _separator(tokenizer)
     buf = np.empty(need, dtype=np.int64)
     filled = n_docs = 0
-    docs = (d for d in iter_documents(cfg) if d.strip())
+    empty: list[Path] = []
+    docs = (d for d in _documents(cfg, empty) if d.strip())
     with Progress(transient=True, disable=need < _PROGRESS_MIN_TOKENS) as progress:
         task = progress.add_task(f"tokenizing {cfg.source}", total=need)
         while filled < need:
@@ -295,7 +341,11 @@ def build_contexts(cfg: CorpusConfig, tokenizer: Any) -> np.ndarray:
                     break
             progress.update(task, completed=filled)
     if n_docs == 0:
-        raise EmptyCorpusError(f"corpus source {cfg.source!r} holds no usable text")
+        detail = ""
+        if empty:
+            names = ", ".join(str(f) for f in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            detail = f": {len(empty)} file(s) hold no text ({names})"
+        raise EmptyCorpusError(f"corpus source {cfg.source!r} holds no usable text{detail}")
     n = filled // length
     if n == 0:
         raise EmptyCorpusError(

@@ -35,6 +35,10 @@ F64 = torch.float64
 _GEMM_ROWS = 8192  # rows per block product in update (bounds temporaries and float32 rounding growth)
 _PREDICT_ROWS = 16384  # rows per float64 block in predict / R² updates (bounds float64 copies)
 _FLOAT32_MAX_COND = 1e6  # above this, float32 chunk GEMMs noticeably move the fit (measured)
+# Above this (estimated) cond of the scaled XᵀX, eps·cond > 2 %: float64 normal equations no
+# longer give a usable fit. Below it the Cholesky fit matches numpy's lstsq (cross-layer
+# predictors reach cond ~1e12 and agree to 2e-5 in held-out R²), so it is not regularized.
+_CHOLESKY_MAX_COND = 1e14
 _REFERENCE_ROWS = 4096  # rows whose median becomes the reference (shift) of an accumulator
 
 
@@ -54,9 +58,24 @@ def _reference_row(t: Tensor) -> Tensor:
     return t[:_REFERENCE_ROWS].to(F64).median(dim=0).values
 
 
-def _check_finite(name: str, *tensors: Tensor) -> None:
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise DarkMatterError(f"{name}: input contains NaN or Inf values")
+def _check_finite(name: str, sums: Tensor | tuple[Tensor, ...], **inputs: Tensor) -> None:
+    """Refuse non-finite inputs, naming which input and rows.
+
+    ``sums`` are small reductions of the inputs (one cheap test; NaN/inf in any row propagates
+    into them); only when they are not finite are the ``inputs`` scanned for the bad rows.
+    """
+    if all(bool(torch.isfinite(t).all()) for t in (sums if isinstance(sums, tuple) else (sums,))):
+        return
+    for label, t in inputs.items():
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero()[:, 0].tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise DarkMatterError(
+                f"{name}: {label} holds NaN or inf in {len(bad)} of {t.shape[0]} rows "
+                f"({'row' if len(bad) == 1 else 'rows'} {shown} of this chunk)"
+            )
+    raise DarkMatterError(f"{name}: the sums overflowed to inf (inputs of magnitude near "
+                          f"{torch.finfo(torch.float32).max:.1e}?)")
 
 
 def _shift_or_nan(shift: Tensor | None, d: int, device: torch.device) -> Tensor:
@@ -75,12 +94,18 @@ class LinearProbe:
     """An affine map ``y ≈ x @ weight + bias`` in float64.
 
     ``rank`` is the numerical rank of the solved system (``d_in`` when it was well
-    conditioned; smaller when the solver fell back to a pseudo-inverse).
+    conditioned; smaller when the solver fell back to a pseudo-inverse). ``cond`` is the
+    condition number of XᵀX (centred when fit with a bias) scaled to unit diagonal: an
+    estimate on the Cholesky path, exact on the pseudo-inverse path, ``inf`` when singular.
+    ``regularized`` says that the pseudo-inverse replaced the plain solve (see
+    ``StreamingLstsq.solve``).
     """
 
     weight: Tensor
     bias: Tensor
     rank: int | None = None
+    cond: float | None = None
+    regularized: bool = False
 
     @property
     def d_in(self) -> int:
@@ -184,7 +209,7 @@ class StreamingLstsq:
             acc[1] += v.sum(0).to(F64)
             acc[2] += (u.T @ u).to(F64)
             acc[3] += (u.T @ v).to(F64)
-        _check_finite("StreamingLstsq.update", acc[2], acc[3], acc[1])
+        _check_finite("StreamingLstsq.update", (acc[2], acc[3], acc[1]), x=x, y=y)
         self.sum_x += acc[0]
         self.sum_y += acc[1]
         self.sum_xx += acc[2]
@@ -261,16 +286,20 @@ class StreamingLstsq:
     def solve(self, ridge: float = 0.0, *, rcond: float = 1e-10) -> LinearProbe:
         """Solve the normal equations in float64; ``ridge`` adds ``ridge·I`` to the non-bias block.
 
-        Cholesky on the Jacobi-scaled system (unit diagonal). A pivot below ``rcond`` means a
-        column is, to within that fraction of its variance, a combination of earlier ones (e.g.
-        a duplicated column); then the solver falls back to an eigen-decomposition
-        pseudo-inverse that drops scaled eigenvalues below ``rcond·λ_max`` (predictions on the
-        training rows then match a minimum-norm lstsq; the weights need not be minimum-norm).
+        Cholesky on the Jacobi-scaled system (unit diagonal), whose condition number is then
+        estimated (power and inverse iteration, O(d²) per step). When the factorisation fails,
+        a pivot falls below ``rcond`` (a constant or all-zero dimension, duplicated or collinear
+        columns, fewer rows than dimensions) or the estimated condition number exceeds 1e14
+        (where float64 normal equations stop being accurate), the solver warns, naming the
+        degenerate dimensions and the condition number, and falls back to an
+        eigen-decomposition pseudo-inverse that drops scaled eigenvalues below ``rcond·λ_max``. Its predictions are those of the minimum-norm least-squares fit on
+        standardized x (centred, unit variance; singular values below ``sqrt(rcond)·σ_max``
+        dropped), and the probe records ``regularized=True``, its rank and cond.
         """
         if self.n == 0:
             raise DarkMatterError("StreamingLstsq.solve: no rows were added")
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not (math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
         a, b, mean_x, mean_y = self._normal_equations()
         a = a + ridge * torch.eye(self.d_in, dtype=F64, device=a.device)
         diag = a.diagonal()
@@ -278,23 +307,32 @@ class StreamingLstsq:
         a_s = a * torch.outer(scale, scale)
         b_s = b * scale[:, None]
         chol, info = torch.linalg.cholesky_ex(a_s)
+        cond = math.inf
         if int(info) == 0 and float(chol.diagonal().square().min()) >= rcond:
-            weight, rank = torch.cholesky_solve(b_s, chol), self.d_in
-            if self.gemm_dtype == torch.float32:
-                _warn_if_float32_inaccurate(a_s, chol)
+            lam_max, lam_min = _extreme_eigenvalues(a_s, chol)
+            cond = lam_max / lam_min if lam_min > 0 else math.inf
+        if cond <= _CHOLESKY_MAX_COND:
+            weight, rank, regularized = torch.cholesky_solve(b_s, chol), self.d_in, False
+            if self.gemm_dtype == torch.float32 and cond > _FLOAT32_MAX_COND:
+                log.warning(
+                    "cond(XᵀX) ≈ %.1e after centring and scaling: float32 GEMMs may change the "
+                    "fit noticeably; use gemm_dtype=torch.float64", cond)
         else:
-            weight, rank = _pinv_solve(a_s, b_s, rcond)
+            weight, rank, cond = _pinv_solve(a_s, b_s, rcond, diag, self.bias)
+            regularized = True
         weight = weight * scale[:, None]
         bias = mean_y - mean_x @ weight if self.bias else torch.zeros(self.d_out, dtype=F64, device=a.device)
-        return LinearProbe(weight=weight, bias=bias, rank=rank)
+        return LinearProbe(weight=weight, bias=bias, rank=rank, cond=cond, regularized=regularized)
 
 
-def _warn_if_float32_inaccurate(a: Tensor, chol: Tensor, iters: int = 30) -> None:
-    """float32 sums lose accuracy as cond(XᵀX) grows: warn above 1e6 (see StreamingLstsq).
+def _extreme_eigenvalues(a: Tensor, chol: Tensor, iters: int = 30) -> tuple[float, float]:
+    """Estimates of λ_max and λ_min of SPD ``a`` (Cholesky factor ``chol``): O(d²) per step.
 
-    cond is estimated by power iteration on ``a`` and on its inverse (through the Cholesky
-    factor): O(d²) per step. A full eigvalsh is avoided because LAPACK's eigensolvers with 2
-    OpenMP threads took 3-8 s for d=576 on a busy 2-core machine (0.02 s single-threaded).
+    Power iteration on ``a`` and inverse iteration through the factor, then Rayleigh quotients
+    (λ_max is underestimated, λ_min overestimated, both converge fast when the extreme
+    eigenvalue is well separated, as a near-collinear direction is). A full eigvalsh is avoided
+    on this path: LAPACK's eigensolvers with 2 OpenMP threads took 3-8 s for d=576 on a busy
+    2-core machine (0.02 s single-threaded).
     """
     g = torch.Generator(device=a.device).manual_seed(0)
     v = torch.randn(a.shape[0], 1, generator=g, dtype=F64, device=a.device)
@@ -302,15 +340,11 @@ def _warn_if_float32_inaccurate(a: Tensor, chol: Tensor, iters: int = 30) -> Non
     for _ in range(iters):
         v = a @ v
         v /= v.norm()
-        w = torch.cholesky_solve(w, chol)
+        # two triangular solves: ~10 ms for d=576, where cholesky_solve on one column took ~0.5 s
+        w = torch.linalg.solve_triangular(chol, w, upper=False)
+        w = torch.linalg.solve_triangular(chol.mT, w, upper=True)
         w /= w.norm()
-    cond = float((v.T @ a @ v) / (w.T @ a @ w))  # Rayleigh quotients: λ_max / λ_min
-    if cond > _FLOAT32_MAX_COND:
-        log.warning(
-            "cond(XᵀX) ≈ %.1e after centring and scaling: float32 GEMMs may change the fit "
-            "noticeably; use gemm_dtype=torch.float64",
-            cond,
-        )
+    return float(v.T @ a @ v), float(w.T @ a @ w)
 
 
 def _moved_cross(
@@ -336,19 +370,47 @@ def _recentred(state: dict[str, Tensor], shift_x: Tensor, shift_y: Tensor) -> di
     return out
 
 
-def _pinv_solve(a: Tensor, b: Tensor, rcond: float) -> tuple[Tensor, int]:
-    """Pseudo-inverse solve of a W = b (a symmetric PSD): drop eigenvalues below rcond·λ_max."""
+def _pinv_solve(a: Tensor, b: Tensor, rcond: float, diag: Tensor, bias: bool) -> tuple[Tensor, int, float]:
+    """Pseudo-inverse solve of a W = b (a symmetric PSD, unit or zero diagonal).
+
+    Drops eigenvalues below ``rcond·λ_max`` and warns, naming the degenerate dimensions.
+    Returns (W, rank, cond) with cond = λ_max / λ_min (inf when λ_min <= 0).
+    """
     evals, evecs = torch.linalg.eigh(a)
-    keep = evals > rcond * evals[-1].clamp_min(0)
+    lam_max, lam_min = float(evals[-1]), float(evals[0])
+    keep = evals > rcond * max(lam_max, 0.0)
     rank = int(keep.sum())
-    log.warning(
-        "least squares is rank deficient (rank %d of %d at rcond=%g); using a pseudo-inverse",
-        rank, a.shape[0], rcond,
-    )
+    cond = lam_max / lam_min if lam_min > 0 else math.inf
+    log.warning("least squares is rank deficient: %s", _degeneracy(evecs[:, ~keep], diag, bias, rank, cond, rcond))
     if rank == 0:
-        return torch.zeros_like(b), 0
+        return torch.zeros_like(b), 0, cond
     v = evecs[:, keep]
-    return v @ ((v.T @ b) / evals[keep, None]), rank
+    return v @ ((v.T @ b) / evals[keep, None]), rank, cond
+
+
+def _degeneracy(null: Tensor, diag: Tensor, bias: bool, rank: int, cond: float, rcond: float) -> str:
+    """Which x dimensions make XᵀX singular: constant (or all-zero) ones, and the dimensions
+    that carry the dropped eigenvectors (linear combinations of others)."""
+    dead = (diag <= 0).nonzero()[:, 0].tolist()
+    v = null.clone()
+    v[dead] = 0
+    big = v.abs() >= 0.1 * v.abs().amax(dim=0, keepdim=True).clamp_min(1e-300)
+    tied = sorted(set((big & (v.abs() > 1e-12)).any(dim=1).nonzero()[:, 0].tolist()) - set(dead))
+    parts = [f"rank {rank} of {diag.numel()}", f"cond(XᵀX) = {cond:.2e} (centred, scaled to unit "
+             f"diagonal)" if bias else f"cond(XᵀX) = {cond:.2e} (scaled to unit diagonal)"]
+    if dead:
+        parts.append(f"{'constant' if bias else 'all-zero'} x dimensions {_list(dead)}")
+    if tied:
+        parts.append(f"linearly dependent x dimensions {_list(tied)} (collinear within "
+                     f"{math.sqrt(rcond):.0e} of their spread)")
+    return "; ".join(parts) + (
+        f"; using a pseudo-inverse that drops eigenvalues below {rcond:g}·λ_max (the "
+        "minimum-norm fit on standardized x); the probe records regularized=True")
+
+
+def _list(items: list[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return f"[{shown}, ... ({len(items)} in all)]" if len(items) > limit else f"[{shown}]"
 
 
 class R2Accumulator:
@@ -395,7 +457,7 @@ class R2Accumulator:
             block -= self.shift
             sums[1] += block.sum(0)
             sums[2] += block.square_().sum(0)
-        _check_finite("R2Accumulator.update", sums)
+        _check_finite("R2Accumulator.update", sums, y=y, y_hat=y_hat)
         self.sse_dim += sums[0]
         self.sum_dy += sums[1]
         self.sum_dy2 += sums[2]

@@ -66,6 +66,7 @@ def select_rows(
     hook: str | None = None,
 ) -> Selection:
     """Apply a token filter to every stored row (norms are those of ``hook``, default the first)."""
+    filt.check_context_length(store.context_length)
     position = store.column("position")
     keep = position >= filt.skip_positions
     n_pos = int((~keep).sum())
