@@ -259,3 +259,49 @@ def test_embedded_smollm2(monkeypatch, tmp_path, smollm2_tokenizer):
     load_model(ModelConfig(device="cpu"))
     second = time.perf_counter() - t0
     assert second < first / 3, (first, second)
+
+
+def test_remote_code_stays_off_unless_asked(tiny_model_dir, tmp_path):
+    """A model folder whose config maps to its own module: that module would create a marker
+    file on import. It is not run (clear error) unless trust_remote_code is set."""
+    import json
+    import shutil
+
+    folder, marker = tmp_path / "custom", tmp_path / "pwned"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="custom-llama", auto_map={"AutoConfig": "custom.Cfg",
+                                                    "AutoModelForCausalLM": "custom.Model"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class Cfg(LlamaConfig):\n    model_type = 'custom-llama'\n"
+        "class Model(LlamaForCausalLM):\n    config_class = Cfg\n"
+    )
+    with pytest.raises(ModelNotAvailableError, match=r"ships its own Python code .*trust_remote_code = true"):
+        load_model(ModelConfig(name=str(folder)))
+    assert not marker.exists()
+    loaded = load_model(ModelConfig(name=str(folder), trust_remote_code=True))
+    assert marker.exists() and type(loaded.model).__name__ == "Model"  # asked for: it runs
+
+
+def test_dequantization_temps_of_killed_processes_are_removed(tmp_path):
+    """A SIGKILL during the one-time GGUF dequantization leaves a ~0.5 GB temp folder; the next
+    load removes it, but never the temp folder of a process still writing."""
+    import os
+    import subprocess
+    import sys
+
+    from sae_darkmatter.models import _remove_dead_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is no longer alive
+    target = tmp_path / "SmolLM2-abc"
+    dead = tmp_path / f".SmolLM2-abc.{child.pid}.x1"
+    live = tmp_path / f".SmolLM2-abc.{os.getpid()}.x2"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"0" * 100)
+    _remove_dead_temps(target)
+    assert not dead.exists() and live.exists()

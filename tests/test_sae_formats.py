@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, save_sae
 from sae_darkmatter.saes.formats import LoadedSAE, detect_format, open_sae
 
@@ -336,3 +336,60 @@ def test_loaded_sae_is_frozen(tmp_path):
     assert isinstance(loaded, LoadedSAE)
     with pytest.raises(AttributeError):
         loaded.sae = None  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_damaged_own_folder_names_the_file(tmp_path):
+    """Our folders carry sha256 checksums: one flipped weight byte (which safetensors alone would
+    load as a silently wrong number) and a truncation are both refused, naming the file."""
+    sae = TopKSAE(D_IN, D_SAE, k=4)
+    save_sae(sae, tmp_path / "a", metadata={})
+    sums = json.loads((tmp_path / "a" / "checksums.json").read_text())
+    assert set(sums) == {"sae_weights.safetensors", "cfg.json"}
+    open_sae(tmp_path / "a")  # intact: loads
+
+    weights = tmp_path / "a" / "sae_weights.safetensors"
+    _flip_byte(weights)
+    from safetensors.torch import load_file
+
+    load_file(weights)  # the flip is invisible to the file format itself...
+    with pytest.raises(CorruptSAEError, match=rf"{weights}.* sha256 does not match"):
+        open_sae(tmp_path / "a")  # ...but not to the checksum
+
+    save_sae(sae, tmp_path / "b", metadata={})
+    (tmp_path / "b" / "checksums.json").unlink()  # e.g. a folder copied without it
+    _truncate(tmp_path / "b" / "sae_weights.safetensors")
+    with pytest.raises(CorruptSAEError, match=r"b/sae_weights\.safetensors is not a readable safetensors file"):
+        open_sae(tmp_path / "b")
+
+    save_sae(sae, tmp_path / "c", metadata={})
+    (tmp_path / "c" / "checksums.json").unlink()
+    _truncate(tmp_path / "c" / "cfg.json", keep=0.5)
+    with pytest.raises(CorruptSAEError, match=r"c/cfg\.json is not valid JSON"):
+        open_sae(tmp_path / "c")
+
+
+def test_damaged_foreign_files_name_the_file(tmp_path, sparsify):
+    coder = _sparsify_coder(sparsify, seed=3)
+    coder.save_to_disk(tmp_path / "layers.1")
+    _truncate(tmp_path / "layers.1" / "sae.safetensors")
+    with pytest.raises(CorruptSAEError, match=r"layers\.1/sae\.safetensors is not a readable safetensors"):
+        open_sae(tmp_path / "layers.1")
+
+    folder = _write_dl(tmp_path / "dl", "AutoEncoder", _dl_case("AutoEncoder", torch.Generator().manual_seed(4))[0])
+    _truncate(folder / "ae.pt")
+    with pytest.raises(CorruptSAEError, match=r"dl/ae\.pt: not a readable torch state dict"):
+        open_sae(folder)

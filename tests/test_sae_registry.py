@@ -10,7 +10,11 @@ import pytest
 import torch
 from conftest import cached_hub_repo as _cached_repo
 
-from sae_darkmatter.errors import DarkMatterError, ModelNotAvailableError
+from sae_darkmatter.errors import (
+    CorruptSAEError,
+    DarkMatterError,
+    ModelNotAvailableError,
+)
 from sae_darkmatter.saes import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 from sae_darkmatter.saes.formats import open_sae
 from sae_darkmatter.saes.registry import hf_model_id, parse_spec, translate_hook
@@ -146,3 +150,14 @@ def test_offline_norm_scaling_factor_passes_through(sae_lens, hub_cache):
     x = torch.randn(50, 16) * 4
     with torch.no_grad():
         torch.testing.assert_close(loaded.sae(x), theirs(x * s) / s, rtol=RTOL, atol=ATOL)
+
+
+def test_damaged_hub_cache_file_names_the_sae(sae_lens, hub_cache):
+    theirs = _random_sae_lens(sae_lens, "standard", seed=5)
+    folder = _cached_repo(hub_cache, "acme/broken-saes") / "layer_1"
+    theirs.save_model(folder)
+    weights = folder / "sae_weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptSAEError, match=r"acme/broken-saes/layer_1: its cached weights file is damaged"):
+        open_sae("saelens:acme/broken-saes/layer_1")

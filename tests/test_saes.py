@@ -170,7 +170,7 @@ def test_save_into_existing_folder_keeps_other_files(tmp_path):
     assert (tmp_path / "training.json").read_text() == "{}"
     assert torch.equal(load_sae(tmp_path).W_dec, _random_topk(seed=2).W_dec)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cfg.json", "sae_weights.safetensors", "training.json"]
+        "cfg.json", "checksums.json", "sae_weights.safetensors", "training.json"]
 
 
 def _fill_random(sae, seed: int = 0) -> None:

@@ -122,3 +122,28 @@ def test_synthetic_model_on_a_smollm2_sae_dictionary(smol_run, tmp_path):
     t = res["table1"]["held_out"]
     assert t["act_noise"]["est_linear"] > 0.8 and t["rec_noise"]["est_nonlinear"] > 0.8
     assert (tmp_path / "synthetic.html").exists()
+
+
+def test_damaged_smollm2_run_is_repaired_bit_identically(smol_run, tmp_path):
+    """On a copy of the real run: a flipped byte in a shard and in an SAE are found and named;
+    repair re-harvests the shard with SmolLM2 to the same bytes and drops the damaged SAE."""
+    import shutil
+
+    from sae_darkmatter import integrity
+
+    out, _ = smol_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "store", run_dir / "store")
+    shutil.copytree(out / "saes", run_dir / "saes")
+    shard = sorted((run_dir / "store").glob("shard_*.safetensors"))[0]
+    sae = sorted((run_dir / "saes").glob("topk-*"))[0]
+    original = shard.read_bytes()
+    for path in (shard, sae / "sae_weights.safetensors"):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+    assert {(d.kind, d.path) for d in integrity.check(run_dir)} == {("shard", shard), ("sae", sae)}
+    repaired, left = integrity.repair(run_dir, progress=False)
+    assert len(repaired) == 2 and left == []
+    assert shard.read_bytes() == original and not sae.exists()
+    assert integrity.check(run_dir) == []

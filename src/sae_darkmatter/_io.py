@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import DarkMatterError, DiskFullError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -20,19 +24,57 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    Readers never see a half-written file: either the old content or the new one.
+    Readers never see a half-written file: either the old content or the new one (the temp file
+    is fsynced before the rename). A write that
+    runs out of space raises :class:`DiskFullError` naming ``path`` (the temp file is removed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        with open(tmp, "rb") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is None:
+            raise
+        raise full from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "File too large")
+_LOW_SPACE = 1 << 20  # bytes: below this, a failed write is taken to be a full disk
+
+
+def disk_full(err: BaseException, path: Path) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``err`` if it means the disk is full, else None.
+
+    Libraries report it differently: ``OSError`` with ``ENOSPC``, safetensors as text
+    ("os error 28"), ``torch.save`` as an unrelated-looking ``RuntimeError``; the last is
+    recognised by the file system having (almost) no space left.
+    """
+    if isinstance(err, DarkMatterError):  # ours already says what went wrong
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if not (getattr(err, "errno", None) in _NO_SPACE or any(t in str(err) for t in _NO_SPACE_TEXT)
+            or (free is not None and free < _LOW_SPACE)):
+        return None
+    where = f"{free / 2**20:.1f} MiB free there now" if free is not None else "free space unknown"
+    return DiskFullError(
+        f"no space left to write {path} ({err}; {where}); nothing half-written was kept: "
+        "free some space (or choose another output folder) and rerun the same command to resume"
+    )
 
 
 def write_json(path: str | Path, data: Any) -> None:

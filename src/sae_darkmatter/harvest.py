@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .config import HarvestConfig, fingerprint, to_dict
+from .config import HarvestConfig, fingerprint, from_dict, to_dict
 from .corpus import build_contexts, corpus_fingerprint, special_token_ids
-from .errors import DarkMatterError
+from .errors import DarkMatterError, NonFiniteError
 from .models import (
     AUTO_NAME,
     EMBEDDED_NAME,
@@ -30,7 +30,7 @@ from .models import (
     load_model,
     parse_hook,
 )
-from .store import ActivationStore
+from .store import ActivationStore, ShardProblem
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,58 @@ def harvest(
             for shard_start in range(start, contexts.shape[0], cfg.contexts_per_shard):
                 shard = contexts[shard_start : shard_start + cfg.contexts_per_shard]
                 acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
+                check_finite_shard(acts, loss, shard_start, cfg.model.dtype)
                 store.append(context_start=shard_start, acts=acts, tokens=shard, loss=loss)
         finally:
             store.finish()  # release the writer lock, also on Ctrl-C
     log.info("harvest: %d tokens in %s", store.n_rows, path)
     return store
+
+
+def repair(
+    path: str | Path, *, lm: LoadedModel | None = None, progress: bool = True
+) -> list[ShardProblem]:
+    """Re-harvest the bad shards (missing, truncated, sha256 mismatch) of the store at ``path``.
+
+    The harvest settings come from the store's own metadata, and the corpus must be unchanged
+    (same harvest fingerprint), so each shard's contexts are rebuilt exactly; each bad shard is
+    replaced atomically under its name. Returns the problems that were repaired (``[]`` when the
+    store was sound). An unfinished store can then be completed by rerunning the harvest.
+    """
+    store = ActivationStore.open(path)
+    problems = store.check()
+    if not problems:
+        return []
+    meta = store.meta
+    cfg = from_dict(HarvestConfig, meta["config"])
+    if meta.get("harvest_fingerprint") != harvest_fingerprint(cfg):
+        raise DarkMatterError(
+            f"cannot repair {path}: its corpus or settings changed since it was harvested "
+            "(different harvest fingerprint), so the bad shards' contexts cannot be rebuilt; "
+            "harvest into a new store"
+        )
+    lm = lm or load_model(cfg.model)
+    contexts = build_contexts(cfg.corpus, lm.tokenizer)
+    store = ActivationStore.create_or_resume(
+        path, hooks=store.hooks, context_length=store.context_length, meta=meta, dtype=store.dtype)
+    try:
+        with Progress(TextColumn("[bold]repair[/] {task.description}"), BarColumn(),
+                      TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+                      disable=not progress, transient=True) as bar:
+            total = sum(p.contexts[1] - p.contexts[0] for p in problems) * contexts.shape[1]
+            task = bar.add_task(f"{len(problems)} shards", total=total)
+            for problem in problems:
+                start, stop = problem.contexts
+                shard = contexts[start:stop]
+                acts, loss = _run_shard(lm, shard, list(store.hooks), cfg, bar, task)
+                check_finite_shard(acts, loss, start, cfg.model.dtype)
+                same = store.rewrite_shard(problem.index, acts=acts, tokens=shard, loss=loss)
+                log.warning("repaired %s (contexts %d..%d): %s", problem.file, start, stop - 1,
+                            "bit-identical to the original" if same else
+                            "re-harvested; differs from the original bytes (a nondeterministic model)")
+    finally:
+        store.finish()
+    return problems
 
 
 def _run_shard(
@@ -150,3 +197,36 @@ def _run_shard(
         {h: torch.cat(v) for h, v in parts.items()},
         torch.cat(losses) if losses else None,
     )
+
+
+def check_finite_shard(
+    acts: dict[str, torch.Tensor], loss: torch.Tensor | None, first_context: int, dtype: str
+) -> None:
+    """Refuse a shard whose activations [B, T, d] or losses [B, T] hold NaN or inf.
+
+    Called before the shard is committed, so nothing of it lands in the store (earlier shards
+    stay). The error names the hook, the first bad (context, position) pairs and a count. The
+    check is one ``isfinite`` reduction per hook, well under 1 % of the forward pass.
+    """
+    parts = dict(acts)
+    if loss is not None:
+        parts["loss"] = loss[:, :-1]  # the last position has no next token: NaN by design
+    for name, t in parts.items():
+        finite = torch.isfinite(t) if name == "loss" else torch.isfinite(t).all(dim=-1)
+        if bool(finite.all()):
+            continue
+        ctx, pos = (~finite).nonzero(as_tuple=True)
+        ctx, pos = ctx[: NonFiniteError.SHOWN], pos[: NonFiniteError.SHOWN]
+        nan = torch.isnan(t[ctx, pos]) if name == "loss" else torch.isnan(t[ctx, pos]).any(dim=-1)
+        places = [(first_context + int(c), int(p), "nan" if n else "inf")
+                  for c, p, n in zip(ctx.tolist(), pos.tolist(), nan.tolist())]
+        overflow = ("float16 overflows above 65504: use harvest.model.dtype = \"bfloat16\" or "
+                    "\"float32\"" if dtype == "float16" else
+                    "check the model's weights for NaN/inf, or use harvest.model.dtype = \"float32\"")
+        what = ("harvest: the per-token loss (from non-finite logits)" if name == "loss"
+                else f"harvest: the model's activations at hook {name!r}")
+        raise NonFiniteError(
+            what, places, int((~finite).sum()), finite.numel(),
+            f"nothing from contexts {first_context}..{first_context + t.shape[0] - 1} was stored "
+            f"(the store keeps the {first_context} contexts committed before); {overflow}",
+        )

@@ -123,7 +123,8 @@ def _ensure_gguf_cache(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_dead_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -136,6 +137,26 @@ def _ensure_gguf_cache(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("cached dequantized model in %.1f s", time.perf_counter() - t0)
     return target
+
+
+def _remove_dead_temps(target: Path) -> None:
+    """Delete temp copies of ``target`` (~0.5 GB each) left by processes killed mid-write."""
+    for tmp in target.parent.glob(f".{target.name}.*"):
+        pid = tmp.name[len(target.name) + 2:].split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a killed process", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _resolve_source(name: str) -> tuple[Path | str, str | None]:
@@ -164,7 +185,18 @@ def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
+        _refuse_remote_code(cfg, exc)
         raise ModelNotAvailableError(f"cannot load the tokenizer of {cfg.name!r}: {exc}") from exc
+
+
+def _refuse_remote_code(cfg: ModelConfig, exc: Exception) -> None:
+    """Say plainly when a model needs its own code run, which stays off unless asked for."""
+    if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
+        raise ModelNotAvailableError(
+            f"model {cfg.name!r} ships its own Python code (auto_map in its config), which is not "
+            "run unless you ask: set trust_remote_code = true under [harvest.model] "
+            "(ModelConfig(trust_remote_code=True)), only for code you have read"
+        ) from exc
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -177,6 +209,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.dtype], **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
+        _refuse_remote_code(cfg, exc)
         offline = resolved is None and is_offline_mode()
         where = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else exc
         raise ModelNotAvailableError(

@@ -64,11 +64,11 @@ the split into RAM with one ``gather`` and draw batches from it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import mmap
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -271,11 +271,7 @@ class ActivationStore:
             return
         name = f"shard_{len(self._shards):06d}.safetensors"
         target = self.path / name
-        with atomic_path(target) as tmp:
-            save_file(tensors, tmp, metadata={"format": FORMAT, "context_start": str(context_start)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-                sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        sha = _write_shard(target, tensors, context_start)
         entry = {
             "file": name,
             "rows": n_ctx * self.context_length,
@@ -444,7 +440,8 @@ class ActivationStore:
             while done < len(buf):  # a raw read may return less than asked (e.g. > 2 GiB)
                 got = fh.readinto(buf[done:])
                 if not got:
-                    raise CorruptStoreError(f"shard {fh.name} ended early while reading {name!r}")
+                    raise CorruptStoreError(
+                        f"shard {fh.name} ended early while reading {name!r}; {_repair_hint(Path(fh.name))}")
                 done += got
 
     def _take(self, i: int, hook: str, local: np.ndarray, dest: np.ndarray) -> None:
@@ -484,12 +481,13 @@ class ActivationStore:
 
     def _check_file(self, path: Path, entry: dict[str, Any]) -> None:
         if not path.is_file():
-            raise CorruptStoreError(f"shard {path} listed in {self.path / MANIFEST} is missing")
+            raise CorruptStoreError(
+                f"shard {path} listed in {self.path / MANIFEST} is missing; {_repair_hint(path)}")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CorruptStoreError(
                 f"shard {path} has {size} bytes but the manifest recorded {entry['bytes']} "
-                "(truncated or overwritten); re-harvest into a new store"
+                f"(truncated or overwritten); {_repair_hint(path)}"
             )
 
     def _read_layout(self, path: Path, entry: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -510,7 +508,8 @@ class ActivationStore:
                 if end > entry["bytes"] - 8 - n:
                     raise ValueError(f"{name}: data past the end of the file")
         except (ValueError, KeyError, TypeError) as e:
-            raise CorruptStoreError(f"shard {path} has an invalid safetensors header: {e}") from None
+            raise CorruptStoreError(
+                f"shard {path} has an invalid safetensors header ({e}); {_repair_hint(path)}") from None
         return layout
 
     def _expected_tensors(self, rows: int) -> dict[str, tuple[str, list[int]]]:
@@ -519,12 +518,78 @@ class ActivationStore:
         expected.update({c: (t, [rows]) for c, (t, _) in COLUMNS.items()})
         return expected
 
-    def verify(self) -> None:
-        """Recompute every shard's sha256; a missing or mismatching shard raises CorruptStoreError."""
-        for entry in self._shards:
+    def check(self) -> list[ShardProblem]:
+        """Every shard's problem (missing, wrong size, bad header, sha256 mismatch); ``[]`` when sound.
+
+        Unlike :meth:`verify` this never raises for a bad shard, so all of them are reported.
+        """
+        problems = []
+        for i, entry in enumerate(self._shards):
             path = self.path / entry["file"]
-            self._check_file(path, entry)
-            _verify_sha(path, entry, force=True)
+            try:
+                self._check_file(path, entry)
+                self._read_layout(path, entry)
+                _verify_sha(path, entry, force=True)
+            except CorruptStoreError as err:
+                problems.append(ShardProblem(i, entry["file"], tuple(entry["contexts"]), str(err)))
+        return problems
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256; any bad shard raises CorruptStoreError naming all of them."""
+        problems = self.check()
+        if problems:
+            raise CorruptStoreError(
+                f"{len(problems)} of {len(self._shards)} shards of the store at {self.path} are bad: "
+                + "; ".join(p.reason for p in problems)
+            )
+
+    def rewrite_shard(
+        self,
+        index: int,
+        *,
+        acts: Mapping[str, torch.Tensor | np.ndarray],
+        tokens: torch.Tensor | np.ndarray,
+        loss: torch.Tensor | np.ndarray | None = None,
+    ) -> bool:
+        """Replace shard ``index`` with freshly computed data for the same contexts (repair).
+
+        The new shard is written atomically under the same name, then the manifest records its
+        size and sha256. Returns whether the new shard is bit-identical to what the manifest had
+        recorded (it is when the harvest is deterministic, as on CPU).
+        """
+        if not self._writable:
+            raise DarkMatterError(
+                f"the store at {self.path} was opened read-only; use ActivationStore.create_or_resume to repair it"
+            )
+        entry = self._shards[index]
+        start, stop = entry["contexts"]
+        tensors = self._batch_tensors(start, acts, tokens, loss)
+        if tensors["tokens"].shape[0] != entry["rows"]:
+            raise ShapeMismatchError(
+                f"shard {entry['file']} holds contexts {start}..{stop - 1} ({entry['rows']} rows); "
+                f"the replacement has {tensors['tokens'].shape[0]} rows"
+            )
+        target = self.path / entry["file"]
+        sha = _write_shard(target, tensors, start)
+        identical = sha == entry["sha256"]
+        new_entry = {**entry, "bytes": target.stat().st_size, "sha256": sha}
+        manifest = copy.deepcopy(self._manifest)
+        manifest["shards"][index] = new_entry
+        write_json(self.path / MANIFEST, manifest)
+        self._manifest = manifest
+        self._layouts.pop(index, None)
+        _VERIFIED.add(_sha_key(target, new_entry))
+        return identical
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardProblem:
+    """A bad shard: its index in the manifest, file name, context range [start, stop) and why."""
+
+    index: int
+    file: str
+    contexts: tuple[int, int]
+    reason: str
 
 
 # --------------------------------------------------------------------- helpers
@@ -624,6 +689,24 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return m
 
 
+def _write_shard(target: Path, tensors: dict[str, torch.Tensor], context_start: int) -> str:
+    """Write a shard atomically (``atomic_path``: temp + fsync + rename); return its sha256.
+
+    The header metadata is one key: safetensors writes several keys in a per-process random
+    order, which would make identical data hash differently across runs.
+    """
+    meta = json.dumps({"format": FORMAT, "context_start": context_start})
+    with atomic_path(target) as tmp:
+        save_file(tensors, tmp, metadata={FORMAT: meta})
+        with open(tmp, "rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    return sha
+
+
+def _repair_hint(shard: Path) -> str:
+    return f"`darkmatter verify {shard.parent} --repair` re-harvests the bad shards"
+
+
 def _sha_key(path: Path, entry: dict[str, Any]) -> tuple[str, str, int, int]:
     st = path.stat()
     return (str(path.resolve()), entry["sha256"], st.st_size, st.st_mtime_ns)
@@ -639,6 +722,6 @@ def _verify_sha(path: Path, entry: dict[str, Any], *, force: bool = False) -> No
         _VERIFIED.discard(key)
         raise CorruptStoreError(
             f"shard {path} is corrupt: sha256 {sha[:16]}... does not match the manifest's "
-            f"{entry['sha256'][:16]}...; re-harvest into a new store"
+            f"{entry['sha256'][:16]}...; {_repair_hint(path)}"
         )
     _VERIFIED.add(key)

@@ -14,7 +14,6 @@ forward pass (checked against sparsify and sae_lens themselves in the tests).
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from sae_darkmatter._io import resolve_device
-from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import registry
 from sae_darkmatter.saes.io import (
     CFG_FILENAME,
@@ -35,6 +33,8 @@ from sae_darkmatter.saes.io import (
     architecture_name,
     load_sae,
     load_sae_config,
+    read_json_file,
+    read_tensors,
     safetensors_dtype,
 )
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
@@ -153,7 +153,7 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
     )
     trained = path / TRAINING_FILENAME
     if ours and trained.is_file():  # our trainer's record: e.g. BatchTopK saved as JumpReLU
-        info = json.loads(trained.read_text())
+        info = read_json_file(trained)
         prov["architecture"] = info.get("architecture", prov["architecture"])
         sparsity = info.get("sparsity") or {}
         if sparsity.get("name") == "k":
@@ -219,7 +219,7 @@ def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     ``b_dec``; ``b_dec`` is subtracted from the input before encoding.
     """
     where = path / CFG_FILENAME
-    cfg = json.loads(where.read_text())
+    cfg = read_json_file(where)
     unsupported = [key for key in ("transcode", "skip_connection") if cfg.get(key)]
     if unsupported or cfg.get("activation", "topk") != "topk":
         what = unsupported or [f"activation={cfg.get('activation')!r}"]
@@ -229,13 +229,13 @@ def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
         )
     d_in = int(cfg["d_in"])
     d_sae = int(cfg.get("num_latents") or d_in * int(cfg["expansion_factor"]))
-    state = load_file(path / SPARSIFY_WEIGHTS)
+    state = read_tensors(path / SPARSIFY_WEIGHTS)
     _check_shapes(state, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                           "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, path / SPARSIFY_WEIGHTS)
     sae = _build("topk", {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
                           "W_dec": state["W_dec"], "b_dec": state["b_dec"]}, path, k=int(cfg["k"]))
     run_cfg = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
-    model_name = json.loads(run_cfg.read_text()).get("model") if run_cfg.is_file() else None
+    model_name = read_json_file(run_cfg).get("model") if run_cfg.is_file() else None
     hook, notes = _hf_module_hook(path.name)
     return sae, _provenance(
         "sparsify", path, "topk", sae, safetensors_dtype(path / SPARSIFY_WEIGHTS, "W_dec"),
@@ -291,7 +291,7 @@ def _open_dictionary_learning(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     inference rule ``f * (f > threshold)`` with ``f = relu(pre)`` and one global threshold is
     our JumpReLU with that threshold on every latent (equal for any threshold sign).
     """
-    trainer = json.loads((path / DL_CONFIG).read_text()).get("trainer") or {}
+    trainer = read_json_file(path / DL_CONFIG).get("trainer") or {}
     dict_class = trainer.get("dict_class")
     if dict_class not in _DL_CLASSES:
         raise DarkMatterError(
@@ -346,7 +346,9 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
             "can run code when loaded, so only torch.load(weights_only=True) is used"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DarkMatterError(f"{path}: not a readable torch state dict: {exc}") from exc
+        raise CorruptSAEError(
+            f"{path}: not a readable torch state dict ({exc}); it is truncated or damaged"
+        ) from exc
     if not isinstance(state, dict) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

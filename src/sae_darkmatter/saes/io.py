@@ -8,6 +8,7 @@ read with safetensors only (never a pickle).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter._io import disk_full
+from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
@@ -28,6 +30,7 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SCALER_FILENAME = "activation_scaler.json"  # SAELens training checkpoints keep the factor here
 TRAINING_FILENAME = "training.json"  # our trainer's record beside the SAE (recipe, curve, scores)
+CHECKSUMS_FILENAME = "checksums.json"  # sha256 of the files we write, checked when they are read
 # handle_config_defaulting in SAELens treats configs without a version >= 6 as the old format.
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -95,7 +98,8 @@ def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> N
 
     Files are written into a temporary sibling folder first. A new folder then appears at once
     (one rename); into an existing folder each file is renamed in (weights before config), and
-    other files there (e.g. ``training.json``) are left alone.
+    other files there (e.g. ``training.json``) are left alone. ``checksums.json`` records the
+    sha256 of both files; loading checks it, so a damaged file is named instead of used.
     """
     path = Path(path)
     cfg = sae_config(sae, metadata)
@@ -109,11 +113,22 @@ def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> N
     try:
         save_file(tensors, tmp / WEIGHTS_FILENAME)
         (tmp / CFG_FILENAME).write_text(json.dumps(cfg))
+        sums = {name: _sha256(tmp / name) for name in (WEIGHTS_FILENAME, CFG_FILENAME)}
+        (tmp / CHECKSUMS_FILENAME).write_text(json.dumps(sums, indent=1))
+        for name in (WEIGHTS_FILENAME, CFG_FILENAME, CHECKSUMS_FILENAME):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
         if not path.exists():
             os.replace(tmp, path)
-        else:
-            for name in (WEIGHTS_FILENAME, CFG_FILENAME):
+        else:  # old checksums go first: a kill midway leaves files unchecked, never mismatched
+            (path / CHECKSUMS_FILENAME).unlink(missing_ok=True)
+            for name in (WEIGHTS_FILENAME, CFG_FILENAME, CHECKSUMS_FILENAME):
                 os.replace(tmp / name, path / name)
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is None:
+            raise
+        raise full from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -127,7 +142,7 @@ def load_sae_config(path: str | Path) -> dict[str, Any]:
             f"{path} is not a SAELens SAE folder: missing {', '.join(missing)} "
             f"(expected {CFG_FILENAME} and {WEIGHTS_FILENAME})"
         )
-    return normalize_config(json.loads((path / CFG_FILENAME).read_text()))
+    return normalize_config(read_json_file(path / CFG_FILENAME))
 
 
 def normalize_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +180,7 @@ def load_sae(
     path = Path(path)
     cfg = load_sae_config(path)
     scale = norm_scale(cfg, str(path), norm_scaling_factor, path / SCALER_FILENAME)
-    state = load_file(path / WEIGHTS_FILENAME)
+    state = read_tensors(path / WEIGHTS_FILENAME)
     return sae_from_saelens(cfg, state, where=str(path / WEIGHTS_FILENAME), scale=scale).to(
         device
     )
@@ -241,6 +256,47 @@ def norm_scale(
         f"scaling factor sqrt(d_in)/mean||x||; pass norm_scaling_factor= (SAELens lists it as "
         f"norm_scaling_factor in pretrained_saes.yaml) or put {SCALER_FILENAME} in the folder"
     )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def verify_checksum(path: Path) -> None:
+    """Check ``path`` against its folder's ``checksums.json`` (if the folder has one listing it)."""
+    sums_file = path.parent / CHECKSUMS_FILENAME
+    if not sums_file.is_file():
+        return
+    want = read_json_file(sums_file).get(path.name)
+    if want is not None and _sha256(path) != want:
+        raise CorruptSAEError(
+            f"{path} is corrupt: its sha256 does not match {sums_file} (damaged or overwritten "
+            "after it was saved); retrain it or restore it from a copy"
+        )
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A JSON object from an SAE folder; unreadable or non-object JSON names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptSAEError(f"{path} is not valid JSON ({e}); the file is damaged or truncated") from None
+    if not isinstance(data, dict):
+        raise CorruptSAEError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, after its checksum (if recorded); damage names the file."""
+    verify_checksum(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CorruptSAEError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
+            "download, retrain or restore it"
+        ) from None
 
 
 def safetensors_dtype(path: str | Path, name: str) -> str | None:

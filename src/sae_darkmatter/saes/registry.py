@@ -14,9 +14,14 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from sae_darkmatter._io import resolve_device
-from sae_darkmatter.errors import DarkMatterError, ModelNotAvailableError
+from sae_darkmatter.errors import (
+    CorruptSAEError,
+    DarkMatterError,
+    ModelNotAvailableError,
+)
 from sae_darkmatter.saes.io import (
     architecture_name,
     norm_scale,
@@ -161,6 +166,13 @@ def load_pretrained(
         ) from exc
     except (EntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as exc:
         raise ModelNotAvailableError(f"SAELens SAE {release}/{sae_id}: {exc}") from exc
+    except SafetensorError as exc:
+        from huggingface_hub import constants
+
+        raise CorruptSAEError(
+            f"SAELens SAE {release}/{sae_id}: its cached weights file is damaged ({exc}); "
+            f"delete the repo's folder in {constants.HF_HUB_CACHE} and download it again"
+        ) from exc
     cfg = theirs.cfg.to_dict()
     where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
     scale = norm_scale(cfg, where, norm_scaling_factor)
