@@ -13,7 +13,10 @@ A run folder holds every stage's output::
     out/metrics.json, out/report.html, out/figures/*.png
 
 Each stage is skipped when its output exists and was made from the same inputs and settings;
-interrupted stages resume.
+interrupted stages resume. Every output is written to a temp file and renamed into place, so a
+run killed at any moment (SIGKILL included) leaves only finished outputs and temp files, which
+the next run deletes; rerunning it gives the results of an uninterrupted run
+(tests/test_kill_resume.py). ``out/.run.lock`` keeps a second run out of the folder meanwhile.
 """
 
 from __future__ import annotations
@@ -21,19 +24,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from ._io import read_json, write_json
 from .analyses import run_analyses
 from .analyses.cross_layer import default_sources
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
-from .decompose import decompose_many
+from .decompose import decompose_many, require_finite
 from .errors import DarkMatterError
 from .harvest import harvest
 from .models import AUTO_NAME, default_hook_for, load_tokenizer
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 
 
 RUN_CONFIG_FILE = "run_config.json"
+RUN_LOCK_FILE = ".run.lock"
+STORE_DIR = "store"
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
 
 
@@ -80,6 +89,7 @@ def train_saes(
     if splits.sae_train.size == 0:
         raise DarkMatterError("the SAE-training split is empty (split.sae_train_fraction = 0)")
     x = store.gather(hook, splits.sae_train)
+    require_finite(x, splits.sae_train, store, hook)
     metadata = {"model_name": store.meta.get("model_name"), "hook_name": hook,
                 "context_size": store.context_length}
     return train_grid(x, cfg, out_dir, metadata=metadata, progress=progress)
@@ -184,16 +194,21 @@ def decompose_saes(
     hook = hook or next(iter(store.hooks))
     split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
     loaded = open_saes(saes)
-    fingerprints, todo = {}, {}
+    fingerprints, todo, groups = {}, {}, {}
     for name, item in loaded.items():
         fingerprints[name] = fingerprint(
             DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook,
             split_hash.hexdigest(), cfg, _weights_digest(item.sae),
         )
         result_path = out_dir / f"{name}.json"
-        cached = result_path.exists() and read_json(result_path).get("fingerprint")
-        if cached != fingerprints[name]:
+        cached = read_json(result_path) if result_path.exists() else {}
+        if cached.get("fingerprint") != fingerprints[name]:
             todo[name] = item
+        groups[name] = cached.get("group", [name])
+    # The SAEs of one call share one least-squares system, whose rounding depends on which SAEs
+    # are in it: a group that a kill interrupted is redone whole, so the rerun's probes equal
+    # an uninterrupted run's bit for bit.
+    todo = {n: item for n, item in loaded.items() if n in todo or set(groups[n]) & set(todo)}
     if todo:
         outputs = decompose_many(store, {n: i.sae for n, i in todo.items()}, splits, cfg,
                                  hook=hook, progress=progress)
@@ -209,13 +224,71 @@ def decompose_saes(
                 "data": splits.summary(),
                 "metrics": out.metrics.to_dict(),
                 "probe_file": f"{name}.safetensors",
+                "group": list(todo),
             })
     return [read_json(out_dir / f"{name}.json") for name in loaded]
 
 
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.run.lock`` (an OS lock, dropped by the kernel even after SIGKILL) while running.
+
+    Two runs in one folder would race on every stage output (and the temp-file sweep of one would
+    delete the other's files in flight); the second one gets a clear error instead.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DarkMatterError(
+            f"another process is running the pipeline in {out} (it holds {out / RUN_LOCK_FILE}); "
+            "wait for it to finish or use another --out folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temp files and folders (``.<name>.*.tmp``) that a killed run left in ``out``.
+
+    Every stage writes through a temp sibling renamed into place, so such leftovers are never
+    results. The store is skipped: it cleans its own under its writer lock.
+    """
+    removed = []
+    for root, dirs, files in os.walk(out):
+        here = Path(root)
+        if here == out and STORE_DIR in dirs:
+            dirs.remove(STORE_DIR)
+        for name in [*files, *dirs]:
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = here / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        dirs[:] = [d for d in dirs if here / d not in removed]
+    for path in removed:
+        log.warning("removed %s, left by an interrupted write", path)
+    return removed
+
+
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run every stage into ``out`` and return the metrics written to ``out/metrics.json``."""
+    """Run every stage into ``out`` and return the metrics written to ``out/metrics.json``.
+
+    A killed run (even by SIGKILL) is resumed by running it again: finished stage outputs are
+    reused, interrupted ones redone, and the results equal those of an uninterrupted run.
+    """
     out = Path(out)
+    with run_lock(out):
+        remove_stale_temps(out)
+        return _run_stages(cfg, out, progress)
+
+
+def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     if cfg.saes:  # pretrained SAEs: no training split, model and hook from their metadata
@@ -226,7 +299,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
 
     t = time.perf_counter()
-    store = harvest(cfg.harvest, out / "store", progress=progress)
+    store = harvest(cfg.harvest, out / STORE_DIR, progress=progress)
     timings["harvest"] = time.perf_counter() - t
 
     splits = make_splits(store, cfg.split)

@@ -6,6 +6,7 @@ report stage adds their sections to ``report.html`` and ``metrics.json``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,11 +27,34 @@ VERSION = 1  # part of every analysis's cache key: bump when any result's meanin
 
 
 def _inputs(run_dir: Path, store: Any) -> list[Any]:
-    """What every analysis reads: the store, the decompositions and the SAE weight files."""
+    """What every analysis reads: the store, the decompositions and the SAE weight files.
+
+    Weights enter by content (sha256), not by file stamps: a rewrite with the same bytes (an SAE
+    retrained after a kill) keeps the cached results, and the key is the same in any folder.
+    """
     decs = {p.stem: read_json(p).get("fingerprint") for p in sorted((run_dir / "decompose").glob("*.json"))}
-    weights = [(str(p.relative_to(run_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+    weights = [(str(p.relative_to(run_dir)), _sha256(p))
                for p in sorted((run_dir / "saes").glob("**/sae_weights.safetensors"))]
     return [store.meta.get("harvest_fingerprint"), store.n_rows, decs, weights]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _relative_figures(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Figure paths relative to ``run_dir``, as ``_reusable`` and the report expect.
+
+    Some analyses return ``run_dir / "figures/..."``; with a relative ``run_dir`` that path is
+    relative to the working directory, and the cached result was never found reusable.
+    """
+    figures = result.get("figures")
+    if not isinstance(figures, dict):
+        return result
+    rel = {k: str(Path(v).relative_to(run_dir)) if Path(v).is_relative_to(run_dir) else v
+           for k, v in figures.items()}
+    return {**result, "figures": rel}
 
 
 def _reusable(result: Any, key: str, run_dir: Path) -> bool:
@@ -111,10 +135,11 @@ def run_analyses(
             continue
         t = time.perf_counter()
         try:
-            results[name] = {**steps[name](), "fingerprint": key}
+            results[name] = {**_relative_figures(steps[name](), run_dir), "fingerprint": key}
         except DarkMatterError as err:
             log.warning("analysis %s skipped: %s", name, err)
             results[name] = {"skipped": str(err)}
         results[name]["seconds"] = round(time.perf_counter() - t, 2)
+        write_json(path, {**previous, **results})  # a killed run keeps the finished analyses
     write_json(path, {**previous, **results})  # a subset rerun keeps the other analyses
     return results

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,7 @@ def _train(
         key = _fingerprint(cfg, width, value, lr, data)
         if _is_finished(out_dir, key):
             log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
+            _remove_checkpoint(out_dir)  # left when a kill came between training.json and its removal
             members.append(None)
             continue
         sae = TRAINERS[cfg.architecture](x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
@@ -291,7 +293,7 @@ def _finish(m: _Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
         **m.sae.summary(),
         "curve": m.curve,
     })
-    (m.out_dir / CHECKPOINT_FILENAME).unlink(missing_ok=True)
+    _remove_checkpoint(m.out_dir)
     return sae
 
 
@@ -353,15 +355,31 @@ def _save_checkpoint(m: _Member) -> None:
         torch.save(blob, tmp)
 
 
+def _remove_checkpoint_temps(out_dir: Path) -> None:
+    """Delete the temp files that a kill during a checkpoint save left."""
+    for stale in out_dir.glob(f".{CHECKPOINT_FILENAME}.*.tmp"):
+        stale.unlink()
+
+
+def _remove_checkpoint(out_dir: Path) -> None:
+    """Delete a finished SAE's checkpoint (and any temp file of one)."""
+    _remove_checkpoint_temps(out_dir)
+    (out_dir / CHECKPOINT_FILENAME).unlink(missing_ok=True)
+
+
 def _maybe_resume(m: _Member) -> None:
     """Load model, optimizer and counters from a checkpoint of the same run, if there is one."""
     path = m.out_dir / CHECKPOINT_FILENAME
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill during a save
-        stale.unlink()
+    _remove_checkpoint_temps(m.out_dir)
     if not path.is_file():
         return
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("fingerprint") != m.key:
+    try:  # weights_only: a checkpoint holding other pickled objects is refused, never run
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s); training this SAE from the start",
+                    path, str(exc).splitlines()[0][:200])
+        return
+    if not isinstance(blob, dict) or blob.get("fingerprint") != m.key:
         log.warning("ignoring %s: it belongs to a different config or data", path)
         return
     if set(blob["model"]) != set(m.sae.state_dict()):
