@@ -14,6 +14,12 @@ Methods, each in its own subprocess (clean peak RSS; data loaded from a temp .np
   whose default rcond = eps·max(m, n) (~0.036 here) silently truncates the solution
   (measurements.md, "Least squares": held-out R² 0.011 instead of 0.345 on real activations).
 
+Achievable rate: ``gemm-f64`` / ``gemm-f32`` time only the products a streaming fit cannot avoid
+(XᵀX and XᵀY of the same chunks, ones column included, in float64 / float32, plain ``torch.mm``),
+i.e. this machine's GEMM limit for this work; ``streaming-*`` time over it says how close the
+fit (conversion, centring, the solve, bookkeeping) comes to that limit. GFLOP/s counts
+2·N·(d+1)·(2d+1) multiply-adds for every method.
+
 Reported: wall time of the fit, peak RSS above the loaded data (ru_maxrss minus RSS before the
 fit), held-out pooled R² and mean per-dimension R² on 50,000 rows, and ratios against
 ``lstsq-gels``. Run: ``python benchmarks/bench_lstsq.py [--n 300000] [--skip-default]``.
@@ -38,7 +44,8 @@ from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
 
 D = 576
 N_TEST = 50_000
-METHODS = ("streaming-f64", "streaming-f32", "lstsq-gels", "lstsq-default")
+METHODS = ("streaming-f64", "streaming-f32", "gemm-f64", "gemm-f32", "lstsq-gels", "lstsq-default")
+CHUNK = 65536
 
 
 def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +77,8 @@ def fit(method: str, x: torch.Tensor, y: torch.Tensor) -> LinearProbe:
     if method.startswith("streaming"):
         dtype = torch.float32 if method == "streaming-f32" else torch.float64
         acc = StreamingLstsq(D, D, gemm_dtype=dtype)
-        for i in range(0, x.shape[0], 65536):
-            acc.update(x[i : i + 65536], y[i : i + 65536])
+        for i in range(0, x.shape[0], CHUNK):
+            acc.update(x[i : i + CHUNK], y[i : i + CHUNK])
         return acc.solve()
     a = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
     driver = "gels" if method == "lstsq-gels" else None
@@ -79,10 +86,27 @@ def fit(method: str, x: torch.Tensor, y: torch.Tensor) -> LinearProbe:
     return LinearProbe(weight=w[:-1], bias=w[-1])
 
 
+def gemms(dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Only the Gram products of a streaming fit: [x, 1]ᵀ[x, 1] and [x, 1]ᵀy, chunk by chunk."""
+    gram = torch.zeros(D + 1, D + 1, dtype=dtype)
+    cross = torch.zeros(D + 1, D, dtype=dtype)
+    for i in range(0, x.shape[0], CHUNK):
+        a = torch.cat([x[i : i + CHUNK], torch.ones(len(x[i : i + CHUNK]), 1)], dim=1).to(dtype)
+        gram += a.T @ a
+        cross += a.T @ y[i : i + CHUNK].to(dtype)
+
+
 def child(method: str, folder: Path) -> None:
     """Run one method on the saved data; print a JSON line with time, memory and scores."""
     x = torch.from_numpy(np.load(folder / "x.npy"))
     y = torch.from_numpy(np.load(folder / "y.npy"))
+    flops = 2 * x.shape[0] * (D + 1) * (2 * D + 1)
+    if method.startswith("gemm"):
+        t0 = time.perf_counter()
+        gemms(torch.float32 if method == "gemm-f32" else torch.float64, x, y)
+        seconds = time.perf_counter() - t0
+        print(json.dumps({"method": method, "seconds": seconds, "gflops": flops / seconds / 1e9}))
+        return
     xt = torch.from_numpy(np.load(folder / "xt.npy"))
     yt = torch.from_numpy(np.load(folder / "yt.npy"))
     base = rss_bytes()
@@ -94,6 +118,7 @@ def child(method: str, folder: Path) -> None:
     acc.update(yt, probe.predict(xt))
     print(json.dumps({
         "method": method, "seconds": seconds, "peak_above_data_gb": max(peak - base, 0) / 1e9,
+        "gflops": flops / seconds / 1e9,
         "r2_pooled": acc.r2_pooled(), "r2_mean_dim": acc.r2_mean_dim(),
     }))
 
@@ -127,15 +152,24 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  done {method}: {rows[-1]['seconds']:.1f} s", flush=True)
     ref = next((r for r in rows if r["method"] == "lstsq-gels"), None)
-    print(f"\n{'method':<15}{'time s':>9}{'peak GB':>9}{'R² pooled':>11}{'R² mean-dim':>13}"
+    print(f"\n{'method':<15}{'time s':>9}{'GFLOP/s':>9}{'peak GB':>9}{'R² pooled':>11}{'R² mean-dim':>13}"
           f"{'time/gels':>11}{'mem/gels':>10}")
     for r in rows:
+        if r["method"].startswith("gemm"):
+            print(f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}   (GEMMs only: the achievable limit)")
+            continue
         ratios = ("", "")
         if ref:
             mem = r["peak_above_data_gb"] / ref["peak_above_data_gb"]
             ratios = (f"{r['seconds'] / ref['seconds']:.2f}", f"{mem:.3f}")
-        print(f"{r['method']:<15}{r['seconds']:>9.1f}{r['peak_above_data_gb']:>9.2f}{r['r2_pooled']:>11.6f}"
-              f"{r['r2_mean_dim']:>13.6f}{ratios[0]:>11}{ratios[1]:>10}")
+        print(f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}{r['peak_above_data_gb']:>9.2f}"
+              f"{r['r2_pooled']:>11.6f}{r['r2_mean_dim']:>13.6f}{ratios[0]:>11}{ratios[1]:>10}")
+    by = {r["method"]: r for r in rows}
+    for bits in ("64", "32"):
+        ours, limit = by.get(f"streaming-f{bits}"), by.get(f"gemm-f{bits}")
+        if ours and limit:
+            print(f"streaming-f{bits} runs at {limit['seconds'] / ours['seconds']:.2f} of this machine's "
+                  f"float{bits} GEMM rate for the same products ({ours['gflops']:.1f} of {limit['gflops']:.1f} GFLOP/s)")
 
 
 if __name__ == "__main__":
