@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from .errors import DarkMatterError, DiskFullError
 
@@ -31,22 +32,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:  # on disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
+        with full_disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            yield Path(tmp)
+            with open(tmp, "rb") as fh:  # on disk before the rename makes it visible
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
+            os.replace(tmp, path)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def full_disk_errors(path: Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` for lack of space into :class:`DiskFullError`."""
+    try:
+        yield
     except Exception as err:
         full = disk_full(err, path)
         if full is None:
             raise
         raise full from err
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def try_lock(lock_file: Path, busy: str, error: type[DarkMatterError] = DarkMatterError) -> FileLock:
+    """Take an OS file lock without waiting (the kernel drops it even after SIGKILL).
+
+    Held by another process: ``error(busy)``. The caller releases the returned lock.
+    """
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise error(busy) from None
+    return lock
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

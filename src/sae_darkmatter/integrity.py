@@ -53,37 +53,27 @@ def _sae_folders(run: Path) -> list[Path]:
 def check(path: str | Path) -> list[Damage]:
     """Every damaged shard of the store and every unreadable SAE folder of the run at ``path``."""
     path = Path(path)
-    store = store_path(path)
-    if store is None and not any((path / top).is_dir() for top in SAE_FOLDERS):
-        raise DarkMatterError(f"{path} holds neither an activation store ({MANIFEST}) nor a run folder")
-    damage = []
-    if store is not None:
-        damage += [Damage("shard", store / p.file, p.reason) for p in ActivationStore.open(store).check()]
-    for folder in _sae_folders(path):
-        try:
-            open_sae(folder)
-        except DarkMatterError as err:
-            damage.append(Damage("sae", folder, str(err)))
-    return damage
+    store = _store_or_run(path)
+    shards = [] if store is None else [
+        Damage("shard", store / p.file, p.reason) for p in ActivationStore.open(store).check()]
+    return shards + _sae_damage(path)
 
 
 def repair(path: str | Path, *, progress: bool = True) -> tuple[list[Damage], list[Damage]]:
     """Repair what :func:`check` finds; returns ``(repaired, left)``.
 
     Bad shards are re-harvested. A damaged SAE folder that this run trained (it has
-    ``training.json``) is removed so the next ``darkmatter run`` retrains it; other SAE folders
+    ``training.json``) is removed so the next ``darkmatter run`` retrains them; other SAE folders
     (copied in by the user) are left and reported.
     """
     from .harvest import repair as repair_store
 
-    damage = check(path)
-    repaired, left = [], []
-    if any(d.kind == "shard" for d in damage):
-        repair_store(store_path(path), progress=progress)
-        repaired += [d for d in damage if d.kind == "shard"]
-    for d in damage:
-        if d.kind != "sae":
-            continue
+    path = Path(path)
+    store = _store_or_run(path)
+    repaired = [] if store is None else [
+        Damage("shard", store / p.file, p.reason) for p in repair_store(store, progress=progress)]
+    left = []
+    for d in _sae_damage(path):
         if (d.path / TRAINING_FILENAME).is_file():
             log.warning("removing damaged SAE folder %s; rerun `darkmatter run` to retrain it", d.path)
             shutil.rmtree(d.path)
@@ -91,3 +81,21 @@ def repair(path: str | Path, *, progress: bool = True) -> tuple[list[Damage], li
         else:
             left.append(d)
     return repaired, left
+
+
+def _store_or_run(path: Path) -> Path | None:
+    """The store of ``path`` (None for a run without one); neither a store nor a run: an error."""
+    store = store_path(path)
+    if store is None and not any((path / top).is_dir() for top in SAE_FOLDERS):
+        raise DarkMatterError(f"{path} holds neither an activation store ({MANIFEST}) nor a run folder")
+    return store
+
+
+def _sae_damage(run: Path) -> list[Damage]:
+    damage = []
+    for folder in _sae_folders(run):
+        try:
+            open_sae(folder)
+        except DarkMatterError as err:
+            damage.append(Damage("sae", folder, str(err)))
+    return damage

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 
-from ._io import read_json, write_json
+from ._io import read_json, try_lock, write_json
 from .analyses import run_analyses
 from .analyses.cross_layer import default_sources
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
@@ -237,14 +236,8 @@ def run_lock(out: Path) -> Iterator[None]:
     delete the other's files in flight); the second one gets a clear error instead.
     """
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / RUN_LOCK_FILE, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise DarkMatterError(
-            f"another process is running the pipeline in {out} (it holds {out / RUN_LOCK_FILE}); "
-            "wait for it to finish or use another --out folder"
-        ) from None
+    lock = try_lock(out / RUN_LOCK_FILE, f"another process is running the pipeline in {out} (it "
+                    f"holds {out / RUN_LOCK_FILE}); wait for it to finish or use another --out folder")
     try:
         yield
     finally:

@@ -76,10 +76,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from safetensors.torch import save_file
 
-from sae_darkmatter._io import atomic_path, read_json, write_json
+from sae_darkmatter._io import atomic_path, read_json, try_lock, write_json
 from sae_darkmatter.errors import (
     CorruptStoreError,
     DarkMatterError,
@@ -269,23 +269,24 @@ class ActivationStore:
         n_ctx = tensors["tokens"].shape[0] // self.context_length
         if n_ctx == 0:
             return
-        name = f"shard_{len(self._shards):06d}.safetensors"
+        self._commit_shard(len(self._shards), tensors, context_start, n_ctx)
+
+    def _commit_shard(self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int) -> dict:
+        """Write shard ``index`` (the next one, or one to replace), then record it in the manifest."""
+        name = f"shard_{index:06d}.safetensors"
         target = self.path / name
-        sha = _write_shard(target, tensors, context_start)
-        entry = {
-            "file": name,
-            "rows": n_ctx * self.context_length,
-            "contexts": [context_start, context_start + n_ctx],
-            "bytes": target.stat().st_size,
-            "sha256": sha,
-        }
-        manifest = dict(self._manifest)
-        manifest["shards"] = [*self._shards, entry]
-        manifest["committed_contexts"] = context_start + n_ctx
-        manifest["committed_rows"] = self.n_rows + entry["rows"]
+        sha = _write_shard(target, tensors, start)
+        entry = {"file": name, "rows": n_ctx * self.context_length, "contexts": [start, start + n_ctx],
+                 "bytes": target.stat().st_size, "sha256": sha}
+        shards = [*self._shards]
+        shards[index : index + 1] = [entry]
+        manifest = {**self._manifest, "shards": shards, "committed_contexts": shards[-1]["contexts"][1],
+                    "committed_rows": sum(s["rows"] for s in shards)}
         write_json(self.path / MANIFEST, manifest)
         self._manifest = manifest
+        self._layouts.pop(index, None)
         _VERIFIED.add(_sha_key(target, entry))  # we just hashed what we wrote
+        return entry
 
     def _batch_tensors(
         self,
@@ -569,17 +570,7 @@ class ActivationStore:
                 f"shard {entry['file']} holds contexts {start}..{stop - 1} ({entry['rows']} rows); "
                 f"the replacement has {tensors['tokens'].shape[0]} rows"
             )
-        target = self.path / entry["file"]
-        sha = _write_shard(target, tensors, start)
-        identical = sha == entry["sha256"]
-        new_entry = {**entry, "bytes": target.stat().st_size, "sha256": sha}
-        manifest = copy.deepcopy(self._manifest)
-        manifest["shards"][index] = new_entry
-        write_json(self.path / MANIFEST, manifest)
-        self._manifest = manifest
-        self._layouts.pop(index, None)
-        _VERIFIED.add(_sha_key(target, new_entry))
-        return identical
+        return self._commit_shard(index, tensors, start, stop - start)["sha256"] == entry["sha256"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,15 +627,9 @@ def _dict_diff(a: Any, b: Any, prefix: str) -> list[str]:
 
 def _writer_lock(path: Path) -> FileLock:
     """Take the store's writer lock without waiting; held by another process: StoreLockedError."""
-    lock = FileLock(path / LOCK_FILE, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise StoreLockedError(
-            f"another process is writing the activation store at {path} (it holds "
-            f"{path / LOCK_FILE}); wait for it to finish or use another store path"
-        ) from None
-    return lock
+    return try_lock(path / LOCK_FILE, f"another process is writing the activation store at {path} "
+                    f"(it holds {path / LOCK_FILE}); wait for it to finish or use another store path",
+                    StoreLockedError)
 
 
 def _check_free_folder(path: Path) -> None:

@@ -34,8 +34,8 @@ from .._io import read_json, write_json
 from ..analyses.downstream import open_run_sae
 from ..analyses.error_saes import TARGETS, error_targets
 from ..config import ModelConfig, RunConfig, TokenFilter, from_dict, to_dict
-from ..decompose import SavedDecomposition, load_decompositions
-from ..errors import DarkMatterError, ShapeMismatchError
+from ..decompose import SavedDecomposition, check_sae, load_decompositions
+from ..errors import DarkMatterError
 from ..models import load_tokenizer
 from ..saes.formats import open_sae
 from ..saes.io import CFG_FILENAME
@@ -286,9 +286,7 @@ def _collect_all(data: _RunData, choices: list[SAEChoice], cfg: AutoInterpConfig
     for c in choices:
         sae = loaded[c.label].sae
         hook = hooks[c.label] = data.hook_of(c, loaded[c.label].provenance.get("hook_name"))
-        if data.store.d(hook) != sae.d_in:
-            raise ShapeMismatchError(f"SAE {c.label} takes d_in={sae.d_in}, but {hook} in the store has "
-                                     f"d={data.store.d(hook)}")
+        check_sae(c.label, sae, data.store, hook)
         groups.setdefault((hook, None if c.input == "x" else c.base), []).append(c)
     sets: dict[str, ExampleSet] = {}
     task = bar.add_task("examples", total=len(choices))

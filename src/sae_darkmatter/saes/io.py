@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_darkmatter._io import disk_full
+from sae_darkmatter._io import full_disk_errors
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
@@ -111,24 +111,20 @@ def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> N
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS_FILENAME)
-        (tmp / CFG_FILENAME).write_text(json.dumps(cfg))
-        sums = {name: _sha256(tmp / name) for name in (WEIGHTS_FILENAME, CFG_FILENAME)}
-        (tmp / CHECKSUMS_FILENAME).write_text(json.dumps(sums, indent=1))
-        for name in (WEIGHTS_FILENAME, CFG_FILENAME, CHECKSUMS_FILENAME):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if not path.exists():
-            os.replace(tmp, path)
-        else:  # old checksums go first: a kill midway leaves files unchecked, never mismatched
-            (path / CHECKSUMS_FILENAME).unlink(missing_ok=True)
+        with full_disk_errors(path):
+            save_file(tensors, tmp / WEIGHTS_FILENAME)
+            (tmp / CFG_FILENAME).write_text(json.dumps(cfg))
+            sums = {name: _sha256(tmp / name) for name in (WEIGHTS_FILENAME, CFG_FILENAME)}
+            (tmp / CHECKSUMS_FILENAME).write_text(json.dumps(sums, indent=1))
             for name in (WEIGHTS_FILENAME, CFG_FILENAME, CHECKSUMS_FILENAME):
-                os.replace(tmp / name, path / name)
-    except Exception as err:
-        full = disk_full(err, path)
-        if full is None:
-            raise
-        raise full from err
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if not path.exists():
+                os.replace(tmp, path)
+            else:  # old checksums go first: a kill midway leaves files unchecked, never mismatched
+                (path / CHECKSUMS_FILENAME).unlink(missing_ok=True)
+                for name in (WEIGHTS_FILENAME, CFG_FILENAME, CHECKSUMS_FILENAME):
+                    os.replace(tmp / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
