@@ -342,3 +342,44 @@ def test_a_second_writer_gets_a_clear_error_and_the_lock_dies_with_its_holder(tm
     with pytest.raises(DarkMatterError, match="read-only"):
         store.append(context_start=3, **make_batch(np.random.default_rng(9), 1))
     assert ActivationStore.open(path).committed_contexts == 3
+
+
+def test_staged_shards_commit_in_order_and_survive_a_restart(tmp_path):
+    """The distributed-harvest protocol: ranks stage shards in any order, the writer commits the
+    contiguous ones, and a restarted writer adopts staged shards instead of deleting them."""
+    ref, written = fill(tmp_path / "ref")
+    starts = np.cumsum([0, *BATCHES])
+    path = tmp_path / "dist"
+    writer = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
+    rank1 = ActivationStore.open(path)  # another rank: read-only, stages without the lock
+    rank1.stage(3, context_start=int(starts[3]), **written[3])
+    rank1.stage(1, context_start=int(starts[1]), **written[1])
+    assert writer.commit_staged() == 0  # shard 0 is missing: nothing continues the store
+    writer.stage(0, context_start=0, **written[0])
+    assert writer.commit_staged() == 2 and writer.committed_contexts == starts[2]
+    assert writer.is_staged(3) and not writer.is_staged(1)
+    writer.finish()
+    del writer  # a crash: shard 3 stays staged, shard 2 was never written
+
+    resumed = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
+    assert resumed.committed_contexts == starts[2] and resumed.is_staged(3)
+    with pytest.raises(DarkMatterError, match="already committed"):
+        resumed.stage(1, context_start=int(starts[1]), **written[1])
+    resumed.stage(2, context_start=int(starts[2]), **written[2])
+    assert resumed.commit_staged() == 2
+    resumed.finish()
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (ref.path, path))
+    assert a["shards"] == b["shards"]  # byte-identical shards, same manifest entries
+    assert sorted(f.name for f in path.iterdir() if not f.name.startswith(".")) == sorted(
+        f.name for f in ref.path.iterdir() if not f.name.startswith("."))
+
+
+def test_stale_staged_files_are_removed(tmp_path):
+    """A sidecar for a committed shard (a kill after the commit) or without its shard goes."""
+    store, written = fill(tmp_path / "s", batches=[2, 2])
+    (store.path / "shard_000000.safetensors.staged.json").write_text("{}")
+    (store.path / "shard_000005.safetensors.staged.json").write_text("{}")
+    store.finish()
+    resumed = ActivationStore.create_or_resume(store.path, hooks=HOOKS, context_length=T, meta=META)
+    assert not list(resumed.path.glob("*.staged.json")) and resumed.committed_contexts == 4
+    resumed.verify()

@@ -7,10 +7,14 @@ Stages, each usable alone (see README):
     open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
     train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu, one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
+    stream_decompose(HarvestConfig, saes)   -> the decomposition straight from the LM, no store
     run_analyses(run_dir, cfg=RunConfig)    -> encoder error (pursuit), scaling, per-token, norms,
                                                cross-layer, error SAEs, downstream CE
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
     run(RunConfig, out)                     -> all of the above, cached per stage
+
+Under ``torchrun`` call ``sae_darkmatter.distributed.init()`` first: harvest, training and the
+decomposition then share their work across the ranks (``distributed``).
 
 Names are imported lazily (PEP 562), so ``import sae_darkmatter`` and the CLI start fast.
 """
@@ -40,7 +44,8 @@ _EXPORTS = {
              "train_sae"],
     "saes.formats": ["LoadedSAE", "open_sae"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
-    "decompose": ["Decomposition", "DecompositionOutput", "decompose"],
+    "decompose": ["Decomposition", "DecompositionOutput", "decompose", "decompose_many"],
+    "stream": ["StreamResult", "stream_decompose"],
     "pipeline": ["decompose_saes", "quick", "run", "train_saes"],
     "analyses": ["run_analyses"],
     "analyses.encoder_error": ["encoder_error_analysis"],

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import __version__
+from . import __version__, distributed
+from ._io import limit_heap_growth
 from .autointerp.cli import register as register_autointerp
 from .config import (
     DecomposeConfig,
@@ -49,6 +50,7 @@ TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SA
 Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
 Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
 MaxNorm = Annotated[Optional[float], typer.Option(help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all.")]
+Dtype = Annotated[Optional[str], typer.Option(help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are float64).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [harvest], [split], [train], [decompose] tables.")]
 
 
@@ -92,14 +94,14 @@ def _grid(cfg: SAETrainConfig, architecture: str | None, widths: str | None,
 
 def _build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
-    context_length=None, loss=None, device=None, widths=None, k=None, train_tokens=None,
+    context_length=None, loss=None, device=None, dtype=None, widths=None, k=None, train_tokens=None,
     seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
 ) -> RunConfig:
     cfg = load_toml(config) if config else RunConfig()
     h = cfg.harvest
     harvest = _set(
         h,
-        model=_set(h.model, name=model, device=device),
+        model=_set(h.model, name=model, device=device, dtype=dtype),
         corpus=_set(h.corpus, source=corpus, n_contexts=n_contexts,
                     context_length=context_length, seed=seed),
         hooks=(hook,) if hook else None,
@@ -110,19 +112,42 @@ def _build_config(
                   device=device)
     return _set(cfg, harvest=harvest, split=split, train=train,
                 decompose=_set(cfg.decompose, device=device),
+                cross_layer=_set(cfg.cross_layer, device=device),
+                error_saes=_set(cfg.error_saes, train=_set(cfg.error_saes.train, device=device)),
                 saes=tuple(saes) if saes else None)
 
 
-def _main(fn: Any) -> Any:
-    """Run a command body; print library errors plainly and exit non-zero."""
+def _out(*items: Any) -> None:
+    """Print a command's results (under torchrun: rank 0 only)."""
+    if distributed.is_main():
+        Console().print(*items)
+
+
+def _main(fn: Any, *, one_process: bool = False) -> Any:
+    """Run a command body; print library errors plainly and exit non-zero.
+
+    Under torchrun the ranks share the work of distributed stages; a ``one_process`` command
+    runs on rank 0 alone (the other ranks return at once).
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    limit_heap_growth()
     try:
-        return fn()
+        if distributed.init() and not distributed.is_main():
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress for all
+        if not one_process:
+            result = fn()
+        elif distributed.is_main():
+            with distributed.local():
+                result = fn()
+        else:
+            result = None
+        distributed.shutdown()
+        return result
     except DarkMatterError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
@@ -167,6 +192,7 @@ def run(
     max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
     device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their error -> report."""
     from . import pipeline
@@ -174,15 +200,16 @@ def run(
     def body() -> None:
         cfg = _build_config(
             config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
-            context_length=context_length, loss=loss, device=device, widths=widths, k=k,
+            context_length=context_length, loss=loss, device=device, dtype=dtype, widths=widths, k=k,
             train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
             max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture,
         )
         if quick:
             cfg = pipeline.quick(cfg)
         metrics = pipeline.run(cfg, out)
-        Console().print(_summary(metrics))
-        Console().print(f"report: {out / 'report.html'}")
+        if metrics:  # {} on the ranks other than 0 under torchrun
+            _out(_summary(metrics))
+            _out(f"report: {out / 'report.html'}")
 
     _main(body)
 
@@ -198,7 +225,7 @@ def harvest_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
     contexts_per_shard: Annotated[Optional[int], typer.Option(help="Contexts per committed shard (a multiple of the batch size).")] = None,
     loss: Loss = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype: float32, bfloat16, float16.")] = None,
+    dtype: Dtype = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
@@ -218,7 +245,7 @@ def harvest_cmd(
             with_loss=loss,
         )
         store = harvest(cfg, out)
-        Console().print(f"store: {out} ({store.n_rows:,} tokens; hooks {', '.join(store.hooks)})")
+        _out(f"store: {out} ({store.n_rows:,} tokens; hooks {', '.join(store.hooks)})")
 
     _main(body)
 
@@ -258,7 +285,7 @@ def train(
             table.add_row(d.name, f"{t['final_train_fvu']:.4f}", f"{t['final_train_l0']:.1f}",
                           f"{t['dead_latents']:,} ({100 * t['dead_fraction']:.1f} %)",
                           f"{t['tokens_seen']:,}", f"{t['tokens_per_second']:,.0f}")
-        Console().print(table)
+        _out(table)
 
     _main(body)
 
@@ -286,7 +313,7 @@ def decompose_cmd(
         cfg = _set(DecomposeConfig(), ridge=ridge, bias=bias, device=device)
         st = ActivationStore.open(store)
         results = decompose_saes(st, make_splits(st, split, hook=hook), sae, cfg, out, hook=hook)
-        Console().print(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
+        _out(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
                                   "saes": [{"name": r["name"], "k": r["sae"].get("k"), **r["metrics"]}
                                            for r in results]}))
 
@@ -325,9 +352,9 @@ def analyze(
         with run_lock(run_dir):  # one writer per run folder, as in `run`
             remove_stale_temps(run_dir)
             run_analyses(run_dir, only=chosen, cfg=cfg, tokenizer=tokenizer)
-            Console().print(f"report: {write_report(run_dir / 'decompose', run_dir)}")
+            _out(f"report: {write_report(run_dir / 'decompose', run_dir)}")
 
-    _main(body)
+    _main(body, one_process=True)
 
 
 @app.command()
@@ -356,7 +383,7 @@ def verify(
         c.print(f"{path}: all store shards and SAE files are intact"
                 + ("; rerun `darkmatter run` to retrain the removed SAEs" if retrain else ""))
 
-    _main(body)
+    _main(body, one_process=True)
 
 
 @app.command("report")
@@ -367,7 +394,7 @@ def report_cmd(
     """Write report.html, metrics.json and figures from decomposition results."""
     from .report import write_report
 
-    _main(lambda: Console().print(f"report: {write_report(decompose_dir, out or decompose_dir.parent)}"))
+    _main(lambda: _out(f"report: {write_report(decompose_dir, out or decompose_dir.parent)}"), one_process=True)
 
 
 @app.command()
@@ -396,10 +423,10 @@ def synthetic(
         for fit, t in results["table1"].items():
             for noise, row in t.items():
                 table.add_row(fit, noise, *(f"{v:+.3f}" for v in row.values()))
-        Console().print(table)
-        Console().print(f"report: {results['report']}")
+        _out(table)
+        _out(f"report: {results['report']}")
 
-    _main(body)
+    _main(body, one_process=True)
 
 
 @app.command()
@@ -426,8 +453,52 @@ def info(
             c.print(f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts, "
                     f"hooks {st.hooks}, model {st.meta.get('model_name')}")
 
-    _main(body)
+    _main(body, one_process=True)
 
+
+@app.command("stream")
+def stream_cmd(
+    sae: Annotated[list[str], typer.Option(help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <sae>.json results and the checkpoint (rerun to resume).")] = Path("darkmatter_stream"),
+    model: Model = None,
+    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer).")] = None,
+    corpus: Corpus = None,
+    n_contexts: NContexts = None,
+    context_length: CtxLen = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    skip_positions: Skip = None,
+    max_norm_ratio: MaxNorm = None,
+    seed: Seed = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints.")] = 25,
+) -> None:
+    """Decompose pretrained SAEs' error straight from the LM: no activation store, memory independent of the token count."""
+    from .pipeline import adopt_sae_metadata, open_saes
+    from .stream import stream_decompose
+
+    def body() -> None:
+        loaded = open_saes(sae)
+        cfg = adopt_sae_metadata(_build_config(
+            None, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts, context_length=context_length,
+            loss=False, device=device, dtype=dtype, seed=seed, skip_positions=skip_positions,
+            max_norm_ratio=max_norm_ratio), loaded)
+        harvest = _set(cfg.harvest, batch_size=batch_size, contexts_per_shard=batch_size)  # shards: unused
+        results = stream_decompose(harvest, {n: s.sae for n, s in loaded.items()},
+                                   cfg.split, cfg.decompose, checkpoint=out / "checkpoint",
+                                   checkpoint_every=checkpoint_every)
+        rows = []
+        for name, r in results.items():
+            prov = loaded[name].provenance
+            if distributed.is_main():
+                r.save(out, sae={**prov, "path": str(prov.get("source"))})
+            rows.append({"name": name, "k": prov.get("k"), **r.metrics.to_dict()})
+        first = next(iter(results.values()))
+        _out(_summary({"model": first.model, "hook": first.metrics.hook, "saes": rows}))
+        _out(f"{first.data['probe_train_tokens']:,} probe-train and {first.data['probe_test_tokens']:,} "
+             f"held-out tokens; results in {out}")
+
+    _main(body)
 
 
 register_autointerp(app)  # `darkmatter autointerp`: needs the [autointerp] extra only when it runs

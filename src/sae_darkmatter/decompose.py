@@ -13,7 +13,7 @@ probe-train tokens, and everything reported is scored on the disjoint probe-test
 
 Hostile inputs are refused before any fitting: an SAE whose ``d_in`` or parameter dtypes do not
 fit the stored hook (``check_sae``), and NaN/inf in the stored activations or in an SAE's
-reconstructions (``require_finite``; the error lists the first contexts and positions and a
+reconstructions (``require_finite``, ``SAEErrors``; the error lists the first contexts and positions and a
 count). A degenerate probe system (constant or collinear x dimensions) is solved with a
 pseudo-inverse; the metrics then carry ``probe_regularized``, ``probe_rank`` and ``probe_cond``.
 
@@ -21,6 +21,8 @@ Many SAEs of one hook are decomposed together: one pass fits all their probes (o
 system with the error targets of every SAE side by side, so XᵀX is accumulated and factored
 once), a second pass scores them. Both passes stream over the store in chunks; memory grows only
 with the per-token scalars kept for the held-out tokens (for bootstraps and per-token analyses).
+The per-chunk arithmetic (``SAEErrors``, ``probe_system``, ``HeldOutScores``) is shared with
+``stream.stream_decompose``, which takes activations straight from the LM instead of a store.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_path, resolve_device
+from . import distributed
+from ._io import atomic_path, limit_heap_growth, resolve_device
 from .config import DecomposeConfig
 from .errors import (
     DarkMatterError,
@@ -173,6 +176,9 @@ _TARGET_BUDGET = 1 << 24  # floats per chunk of stacked probe targets (~64 MB in
 JACKKNIFE_GROUPS = 16  # token groups for the jackknife interval of the mean per-dim R²
 N_BOOT = 200  # bootstrap resamples of held-out tokens for the other intervals
 
+# Maps indices of a chunk's rows to their (context, position) arrays, for error messages.
+Locate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
 
 def decompose(
     store: ActivationStore,
@@ -200,82 +206,56 @@ def decompose_many(
     hook = hook or next(iter(store.hooks))
     d = store.d(hook)
     dtypes = {name: check_sae(name, sae, store, hook) for name, sae in saes.items()}
+    limit_heap_growth()  # chunk buffers must not pile up in a fragmented heap over long passes
     device = resolve_device(cfg.device)
-    saes = {n: s.to(device) if isinstance(s, torch.nn.Module) else s for n, s in saes.items()}
-    names = list(saes)
-    chunk = max(256, min(cfg.chunk_rows, _TARGET_BUDGET // (len(names) * (d + 1))))
+    errors = SAEErrors(saes, dtypes, hook, device)
+    names = errors.names
+    chunk = chunk_size(cfg, len(names), d)
 
-    def errors(name: str, x: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = dtypes[name]
-        with torch.inference_mode():
-            z = saes[name].encode(x if dtype is None else x.to(dtype))
-            x_hat = saes[name].decode(z).to(x.dtype)
-        require_finite(x_hat, rows, store, hook, what=f"SAE {name!r} reconstructions of hook {hook!r}",
-                       advice=_sae_advice(dtype), scan_store=False)
-        return x_hat, x - x_hat, (z != 0).sum(dim=1)
+    def locate(rows: np.ndarray) -> Locate:
+        return lambda i: (store.column("context")[rows[i]], store.column("position")[rows[i]])
 
-    n_train, n_test = splits.probe_train.size, splits.probe_test.size
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"decompose {len(names)} SAE(s)", total=n_train + 2 * n_test)
+    # Under torchrun each rank takes a contiguous share of each split; sums are merged below.
+    n_test = splits.probe_test.size
+    mine = distributed.share(n_test)
+    train_rows = splits.probe_train[distributed.share(splits.probe_train.size)]
+    test_rows = splits.probe_test[mine]
+    with Progress(disable=not progress or not distributed.is_main(), transient=True) as bar:
+        task = bar.add_task(f"decompose {len(names)} SAE(s)", total=train_rows.size + 2 * test_rows.size)
 
         # Pass 1: one least-squares system, targets [e_1, ‖e_1‖², e_2, ‖e_2‖², ...].
-        fit = StreamingLstsq(d, len(names) * (d + 1), bias=cfg.bias, device=device)
-        for rows, x in store.iter_chunks(hook, splits.probe_train, chunk):
+        fit = probe_system(cfg, len(names), d, device)
+        for rows, x in store.iter_chunks(hook, train_rows, chunk):
             require_finite(x, rows, store, hook)
             x = x.to(device)
-            targets = []
-            for name in names:
-                _, e, _ = errors(name, x, rows)
-                targets += [e, e.square().sum(dim=1, keepdim=True)]
-            fit.update(x, torch.cat(targets, dim=1))
+            fit.update(x, errors.probe_targets(x, locate(rows)))
             bar.update(task, advance=x.shape[0])
-        both = fit.solve(cfg.ridge)
-        probes = {}
-        for i, name in enumerate(names):
-            lo = i * (d + 1)
-            probes[name] = (
-                dataclasses.replace(both, weight=both.weight[:, lo : lo + d], bias=both.bias[lo : lo + d]),
-                dataclasses.replace(both, weight=both.weight[:, lo + d : lo + d + 1],
-                                    bias=both.bias[lo + d : lo + d + 1]),
-            )
+        fit = distributed.merged(fit)
+        joint = fit.solve(cfg.ridge)
+        probes = split_probes(joint, names, d)
 
         # The test mean of x, for per-token ‖x − x̄‖² (the FVU denominator's terms).
         x_sum = torch.zeros(d, dtype=torch.float64, device=device)
-        for rows, x in store.iter_chunks(hook, splits.probe_test, chunk):
+        for rows, x in store.iter_chunks(hook, test_rows, chunk):
             require_finite(x, rows, store, hook)
             x_sum += x.to(device).double().sum(0)
             bar.update(task, advance=x.shape[0])
-        x_mean = (x_sum / max(n_test, 1)).float()
+        x_mean = (distributed.summed(x_sum) / max(n_test, 1)).float()
 
         # Pass 2: held-out scores, streaming, plus per-token scalars.
-        accs = {n: [R2Accumulator(d, device=device) for _ in range(3)] + [R2Accumulator(1, device=device)]
-                for n in names}
+        scores = {n: HeldOutScores(d, device=device) for n in names}
         groups = np.random.default_rng(0).permutation(n_test) % JACKKNIFE_GROUPS
-        group_accs = {n: [R2Accumulator(d, device=device) for _ in range(JACKKNIFE_GROUPS)]
-                      for n in names}
-        offset = 0
+        offset = mine.start
         per_token: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in names}
         x_centered: list[np.ndarray] = []
-        for rows, x in store.iter_chunks(hook, splits.probe_test, chunk):
+        for rows, x in store.iter_chunks(hook, test_rows, chunk):
             x = x.to(device)
             x_centered.append(_np((x - x_mean).square().sum(dim=1)))
             chunk_groups = torch.from_numpy(groups[offset : offset + x.shape[0]]).to(device)
             offset += x.shape[0]
             for name in names:
-                x_hat, e, l0 = errors(name, x, rows)
-                err_probe, norm_probe = probes[name]
-                e_hat = err_probe.predict(x)
-                norm_sq = e.square().sum(dim=1, keepdim=True)
-                norm_pred = norm_probe.predict(x)
-                sae_acc, lin_acc, err_acc, norm_acc = accs[name]
-                sae_acc.update(x, x_hat)
-                lin_acc.update(x, x_hat + e_hat)
-                err_acc.update(e, e_hat)
-                norm_acc.update(norm_sq, norm_pred)
-                for g, acc in enumerate(group_accs[name]):
-                    mask = chunk_groups == g
-                    if mask.any():
-                        acc.update(e[mask], e_hat[mask])
+                x_hat, e, l0 = errors(name, x, locate(rows))
+                e_hat, norm_sq, norm_pred = scores[name].update(x, x_hat, e, l0, probes[name], chunk_groups)
                 for key, value in (
                     ("err_sq", norm_sq[:, 0]),
                     ("linear_sq", e_hat.square().sum(dim=1)),
@@ -286,20 +266,159 @@ def decompose_many(
                     per_token[name].setdefault(key, []).append(_np(value))
             bar.update(task, advance=x.shape[0])
 
-    x_centered_sq = np.concatenate(x_centered) if x_centered else np.zeros(0, np.float32)
+    x_centered_sq = distributed.concatenated(x_centered)
     out = {}
     for name in names:
-        sae_acc, lin_acc, err_acc, norm_acc = accs[name]
         tokens = {"rows": splits.probe_test.astype(np.int64), "x_centered_sq": x_centered_sq}
-        tokens |= {k: np.concatenate(v) for k, v in per_token[name].items()}
+        tokens |= {k: distributed.concatenated(per_token[name].get(k, []))
+                   for k in ("err_sq", "linear_sq", "nonlinear_sq", "err_sq_pred", "l0")}
+        metrics = distributed.merged(scores[name]).metrics(
+            hook=hook, d_sae=errors.saes[name].d_sae, n_probe_train=fit.n, probe=joint, cfg=cfg,
+            ci=bootstrap_intervals(tokens))
+        out[name] = DecompositionOutput(metrics, *probes[name], tokens)
+    return out
+
+
+def chunk_size(cfg: DecomposeConfig, n_saes: int, d: int) -> int:
+    """Rows per chunk: ``cfg.chunk_rows``, fewer when the stacked probe targets of ``n_saes``
+    SAEs would pass ~64 MB."""
+    return max(256, min(cfg.chunk_rows, _TARGET_BUDGET // (n_saes * (d + 1))))
+
+
+def probe_system(cfg: DecomposeConfig, n_saes: int, d: int, device: torch.device) -> StreamingLstsq:
+    """The joint least-squares system of ``n_saes`` SAEs' probes (see ``SAEErrors.probe_targets``)."""
+    return StreamingLstsq(d, n_saes * (d + 1), bias=cfg.bias, device=device)
+
+
+def split_probes(joint: LinearProbe, names: list[str], d: int) -> dict[str, tuple[LinearProbe, LinearProbe]]:
+    """Each SAE's (error probe, norm probe) out of the joint solve of ``probe_system``."""
+    probes = {}
+    for i, name in enumerate(names):
+        lo = i * (d + 1)
+        probes[name] = (
+            dataclasses.replace(joint, weight=joint.weight[:, lo : lo + d], bias=joint.bias[lo : lo + d]),
+            dataclasses.replace(joint, weight=joint.weight[:, lo + d : lo + d + 1],
+                                bias=joint.bias[lo + d : lo + d + 1]),
+        )
+    return probes
+
+
+class SAEErrors:
+    """Reconstructions ``x̂``, errors ``e = x − x̂`` and L0 of several SAEs of one hook.
+
+    Each SAE runs in the dtype ``check_sae`` returned for it (``dtypes``), on ``device``; NaN or
+    inf in a reconstruction raise ``NonFiniteError`` naming the tokens (``locate``).
+    """
+
+    def __init__(self, saes: Mapping[str, SAE], dtypes: Mapping[str, torch.dtype | None], hook: str,
+                 device: torch.device) -> None:
+        self.saes = {n: s.to(device) if isinstance(s, torch.nn.Module) else s for n, s in saes.items()}
+        self.dtypes = dict(dtypes)
+        self.hook = hook
+        self.names = list(self.saes)
+
+    def __call__(self, name: str, x: torch.Tensor, locate: Locate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = self.dtypes[name]
+        with torch.inference_mode():
+            z = self.saes[name].encode(x if dtype is None else x.to(dtype))
+            x_hat = self.saes[name].decode(z).to(x.dtype)
+        require_finite_at(x_hat, locate, what=f"SAE {name!r} reconstructions of hook {self.hook!r}",
+                          advice=_sae_advice(dtype))
+        return x_hat, x - x_hat, (z != 0).sum(dim=1)
+
+    def probe_targets(self, x: torch.Tensor, locate: Locate) -> torch.Tensor:
+        """``[e_1, ‖e_1‖², e_2, ‖e_2‖², ...]``: the targets of ``probe_system`` for rows ``x``."""
+        targets = []
+        for name in self.names:
+            _, e, _ = self(name, x, locate)
+            targets += [e, e.square().sum(dim=1, keepdim=True)]
+        return torch.cat(targets, dim=1)
+
+
+class HeldOutScores:
+    """One SAE's held-out sums, from which ``Decomposition`` is built.
+
+    R² accumulators of ``x̂`` (FVU), ``x̂ + ê`` (nonlinear FVU), ``ê`` of ``e``, the norm
+    probe's ``‖e‖²``, the error probe per jackknife group, and ΣL0: float64 sums whose size does
+    not depend on the number of tokens. Mergeable (``distributed.merged``) and resumable
+    (``state_dict``).
+    """
+
+    KINDS = ("sae", "lin", "err", "norm")
+
+    def __init__(self, d: int, n_groups: int = JACKKNIFE_GROUPS, *, device: str | torch.device = "cpu") -> None:
+        self.d, self.device = d, torch.device(device)
+        self.accs = {k: R2Accumulator(1 if k == "norm" else d, device=self.device) for k in self.KINDS}
+        self.groups = [R2Accumulator(d, device=self.device) for _ in range(n_groups)]
+        self.l0_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def update(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        e: torch.Tensor,
+        l0: torch.Tensor,
+        probes: tuple[LinearProbe, LinearProbe],
+        groups: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add held-out rows (``groups``: each row's jackknife group); returns (ê, ‖e‖², its prediction)."""
+        err_probe, norm_probe = probes
+        e_hat = err_probe.predict(x)
+        norm_sq = e.square().sum(dim=1, keepdim=True)
+        norm_pred = norm_probe.predict(x)
+        self.accs["sae"].update(x, x_hat)
+        self.accs["lin"].update(x, x_hat + e_hat)
+        self.accs["err"].update(e, e_hat)
+        self.accs["norm"].update(norm_sq, norm_pred)
+        for g, acc in enumerate(self.groups):
+            mask = groups == g
+            if mask.any():
+                acc.update(e[mask], e_hat[mask])
+        self.l0_sum += l0.sum()
+        return e_hat, norm_sq, norm_pred
+
+    def _parts(self) -> dict[str, R2Accumulator]:
+        return {**self.accs, **{f"group{g}": acc for g, acc in enumerate(self.groups)}}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"{part}.{k}": v for part, acc in self._parts().items() for k, v in acc.state_dict().items()}
+        return state | {"l0_sum": self.l0_sum.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for part, acc in self._parts().items():
+            acc.load_state_dict({k.removeprefix(f"{part}."): v for k, v in state.items()
+                                 if k.startswith(f"{part}.")})
+        self.l0_sum = state["l0_sum"].to(dtype=torch.int64, device=self.device).clone()
+
+    def merge(self, other: HeldOutScores) -> None:
+        for acc, theirs in zip(self._parts().values(), other._parts().values(), strict=True):
+            acc.merge(theirs)
+        self.l0_sum += other.l0_sum.to(self.device)
+
+    def metrics(
+        self,
+        *,
+        hook: str,
+        d_sae: int,
+        n_probe_train: int,
+        probe: LinearProbe,
+        cfg: DecomposeConfig,
+        ci: Mapping[str, tuple[float, float]] | None = None,
+    ) -> Decomposition:
+        """The held-out metrics; ``probe`` is the solve the probes came from (rank, cond).
+
+        ``ci`` holds intervals computed elsewhere (bootstraps); the jackknife interval of
+        ``r2_error_mean_dim`` is added here.
+        """
+        sae_acc, lin_acc, err_acc, norm_acc = (self.accs[k] for k in self.KINDS)
         fvu, fvu_nl = sae_acc.fvu(), lin_acc.fvu()
-        metrics = Decomposition(
+        return Decomposition(
             hook=hook,
-            d_in=d,
-            d_sae=saes[name].d_sae,
-            n_probe_train=fit.n,
+            d_in=self.d,
+            d_sae=d_sae,
+            n_probe_train=n_probe_train,
             n_probe_test=sae_acc.n,
-            l0=float(tokens["l0"].mean()) if sae_acc.n else math.nan,
+            l0=int(self.l0_sum) / sae_acc.n if sae_acc.n else math.nan,
             fvu=fvu,
             fvu_linear=fvu - fvu_nl,
             fvu_nonlinear=fvu_nl,
@@ -309,14 +428,11 @@ def decompose_many(
             r2_error_norm=norm_acc.r2_pooled(),
             bias=cfg.bias,
             ridge=cfg.ridge,
-            ci={**bootstrap_intervals(tokens),
-                "r2_error_mean_dim": _jackknife_interval(group_accs[name], err_acc.r2_mean_dim())},
-            probe_rank=both.rank,
-            probe_cond=both.cond if both.cond is not None and math.isfinite(both.cond) else None,
-            probe_regularized=both.regularized,
+            ci={**(ci or {}), "r2_error_mean_dim": _jackknife_interval(self.groups, err_acc.r2_mean_dim())},
+            probe_rank=probe.rank,
+            probe_cond=probe.cond if probe.cond is not None and math.isfinite(probe.cond) else None,
+            probe_regularized=probe.regularized,
         )
-        out[name] = DecompositionOutput(metrics, *probes[name], tokens)
-    return out
 
 
 def check_sae(name: str, sae: SAE, store: ActivationStore, hook: str) -> torch.dtype | None:
@@ -324,14 +440,8 @@ def check_sae(name: str, sae: SAE, store: ActivationStore, hook: str) -> torch.d
 
     - ``sae.d_in`` must equal the hook's width (``ShapeMismatchError`` naming both sizes, the
       SAE and the hook).
-    - A ``torch.nn.Module`` SAE's parameters and floating buffers must be floating point and of
-      one dtype (``IncompatibleSAEError`` naming the odd tensors and dtypes).
-    - A SAE stored in another float dtype (float16, bfloat16, float64) runs in that dtype, as it
-      was saved: the float32 activations are cast to it explicitly (logged), and the error
-      ``e = x − x̂`` is taken in float32 after casting ``x̂`` back. NaN/inf from an overflowing
-      float16 SAE are caught per chunk by ``require_finite``.
+    - Its parameters must suit ``sae_compute_dtype``.
 
-    Returns the dtype to cast inputs to, or None for a non-module SAE (it handles its inputs).
     Call it wherever an SAE meets stored activations.
     """
     d = store.d(hook)
@@ -341,6 +451,21 @@ def check_sae(name: str, sae: SAE, store: ActivationStore, hook: str) -> torch.d
             f"width {d} ({store.path}); use an SAE trained on this hook, or harvest the hook "
             f"the SAE was trained on"
         )
+    return sae_compute_dtype(name, sae, hook)
+
+
+def sae_compute_dtype(name: str, sae: SAE, hook: str) -> torch.dtype | None:
+    """The dtype an SAE computes in, after refusing parameters it cannot run with.
+
+    - A ``torch.nn.Module`` SAE's parameters and floating buffers must be floating point and of
+      one dtype (``IncompatibleSAEError`` naming the odd tensors and dtypes).
+    - A SAE stored in another float dtype (float16, bfloat16, float64) runs in that dtype, as it
+      was saved: the float32 activations are cast to it explicitly (logged), and the error
+      ``e = x − x̂`` is taken in float32 after casting ``x̂`` back. NaN/inf from an overflowing
+      float16 SAE are caught per chunk (``SAEErrors``).
+
+    Returns the dtype to cast inputs to, or None for a non-module SAE (it handles its inputs).
+    """
     if not isinstance(sae, torch.nn.Module):
         return None
     tensors = dict(sae.named_parameters())
@@ -370,37 +495,42 @@ def require_finite(
     rows: np.ndarray,
     store: ActivationStore,
     hook: str,
-    *,
-    what: str | None = None,
-    advice: str | None = None,
-    scan_store: bool = True,
 ) -> None:
-    """Raise ``NonFiniteError`` when ``x`` (store ``rows`` of ``hook``, or values computed from
-    them) holds NaN or inf; a no-op otherwise.
+    """Raise ``NonFiniteError`` when ``x`` (store ``rows`` of ``hook``) holds NaN or inf; a no-op
+    otherwise.
 
-    The message lists the first bad tokens as (context, position) and counts them: over the
-    whole stored hook when ``scan_store`` (one extra read, only on failure), else within ``x``.
-    The check itself is one sum over ``x`` (NaN/inf make it non-finite; only then, or if a
-    finite sum overflowed, are the entries tested one by one): 0.2 ms for 2048 x 576 floats
-    against ~0.7 s for a W=4096 TopK SAE's encode and decode of them (isfinite().all(): 15 ms). Training code can call it on the rows it gathers
+    The message lists the first bad tokens as (context, position) and counts them over the whole
+    stored hook (one extra read, only on failure). The check itself is one sum over ``x``
+    (NaN/inf make it non-finite; only then, or if a finite sum overflowed, are the entries tested
+    one by one): 0.2 ms for 2048 x 576 floats against ~0.7 s for a W=4096 TopK SAE's encode and
+    decode of them (isfinite().all(): 15 ms). Training code can call it on the rows it gathers
     (``store.gather``) before fitting anything.
     """
-    if math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all()):
+    if _all_finite(x):
         return
-    what = what or f"stored activations of hook {hook!r} in {store.path}"
-    advice = advice or ("nothing was fitted; the store holds non-finite values (e.g. from a "
-                        "float16 model that overflowed): re-harvest it, e.g. with "
-                        "harvest.model.dtype = \"float32\"")
+    what = f"stored activations of hook {hook!r} in {store.path}"
+    advice = ("nothing was fitted; the store holds non-finite values (e.g. from a float16 model "
+              "that overflowed): re-harvest it, e.g. with harvest.model.dtype = \"float32\"")
     context, position = store.column("context"), store.column("position")
-    if scan_store:
-        bad_rows, kinds = _nonfinite_rows(store.iter_chunks(hook))
-        n_total = store.n_rows
-    else:
-        bad_rows, kinds = _nonfinite_rows([(rows, x)])
-        n_total = x.shape[0]
+    bad_rows, kinds = _nonfinite_rows(store.iter_chunks(hook))
     places = [(int(context[r]), int(position[r]), k)
               for r, k in zip(bad_rows[: NonFiniteError.SHOWN], kinds)]
-    raise NonFiniteError(what, places, len(bad_rows), n_total, advice)
+    raise NonFiniteError(what, places, len(bad_rows), store.n_rows, advice)
+
+
+def require_finite_at(x: torch.Tensor, locate: Locate, *, what: str, advice: str) -> None:
+    """Raise ``NonFiniteError`` when ``x`` holds NaN or inf, naming its bad rows by
+    ``locate(row indices) -> (context, position)`` and counting them within ``x``."""
+    if _all_finite(x):
+        return
+    bad, kinds = _nonfinite_rows([(np.arange(x.shape[0]), x)])
+    context, position = locate(bad[: NonFiniteError.SHOWN])
+    places = [(int(c), int(p), k) for c, p, k in zip(context, position, kinds)]
+    raise NonFiniteError(what, places, len(bad), x.shape[0], advice)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _nonfinite_rows(chunks: Any) -> tuple[np.ndarray, list[str]]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import distributed
 from .config import HarvestConfig, fingerprint, from_dict, to_dict
 from .corpus import build_contexts, corpus_fingerprint, special_token_ids
 from .errors import DarkMatterError, NonFiniteError
@@ -74,7 +75,8 @@ def harvest(
         log.info("harvest: %s is complete (%d tokens); reusing it", path, done.n_rows)
         return done
 
-    lm = lm or load_model(cfg.model)
+    with distributed.main_first():  # rank 0 fills the model cache, the others read it
+        lm = lm or load_model(cfg.model)
     hooks = list(cfg.hooks) or [default_hook(lm.model)]
     for hook in hooks:
         parse_hook(lm.model, hook)
@@ -88,41 +90,63 @@ def harvest(
         "special_token_ids": special_token_ids(lm.tokenizer),
         "with_loss": cfg.with_loss,
     }
-    store = ActivationStore.create_or_resume(
-        path,
-        hooks={h: hook_dim(lm.model, h) for h in hooks},
-        context_length=int(contexts.shape[1]),
-        meta=meta,
-    )
+    settings = dict(hooks={h: hook_dim(lm.model, h) for h in hooks},
+                    context_length=int(contexts.shape[1]), meta=meta)
+    with distributed.main_first():  # rank 0 creates or resumes (and holds the writer lock)
+        store = (ActivationStore.create_or_resume(path, **settings) if distributed.is_main()
+                 else ActivationStore.open(path))
+    try:
+        _harvest_shards(lm, store, contexts, hooks, cfg, progress)
+    finally:
+        store.finish()  # release the writer lock, also on Ctrl-C
+    if distributed.world_size() > 1:
+        store = ActivationStore.open(path)
+    log.info("harvest: %d tokens in %s", store.n_rows, path)
+    return store
+
+
+def _harvest_shards(lm: LoadedModel, store: ActivationStore, contexts: np.ndarray, hooks: list[str],
+                    cfg: HarvestConfig, progress: bool) -> None:
+    """Compute and store the shards after the committed ones.
+
+    One process appends them in order. Under torchrun shard ``i`` is rank ``i % world_size``'s:
+    each rank stages its shards (``ActivationStore.stage``) and rank 0 commits the staged ones
+    that continue the store as they arrive, and all of them after a final barrier.
+    """
+    n, cps, tpc = contexts.shape[0], cfg.contexts_per_shard, contexts.shape[1]
     start = store.committed_contexts
-    if start:
-        log.info("harvest: resuming at context %d of %d", start, contexts.shape[0])
+    if start and distributed.is_main():
+        log.info("harvest: resuming at context %d of %d", start, n)
+    alone = distributed.world_size() == 1
+    todo = [i for i in range(start // cps, -(-n // cps))
+            if distributed.owns(i) and (alone or not store.is_staged(i))]
     with Progress(
         TextColumn("[bold]harvest[/] {task.description}"),
         BarColumn(),
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        disable=not progress,
+        disable=not progress or not distributed.is_main(),
         transient=True,
     ) as bar:
-        tokens_per_context = contexts.shape[1]
-        task = bar.add_task(
-            ", ".join(hooks),
-            total=contexts.shape[0] * tokens_per_context,
-            completed=start * tokens_per_context,
-            rate="",
-        )
-        try:
-            for shard_start in range(start, contexts.shape[0], cfg.contexts_per_shard):
-                shard = contexts[shard_start : shard_start + cfg.contexts_per_shard]
-                acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
-                check_finite_shard(acts, loss, shard_start, cfg.model.dtype)
+        label = ", ".join(hooks) if alone else f"{', '.join(hooks)} (rank 0 of {distributed.world_size()})"
+        task = bar.add_task(label, total=(len(todo) * cps + (start if alone else 0)) * tpc,
+                            completed=start * tpc if alone else 0, rate="")
+        for i in todo:
+            shard_start = i * cps
+            shard = contexts[shard_start : shard_start + cps]
+            acts, loss = _run_shard(lm, shard, hooks, cfg, bar, task)
+            check_finite_shard(acts, loss, shard_start, cfg.model.dtype)
+            if alone:
                 store.append(context_start=shard_start, acts=acts, tokens=shard, loss=loss)
-        finally:
-            store.finish()  # release the writer lock, also on Ctrl-C
-    log.info("harvest: %d tokens in %s", store.n_rows, path)
-    return store
+                continue
+            store.stage(i, context_start=shard_start, acts=acts, tokens=shard, loss=loss)
+            if distributed.is_main():
+                store.commit_staged()
+    distributed.barrier()
+    if not alone and distributed.is_main():
+        store.commit_staged()
+    distributed.barrier()
 
 
 def repair(

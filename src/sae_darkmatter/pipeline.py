@@ -29,12 +29,11 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import distributed
 from ._io import read_json, try_lock, write_json
 from .analyses import run_analyses
 from .analyses.cross_layer import default_sources
@@ -45,6 +44,7 @@ from .harvest import harvest
 from .models import AUTO_NAME, default_hook_for, load_tokenizer
 from .report import write_report
 from .saes.formats import LoadedSAE, open_sae
+from .saes.io import weights_digest
 from .saes.registry import REGISTRY_PREFIX
 from .saes.train import train_grid
 from .splits import Splits, make_splits
@@ -110,8 +110,12 @@ def _train_source_saes(
     values = cfg.sparsity_values()
     one = dataclasses.replace(cfg, widths=(max(cfg.widths),),
                               **{cfg.sparsity_field(): (values[len(values) // 2],)})
-    for hook in list(store.hooks)[1:]:
-        train_saes(store, splits, one, out_dir / hook, hook=hook, progress=progress)
+    show = progress and distributed.is_main()
+    for i, hook in enumerate(list(store.hooks)[1:]):
+        if distributed.owns(i):  # under torchrun the hooks are dealt out to the ranks
+            with distributed.local():
+                train_saes(store, splits, one, out_dir / hook, hook=hook, progress=show)
+    distributed.barrier()
 
 
 def sae_label(spec: str | Path) -> str:
@@ -165,16 +169,6 @@ def adopt_sae_metadata(cfg: RunConfig, loaded: Mapping[str, LoadedSAE]) -> RunCo
     return dataclasses.replace(cfg, harvest=dataclasses.replace(h, model=model, hooks=hooks))
 
 
-def _weights_digest(sae: torch.nn.Module) -> str:
-    """sha256 over an SAE's tensors (names, dtypes, shapes and bytes) in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(sae.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def decompose_saes(
     store: ActivationStore,
     splits: Splits,
@@ -197,7 +191,7 @@ def decompose_saes(
     for name, item in loaded.items():
         fingerprints[name] = fingerprint(
             DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook,
-            split_hash.hexdigest(), cfg, _weights_digest(item.sae),
+            split_hash.hexdigest(), cfg, weights_digest(item.sae),
         )
         result_path = out_dir / f"{name}.json"
         cached = read_json(result_path) if result_path.exists() else {}
@@ -211,7 +205,7 @@ def decompose_saes(
     if todo:
         outputs = decompose_many(store, {n: i.sae for n, i in todo.items()}, splits, cfg,
                                  hook=hook, progress=progress)
-        for name, out in outputs.items():
+        for name, out in outputs.items() if distributed.is_main() else ():
             out.save(out_dir / f"{name}.safetensors")
             prov = todo[name].provenance
             write_json(out_dir / f"{name}.json", {
@@ -225,6 +219,7 @@ def decompose_saes(
                 "probe_file": f"{name}.safetensors",
                 "group": list(todo),
             })
+        distributed.barrier()
     return [read_json(out_dir / f"{name}.json") for name in loaded]
 
 
@@ -274,10 +269,16 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
 
     A killed run (even by SIGKILL) is resumed by running it again: finished stage outputs are
     reused, interrupted ones redone, and the results equal those of an uninterrupted run.
+
+    Under torchrun every rank calls this: harvest, SAE training and the decomposition are
+    shared out (see ``distributed``), then rank 0 runs the analyses and the report alone and
+    the other ranks return ``{}``.
     """
     out = Path(out)
-    with run_lock(out):
-        remove_stale_temps(out)
+    with run_lock(out) if distributed.is_main() else nullcontext():
+        if distributed.is_main():
+            remove_stale_temps(out)
+        distributed.barrier()
         return _run_stages(cfg, out, progress)
 
 
@@ -289,7 +290,8 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, sae_train_fraction=0.0))
 
     cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, hooks=cross_layer_hooks(cfg)))
-    write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
+    if distributed.is_main():
+        write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
 
     t = time.perf_counter()
     store = harvest(cfg.harvest, out / STORE_DIR, progress=progress)
@@ -306,7 +308,14 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
     t = time.perf_counter()
     decompose_saes(store, splits, saes, cfg.decompose, out / "decompose", progress=progress)
     timings["decompose"] = time.perf_counter() - t
+    if not distributed.is_main():
+        return {}
+    with distributed.local():
+        return _finish_run(cfg, out, progress, timings)
 
+
+def _finish_run(cfg: RunConfig, out: Path, progress: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """The analyses, the report and ``metrics.json`` (one process)."""
     t = time.perf_counter()
     try:
         tokenizer = load_tokenizer(cfg.harvest.model)

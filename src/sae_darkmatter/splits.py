@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import distributed
 from .config import SplitConfig, TokenFilter
 from .errors import DarkMatterError
 from .store import ActivationStore
@@ -79,8 +80,9 @@ def select_rows(
     n_norm, median = 0, None
     if filt.max_norm_ratio is not None and rows.size:
         hook = hook or next(iter(store.hooks))
-        norms = np.concatenate(
-            [x.norm(dim=1).numpy() for _, x in store.iter_chunks(hook, rows, 65_536)]
+        part = rows[distributed.share(rows.size)]  # under torchrun each rank reads its share
+        norms = distributed.concatenated(
+            [x.norm(dim=1).numpy() for _, x in store.iter_chunks(hook, part, 65_536)]
         )
         median = float(np.median(norms))
         outlier = norms > filt.max_norm_ratio * median

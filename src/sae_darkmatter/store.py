@@ -41,6 +41,12 @@ takes an OS file lock (``.writer.lock``, via ``filelock``) until ``finish()`` or
 ends (the kernel drops it even after SIGKILL), and a second writer gets ``StoreLockedError``
 instead of interleaving shards. A reader sees the manifest as it was when it opened the store.
 
+Distributed harvests. The ranks of a ``torchrun`` harvest write their own shards in any order
+with :meth:`ActivationStore.stage`: the shard file plus ``shard_NNNNNN.safetensors.staged.json``
+(its manifest entry), both atomic. Rank 0, the only writer of the manifest (it holds the lock),
+commits staged shards that continue the store with :meth:`ActivationStore.commit_staged`; on
+resume, staged shards beyond the committed ones are kept and committed when they continue it.
+
 Integrity. Every shard's sha256 is in the manifest. Each shard is hashed the first time this
 process reads it (then remembered per process), so a corrupt shard is never silently used;
 ``verify()`` hashes all of them. Measured on the 2-core dev machine (200 MB store, page cache
@@ -95,6 +101,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCK_FILE = ".writer.lock"
 SHARD_PATTERN = re.compile(r"shard_\d{6}\.safetensors")
+STAGED_SUFFIX = ".staged.json"  # a shard written by a rank of a distributed harvest, not yet committed
+STAGED_PATTERN = re.compile(r"(shard_\d{6}\.safetensors)\.staged\.json")
 
 # Per-row columns stored beside the hooks: name -> (safetensors dtype tag, numpy dtype).
 COLUMNS: dict[str, tuple[str, type[np.generic]]] = {
@@ -168,6 +176,7 @@ class ActivationStore:
                 write_json(path / MANIFEST, manifest)
             store = cls(path, manifest, writable=True, verify_reads=verify_reads)
             store._remove_uncommitted()
+            store.commit_staged()
         except BaseException:
             lock.release()
             raise
@@ -273,20 +282,86 @@ class ActivationStore:
 
     def _commit_shard(self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int) -> dict:
         """Write shard ``index`` (the next one, or one to replace), then record it in the manifest."""
-        name = f"shard_{index:06d}.safetensors"
-        target = self.path / name
+        entry = self._write_entry(index, tensors, start, n_ctx)
+        self._record([entry], at=index)
+        return entry
+
+    def _write_entry(self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int) -> dict:
+        """Write shard file ``index`` atomically; its manifest entry."""
+        target = self.path / _shard_name(index)
         sha = _write_shard(target, tensors, start)
-        entry = {"file": name, "rows": n_ctx * self.context_length, "contexts": [start, start + n_ctx],
+        entry = {"file": target.name, "rows": n_ctx * self.context_length, "contexts": [start, start + n_ctx],
                  "bytes": target.stat().st_size, "sha256": sha}
+        _VERIFIED.add(_sha_key(target, entry))  # we just hashed what we wrote
+        return entry
+
+    def _record(self, entries: list[dict], *, at: int) -> None:
+        """Put ``entries`` into the manifest from shard ``at`` on (replacing one, or appending)."""
         shards = [*self._shards]
-        shards[index : index + 1] = [entry]
+        shards[at : at + len(entries)] = entries
         manifest = {**self._manifest, "shards": shards, "committed_contexts": shards[-1]["contexts"][1],
                     "committed_rows": sum(s["rows"] for s in shards)}
         write_json(self.path / MANIFEST, manifest)
         self._manifest = manifest
-        self._layouts.pop(index, None)
-        _VERIFIED.add(_sha_key(target, entry))  # we just hashed what we wrote
-        return entry
+        for i in range(at, at + len(entries)):
+            self._layouts.pop(i, None)
+
+    # ----------------------------------------------------------------- distributed writing
+
+    def stage(
+        self,
+        index: int,
+        *,
+        context_start: int,
+        acts: Mapping[str, torch.Tensor | np.ndarray],
+        tokens: torch.Tensor | np.ndarray,
+        loss: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Write shard ``index`` without committing it: the shard file plus its manifest entry
+        in ``shard_NNNNNN.staged.json`` (both atomic).
+
+        For the ranks of a distributed harvest, which write their own shards in any order into a
+        store that rank 0 holds open for writing; rank 0 then commits them in order with
+        :meth:`commit_staged`. Works on a store opened read-only (it never touches the manifest).
+        """
+        if index < len(self._shards):
+            raise DarkMatterError(f"shard {index} of the store at {self.path} is already committed")
+        tensors = self._batch_tensors(context_start, acts, tokens, loss)
+        n_ctx = tensors["tokens"].shape[0] // self.context_length
+        write_json(_staged_file(self.path, index), self._write_entry(index, tensors, context_start, n_ctx))
+
+    def is_staged(self, index: int) -> bool:
+        return _staged_file(self.path, index).exists()
+
+    def commit_staged(self) -> int:
+        """Commit the staged shards that continue the committed ones, in order; returns how many.
+
+        A staged entry is checked against its shard file (name, size) and the next context; one
+        that does not fit stops the commit (it stays staged, and is logged).
+        """
+        if not self._writable:
+            raise DarkMatterError(f"the store at {self.path} was opened read-only; only its writer commits")
+        entries: list[dict] = []
+        while True:
+            index = len(self._shards) + len(entries)
+            sidecar = _staged_file(self.path, index)
+            if not sidecar.exists():
+                break
+            entry = read_json(sidecar)
+            start = entries[-1]["contexts"][1] if entries else self.committed_contexts
+            shard = self.path / _shard_name(index)
+            if (entry.get("file") != shard.name or entry.get("contexts", [None])[0] != start
+                    or not shard.is_file() or shard.stat().st_size != entry.get("bytes")):
+                log.warning("staged shard %s does not continue the store at context %d; not committed",
+                            shard, start)
+                break
+            entries.append(entry)
+        if entries:
+            first = len(self._shards)
+            self._record(entries, at=first)
+            for i in range(first, first + len(entries)):
+                _staged_file(self.path, i).unlink()
+        return len(entries)
 
     def _batch_tensors(
         self,
@@ -334,10 +409,21 @@ class ActivationStore:
         return out
 
     def _remove_uncommitted(self) -> None:
-        """Delete shard and temp files a crashed writer left; the manifest does not list them."""
+        """Delete shard and temp files a crashed writer left; the manifest does not list them.
+
+        Staged shards (with their ``.staged.json``) beyond the committed ones are kept: a
+        distributed harvest resumes with them.
+        """
         listed = {s["file"] for s in self._shards}
-        for f in self.path.iterdir():
-            stray = SHARD_PATTERN.fullmatch(f.name) and f.name not in listed
+        names = {f.name for f in self.path.iterdir()}
+        for f in sorted(self.path.iterdir()):
+            staged = STAGED_PATTERN.fullmatch(f.name)
+            if staged:
+                shard = staged.group(1)
+                stray = shard in listed or shard not in names
+            else:
+                stray = (SHARD_PATTERN.fullmatch(f.name) and f.name not in listed
+                         and f"{f.name}{STAGED_SUFFIX}" not in names)
             if stray or (f.name.startswith(".") and f.name.endswith(".tmp")):
                 log.warning("removing %s: not committed in %s (left by an interrupted write)", f, MANIFEST)
                 f.unlink()
@@ -639,7 +725,8 @@ def _check_free_folder(path: Path) -> None:
     if not path.is_dir():
         raise DarkMatterError(f"cannot create an activation store at {path}: it is a file")
     foreign = [f.name for f in path.iterdir()
-               if not (SHARD_PATTERN.fullmatch(f.name) or f.name.endswith(".tmp") or f.name == LOCK_FILE)]
+               if not (SHARD_PATTERN.fullmatch(f.name) or STAGED_PATTERN.fullmatch(f.name)
+                       or f.name.endswith(".tmp") or f.name == LOCK_FILE)]
     if foreign:
         raise DarkMatterError(
             f"cannot create an activation store at {path}: the folder has no {MANIFEST} but holds "
@@ -686,6 +773,14 @@ def _write_shard(target: Path, tensors: dict[str, torch.Tensor], context_start: 
         with open(tmp, "rb") as fh:
             sha = hashlib.file_digest(fh, "sha256").hexdigest()
     return sha
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:06d}.safetensors"
+
+
+def _staged_file(path: Path, index: int) -> Path:
+    return path / f"{_shard_name(index)}{STAGED_SUFFIX}"
 
 
 def _repair_hint(shard: Path) -> str:

@@ -90,4 +90,4 @@ def register(app: typer.Typer) -> None:
             out.print(f"requests: {req['sent']} sent, {req['from_cache']} answered from the cache")
             out.print(f"report: {run_dir / 'report.html'}")
 
-        cli._main(body)
+        cli._main(body, one_process=True)

@@ -254,6 +254,16 @@ def norm_scale(
     )
 
 
+def weights_digest(sae: torch.nn.Module) -> str:
+    """sha256 over an SAE's tensors (names, dtypes, shapes and bytes) in name order: a cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -34,6 +34,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from sae_darkmatter import distributed
 from sae_darkmatter._io import atomic_path, read_json, resolve_device, write_json
 from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
@@ -111,7 +112,8 @@ def train_sae(
         raise DarkMatterError(f"k= is for topk/batchtopk; pass sparsity= for {cfg.architecture}")
     value = k if k is not None else sparsity
     assert value is not None
-    member = _train([(Path(out_dir), width, value)], x, cfg, metadata, progress)[0]
+    with distributed.main_first():  # under torchrun rank 0 trains; the others load its result
+        member = _train([(Path(out_dir), width, value)], x, cfg, metadata, progress)[0]
     return member if member is not None else load_sae(out_dir)
 
 
@@ -125,14 +127,20 @@ def train_grid(
 ) -> list[Path]:
     """Train every (sparsity value, width) SAE of ``cfg`` in one pass; their folders, in order.
 
-    Folders are ``out_dir / sae_folder_name(...)``, sparsity values outer, widths inner.
+    Folders are ``out_dir / sae_folder_name(...)``, sparsity values outer, widths inner. Under
+    torchrun SAE ``i`` of that order is trained by rank ``i % world_size`` (each SAE depends
+    only on its seed and the shared batch order, so the weights equal one process's), and
+    every rank returns once all are saved.
     """
     specs = [(Path(out_dir) / sae_folder_name(cfg.architecture, w, s), w, s)
              for s in cfg.sparsity_values() for w in cfg.widths]
     names = [p.name for p, _, _ in specs]
     if len(set(names)) != len(names):
         raise DarkMatterError(f"the grid has repeated SAEs (folder names {names})")
-    _train(specs, x, cfg, metadata, progress)
+    mine = [spec for i, spec in enumerate(specs) if distributed.owns(i)]
+    if mine:
+        _train(mine, x, cfg, metadata, progress and distributed.is_main())
+    distributed.barrier()
     return [p for p, _, _ in specs]
 
 
