@@ -166,3 +166,13 @@ def test_missing_gpu_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(DarkMatterError, match="sees no GPU; use device 'cpu'"):
             resolve_device("cuda")
+
+
+def test_library_use_under_torchrun_without_init_warns(monkeypatch, caplog):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.check_initialized()
+    assert "call sae_darkmatter.distributed.init() first" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.check_initialized()
+    assert caplog.text == ""

@@ -73,6 +73,15 @@ def init() -> bool:
     return True
 
 
+def check_initialized() -> None:
+    """Warn when ``torchrun`` started several ranks but the process group was never joined: each
+    rank would then redo all the work on the same files (the CLI joins it by itself)."""
+    if launched() and not dist.is_initialized():
+        log.warning("torchrun started %s ranks but torch.distributed is not initialized, so every "
+                    "rank does all the work; call sae_darkmatter.distributed.init() first",
+                    os.environ.get("WORLD_SIZE"))
+
+
 def shutdown() -> None:
     """Leave the process group (after a final barrier, so no rank exits while others still talk)."""
     if dist.is_initialized():

@@ -70,6 +70,7 @@ def harvest(
             f"contexts_per_shard ({cfg.contexts_per_shard}) must be a multiple of "
             f"batch_size ({cfg.batch_size})"
         )
+    distributed.check_initialized()
     done = finished_store(path, cfg)
     if done is not None:
         log.info("harvest: %s is complete (%d tokens); reusing it", path, done.n_rows)

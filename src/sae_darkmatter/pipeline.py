@@ -274,6 +274,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     shared out (see ``distributed``), then rank 0 runs the analyses and the report alone and
     the other ranks return ``{}``.
     """
+    distributed.check_initialized()
     out = Path(out)
     with run_lock(out) if distributed.is_main() else nullcontext():
         if distributed.is_main():

@@ -237,6 +237,7 @@ def stream_decompose(
         raise DarkMatterError("stream_decompose: no SAEs given")
     if checkpoint_every < 1 or calibration_tokens < 1:
         raise DarkMatterError("checkpoint_every and calibration_tokens must be >= 1")
+    distributed.check_initialized()
     limit_heap_growth()  # per-batch buffers must not pile up in a fragmented heap
     if harvest.model.name == AUTO_NAME:
         harvest = dataclasses.replace(harvest, model=dataclasses.replace(harvest.model, name=EMBEDDED_NAME))
