@@ -289,8 +289,11 @@ def test_harvest_resumes_after_kill_and_ctrl_c(tiny_model_dir, tmp_path):
     first = ActivationStore.open(out).committed_contexts
     assert 0 < first < 1536
 
+    # A shell started the suite in the background ignores SIGINT, and children inherit that:
+    # restore the default so the harvest gets a KeyboardInterrupt like at a terminal.
     proc = subprocess.Popen(_harvest_cmd(tiny_model_dir, out), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_shards(out, first // 16 + 2, proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     text, _ = proc.communicate(timeout=60)

@@ -314,8 +314,8 @@ def decompose_cmd(
         st = ActivationStore.open(store)
         results = decompose_saes(st, make_splits(st, split, hook=hook), sae, cfg, out, hook=hook)
         _out(_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],
-                                  "saes": [{"name": r["name"], "k": r["sae"].get("k"), **r["metrics"]}
-                                           for r in results]}))
+                       "saes": [{"name": r["name"], "k": r["sae"].get("k"), **r["metrics"]}
+                                for r in results]}))
 
     _main(body)
 
