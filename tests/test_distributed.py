@@ -176,3 +176,14 @@ def test_library_use_under_torchrun_without_init_warns(monkeypatch, caplog):
     monkeypatch.setenv("WORLD_SIZE", "1")
     distributed.check_initialized()
     assert caplog.text == ""
+
+
+def test_info_names_devices_and_backends():
+    from typer.testing import CliRunner
+
+    from sae_darkmatter.cli import app
+
+    res = CliRunner().invoke(app, ["info"])
+    assert res.exit_code == 0, res.output
+    expected = "nccl" if torch.cuda.is_available() else "gloo"
+    assert f"({expected} would be used here)" in res.output and "default device" in res.output

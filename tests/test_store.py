@@ -383,3 +383,16 @@ def test_stale_staged_files_are_removed(tmp_path):
     resumed = ActivationStore.create_or_resume(store.path, hooks=HOOKS, context_length=T, meta=META)
     assert not list(resumed.path.glob("*.staged.json")) and resumed.committed_contexts == 4
     resumed.verify()
+
+
+def test_staged_shards_of_a_deleted_manifest_are_not_adopted(tmp_path):
+    """Deleting manifest.json starts a new store: staged shards left from the old one go."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s"
+    store = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)
+    store.stage(0, context_start=0, **make_batch(rng, 2))
+    store.finish()
+    (path / "manifest.json").unlink()
+    fresh = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta={"other": 1})
+    assert fresh.committed_contexts == 0
+    assert not list(path.glob("shard_*")) and not fresh.is_staged(0)

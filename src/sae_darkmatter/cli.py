@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from . import __version__, distributed
-from ._io import limit_heap_growth
+from ._io import limit_heap_growth, resolve_device
 from .autointerp.cli import register as register_autointerp
 from .config import (
     DecomposeConfig,
@@ -441,7 +441,13 @@ def info(
     def body() -> None:
         c = Console()
         c.print(f"sae-darkmatter {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
-        c.print(f"cuda available: {torch.cuda.is_available()}")
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        c.print(f"GPUs: {', '.join(f'cuda:{i} {n}' for i, n in enumerate(gpus)) or 'none'}; "
+                f"default device {resolve_device('auto')}")
+        backends = [b for b, ok in (("gloo", torch.distributed.is_gloo_available()),
+                                    ("nccl", torch.distributed.is_nccl_available())) if ok]
+        c.print(f"torchrun backends: {', '.join(backends) or 'none'} "
+                f"({'nccl' if gpus else 'gloo'} would be used here)")
         try:
             c.print(f"embedded model: {embedded_gguf_path()}")
         except DarkMatterError as err:

@@ -156,7 +156,8 @@ class ActivationStore:
         """
         path = Path(path)
         wanted = _new_manifest(hooks, context_length, meta, dtype)
-        if not (path / MANIFEST).exists():
+        resumed = (path / MANIFEST).exists()
+        if not resumed:
             _check_free_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         lock = _writer_lock(path)
@@ -175,7 +176,7 @@ class ActivationStore:
                 manifest = wanted
                 write_json(path / MANIFEST, manifest)
             store = cls(path, manifest, writable=True, verify_reads=verify_reads)
-            store._remove_uncommitted()
+            store._remove_uncommitted(keep_staged=resumed)
             store.commit_staged()
         except BaseException:
             lock.release()
@@ -318,7 +319,7 @@ class ActivationStore:
         loss: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """Write shard ``index`` without committing it: the shard file plus its manifest entry
-        in ``shard_NNNNNN.staged.json`` (both atomic).
+        in ``shard_NNNNNN.safetensors.staged.json`` (both atomic).
 
         For the ranks of a distributed harvest, which write their own shards in any order into a
         store that rank 0 holds open for writing; rank 0 then commits them in order with
@@ -408,11 +409,12 @@ class ActivationStore:
         out["loss"] = loss_t.to("cpu", torch.float32).reshape(-1).contiguous()
         return out
 
-    def _remove_uncommitted(self) -> None:
+    def _remove_uncommitted(self, *, keep_staged: bool) -> None:
         """Delete shard and temp files a crashed writer left; the manifest does not list them.
 
-        Staged shards (with their ``.staged.json``) beyond the committed ones are kept: a
-        distributed harvest resumes with them.
+        With ``keep_staged`` (resuming an existing store), staged shards (with their
+        ``.staged.json``) beyond the committed ones are kept: a distributed harvest resumes
+        with them. A new store keeps none (they would belong to a store whose manifest is gone).
         """
         listed = {s["file"] for s in self._shards}
         names = {f.name for f in self.path.iterdir()}
@@ -420,10 +422,10 @@ class ActivationStore:
             staged = STAGED_PATTERN.fullmatch(f.name)
             if staged:
                 shard = staged.group(1)
-                stray = shard in listed or shard not in names
+                stray = not keep_staged or shard in listed or shard not in names
             else:
                 stray = (SHARD_PATTERN.fullmatch(f.name) and f.name not in listed
-                         and f"{f.name}{STAGED_SUFFIX}" not in names)
+                         and not (keep_staged and f"{f.name}{STAGED_SUFFIX}" in names))
             if stray or (f.name.startswith(".") and f.name.endswith(".tmp")):
                 log.warning("removing %s: not committed in %s (left by an interrupted write)", f, MANIFEST)
                 f.unlink()
