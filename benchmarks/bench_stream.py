@@ -27,35 +27,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-
-def _rss_anon_mb() -> float:
-    with open("/proc/self/status") as fh:
-        line = next(ln for ln in fh if ln.startswith("RssAnon:"))
-    return int(line.split()[1]) / 1024
-
-
-class _PeakAnon:
-    """Peak ``RssAnon`` while the block runs, sampled by a thread every 10 ms."""
-
-    def __enter__(self) -> _PeakAnon:
-        self.base = self.peak = _rss_anon_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_anon_mb())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_anon_mb())
+from _memory import PeakAnon
 
 
 def _folder_bytes(path: Path) -> int:
@@ -91,7 +66,7 @@ def _child(args: argparse.Namespace) -> None:
     sae = TopKSAE(d, 8 * d, 32, generator=torch.Generator().manual_seed(0))
     split = SplitConfig(sae_train_fraction=0.0)
     disk = 0
-    with tempfile.TemporaryDirectory() as tmp, _PeakAnon() as mem:
+    with tempfile.TemporaryDirectory() as tmp, PeakAnon() as mem:
         start = time.perf_counter()
         if args.case == "stream":
             res = stream_decompose(h, {"sae": sae}, split, lm=lm, progress=False)["sae"]

@@ -23,11 +23,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from _memory import PeakAnon
 
 D, WIDTH, K, CONTEXT = 576, 4096, 32, 128
 
@@ -40,32 +40,6 @@ def _residual_like(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.randn(D, generator=g, dtype=torch.float64)
     mean *= 150.0 / mean.norm()
     return mean.float(), (q * lam.sqrt()).T.float()
-
-
-def _rss_anon_mb() -> float:
-    with open("/proc/self/status") as fh:
-        line = next(ln for ln in fh if ln.startswith("RssAnon:"))
-    return int(line.split()[1]) / 1024
-
-
-class _PeakAnon:
-    """Peak ``RssAnon`` while the block runs, sampled by a thread every 10 ms."""
-
-    def __enter__(self) -> _PeakAnon:
-        self.base = self.peak = _rss_anon_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_anon_mb())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_anon_mb())
 
 
 def _child(n: int, folder: Path) -> dict[str, float]:
@@ -95,7 +69,7 @@ def _child(n: int, folder: Path) -> dict[str, float]:
         sae.b_dec.copy_(mean)
     splits = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=0, max_norm_ratio=None),
                                             sae_train_fraction=0.0), special_ids=[])
-    with _PeakAnon() as mem:
+    with PeakAnon() as mem:
         t = time.perf_counter()
         out = decompose_many(store, {"sae": sae}, splits, DecomposeConfig(), progress=False)
         seconds = time.perf_counter() - t
