@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_darkmatter import CorpusConfig, HarvestConfig, ModelConfig, harvest, load_model
-from sae_darkmatter.corpus import build_contexts
+from sae_darkmatter.contexts import build_contexts
 from sae_darkmatter.models import default_hook, forward_capture
 
 

@@ -41,7 +41,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
 from sae_darkmatter import CorpusConfig, ModelConfig, load_model
-from sae_darkmatter.corpus import build_contexts
+from sae_darkmatter.contexts import build_contexts
 from sae_darkmatter.models import (
     LoadedModel,
     default_hook,

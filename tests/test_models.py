@@ -10,9 +10,14 @@ import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 from sae_darkmatter.config import ModelConfig
@@ -30,16 +35,21 @@ from sae_darkmatter.models import (
 )
 
 N_LAYERS, D, VOCAB = 3, 64, 101
+_GQA = dict(hidden_size=D, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB)
 FAMILIES = {
-    "llama": lambda: LlamaConfig(
-        hidden_size=D, intermediate_size=128, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-    ),
+    "llama": lambda: LlamaConfig(**_GQA),  # also Llama 3 (same classes)
     # Gemma 2 keeps its default final-logit softcapping, so the loss test covers it.
-    "gemma2": lambda: Gemma2Config(
-        hidden_size=D, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
-    ),
+    "gemma2": lambda: Gemma2Config(**_GQA, head_dim=16),
+    # Gemma 3 (text): sandwich norms, QK norms, local layers with a sliding window shorter than
+    # the test sequences, so the local/global attention masks both take part.
+    "gemma3": lambda: Gemma3TextConfig(**_GQA, head_dim=16, sliding_window=4,
+                                       layer_types=["sliding_attention", "sliding_attention",
+                                                    "full_attention"]),
+    "qwen2": lambda: Qwen2Config(**_GQA),
+    "qwen3": lambda: Qwen3Config(**_GQA, head_dim=16),  # QK norms
+    "mistral": lambda: MistralConfig(**_GQA, sliding_window=4),
+    "phi3": lambda: Phi3Config(**_GQA, pad_token_id=0),  # fused qkv and gate_up projections
     "gpt2": lambda: GPT2Config(
         n_embd=D, n_layer=N_LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64,
         bos_token_id=0, eos_token_id=0,
@@ -50,15 +60,14 @@ FAMILIES = {
     ),
 }
 # The final norm HF applies to the last entry of ``hidden_states`` (resid_post is pre-norm).
+_MODEL_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3")  # m.model.*
 FINAL_NORM = {
-    "llama": lambda m: m.model.norm,
-    "gemma2": lambda m: m.model.norm,
+    **{f: (lambda m: m.model.norm) for f in _MODEL_FAMILIES},
     "gpt2": lambda m: m.transformer.ln_f,
     "neox": lambda m: m.gpt_neox.final_layer_norm,
 }
 LAYERS = {
-    "llama": lambda m: m.model.layers,
-    "gemma2": lambda m: m.model.layers,
+    **{f: (lambda m: m.model.layers) for f in _MODEL_FAMILIES},
     "gpt2": lambda m: m.transformer.h,
     "neox": lambda m: m.gpt_neox.layers,
 }
@@ -125,7 +134,7 @@ def test_block_outputs_sum_to_residual(tiny, ids):
         torch.testing.assert_close(prev + attn + mlp, resid, rtol=0, atol=8 * eps * scale)
         assert mlp.abs().max() > 1e3 * 8 * eps * scale  # the check is not vacuous
         prev = resid
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3"):
         layer = LAYERS[family](lm.model)[0]
         assert hook_module(lm.model, "mlp_out.0") is layer.post_feedforward_layernorm
         assert hook_module(lm.model, "attn_out.0") is layer.post_attention_layernorm

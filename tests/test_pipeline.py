@@ -91,7 +91,7 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
         assert 0 < s["linear_share"] < 1
         assert s["l0"] <= 8
     data = on_disk["data"]
-    assert data["excluded_first_positions"] == 96  # skip_positions=1, one per context
+    assert data["excluded_positions"] == 96  # skip_positions=1, one per context
     assert data["probe_train_tokens"] + data["probe_test_tokens"] + data["sae_train_tokens"] == data["tokens_kept"]
 
 

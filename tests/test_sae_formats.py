@@ -65,7 +65,9 @@ def test_sparsify_folder_matches_sparsify(tmp_path, sparsify, enc_shift):
     also when fewer than k pre-activations are positive (enc_shift=-6)."""
     coder = _sparsify_coder(sparsify, seed=0, enc_shift=enc_shift)
     coder.save_to_disk(tmp_path / "layers.3")
-    (tmp_path / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m"}))
+    # sparsify's CLI writes its run config (RunConfig: model, dataset, ctx_len, ...) here
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model": "EleutherAI/pythia-70m", "dataset": "EleutherAI/fineweb-edu-dedup-10b", "ctx_len": 2048}))
 
     loaded = open_sae(tmp_path / "layers.3")
     assert isinstance(loaded.sae, TopKSAE) and loaded.sae.k == 6
@@ -85,6 +87,7 @@ def test_sparsify_folder_matches_sparsify(tmp_path, sparsify, enc_shift):
         "loaded_as": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": 6, "dtype": "float32",
         "model_name": "EleutherAI/pythia-70m", "model": "EleutherAI/pythia-70m",
         "hook_name": "resid_post.3", "original_hook_name": "layers.3", "notes": [],
+        "trained_with": {"context_size": 2048, "dataset_path": "EleutherAI/fineweb-edu-dedup-10b"},
     }
 
 

@@ -30,7 +30,7 @@ from sae_darkmatter.config import (
     SplitConfig,
     TokenFilter,
 )
-from sae_darkmatter.corpus import special_token_ids
+from sae_darkmatter.contexts import special_token_ids
 from sae_darkmatter.decompose import Decomposition, decompose_many
 from sae_darkmatter.errors import (
     ConfigValueError,
@@ -98,7 +98,7 @@ def test_agrees_with_harvest_then_decompose_many(lm, tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(np.concatenate(split_contexts(48, split)), order)
     train, test = keep & np.isin(ctx, order[:24]), keep & np.isin(ctx, order[24:])
     assert first.data == {
-        "tokens_total": 48 * 32, "excluded_first_positions": 48,
+        "tokens_total": 48 * 32, "excluded_positions": 48,
         "excluded_special_tokens": int(((pos >= 1) & ~rules).sum()),
         "excluded_norm_outliers": int((rules & ~keep).sum()),
         "probe_train_tokens": int(train.sum()), "probe_test_tokens": int(test.sum()),

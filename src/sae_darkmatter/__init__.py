@@ -35,7 +35,7 @@ _EXPORTS = {
                "IncompatibleSAEError", "ModelNotAvailableError", "NonFiniteError", "ShapeMismatchError",
                "StoreLockedError"],
     "models": ["LoadedModel", "forward_capture", "hook_names", "load_model"],
-    "corpus": ["build_contexts"],
+    "contexts": ["build_contexts"],
     "store": ["ActivationStore"],
     "harvest": ["harvest"],
     "integrity": ["check", "repair"],

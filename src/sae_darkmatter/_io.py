@@ -47,6 +47,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def require_folder(path: str | Path, what: str) -> None:
+    """Refuse an output folder ``path`` that is a file, or lies under one, before any work."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if part.is_dir():
+                return
+            where = "it is a file" if part == path else f"it lies inside {part}, which is a file"
+            raise DarkMatterError(f"{path} cannot be the folder for {what}: {where}, not a folder; "
+                                  "choose another output path (-o / --out)")
+
+
 @contextmanager
 def full_disk_errors(path: Path) -> Iterator[None]:
     """Turn a failure to write ``path`` for lack of space into :class:`DiskFullError`."""

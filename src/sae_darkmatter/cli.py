@@ -480,7 +480,8 @@ def stream_cmd(
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints.")] = 25,
 ) -> None:
     """Decompose pretrained SAEs' error straight from the LM: no activation store, memory independent of the token count."""
-    from .pipeline import adopt_sae_metadata, open_saes
+    from .adopt import adopt_sae_metadata
+    from .pipeline import open_saes
     from .stream import stream_decompose
 
     def body() -> None:

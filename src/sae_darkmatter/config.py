@@ -85,6 +85,12 @@ class CorpusConfig(_Checked):
     first byte that is not UTF-8 (the error names the file, byte offset and line),
     ``"replace"`` reads such bytes as U+FFFD. The ``stdlib`` source always replaces, as it did
     before this option existed (the 3.11 library's files are all UTF-8, so nothing changes).
+
+    ``prepend_bos``: every context starts with the tokenizer's BOS token (position 0, which
+    ``skip_positions`` drops). ``"auto"`` does so when the model's tokenizer adds a BOS itself
+    (Gemma, Llama 3, Mistral; not SmolLM2, GPT-2, Qwen). ``separator`` is the token between
+    documents: ``"auto"`` is the BOS when contexts start with one (as SAELens packs them), else
+    the EOS; or ``"bos"``, ``"eos"``, ``"none"``. See ``contexts`` for the packing rules.
     """
 
     source: str = "stdlib"
@@ -96,9 +102,12 @@ class CorpusConfig(_Checked):
     # Left out of to_dict (and so of fingerprints) at its default: stores and caches made
     # before the field existed keep their keys.
     encoding_errors: str = field(default="strict", metadata={"omit_default": True})
+    prepend_bos: bool | str = field(default="auto", metadata={"omit_default": True})
+    separator: str = field(default="auto", metadata={"omit_default": True})
 
     PATH = "harvest.corpus"
     ENCODING_ERRORS = ("strict", "replace")
+    SEPARATORS = ("auto", "bos", "eos", "none")
 
     def _check(self) -> None:
         self._need("n_contexts", self.n_contexts >= 1, ">= 1")
@@ -106,6 +115,9 @@ class CorpusConfig(_Checked):
         self._need("seed", self.seed >= 0, ">= 0")
         self._need("encoding_errors", self.encoding_errors in self.ENCODING_ERRORS,
                    f"one of {list(self.ENCODING_ERRORS)}")
+        self._need("prepend_bos", isinstance(self.prepend_bos, bool) or self.prepend_bos == "auto",
+                   'true, false or "auto"')
+        self._need("separator", self.separator in self.SEPARATORS, f"one of {list(self.SEPARATORS)}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,8 @@ class TokenFilter(_Checked):
     """Which stored tokens enter statistics and SAE training.
 
     The first ``skip_positions`` positions of every context (attention-sink tokens with norms
-    ~100x the median) and special tokens (bos/eos/pad/unk) are excluded, and so are tokens
+    ~100x the median; the BOS when contexts start with one), positions from ``stop_position``
+    on (``None``: none), and special tokens (bos/eos/pad/unk) are excluded, and so are tokens
     whose activation norm exceeds ``max_norm_ratio`` times the median norm (``None``: keep).
     On SmolLM2 layer 15 the sinks also appear a few positions into a context: 47 of 262k
     tokens above 5x the median held 74 % of the total squared norm.
@@ -147,6 +160,7 @@ class TokenFilter(_Checked):
     skip_positions: int = 1
     exclude_special: bool = True
     max_norm_ratio: float | None = 5.0
+    stop_position: int | None = field(default=None, metadata={"omit_default": True})
 
     PATH = "split.filter"
 
@@ -156,6 +170,9 @@ class TokenFilter(_Checked):
         self._need("max_norm_ratio", ratio is None or (math.isfinite(ratio) and ratio >= 1),
                    "a finite number >= 1 (a smaller ratio drops at least half the tokens), or "
                    "unset to keep every norm")
+        stop = self.stop_position
+        self._need("stop_position", stop is None or stop > self.skip_positions,
+                   f"greater than skip_positions ({self.skip_positions}), or unset")
 
     def check_context_length(self, context_length: int) -> None:
         """Refuse a filter that would skip every position of contexts of ``context_length``."""
@@ -166,6 +183,11 @@ class TokenFilter(_Checked):
                 f"position of every context would be skipped, leaving no tokens for statistics"
             )
 
+    def kept_positions(self, context_length: int) -> slice:
+        """The positions of a context that the position rules keep."""
+        self.check_context_length(context_length)
+        return slice(self.skip_positions, self.stop_position)
+
 
 @dataclass(frozen=True)
 class SplitConfig(_Checked):
@@ -173,13 +195,15 @@ class SplitConfig(_Checked):
 
     Contexts are split into SAE-training contexts and evaluation contexts
     (``sae_train_fraction``); the evaluation tokens are permuted (seeded) and split into probe
-    training and held-out probe test tokens (``probe_train_fraction``).
+    training and held-out probe test tokens: ``probe_train_tokens`` of them train the probes
+    (the paper's 150,000), or, when unset, ``probe_train_fraction`` of them.
     """
 
     filter: TokenFilter = field(default_factory=TokenFilter)
     sae_train_fraction: float = 0.6
     probe_train_fraction: float = 0.5
     seed: int = 0
+    probe_train_tokens: int | None = field(default=None, metadata={"omit_default": True})
 
     PATH = "split"
 
@@ -189,6 +213,8 @@ class SplitConfig(_Checked):
         self._need("probe_train_fraction", 0 < self.probe_train_fraction < 1,
                    "strictly between 0 and 1")
         self._need("seed", self.seed >= 0, ">= 0")
+        self._need("probe_train_tokens", self.probe_train_tokens is None or self.probe_train_tokens >= 1,
+                   ">= 1, or unset to use probe_train_fraction")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ in the error when no file of the source has text, in a warning otherwise.
 
 Long texts (stdlib files, ``.txt`` files) are cut at blank lines into pieces of at most
 ~4,000 characters (~1,000 tokens), each one document; jsonl/parquet/HF records stay whole.
-Documents are joined with the tokenizer's eos token (else bos; else nothing) and the token
-stream is cut into consecutive windows.
+``contexts`` packs the documents' tokens into fixed-length contexts.
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rich.progress import Progress
-
 from sae_darkmatter.config import CorpusConfig, fingerprint
 from sae_darkmatter.errors import CorpusEncodingError, DarkMatterError, EmptyCorpusError
 
@@ -56,8 +52,6 @@ _STDLIB_SKIP = frozenset(
      "__pycache__", "encodings"}
 )
 _BLANK_LINES = re.compile(r"\n\s*\n")
-_TOKENIZE_BATCH = 32
-_PROGRESS_MIN_TOKENS = 200_000
 _FORMAT_VERSION = 1  # bump when document splitting or ordering changes
 
 
@@ -70,10 +64,10 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     The source is checked now (missing paths, unknown forms, unavailable datasets raise
     immediately); the documents themselves are read lazily.
     """
-    return _documents(cfg, [])
+    return documents(cfg, [])
 
 
-def _documents(cfg: CorpusConfig, empty: list[Path]) -> Iterator[str]:
+def documents(cfg: CorpusConfig, empty: list[Path]) -> Iterator[str]:
     """``iter_documents``; local files read to the end without any text are added to ``empty``."""
     if cfg.source == "stdlib":
         return iter(_stdlib_documents(cfg.seed))
@@ -303,79 +297,6 @@ _READERS: dict[str, Callable[[Path, CorpusConfig], Iterator[str]]] = {
     ".jsonl": _jsonl_documents,
     ".parquet": _parquet_documents,
 }
-
-
-# ---------------------------------------------------------------------------- contexts
-
-
-def build_contexts(cfg: CorpusConfig, tokenizer: Any) -> np.ndarray:
-    """Token ids int64 [n, cfg.context_length], n = cfg.n_contexts unless the text runs out.
-
-    Documents are tokenized lazily in small batches without special tokens and joined by a
-    separator token (eos, else bos, else none); the stream is cut into consecutive windows.
-    """
-    length, wanted = cfg.context_length, cfg.n_contexts
-    if length < 1 or wanted < 1:
-        raise DarkMatterError(f"context_length and n_contexts must be >= 1, got {length}, {wanted}")
-    need = length * wanted
-    sep = _separator(tokenizer)
-    buf = np.empty(need, dtype=np.int64)
-    filled = n_docs = 0
-    empty: list[Path] = []
-    docs = (d for d in _documents(cfg, empty) if d.strip())
-    with Progress(transient=True, disable=need < _PROGRESS_MIN_TOKENS) as progress:
-        task = progress.add_task(f"tokenizing {cfg.source}", total=need)
-        while filled < need:
-            batch = list(itertools.islice(docs, _TOKENIZE_BATCH))
-            if not batch:
-                break
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                if not ids:
-                    continue
-                ids = (sep if n_docs else []) + list(ids)
-                take = min(len(ids), need - filled)
-                buf[filled : filled + take] = ids[:take]
-                filled += take
-                n_docs += 1
-                if filled == need:
-                    break
-            progress.update(task, completed=filled)
-    if n_docs == 0:
-        detail = ""
-        if empty:
-            names = ", ".join(str(f) for f in empty[:5]) + (", ..." if len(empty) > 5 else "")
-            detail = f": {len(empty)} file(s) hold no text ({names})"
-        raise EmptyCorpusError(f"corpus source {cfg.source!r} holds no usable text{detail}")
-    n = filled // length
-    if n == 0:
-        raise EmptyCorpusError(
-            f"corpus source {cfg.source!r} gave only {filled} tokens, "
-            f"fewer than one context of {length}"
-        )
-    if n < wanted:
-        log.warning(
-            "corpus %r ran out: %d tokens from %d documents give %d of %d contexts of %d tokens",
-            cfg.source, filled, n_docs, n, wanted, length,
-        )
-    return buf[: n * length].reshape(n, length)
-
-
-def _separator(tokenizer: Any) -> list[int]:
-    for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if token_id is not None:
-            return [int(token_id)]
-    return []
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """Sorted ids of all special tokens: bos/eos/pad/unk and added special tokens."""
-    ids = set(tokenizer.all_special_ids)
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    ids.update(i for i, tok in added.items() if tok.special)
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        if getattr(tokenizer, attr, None) is not None:
-            ids.add(getattr(tokenizer, attr))
-    return sorted(int(i) for i in ids)
 
 
 def corpus_fingerprint(cfg: CorpusConfig) -> str:

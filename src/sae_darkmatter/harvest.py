@@ -18,9 +18,11 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import distributed
+from ._io import require_folder
 from .config import HarvestConfig, fingerprint, from_dict, to_dict
-from .corpus import build_contexts, corpus_fingerprint, special_token_ids
-from .errors import DarkMatterError, NonFiniteError
+from .contexts import Packing, build_contexts, packing_for, special_token_ids
+from .corpus import corpus_fingerprint
+from .errors import ConfigError, DarkMatterError, NonFiniteError
 from .models import (
     AUTO_NAME,
     EMBEDDED_NAME,
@@ -28,7 +30,10 @@ from .models import (
     default_hook,
     forward_capture,
     hook_dim,
+    load_config,
     load_model,
+    load_tokenizer,
+    max_positions,
     parse_hook,
 )
 from .store import ActivationStore, ShardProblem
@@ -36,23 +41,45 @@ from .store import ActivationStore, ShardProblem
 log = logging.getLogger(__name__)
 
 
-def harvest_fingerprint(cfg: HarvestConfig) -> str:
-    """Identifies a harvest's output: model, corpus (with file stamps), hooks, loss, batching."""
-    return fingerprint(cfg, corpus_fingerprint(cfg.corpus))
+def harvest_fingerprint(cfg: HarvestConfig, packing: Packing) -> str:
+    """Identifies a harvest's output: model, corpus (with file stamps), hooks, loss, batching
+    and how contexts are packed (BOS, separator; nothing for the stream packing, so stores
+    packed that way before BOS handling existed keep their keys)."""
+    key = packing.cache_key()
+    return fingerprint(cfg, corpus_fingerprint(cfg.corpus), *([key] if key else []))
 
 
-def finished_store(path: str | Path, cfg: HarvestConfig) -> ActivationStore | None:
+def finished_store(path: str | Path, cfg: HarvestConfig, packing: Packing) -> ActivationStore | None:
     """The store at ``path`` if it is complete and was made with the same settings."""
     if not (Path(path) / "manifest.json").exists():
         return None
     store = ActivationStore.open(path)
     meta = store.meta
     if (
-        meta.get("harvest_fingerprint") == harvest_fingerprint(cfg)
+        meta.get("harvest_fingerprint") == harvest_fingerprint(cfg, packing)
         and store.committed_contexts == meta.get("n_contexts")
     ):
         return store
     return None
+
+
+def prepare(cfg: HarvestConfig, lm: LoadedModel | None = None) -> tuple[HarvestConfig, Packing]:
+    """Check a harvest's settings against its model before any work; resolve its packing.
+
+    Reads only the model's config and tokenizer (unless ``lm`` is given): the context length
+    must fit the positions the model allows, and the BOS / separator tokens asked for must exist.
+    Returns ``cfg`` with the model name resolved (``"auto"``: the embedded model) and the packing.
+    """
+    if cfg.model.name == AUTO_NAME:  # no SAE named a model: the embedded default
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=EMBEDDED_NAME))
+    config = lm.model.config.get_text_config() if lm else load_config(cfg.model)
+    limit, length = max_positions(config), cfg.corpus.context_length
+    if limit is not None and length > limit:
+        raise ConfigError(
+            f"harvest.corpus.context_length ({length:,}) exceeds the {limit:,} positions model "
+            f"{cfg.model.name!r} allows (its config's position limit); use at most {limit:,}")
+    tokenizer = lm.tokenizer if lm else load_tokenizer(cfg.model)
+    return cfg, packing_for(cfg.corpus, tokenizer, model=repr(cfg.model.name))
 
 
 def harvest(
@@ -62,34 +89,42 @@ def harvest(
     lm: LoadedModel | None = None,
     progress: bool = True,
 ) -> ActivationStore:
-    """Harvest activations at ``cfg.hooks`` (default: the middle residual stream) into ``path``."""
-    if cfg.model.name == AUTO_NAME:  # no SAE named a model: the embedded default
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=EMBEDDED_NAME))
+    """Harvest activations at ``cfg.hooks`` (default: the middle residual stream) into ``path``.
+
+    Contexts are packed as ``cfg.corpus`` says (``contexts``: a BOS first when the model's
+    tokenizer adds one); the store's metadata records the packing (``prepend_bos``, token ids).
+    """
     if cfg.contexts_per_shard % cfg.batch_size:
         raise DarkMatterError(
             f"contexts_per_shard ({cfg.contexts_per_shard}) must be a multiple of "
             f"batch_size ({cfg.batch_size})"
         )
+    require_folder(path, "the activation store")
     distributed.check_initialized()
-    done = finished_store(path, cfg)
+    with distributed.main_first():  # rank 0 fills the model cache, the others read it
+        cfg, packing = prepare(cfg, lm)
+    done = finished_store(path, cfg, packing)
     if done is not None:
         log.info("harvest: %s is complete (%d tokens); reusing it", path, done.n_rows)
         return done
 
-    with distributed.main_first():  # rank 0 fills the model cache, the others read it
+    with distributed.main_first():
         lm = lm or load_model(cfg.model)
     hooks = list(cfg.hooks) or [default_hook(lm.model)]
     for hook in hooks:
         parse_hook(lm.model, hook)
-    contexts = build_contexts(cfg.corpus, lm.tokenizer)
+    contexts = build_contexts(cfg.corpus, lm.tokenizer, packing)
+    if packing.prepend_bos:
+        log.info("harvest: every context starts with BOS token %d (position 0)", packing.bos)
     meta = {
-        "harvest_fingerprint": harvest_fingerprint(cfg),
+        "harvest_fingerprint": harvest_fingerprint(cfg, packing),
         "config": to_dict(cfg),
         "model_name": lm.name,
         "n_layers": lm.n_layers,
         "n_contexts": int(contexts.shape[0]),
         "special_token_ids": special_token_ids(lm.tokenizer),
         "with_loss": cfg.with_loss,
+        **packing.summary(),
     }
     settings = dict(hooks={h: hook_dim(lm.model, h) for h in hooks},
                     context_length=int(contexts.shape[1]), meta=meta)
@@ -165,15 +200,15 @@ def repair(
     if not problems:
         return []
     meta = store.meta
-    cfg = from_dict(HarvestConfig, meta["config"])
-    if meta.get("harvest_fingerprint") != harvest_fingerprint(cfg):
+    cfg, packing = prepare(from_dict(HarvestConfig, meta["config"]), lm)
+    if meta.get("harvest_fingerprint") != harvest_fingerprint(cfg, packing):
         raise DarkMatterError(
             f"cannot repair {path}: its corpus or settings changed since it was harvested "
             "(different harvest fingerprint), so the bad shards' contexts cannot be rebuilt; "
             "harvest into a new store"
         )
     lm = lm or load_model(cfg.model)
-    contexts = build_contexts(cfg.corpus, lm.tokenizer)
+    contexts = build_contexts(cfg.corpus, lm.tokenizer, packing)
     store = ActivationStore.create_or_resume(
         path, hooks=store.hooks, context_length=store.context_length, meta=meta, dtype=store.dtype)
     try:

@@ -181,12 +181,24 @@ def _resolve_source(name: str) -> tuple[Path | str, str | None]:
 
 def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
     """Only the tokenizer of ``cfg.name`` (same sources and errors as ``load_model``)."""
-    source, _ = _resolve_source(cfg.name)
+    source, resolved = _resolve_source(cfg.name)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        _refuse_remote_code(cfg, exc)
-        raise ModelNotAvailableError(f"cannot load the tokenizer of {cfg.name!r}: {exc}") from exc
+        raise _unavailable(cfg, exc, resolved, "the tokenizer of model") from exc
+
+
+def _unavailable(cfg: ModelConfig, exc: Exception, resolved: str | None, what: str) -> ModelNotAvailableError:
+    """The error for a model (or its tokenizer or config) that cannot be loaded: says how to
+    pass a local copy, and refuses plainly a model that needs its own code run."""
+    _refuse_remote_code(cfg, exc)
+    offline = resolved is None and is_offline_mode()
+    where = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else exc
+    return ModelNotAvailableError(
+        f"cannot load {what} {cfg.name!r}: {where}. Pass a local model folder "
+        f"(config.json + weights + tokenizer) or the path of a .gguf file as the model "
+        f"name, or use the embedded default {EMBEDDED_NAME!r}."
+    )
 
 
 def _refuse_remote_code(cfg: ModelConfig, exc: Exception) -> None:
@@ -209,14 +221,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.dtype], **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        _refuse_remote_code(cfg, exc)
-        offline = resolved is None and is_offline_mode()
-        where = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else exc
-        raise ModelNotAvailableError(
-            f"cannot load model {cfg.name!r}: {where}. Pass a local model folder "
-            f"(config.json + weights + tokenizer) or the path of a .gguf file as the model "
-            f"name, or use the embedded default {EMBEDDED_NAME!r}."
-        ) from exc
+        raise _unavailable(cfg, exc, resolved, "model") from exc
     device = resolve_device(cfg.device)
     model = model.to(device).eval().requires_grad_(False)
     return LoadedModel(
@@ -292,15 +297,28 @@ def default_hook(model: PreTrainedModel | LoadedModel) -> str:
     return f"resid_post.{len(_decoder_layers(_unwrap(model))) // 2}"
 
 
-def default_hook_for(cfg: ModelConfig) -> str:
-    """``default_hook`` from the model's config alone (no weights are loaded)."""
-    source, _ = _resolve_source(cfg.name)
+def load_config(cfg: ModelConfig) -> transformers.PretrainedConfig:
+    """The text config of model ``cfg.name`` alone (no weights are loaded)."""
+    source, resolved = _resolve_source(cfg.name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(f"cannot read the config of model {cfg.name!r}: {exc}") from exc
-    config = getattr(config, "text_config", None) or config
-    return f"resid_post.{int(config.num_hidden_layers) // 2}"
+        raise _unavailable(cfg, exc, resolved, "the config of model") from exc
+    return config.get_text_config()
+
+
+def default_hook_for(cfg: ModelConfig) -> str:
+    """``default_hook`` from the model's config alone (no weights are loaded)."""
+    return f"resid_post.{int(load_config(cfg).num_hidden_layers) // 2}"
+
+
+def max_positions(config: transformers.PretrainedConfig) -> int | None:
+    """The most positions a model's (text) config allows, or None when it states none."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def parse_hook(model: PreTrainedModel | LoadedModel, name: str) -> tuple[str, int]:

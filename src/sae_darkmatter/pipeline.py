@@ -28,20 +28,21 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from . import distributed
-from ._io import read_json, try_lock, write_json
+from ._io import read_json, require_folder, try_lock, write_json
+from .adopt import adopt_sae_metadata, warn_store_differences
 from .analyses import run_analyses
 from .analyses.cross_layer import default_sources
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
 from .decompose import decompose_many, require_finite
 from .errors import DarkMatterError
 from .harvest import harvest
-from .models import AUTO_NAME, default_hook_for, load_tokenizer
+from .models import default_hook_for, load_tokenizer
 from .report import write_report
 from .saes.formats import LoadedSAE, open_sae
 from .saes.io import weights_digest
@@ -90,7 +91,8 @@ def train_saes(
     x = store.gather(hook, splits.sae_train)
     require_finite(x, splits.sae_train, store, hook)
     metadata = {"model_name": store.meta.get("model_name"), "hook_name": hook,
-                "context_size": store.context_length}
+                "context_size": store.context_length,
+                "prepend_bos": bool(store.meta.get("prepend_bos", False))}
     return train_grid(x, cfg, out_dir, metadata=metadata, progress=progress)
 
 
@@ -142,33 +144,6 @@ def open_saes(specs: Sequence[str | Path], *, device: str = "cpu") -> dict[str, 
     return loaded
 
 
-def adopt_sae_metadata(cfg: RunConfig, loaded: Mapping[str, LoadedSAE]) -> RunConfig:
-    """Take the model (if ``"auto"``) and the hook (if none is set) from the SAEs' metadata."""
-    h = cfg.harvest
-    model = h.model
-    if model.name == AUTO_NAME:
-        named = {p.provenance.get("model") for p in loaded.values()} - {None}
-        if len(named) > 1:
-            raise DarkMatterError(
-                f"the SAEs name different models {sorted(named)}; set harvest.model.name (--model)"
-            )
-        if named:
-            model = dataclasses.replace(model, name=named.pop())
-            log.info("model %s, as named by the SAE metadata", model.name)
-    hooks = h.hooks
-    if not hooks:
-        named = {p.provenance.get("hook_name") for p in loaded.values()} - {None}
-        if len(named) > 1:
-            raise DarkMatterError(
-                f"the SAEs were trained on different hooks {sorted(named)}; analyse one hook "
-                "per run, or set the hook (--hook)"
-            )
-        if named:
-            hooks = (named.pop(),)
-            log.info("hook %s, as named by the SAE metadata", hooks[0])
-    return dataclasses.replace(cfg, harvest=dataclasses.replace(h, model=model, hooks=hooks))
-
-
 def decompose_saes(
     store: ActivationStore,
     splits: Splits,
@@ -178,15 +153,21 @@ def decompose_saes(
     *,
     hook: str | None = None,
     progress: bool = True,
+    check_training: bool = True,
 ) -> list[dict[str, Any]]:
     """Decompose each SAE's error; results are cached by (store, splits, SAE weights, cfg).
 
     ``saes`` are specs as ``open_sae`` takes them: ``saelens:<release>/<id>`` or folders.
+    ``check_training`` warns about SAEs trained with another BOS convention or context length
+    than the store's (``run`` has already followed or warned about those).
     """
     out_dir = Path(out_dir)
+    require_folder(out_dir, "the decomposition results")
     hook = hook or next(iter(store.hooks))
     split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
     loaded = open_saes(saes)
+    if check_training and distributed.is_main():
+        warn_store_differences(store.meta, store.context_length, loaded)
     fingerprints, todo, groups = {}, {}, {}
     for name, item in loaded.items():
         fingerprints[name] = fingerprint(
@@ -276,6 +257,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     """
     distributed.check_initialized()
     out = Path(out)
+    require_folder(out, "the run")
     with run_lock(out) if distributed.is_main() else nullcontext():
         if distributed.is_main():
             remove_stale_temps(out)
@@ -307,7 +289,8 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decompose_saes(store, splits, saes, cfg.decompose, out / "decompose", progress=progress)
+    decompose_saes(store, splits, saes, cfg.decompose, out / "decompose", progress=progress,
+                   check_training=False)
     timings["decompose"] = time.perf_counter() - t
     if not distributed.is_main():
         return {}

@@ -1,7 +1,8 @@
 """Token selection and disjoint, seeded data splits of an activation store.
 
-Statistics never use the first ``skip_positions`` positions of a context or special tokens
-(attention sinks whose norms are ~100x the median). The remaining tokens are split by
+Statistics never use the first ``skip_positions`` positions of a context (nor those from
+``stop_position`` on) or special tokens (attention sinks whose norms are ~100x the median).
+The remaining tokens are split by
 *context* into SAE-training and evaluation contexts, so the SAE never sees the evaluation
 text; evaluation tokens are then permuted and split into probe-training and held-out probe-test
 tokens, as in the paper (which permutes tokens, not contexts, for its regressions).
@@ -35,7 +36,7 @@ class Selection:
         return {
             "tokens_total": self.n_total,
             "tokens_kept": int(self.rows.size),
-            "excluded_first_positions": self.n_excluded_position,
+            "excluded_positions": self.n_excluded_position,  # outside [skip, stop)
             "excluded_special_tokens": self.n_excluded_special,
             "excluded_norm_outliers": self.n_excluded_norm,
         }
@@ -67,9 +68,9 @@ def select_rows(
     hook: str | None = None,
 ) -> Selection:
     """Apply a token filter to every stored row (norms are those of ``hook``, default the first)."""
-    filt.check_context_length(store.context_length)
+    window = filt.kept_positions(store.context_length)
     position = store.column("position")
-    keep = position >= filt.skip_positions
+    keep = (position >= window.start) & (position < (window.stop or store.context_length))
     n_pos = int((~keep).sum())
     n_special = 0
     if filt.exclude_special and len(special_ids):
@@ -131,10 +132,14 @@ def make_splits(
     in_sae = np.isin(context, sae_contexts)
     sae_rows = sel.rows[in_sae]
     eval_rows = rng.permutation(sel.rows[~in_sae])
-    n_probe = int(round(cfg.probe_train_fraction * eval_rows.size))
-    if n_probe == 0 or n_probe == eval_rows.size:
+    n_probe = (cfg.probe_train_tokens if cfg.probe_train_tokens is not None
+               else int(round(cfg.probe_train_fraction * eval_rows.size)))
+    if n_probe == 0 or n_probe >= eval_rows.size:
+        wanted = ("" if cfg.probe_train_tokens is None
+                  else f" (split.probe_train_tokens = {cfg.probe_train_tokens:,} must be fewer)")
         raise DarkMatterError(
-            f"too few evaluation tokens ({eval_rows.size}) for a probe train/test split"
+            f"too few evaluation tokens ({eval_rows.size:,}) for a probe train/test split{wanted}; "
+            "harvest more contexts"
         )
     return Splits(
         selection=sel,

@@ -39,7 +39,6 @@ and the token ids of the contexts (8 bytes per token, from ``build_contexts``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -64,7 +63,8 @@ from .config import (
     fingerprint,
     to_dict,
 )
-from .corpus import build_contexts, corpus_fingerprint, special_token_ids
+from .contexts import Packing, build_contexts, special_token_ids
+from .corpus import corpus_fingerprint
 from .decompose import (
     JACKKNIFE_GROUPS,
     Decomposition,
@@ -78,10 +78,9 @@ from .decompose import (
     split_probes,
 )
 from .errors import DarkMatterError, ShapeMismatchError
+from .harvest import prepare
 from .linalg import LinearProbe
 from .models import (
-    AUTO_NAME,
-    EMBEDDED_NAME,
     LoadedModel,
     default_hook,
     forward_capture,
@@ -93,10 +92,10 @@ from .saes.io import weights_digest
 
 log = logging.getLogger(__name__)
 
-STREAM_VERSION = 1  # part of the checkpoint fingerprint: bump when the arithmetic changes
+STREAM_VERSION = 2  # part of the checkpoint fingerprint: bump when the arithmetic or the counts change
 CALIBRATION_TOKENS = 8192
 CHECKPOINT_EVERY = 25  # batches between checkpoints
-_COUNTS = ("tokens_total", "excluded_first_positions", "excluded_special_tokens",
+_COUNTS = ("tokens_total", "excluded_positions", "excluded_special_tokens",
            "excluded_norm_outliers", "probe_train_tokens", "probe_test_tokens")
 
 
@@ -237,22 +236,24 @@ def stream_decompose(
         raise DarkMatterError("stream_decompose: no SAEs given")
     if checkpoint_every < 1 or calibration_tokens < 1:
         raise DarkMatterError("checkpoint_every and calibration_tokens must be >= 1")
+    if split.probe_train_tokens is not None:
+        raise DarkMatterError("stream_decompose splits contexts, not tokens: split.probe_train_tokens "
+                              "cannot be met; use split.probe_train_fraction (or decompose a store)")
     distributed.check_initialized()
     limit_heap_growth()  # per-batch buffers must not pile up in a fragmented heap
-    if harvest.model.name == AUTO_NAME:
-        harvest = dataclasses.replace(harvest, model=dataclasses.replace(harvest.model, name=EMBEDDED_NAME))
     with distributed.main_first():  # rank 0 fills the model cache, the others read it
+        harvest, packing = prepare(harvest, lm)
         lm = lm or load_model(harvest.model)
     hook = hook or (harvest.hooks[0] if harvest.hooks else default_hook(lm.model))
     d = hook_dim(lm.model, hook)
     dtypes = {name: _check_width(name, sae, d, hook, lm.name) for name, sae in saes.items()}
     split.filter.check_context_length(harvest.corpus.context_length)
-    contexts = build_contexts(harvest.corpus, lm.tokenizer)
+    contexts = build_contexts(harvest.corpus, lm.tokenizer, packing)
     run = _Stream(lm, contexts, hook, SAEErrors(saes, dtypes, hook, resolve_device(cfg.device)),
                   split, cfg, harvest.batch_size)
     lock = None
     if checkpoint is not None:
-        fp = _fingerprint(harvest, hook, split, cfg, saes, contexts.shape[0], calibration_tokens)
+        fp = _fingerprint(harvest, packing, hook, split, cfg, saes, contexts.shape[0], calibration_tokens)
         lock = run.resume(Path(checkpoint), fp, checkpoint_every)
     try:
         if split.filter.max_norm_ratio is not None:
@@ -269,8 +270,8 @@ def stream_decompose(
     st = run.state
     counts = {k: sum(c[k] for c in distributed.gather(st.counts)) for k in _COUNTS}
     data = counts | {"probe_train_contexts": int(run.train_ctx.size), "probe_test_contexts": int(run.test_ctx.size)}
-    settings = {"harvest": to_dict(harvest), "hook": hook, "split": to_dict(split), "decompose": to_dict(cfg),
-                "calibration_tokens": calibration_tokens}
+    settings = {"harvest": to_dict(harvest), "packing": packing.summary(), "hook": hook,
+                "split": to_dict(split), "decompose": to_dict(cfg), "calibration_tokens": calibration_tokens}
     out = {}
     for name, scores in zip(run.errors.names, st.scores):
         metrics = distributed.merged(scores).metrics(
@@ -386,8 +387,9 @@ def _check_width(name: str, sae: SAE, d: int, hook: str, model: str) -> torch.dt
     return sae_compute_dtype(name, sae, hook)
 
 
-def _fingerprint(harvest: HarvestConfig, hook: str, split: SplitConfig, cfg: DecomposeConfig,
-                 saes: Mapping[str, SAE], n_contexts: int, calibration_tokens: int) -> str:
+def _fingerprint(harvest: HarvestConfig, packing: Packing, hook: str, split: SplitConfig,
+                 cfg: DecomposeConfig, saes: Mapping[str, SAE], n_contexts: int,
+                 calibration_tokens: int) -> str:
     """What the checkpointed sums depend on: data, model, filter, split, SAE weights, ranks.
 
     Devices are left out (a job may resume on another device), and so are settings a stream
@@ -402,7 +404,7 @@ def _fingerprint(harvest: HarvestConfig, hook: str, split: SplitConfig, cfg: Dec
         STREAM_VERSION, corpus_fingerprint(harvest.corpus), model, harvest.batch_size, hook,
         split.filter, split.probe_train_fraction, split.seed, cfg.bias, cfg.ridge, cfg.chunk_rows,
         [[n, weights_digest(s)] for n, s in saes.items()], n_contexts, calibration_tokens,
-        distributed.rank(), distributed.world_size(),
+        distributed.rank(), distributed.world_size(), *filter(None, [packing.cache_key()]),
     )
 
 
@@ -421,8 +423,10 @@ def _forward(lm: LoadedModel, contexts: np.ndarray, ctx: np.ndarray, hook: str) 
 def _rule_mask(ids: np.ndarray, filt: TokenFilter, special: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Tokens of a batch ``ids`` [B, T] passing the position and special-token rules (flat),
     and how many each rule excluded."""
-    position = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).ravel()
-    keep = position >= filt.skip_positions
+    window = filt.kept_positions(ids.shape[1])
+    inside = np.zeros(ids.shape[1], bool)
+    inside[window] = True
+    keep = np.broadcast_to(inside, ids.shape).ravel().copy()
     n_position = int((~keep).sum())
     n_special = 0
     if special.size:
@@ -446,7 +450,7 @@ def _filtered(x: torch.Tensor, ids: np.ndarray, ctx: np.ndarray, filt: TokenFilt
     rows = np.flatnonzero(keep)
     t = ids.shape[1]
     counts["tokens_total"] += ids.size
-    counts["excluded_first_positions"] += n_position
+    counts["excluded_positions"] += n_position
     counts["excluded_special_tokens"] += n_special
     counts["excluded_norm_outliers"] += n_norm
     counts[kept_key] += int(rows.size)

@@ -267,7 +267,7 @@ def _choose(splits: Splits, shape: tuple[int, int], split: SplitConfig,
     kept = kept.reshape(n_ctx, t)[chosen]
     spliced = kept.copy()
     if cfg.splice_all_after_skip:
-        spliced[:, split.filter.skip_positions:] = True
+        spliced[:, split.filter.kept_positions(t)] = True
     averaged = kept.copy()
     averaged[:, -1] = False
     return chosen.astype(np.int64), spliced, averaged

@@ -37,6 +37,7 @@ from sae_darkmatter.saes.io import (
     read_tensors,
     safetensors_dtype,
 )
+from sae_darkmatter.saes.metadata import run_config_training, trained_with
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -57,8 +58,9 @@ class LoadedSAE:
     path), ``architecture`` (the library's name), ``loaded_as`` (our SAELens-style name),
     ``d_in``, ``d_sae``, ``k`` (TopK only, else None), ``dtype`` (as stored), ``model_name``
     (as the SAE states it), ``model`` (a Hugging Face id or our model name, for loading),
-    ``hook_name`` (ours, e.g. ``"resid_post.12"``, or None), ``original_hook_name`` and
-    ``notes`` (list of strings).
+    ``hook_name`` (ours, e.g. ``"resid_post.12"``, or None), ``original_hook_name``,
+    ``notes`` (list of strings) and ``trained_with`` (the training-data settings the files
+    state: ``saes.metadata.trained_with``).
     """
 
     sae: AffineSAE
@@ -149,7 +151,7 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
         "sae_darkmatter" if ours else "sae_lens", path, cfg["architecture"], sae,
         safetensors_dtype(path / WEIGHTS_FILENAME, "W_dec"), model_name,
         model_name if ours else registry.hf_model_id(model_name), hook, original_hook,
-        [note] if note else [],
+        [note] if note else [], trained_with(cfg),
     )
     trained = path / TRAINING_FILENAME
     if ours and trained.is_file():  # our trainer's record: e.g. BatchTopK saved as JumpReLU
@@ -165,14 +167,14 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
 def _provenance(
     library: str, path: Path, architecture: str, sae: AffineSAE, dtype: str | None,
     model_name: str | None, model: str | None, hook: str | None, original_hook: str | None,
-    notes: list[str],
+    notes: list[str], trained: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "library": library, "source": str(path), "architecture": architecture,
         "loaded_as": architecture_name(sae), "d_in": sae.d_in, "d_sae": sae.d_sae,
         "k": sae.k if isinstance(sae, TopKSAE) else None, "dtype": dtype,
         "model_name": model_name, "model": model, "hook_name": hook,
-        "original_hook_name": original_hook, "notes": notes,
+        "original_hook_name": original_hook, "notes": notes, "trained_with": trained,
     }
 
 
@@ -234,12 +236,14 @@ def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
                           "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, path / SPARSIFY_WEIGHTS)
     sae = _build("topk", {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
                           "W_dec": state["W_dec"], "b_dec": state["b_dec"]}, path, k=int(cfg["k"]))
-    run_cfg = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
-    model_name = read_json_file(run_cfg).get("model") if run_cfg.is_file() else None
+    run_path = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
+    run_cfg = read_json_file(run_path) if run_path.is_file() else {}
+    model_name = run_cfg.get("model")
     hook, notes = _hf_module_hook(path.name)
     return sae, _provenance(
         "sparsify", path, "topk", sae, safetensors_dtype(path / SPARSIFY_WEIGHTS, "W_dec"),
         model_name, registry.hf_model_id(model_name), hook, path.name, notes,
+        run_config_training(run_cfg),
     )
 
 
@@ -291,7 +295,8 @@ def _open_dictionary_learning(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     inference rule ``f * (f > threshold)`` with ``f = relu(pre)`` and one global threshold is
     our JumpReLU with that threshold on every latent (equal for any threshold sign).
     """
-    trainer = read_json_file(path / DL_CONFIG).get("trainer") or {}
+    config = read_json_file(path / DL_CONFIG)
+    trainer = config.get("trainer") or {}
     dict_class = trainer.get("dict_class")
     if dict_class not in _DL_CLASSES:
         raise DarkMatterError(
@@ -330,6 +335,7 @@ def _open_dictionary_learning(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
         str(state[w_dec].dtype).removeprefix("torch."), model_name,
         registry.hf_model_id(model_name), hook,
         trainer.get("submodule_name") or _layer_text(trainer), notes + ([note] if note else []),
+        run_config_training(config),
     )
 
 

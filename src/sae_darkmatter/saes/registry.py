@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import (
@@ -28,6 +30,7 @@ from sae_darkmatter.saes.io import (
     sae_from_saelens,
     safetensors_dtype,
 )
+from sae_darkmatter.saes.metadata import trained_with
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
 REGISTRY_PREFIX = "saelens:"
@@ -154,7 +157,9 @@ def load_pretrained(
     release, sae_id = parse_spec(spec)
     sae_lens = import_sae_lens()
     try:
-        theirs = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+        with _tensor_shapes_from_files():
+            theirs, raw_cfg, _ = sae_lens.SAE.from_pretrained_with_cfg_and_sparsity(
+                release, sae_id, device="cpu")
     except LocalEntryNotFoundError as exc:
         from huggingface_hub import constants
 
@@ -177,7 +182,39 @@ def load_pretrained(
     where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
     scale = norm_scale(cfg, where, norm_scaling_factor)
     sae = sae_from_saelens(cfg, theirs.state_dict(), where=where, scale=scale)
-    return sae.to(resolve_device(str(device))), _provenance(release, sae_id, cfg, sae)
+    prov = _provenance(release, sae_id, cfg, sae)
+    # Converted releases (Gemma Scope 2) state their training data at the top level of the raw
+    # config; SAELens keeps only its metadata keys on the SAE.
+    prov["trained_with"] = trained_with({**raw_cfg, "metadata": cfg.get("metadata") or {}})
+    return sae.to(resolve_device(str(device))), prov
+
+
+@contextmanager
+def _tensor_shapes_from_files() -> Iterator[None]:
+    """Let sae_lens read tensor shapes from the safetensors file itself while it loads.
+
+    For some releases (Gemma Scope 2: ``conversion_func: gemma_3``) sae_lens asks the Hub for
+    the shapes with HTTP range requests, which fail offline even when the file is in the local
+    cache. Meanwhile the shapes come from the file's header, found through the Hugging Face
+    cache (downloaded first when online, which the loader does next anyway).
+    """
+    from huggingface_hub import hf_hub_download
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    original = getattr(loaders, "get_safetensors_tensor_shapes", None)
+    if original is None:  # a sae_lens that no longer reads shapes remotely
+        yield
+        return
+
+    def from_file(repo_id: str, filename: str) -> dict[str, list[int]]:
+        with safe_open(hf_hub_download(repo_id, filename), "pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+    loaders.get_safetensors_tensor_shapes = from_file
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original
 
 
 def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) -> dict[str, Any]:

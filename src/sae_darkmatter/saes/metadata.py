@@ -1,0 +1,59 @@
+"""What an SAE's files say about the data it was trained on, in one normalized form.
+
+SAELens records how the activations of training were harvested in ``cfg.json``'s ``metadata``
+(converted releases such as Gemma Scope put some keys at the top level instead):
+``prepend_bos``, ``context_size``, ``seqpos_slice``, ``exclude_special_tokens``,
+``model_from_pretrained_kwargs``, ``dataset_path`` and, rarely, ``sequence_separator_token``.
+sparsify's and dictionary_learning's run configs record the context length (``ctx_len``) and
+the dataset. ``trained_with`` keeps the keys a file states, with their values normalized;
+``sae_darkmatter.adopt`` makes a run follow them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+KEYS = ("prepend_bos", "context_size", "seqpos_slice", "exclude_special_tokens",
+        "model_from_pretrained_kwargs", "dataset_path", "sequence_separator_token")
+
+
+def trained_with(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The training-data settings a SAELens-style config states (``KEYS``; absent ones left out).
+
+    ``seqpos_slice`` becomes ``[start, stop, step]`` (dropped when it selects every position);
+    empty ``model_from_pretrained_kwargs`` and ``exclude_special_tokens = False`` are dropped
+    (they ask for nothing).
+    """
+    meta = cfg.get("metadata") or {}
+    out: dict[str, Any] = {}
+    for key in KEYS:
+        value = meta.get(key, cfg.get(key))
+        if key == "seqpos_slice":
+            value = _positions(value)
+        if value is None or value == {} or (key == "exclude_special_tokens" and value is False):
+            continue
+        out[key] = int(value) if key == "context_size" else value
+    return out
+
+
+def run_config_training(run_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``context_size`` and ``dataset_path`` from a sparsify or dictionary_learning run config."""
+    buffer = run_cfg.get("buffer") if isinstance(run_cfg.get("buffer"), dict) else {}
+    out: dict[str, Any] = {}
+    ctx_len = run_cfg.get("ctx_len", buffer.get("ctx_len"))
+    if isinstance(ctx_len, int) and ctx_len > 0:
+        out["context_size"] = ctx_len
+    dataset = run_cfg.get("dataset")
+    if isinstance(dataset, str) and dataset:
+        out["dataset_path"] = dataset
+    return out
+
+
+def _positions(value: Any) -> list[int | None] | None:
+    """``[start, stop, step]`` of a seqpos slice, None when it keeps every position."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    start, stop, step = (list(value) + [None, None, None])[:3] if len(value) > 1 else (None, value[0], None)
+    if not start and stop is None and step in (None, 1):
+        return None
+    return [start, stop, step]
