@@ -51,6 +51,7 @@ Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, sp
 Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
 MaxNorm = Annotated[Optional[float], typer.Option(help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all.")]
 Dtype = Annotated[Optional[str], typer.Option(help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are float64).")]
+PrependBos = Annotated[Optional[str], typer.Option(help="Start every context with the BOS token: auto (when the model's tokenizer adds one), true or false.")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [harvest], [split], [train], [decompose] tables.")]
 
 
@@ -96,14 +97,19 @@ def _build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, dtype=None, widths=None, k=None, train_tokens=None,
     seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
+    protocol="default", prepend_bos=None,
 ) -> RunConfig:
+    """The run's config: the TOML file (or defaults), then the protocol's settings, then flags."""
+    from .presets import protocol as apply_protocol
+
     cfg = load_toml(config) if config else RunConfig()
+    cfg = apply_protocol(protocol, _set(cfg, saes=tuple(saes) if saes else None))
     h = cfg.harvest
     harvest = _set(
         h,
         model=_set(h.model, name=model, device=device, dtype=dtype),
         corpus=_set(h.corpus, source=corpus, n_contexts=n_contexts,
-                    context_length=context_length, seed=seed),
+                    context_length=context_length, seed=seed, prepend_bos=_bos(prepend_bos)),
         hooks=(hook,) if hook else None,
         with_loss=loss,
     )
@@ -113,8 +119,16 @@ def _build_config(
     return _set(cfg, harvest=harvest, split=split, train=train,
                 decompose=_set(cfg.decompose, device=device),
                 cross_layer=_set(cfg.cross_layer, device=device),
-                error_saes=_set(cfg.error_saes, train=_set(cfg.error_saes.train, device=device)),
-                saes=tuple(saes) if saes else None)
+                error_saes=_set(cfg.error_saes, train=_set(cfg.error_saes.train, device=device)))
+
+
+def _bos(value: str | None) -> bool | str | None:
+    """``--prepend-bos auto|true|false`` as the config's value."""
+    if value is None or value == "auto":
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise typer.BadParameter(f"--prepend-bos must be auto, true or false, got {value!r}")
 
 
 def _out(*items: Any) -> None:
@@ -176,6 +190,7 @@ def _summary(metrics: dict[str, Any]) -> Table:
 def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (reused and resumed).")] = Path("darkmatter_out"),
     quick: Annotated[bool, typer.Option(help="Same pipeline on less data (a few minutes on a CPU).")] = False,
+    protocol: Annotated[str, typer.Option(help="'paper': Engels et al.'s protocol (1,024-token contexts, positions 200..1022, 150k probe-train tokens; README); other flags still apply.")] = "default",
     config: ConfigFile = None,
     sae: SaeSpecs = None,
     model: Model = None,
@@ -183,6 +198,7 @@ def run(
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
+    prepend_bos: PrependBos = None,
     loss: Loss = None,
     architecture: Arch = None,
     widths: Widths = None,
@@ -195,17 +211,21 @@ def run(
     dtype: Dtype = None,
 ) -> None:
     """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their error -> report."""
-    from . import pipeline
+    from . import pipeline, presets
 
     def body() -> None:
+        if quick and protocol != "default":
+            raise DarkMatterError(f"--quick and --protocol {protocol} cannot be combined: the "
+                                  "protocol fixes the amount of data")
         cfg = _build_config(
             config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
             context_length=context_length, loss=loss, device=device, dtype=dtype, widths=widths, k=k,
             train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture,
+            max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture, protocol=protocol,
+            prepend_bos=prepend_bos,
         )
         if quick:
-            cfg = pipeline.quick(cfg)
+            cfg = presets.quick(cfg)
         metrics = pipeline.run(cfg, out)
         if metrics:  # {} on the ranks other than 0 under torchrun
             _out(_summary(metrics))
@@ -222,6 +242,7 @@ def harvest_cmd(
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
+    prepend_bos: PrependBos = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
     contexts_per_shard: Annotated[Optional[int], typer.Option(help="Contexts per committed shard (a multiple of the batch size).")] = None,
     loss: Loss = None,
@@ -238,7 +259,7 @@ def harvest_cmd(
             base,
             model=_set(base.model, name=model, dtype=dtype, device=device),
             corpus=_set(base.corpus, source=corpus, n_contexts=n_contexts,
-                        context_length=context_length, seed=seed),
+                        context_length=context_length, seed=seed, prepend_bos=_bos(prepend_bos)),
             hooks=tuple(hook) if hook else None,
             batch_size=batch_size,
             contexts_per_shard=contexts_per_shard,
@@ -471,6 +492,7 @@ def stream_cmd(
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
+    prepend_bos: PrependBos = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
     dtype: Dtype = None,
     device: Device = None,
@@ -489,7 +511,7 @@ def stream_cmd(
         cfg = adopt_sae_metadata(_build_config(
             None, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts, context_length=context_length,
             loss=False, device=device, dtype=dtype, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio), loaded)
+            max_norm_ratio=max_norm_ratio, prepend_bos=prepend_bos), loaded)
         harvest = _set(cfg.harvest, batch_size=batch_size, contexts_per_shard=batch_size)  # shards: unused
         results = stream_decompose(harvest, {n: s.sae for n, s in loaded.items()},
                                    cfg.split, cfg.decompose, checkpoint=out / "checkpoint",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,16 @@ def harvest_fingerprint(cfg: HarvestConfig, packing: Packing) -> str:
     packed that way before BOS handling existed keep their keys)."""
     key = packing.cache_key()
     return fingerprint(cfg, corpus_fingerprint(cfg.corpus), *([key] if key else []))
+
+
+def harvest_summary(store: ActivationStore) -> dict[str, Any]:
+    """What a store's contexts are: the corpus, how many of what length, BOS first or not, the
+    separator (stores from before BOS handling: no BOS, the stream packing)."""
+    meta = store.meta
+    return {"corpus": meta.get("config", {}).get("corpus", {}).get("source"),
+            "contexts": meta.get("n_contexts"), "context_length": store.context_length,
+            "prepend_bos": bool(meta.get("prepend_bos", False)), "bos_token_id": meta.get("bos_token_id"),
+            "separator_token_id": meta.get("separator_token_id"), "packing": meta.get("packing", "stream")}
 
 
 def finished_store(path: str | Path, cfg: HarvestConfig, packing: Packing) -> ActivationStore | None:

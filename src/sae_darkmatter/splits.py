@@ -31,12 +31,16 @@ class Selection:
     n_excluded_special: int
     n_excluded_norm: int = 0
     median_norm: float | None = None
+    positions: tuple[int, int] | None = None  # the kept positions [from, before) of each context
 
     def summary(self) -> dict[str, int]:
+        window = {} if self.positions is None else dict(zip(("positions_from", "positions_before"),
+                                                            self.positions))
         return {
             "tokens_total": self.n_total,
             "tokens_kept": int(self.rows.size),
-            "excluded_positions": self.n_excluded_position,  # outside [skip, stop)
+            **window,
+            "excluded_positions": self.n_excluded_position,  # outside [from, before)
             "excluded_special_tokens": self.n_excluded_special,
             "excluded_norm_outliers": self.n_excluded_norm,
         }
@@ -69,8 +73,9 @@ def select_rows(
 ) -> Selection:
     """Apply a token filter to every stored row (norms are those of ``hook``, default the first)."""
     window = filt.kept_positions(store.context_length)
+    before = min(window.stop or store.context_length, store.context_length)
     position = store.column("position")
-    keep = (position >= window.start) & (position < (window.stop or store.context_length))
+    keep = (position >= window.start) & (position < before)
     n_pos = int((~keep).sum())
     n_special = 0
     if filt.exclude_special and len(special_ids):
@@ -89,7 +94,7 @@ def select_rows(
         outlier = norms > filt.max_norm_ratio * median
         n_norm = int(outlier.sum())
         rows = rows[~outlier]
-    return Selection(rows, int(position.size), n_pos, n_special, n_norm, median)
+    return Selection(rows, int(position.size), n_pos, n_special, n_norm, median, (window.start, before))
 
 
 def make_splits(

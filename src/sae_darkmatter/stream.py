@@ -54,7 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import distributed
-from ._io import atomic_path, limit_heap_growth, resolve_device, try_lock, write_json
+from ._io import atomic_path, limit_heap_growth, require_folder, resolve_device, try_lock, write_json
 from .config import (
     DecomposeConfig,
     HarvestConfig,
@@ -236,6 +236,8 @@ def stream_decompose(
         raise DarkMatterError("stream_decompose: no SAEs given")
     if checkpoint_every < 1 or calibration_tokens < 1:
         raise DarkMatterError("checkpoint_every and calibration_tokens must be >= 1")
+    if checkpoint is not None:
+        require_folder(checkpoint, "the stream checkpoint")
     if split.probe_train_tokens is not None:
         raise DarkMatterError("stream_decompose splits contexts, not tokens: split.probe_train_tokens "
                               "cannot be met; use split.probe_train_fraction (or decompose a store)")

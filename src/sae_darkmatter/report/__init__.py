@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._io import atomic_path, read_json, write_json
+from .._io import atomic_path, read_json, require_folder, write_json
 from ..decompose import load_decompositions
 from . import figures
 from .sections import analyses_html
@@ -40,6 +40,7 @@ def display_name(model: str | None) -> str:
 def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``."""
     decompose_dir, out_dir = Path(decompose_dir), Path(out_dir)
+    require_folder(out_dir, "the report")
     decs = sorted(load_decompositions(decompose_dir), key=lambda d: (d.k or 0, d.width, d.name))
     results = [d.info for d in decs]
     flat = [{"name": r["name"], "architecture": r.get("sae", {}).get("architecture"),
@@ -67,6 +68,7 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
     metrics = {
         "sae_darkmatter_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "harvest": results[0].get("harvest", {}),
         "data": results[0].get("data", {}),
         "model": results[0].get("model"),
         "hook": results[0]["metrics"]["hook"],
@@ -100,9 +102,37 @@ def _provenance_rows(saes: list[dict[str, Any]]) -> str:
         trained_on = " @ ".join(str(v) for v in (p.get("model_name"), hook) if v)
         cells = [s["name"], p.get("library", "?"), p.get("source", p.get("path", "?")),
                  p.get("architecture", "?"), f"{s['d_sae']:,}", f"{s['l0']:.1f}",
-                 p.get("dtype") or "?", trained_on or "?"]
+                 p.get("dtype") or "?", trained_on or "?", _trained_with(p.get("trained_with") or {})]
         rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
     return "".join(rows)
+
+
+def _trained_with(t: dict[str, Any]) -> str:
+    """The training-data settings an SAE's files state, in a few words (``?``: none stated)."""
+    parts = []
+    if "context_size" in t:
+        parts.append(f"{t['context_size']:,}-token contexts")
+    if "prepend_bos" in t:
+        parts.append("BOS first" if t["prepend_bos"] else "no BOS")
+    if t.get("seqpos_slice"):
+        start, stop, _ = t["seqpos_slice"]
+        parts.append(f"positions [{start or 0}:{'' if stop is None else stop}]")
+    if t.get("dataset_path"):
+        parts.append(str(t["dataset_path"]))
+    return ", ".join(parts) or "?"
+
+
+def _harvest_line(h: dict[str, Any]) -> str:
+    """How the contexts were made: count, length, corpus, BOS first or not, separator."""
+    if not h:
+        return ""
+    bos = (f"every context starts with the BOS token (id {h['bos_token_id']})" if h.get("prepend_bos")
+           else "no BOS token prepended")
+    sep = h.get("separator_token_id")
+    joined = "no separator" if sep is None else f"separator token id {sep}"
+    return (f"<li>contexts: {h.get('contexts') or 0:,} × {h['context_length']:,} tokens of "
+            f"<code>{html.escape(str(h.get('corpus')))}</code>; {bos}; documents joined with "
+            f"{joined} ({html.escape(str(h.get('packing')))} packing)</li>")
 
 
 def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
@@ -119,7 +149,8 @@ def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
         "<tr>" + "".join(cell(s, key, fmt) for key, _, fmt in _COLUMNS) + "</tr>"
         for s in m["saes"]
     )
-    data = "".join(f"<li>{esc(k.replace('_', ' '))}: {v:,}</li>" for k, v in m["data"].items())
+    data = _harvest_line(m.get("harvest", {})) + "".join(
+        f"<li>{esc(k.replace('_', ' '))}: {v:,}</li>" for k, v in m["data"].items())
     figs = "".join(
         f'<figure><img src="{esc(p)}" alt="{esc(k)}"><figcaption>{esc(k.replace("_", " "))}'
         "</figcaption></figure>"
@@ -146,7 +177,7 @@ FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU
 R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
 <h2>SAEs: where they come from</h2>
 <table><tr><th>SAE</th><th>library</th><th>source</th><th>architecture</th><th>width</th><th>L0</th>
-<th>stored dtype</th><th>trained on</th></tr>{_provenance_rows(m["saes"])}</table>
+<th>stored dtype</th><th>trained on</th><th>trained with</th></tr>{_provenance_rows(m["saes"])}</table>
 <h2>Data</h2><ul>{data}</ul>
 <h2>Figures</h2>{figs}
 {analyses_html(analyses, out_dir)}

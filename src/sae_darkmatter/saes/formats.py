@@ -211,9 +211,6 @@ def _check_shapes(
 
 # ----------------------------------------------------------------------------- sparsify
 
-_HF_LAYER = re.compile(r"^(?:\w+\.)?(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
-
-
 def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     """A sparsify ``SparseCoder`` folder: ReLU then top-k (same reconstruction as our TopK).
 
@@ -239,26 +236,12 @@ def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     run_path = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
     run_cfg = read_json_file(run_path) if run_path.is_file() else {}
     model_name = run_cfg.get("model")
-    hook, notes = _hf_module_hook(path.name)
+    hook, note = registry.translate_hook(path.name)
     return sae, _provenance(
         "sparsify", path, "topk", sae, safetensors_dtype(path / SPARSIFY_WEIGHTS, "W_dec"),
-        model_name, registry.hf_model_id(model_name), hook, path.name, notes,
+        model_name, registry.hf_model_id(model_name), hook, path.name, [note] if note else [],
         run_config_training(run_cfg),
     )
-
-
-def _hf_module_hook(name: str) -> tuple[str | None, list[str]]:
-    """Our hook for a Hugging Face module path (``layers.10``, ``h.3.mlp``) whose output is read."""
-    match = _HF_LAYER.match(name)
-    if match is None:
-        return None, [f"hookpoint {name!r} has no counterpart among resid_post/mlp_out/attn_out"]
-    layer, block = match.group(1), match.group(2)
-    if block is None:
-        return f"resid_post.{layer}", []
-    kind = "mlp_out" if block == "mlp" else "attn_out"
-    note = (f"{name} is the block's raw output; on models with sandwich norms (Gemma 2/3, "
-            f"OLMo 2) {kind}.{layer} is read after the post-norm instead")
-    return f"{kind}.{layer}", [note]
 
 
 # ----------------------------------------------------------------------------- dictionary_learning

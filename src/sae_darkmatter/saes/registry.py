@@ -38,21 +38,29 @@ INSTALL_HINT = "pip install sae-darkmatter[saelens]"
 
 _TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$")
 _OUR_HOOK = re.compile(r"^(resid_post|mlp_out|attn_out)\.\d+$")
+# Hugging Face module paths whose output is read (SAELens's HookedProxyLM, sparsify):
+# "model.layers.12", "layers.10", "h.3.mlp", "gpt_neox.layers.2.attention"
+_HF_MODULE = re.compile(r"^(?:\w+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
 _TL_KIND = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 
 
 def translate_hook(name: str | None) -> tuple[str | None, str | None]:
-    """Our hook name for a TransformerLens hook name (ours pass through), and a note if none fits.
+    """Our hook for a TransformerLens hook name or a Hugging Face module path (ours pass
+    through), and a note when none fits exactly.
 
     ``blocks.L.hook_resid_post`` -> ``resid_post.L``; ``hook_mlp_out`` -> ``mlp_out.L``;
     ``hook_attn_out`` -> ``attn_out.L``; ``blocks.L.hook_resid_pre`` is the residual stream
     before layer ``L``, i.e. ``resid_post.{L-1}`` (nothing for ``L = 0``: the embeddings).
+    A module path reads that module's output: ``model.layers.L`` -> ``resid_post.L``,
+    ``model.layers.L.mlp`` -> ``mlp_out.L``, ``...self_attn`` -> ``attn_out.L``.
     """
     if name is None:
         return None, None
     if _OUR_HOOK.match(name):
         return name, None
     match = _TL_HOOK.match(name)
+    if match is None and (module := _HF_MODULE.match(name)):
+        return _module_hook(name, int(module.group(1)), module.group(2))
     if match is None:
         if re.match(r"^blocks\.\d+\.attn\.hook_z$", name):
             return None, (f"{name} is the per-head attention output before W_O; attn_out.L is "
@@ -64,6 +72,15 @@ def translate_hook(name: str | None) -> tuple[str | None, str | None]:
     if layer == 0:
         return None, f"{name} is the embedding output; no resid_post/mlp_out/attn_out hook matches"
     return f"resid_post.{layer - 1}", f"{name} equals resid_post.{layer - 1}"
+
+
+def _module_hook(name: str, layer: int, block: str | None) -> tuple[str, str | None]:
+    if block is None:
+        return f"resid_post.{layer}", None
+    kind = "mlp_out" if block == "mlp" else "attn_out"
+    return f"{kind}.{layer}", (
+        f"{name} is the block's raw output; on models with sandwich norms (Gemma 2/3, OLMo 2) "
+        f"{kind}.{layer} is read after the post-norm instead")
 
 
 def hf_model_id(model_name: str | None) -> str | None:

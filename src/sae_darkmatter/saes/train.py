@@ -35,7 +35,7 @@ from rich.progress import (
 )
 
 from sae_darkmatter import distributed
-from sae_darkmatter._io import atomic_path, read_json, resolve_device, write_json
+from sae_darkmatter._io import atomic_path, read_json, require_folder, resolve_device, write_json
 from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.linalg import R2Accumulator
@@ -132,6 +132,7 @@ def train_grid(
     only on its seed and the shared batch order, so the weights equal one process's), and
     every rank returns once all are saved.
     """
+    require_folder(out_dir, "the SAE folders")
     specs = [(Path(out_dir) / sae_folder_name(cfg.architecture, w, s), w, s)
              for s in cfg.sparsity_values() for w in cfg.widths]
     names = [p.name for p, _, _ in specs]
