@@ -139,3 +139,20 @@ def test_width_mismatch_says_both_sizes(setup):
     st, _, splits = setup
     with pytest.raises(ShapeMismatchError, match=r"32.*16|16.*32"):
         decompose(st, TopKSAE(32, 64, 4), splits, progress=False)
+
+
+def test_wide_saes_are_encoded_in_row_blocks_with_the_same_results(setup, monkeypatch):
+    """Dense latents of a chunk grow with the width (8,192 rows of a 1M-wide SAE: 34 GB), so
+    SAEs encode ``latent_rows`` rows at a time; the metrics do not change (float32 row blocks
+    of the same products)."""
+    from sae_darkmatter.saes import topk
+
+    st, sae, splits = setup
+    whole = decompose(st, sae, splits, DecomposeConfig(chunk_rows=777), progress=False).metrics
+    monkeypatch.setattr(topk, "LATENT_BLOCK", WIDTH * 50)  # 50 rows per block: 16 per chunk
+    assert topk.latent_rows(WIDTH) == 50
+    blocked = decompose(st, sae, splits, DecomposeConfig(chunk_rows=777), progress=False).metrics
+    for key, value in whole.to_dict().items():
+        if isinstance(value, float):
+            assert getattr(blocked, key) == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert blocked.l0 == whole.l0

@@ -179,6 +179,18 @@ def test_loss_matches_cross_entropy(tiny, ids):
     torch.testing.assert_close(loss[:, :-1], ref.view(2, -1))
 
 
+def test_logits_batch_bounds_the_logits_held_at_once(tiny, ids, monkeypatch):
+    """Contexts per forward when every logit is kept (loss, splices): all of them for small
+    vocabularies; 2 of 1,024 tokens for Gemma 3's 262,144-token vocabulary (2 GB of float32)."""
+    from sae_darkmatter import models
+
+    _, lm = tiny
+    assert models.logits_batch(lm, 1024, 16) == 16  # vocabulary of 101
+    monkeypatch.setattr(lm.model.config, "vocab_size", 262_144)
+    assert models.logits_batch(lm, 1024, 16) == 2 and models.logits_batch(lm, 128, 16) == 16
+    assert models.logits_batch(lm, 1 << 20, 16) == 1
+
+
 def test_hook_names_and_errors(tiny):
     _, lm = tiny
     names = hook_names(lm.model)

@@ -129,3 +129,28 @@ def test_an_output_path_that_is_a_file_is_refused(tiny_model_dir, small_store, t
         assert f"{out} cannot be the folder for" in text and why in text, text
         assert time.monotonic() - start < 30  # before the work, not after it
     assert taken.read_text() == "keep me"
+
+
+def test_fewer_contexts_per_forward_when_logits_are_large(tiny_model_dir, tmp_path, monkeypatch):
+    """With the loss on, a harvest forwards only as many contexts as keep the logits within
+    ``LOGITS_BUDGET`` (Gemma 3 at 1,024 tokens: 2); the stored values are the same."""
+    import numpy as np
+
+    from sae_darkmatter import harvest as harvest_module
+    from sae_darkmatter import models
+    from sae_darkmatter.config import CorpusConfig, ModelConfig
+
+    cfg = HarvestConfig(model=ModelConfig(name=str(tiny_model_dir)), hooks=("resid_post.1",),
+                        corpus=CorpusConfig(n_contexts=32, context_length=64), contexts_per_shard=32)
+    whole = harvest_module.harvest(cfg, tmp_path / "a", progress=False)
+    calls: list[int] = []
+    forward = harvest_module.forward_capture
+    monkeypatch.setattr(harvest_module, "forward_capture",
+                        lambda lm, ids, *a, **k: calls.append(len(ids)) or forward(lm, ids, *a, **k))
+    monkeypatch.setattr(models, "LOGITS_BUDGET", 3 * 64 * 49152)  # 3 contexts of this vocabulary
+    small = harvest_module.harvest(cfg, tmp_path / "b", progress=False)
+    assert calls == [3] * 10 + [2]  # instead of 2 forwards of 16
+    rows = np.arange(whole.n_rows)
+    torch.testing.assert_close(small.gather("resid_post.1", rows), whole.gather("resid_post.1", rows),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(small.column("loss"), whole.column("loss"), rtol=1e-5, atol=1e-5)

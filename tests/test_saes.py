@@ -288,3 +288,20 @@ def test_save_rejects_unknown_class(tmp_path):
     with pytest.raises(DarkMatterError, match="cannot save a AffineSAE"):
         save_sae(AffineSAE(4, 8), tmp_path / "x", metadata={})
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", list(_OURS))
+def test_forward_splits_rows_by_width_with_the_same_reconstruction(arch, monkeypatch):
+    """``forward`` encodes at most ``latent_rows(d_sae)`` rows at a time (a 1M-wide SAE: 64),
+    so its memory does not grow with rows x width; inputs of any leading shape keep it."""
+    from sae_darkmatter.saes import topk
+
+    sae = _random_affine(arch, seed=3)
+    x = torch.randn(5, 200, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = sae.reconstruct(x.reshape(-1, 48))
+        monkeypatch.setattr(topk, "LATENT_BLOCK", 192 * 37)  # 37 rows per block
+        assert topk.latent_rows(192) == 37 and topk.latent_rows(1 << 20) == 1
+        blocked = sae(x)
+    assert blocked.shape == x.shape
+    torch.testing.assert_close(blocked.reshape(-1, 48), whole, rtol=1e-6, atol=1e-6)

@@ -52,7 +52,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .linalg import LinearProbe, R2Accumulator, StreamingLstsq
-from .saes import SAE
+from .saes import SAE, latent_rows
 from .splits import Splits
 from .store import ActivationStore
 
@@ -318,13 +318,20 @@ class SAEErrors:
         self.names = list(self.saes)
 
     def __call__(self, name: str, x: torch.Tensor, locate: Locate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = self.dtypes[name]
+        """``(x̂, e, L0)`` of rows ``x``, encoded ``latent_rows`` at a time: a 1M-wide SAE's
+        dense latents of a whole chunk would take tens of GB."""
+        sae, dtype = self.saes[name], self.dtypes[name]
+        step = latent_rows(sae.d_sae)
+        parts, l0 = [], []
         with torch.inference_mode():
-            z = self.saes[name].encode(x if dtype is None else x.to(dtype))
-            x_hat = self.saes[name].decode(z).to(x.dtype)
+            for block in x.split(step):
+                z = sae.encode(block if dtype is None else block.to(dtype))
+                parts.append(sae.decode(z).to(x.dtype))
+                l0.append((z != 0).sum(dim=1))
+        x_hat = parts[0] if len(parts) == 1 else torch.cat(parts)
         require_finite_at(x_hat, locate, what=f"SAE {name!r} reconstructions of hook {self.hook!r}",
                           advice=_sae_advice(dtype))
-        return x_hat, x - x_hat, (z != 0).sum(dim=1)
+        return x_hat, x - x_hat, l0[0] if len(l0) == 1 else torch.cat(l0)
 
     def probe_targets(self, x: torch.Tensor, locate: Locate) -> torch.Tensor:
         """``[e_1, ‖e_1‖², e_2, ‖e_2‖², ...]``: the targets of ``probe_system`` for rows ``x``."""

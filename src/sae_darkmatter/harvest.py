@@ -34,6 +34,7 @@ from .models import (
     load_config,
     load_model,
     load_tokenizer,
+    logits_batch,
     max_positions,
     parse_hook,
 )
@@ -253,8 +254,9 @@ def _run_shard(
     """Forward one shard in batches; returns {hook: [B, T, d]} and loss [B, T] (or None)."""
     parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     losses: list[torch.Tensor] = []
-    for i in range(0, shard.shape[0], cfg.batch_size):
-        ids = torch.from_numpy(shard[i : i + cfg.batch_size]).to(lm.device)
+    batch = logits_batch(lm, shard.shape[1], cfg.batch_size) if cfg.with_loss else cfg.batch_size
+    for i in range(0, shard.shape[0], batch):
+        ids = torch.from_numpy(shard[i : i + batch]).to(lm.device)
         acts, loss = forward_capture(lm, ids, hooks, with_loss=cfg.with_loss)
         for h in hooks:
             parts[h].append(acts[h])

@@ -281,6 +281,17 @@ def _unwrap(model: PreTrainedModel | LoadedModel) -> nn.Module:
     return model.model if isinstance(model, LoadedModel) else model
 
 
+LOGITS_BUDGET = 1 << 29  # logits held at once (2 GB in float32): Gemma's 262k-token vocabulary
+
+
+def logits_batch(lm: LoadedModel, context_length: int, wanted: int) -> int:
+    """Contexts per forward pass when all logits are kept: ``wanted``, fewer when their logits
+    ``[batch, context_length, vocab]`` would pass ``LOGITS_BUDGET`` elements (2 contexts of
+    1,024 tokens for Gemma 3; SmolLM2's 16 of 128 are far below it)."""
+    vocab = int(lm.model.config.get_text_config().vocab_size)
+    return max(1, min(wanted, LOGITS_BUDGET // (context_length * vocab)))
+
+
 def _d_model(model: nn.Module) -> int:
     config = model.config.get_text_config()
     return int(config.hidden_size)

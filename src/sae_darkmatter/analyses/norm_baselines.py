@@ -34,7 +34,7 @@ from scipy import stats  # noqa: E402
 from sae_darkmatter.decompose import SavedDecomposition, load_decompositions  # noqa: E402
 from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq  # noqa: E402
 from sae_darkmatter.report.figures import save_figure  # noqa: E402
-from sae_darkmatter.saes import load_sae  # noqa: E402
+from sae_darkmatter.saes import latent_rows, load_sae  # noqa: E402
 from sae_darkmatter.store import ActivationStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def reconstruction_norm_probe(
     device = sae.W_dec.device
     with torch.inference_mode():
         for _, x in store.iter_chunks(hook, rows, 4096):
-            r = sae(x.to(device)) - sae.b_dec
+            r = sae(x.to(device)) - sae.b_dec  # forward splits rows by width (latent_rows)
             fit.update(r, r.square().sum(dim=1, keepdim=True))
     return fit.solve().weight[:, 0]
 
@@ -341,7 +341,7 @@ def latent_norm_alignment(
     count = torch.zeros(d_sae, dtype=torch.int64)
     device = sae.W_dec.device
     with torch.inference_mode():
-        for _, x in store.iter_chunks(hook, rows, 4096):
+        for _, x in store.iter_chunks(hook, rows, min(4096, latent_rows(d_sae))):
             z = sae.encode(x.to(device)).cpu()
             total += z.double().sum(0)
             count += (z > 0).sum(0)

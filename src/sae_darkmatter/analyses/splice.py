@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DarkMatterError, HookError
 from ..linalg import LinearProbe
-from ..models import LoadedModel, hook_module, parse_hook
+from ..models import LoadedModel, hook_module, logits_batch, parse_hook
 from ..saes import SAE
 
 SHARED = ("x", "zero", "mean")
@@ -177,6 +177,7 @@ def splice_contexts(
         out.setdefault(key, np.full((n, t), np.nan, np.float32))[lo : lo + value.shape[0]] = value.numpy()
 
     n_forwards = len(SHARED) + len(PER_SAE) * len(saes)
+    batch_size = logits_batch(lm, t, batch_size)  # clean and spliced logits are held together
     with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():
         task = bar.add_task(f"splice {hook}: {len(saes)} SAE(s)", total=n * n_forwards)
         for lo in range(0, n, batch_size):

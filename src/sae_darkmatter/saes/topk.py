@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+LATENT_BLOCK = 1 << 26  # dense latents held at once: 256 MB in float32, whatever the width
+
+
+def latent_rows(d_sae: int) -> int:
+    """Rows to encode at once so that their dense latents ``[rows, d_sae]`` stay within
+    ``LATENT_BLOCK`` elements: 4,096 rows of a 16k-wide SAE, 64 of a 1M-wide one."""
+    return max(1, LATENT_BLOCK // d_sae)
+
+
 class AffineSAE(nn.Module):
     """Shared parameters and affine maps of SAELens-style SAEs; subclasses define ``encode``.
 
@@ -65,7 +74,16 @@ class AffineSAE(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction ``x_hat`` of ``x``."""
+        """The reconstruction ``x_hat`` of ``x [..., d_in]``, ``latent_rows`` rows at a time
+        (a 1M-wide SAE's dense latents of 8,192 rows would take 34 GB)."""
+        flat = x.reshape(-1, x.shape[-1])
+        step = latent_rows(self.d_sae)
+        if flat.shape[0] <= step:
+            return self.reconstruct(x)
+        return torch.cat([self.reconstruct(b) for b in flat.split(step)]).reshape(*x.shape[:-1], self.d_in)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))`` in one piece (``forward`` splits large inputs)."""
         return self.decode(self.encode(x))
 
     def extra_repr(self) -> str:
@@ -121,7 +139,7 @@ class TopKSAE(AffineSAE):
         )
         return out.reshape(*lead, self.d_in) + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_topk(*self.encode_topk(x))
 
     def extra_repr(self) -> str:
