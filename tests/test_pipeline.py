@@ -203,6 +203,9 @@ def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, t
     assert store.meta["model_name"] == str(Path(tiny_model_dir).resolve())
     (entry,) = metrics["saes"]
     assert entry["name"] == "acme__tiny-llama-saes__l3__res"
+    # the analyses reopen the SAE from its registry spec (one SAE: no scaling fit, no pursuit band)
+    analyses = metrics["analyses"]
+    assert not any("skipped" in analyses[a] for a in ("norms", "error_saes", "downstream")), analyses
     assert (entry["provenance"]["library"], entry["provenance"]["architecture"]) == ("sae_lens", "jumprelu")
     assert 0 < entry["fvu"] and 0 <= entry["linear_share"] <= 1
     # the decomposition used sae_lens's own reconstruction of the stored activations

@@ -128,7 +128,7 @@ def test_offline_load_from_hub_cache(sae_lens, hub_cache, arch, cfg, ours):
             torch.testing.assert_close(loaded.sae(x), reference(x), rtol=RTOL, atol=ATOL)
     prov = loaded.provenance
     assert (prov["library"], prov["source"], prov["repo_id"], prov["repo_path"]) == (
-        "sae_lens", "acme/tiny-saes/layer_3/res", "acme/tiny-saes", "layer_3/res")
+        "sae_lens", "saelens:acme/tiny-saes/layer_3/res", "acme/tiny-saes", "layer_3/res")
     assert (prov["architecture"], prov["dtype"], prov["d_in"], prov["d_sae"]) == (
         arch, "float32", 16, 48)
     assert prov["k"] == cfg.get("k")

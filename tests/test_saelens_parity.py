@@ -22,8 +22,10 @@ from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.activations_store import ActivationsStore
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
+from typer.testing import CliRunner
 
 from sae_darkmatter.adopt import adopt_sae_metadata
+from sae_darkmatter.cli import app
 from sae_darkmatter.config import CorpusConfig, HarvestConfig, ModelConfig, RunConfig
 from sae_darkmatter.contexts import tokenizer_adds_bos
 from sae_darkmatter.harvest import harvest
@@ -86,6 +88,10 @@ def test_harvest_for_an_sae_equals_saelens_activations_store(
     assert cfg.split.filter.skip_positions == 1  # seqpos_slice (1, None): our default already
     store = harvest(cfg.harvest, tmp_path / "store", progress=False)
     assert store.meta["prepend_bos"] is prepend_bos
+    shown = CliRunner().invoke(app, ["info", "--store", str(tmp_path / "store")]).output
+    bos_id = store.meta["bos_token_id"]
+    assert (f"contexts of {CONTEXT} (BOS token {bos_id} first)" if prepend_bos
+            else f"contexts of {CONTEXT} (no BOS prepended)") in " ".join(shown.split())
     n = store.committed_contexts
     ours_ids = torch.from_numpy(store.column("tokens")).view(n, CONTEXT)
     ours = store.gather("resid_post.1", torch.arange(n * CONTEXT).numpy()).view(n, CONTEXT, 64)

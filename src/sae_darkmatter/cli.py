@@ -477,8 +477,10 @@ def info(
             from .store import ActivationStore
 
             st = ActivationStore.open(store)
-            c.print(f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts, "
-                    f"hooks {st.hooks}, model {st.meta.get('model_name')}")
+            bos = (f"BOS token {st.meta['bos_token_id']} first" if st.meta.get("prepend_bos")
+                   else "no BOS prepended")
+            c.print(f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts of "
+                    f"{st.context_length:,} ({bos}), hooks {st.hooks}, model {st.meta.get('model_name')}")
 
     _main(body, one_process=True)
 

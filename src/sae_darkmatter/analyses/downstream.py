@@ -43,7 +43,7 @@ from ..config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
 from ..decompose import SavedDecomposition, load_decompositions
 from ..errors import DarkMatterError, HookError
 from ..linalg import LinearProbe
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, logits_batch
 from ..report.figures import plt, save_figure
 from ..saes import SAE
 from ..saes.formats import open_sae
@@ -200,7 +200,8 @@ def downstream_analysis(
     mean = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows)) / mean_rows.size
     saes = {d.name: (open_run_sae(d, run_dir, lm.device), error_probe(d)) for d in decs}
     log.info("splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d", len(saes), hook,
-             chosen.size, len(SHARED) + len(PER_SAE) * len(saes), cfg.batch_size)
+             chosen.size, len(SHARED) + len(PER_SAE) * len(saes),
+             logits_batch(lm, tokens.shape[1], cfg.batch_size))
     t1 = time.perf_counter()
     per_token = splice_contexts(lm, hook, tokens[chosen], chosen, spliced, saes, mean,
                                 batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)

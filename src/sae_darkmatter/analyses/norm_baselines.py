@@ -31,10 +31,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from sae_darkmatter.analyses.downstream import open_run_sae  # noqa: E402
 from sae_darkmatter.decompose import SavedDecomposition, load_decompositions  # noqa: E402
 from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq  # noqa: E402
 from sae_darkmatter.report.figures import save_figure  # noqa: E402
-from sae_darkmatter.saes import latent_rows, load_sae  # noqa: E402
+from sae_darkmatter.saes import latent_rows  # noqa: E402
 from sae_darkmatter.store import ActivationStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,6 @@ def _resolve_hook(store: ActivationStore, decomps: list[SavedDecomposition], hoo
         return hook
     named = decomps[0].info.get("metrics", {}).get("hook")
     return named if named in store.hooks else next(iter(store.hooks))
-
-
-def _sae_path(info: dict[str, Any], decompose_dir: Path) -> Path:
-    """The SAE folder named in a decomposition json (relative paths also tried from the run folder)."""
-    path = Path(info["sae"]["path"])
-    if path.is_absolute() or path.exists():
-        return path
-    return decompose_dir.parent / path
 
 
 # ----------------------------------------------------------------------------- small OLS
@@ -394,7 +387,7 @@ def norm_analysis(
     decomps = load_decompositions(decompose_dir)
     widest = max(decomps, key=lambda d: d.width)
     hook = _resolve_hook(store, decomps, None)
-    sae = load_sae(_sae_path(widest.info, decompose_dir))
+    sae = open_run_sae(widest, decompose_dir.parent)  # a folder or a registry spec
     rows = widest.tokens["rows"]
     align = latent_norm_alignment(
         sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.saes.topk import latent_rows
 
 Method = Literal["gp", "mp", "omp"]
 METHODS: tuple[str, ...] = ("gp", "mp", "omp")
@@ -125,6 +126,7 @@ def pursue(
     """Sparse codes of ``x [n, d_in]`` over ``W_dec [d_sae, d_in]`` (``x ≈ z @ W_dec + b_dec``).
 
     ``l0``: an int or a per-token ``[n]`` tensor of atoms to add. ``b_dec`` may be None.
+    Rows are coded ``batch_size`` at a time, fewer for wide dictionaries (``latent_rows``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -141,8 +143,9 @@ def pursue(
     indices = torch.zeros(n, width, dtype=torch.int64, device=s.device)
     norms, unit = _atoms(W)
     order = torch.argsort(target, descending=True, stable=True)  # active tokens form a prefix
-    for lo in range(0, n, batch_size):
-        rows = order[lo : lo + batch_size]
+    step = min(batch_size, latent_rows(W.shape[0]))  # [step, d_sae] correlations, whatever the width
+    for lo in range(0, n, step):
+        rows = order[lo : lo + step]
         v, i = _batch(method, s[rows], target[rows], W, unit, norms, nonnegative)
         values[rows, : v.shape[1]] = v
         indices[rows, : i.shape[1]] = i

@@ -246,7 +246,7 @@ def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) 
     path = entry.saes_map[sae_id] if entry else sae_id
     return {
         "library": "sae_lens",
-        "source": f"{release}/{sae_id}",
+        "source": f"{REGISTRY_PREFIX}{release}/{sae_id}",  # a spec open_sae loads again
         "release": release,
         "sae_id": sae_id,
         "repo_id": repo_id,
