@@ -70,8 +70,8 @@ def test_gemma_scope_2_loads_offline_as_sae_lens_loads_it(hub_cache, monkeypatch
         torch.testing.assert_close(loaded.sae(x), theirs(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded.sae.W_dec, params["w_dec"])
     prov = loaded.provenance
-    assert (prov["model"], prov["hook_name"], prov["original_hook_name"]) == (
-        "google/gemma-3-270m", "resid_post.12", "blocks.12.hook_resid_post")
+    assert (prov["model"], prov["hook_name"], prov["original_hook_name"], prov["dtype"]) == (
+        "google/gemma-3-270m", "resid_post.12", "blocks.12.hook_resid_post", "float32")
     assert prov["trained_with"] == {"prepend_bos": True, "context_size": 1024,
                                     "dataset_path": "monology/pile-uncopyrighted"}
 

@@ -265,9 +265,16 @@ def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) 
     }
 
 
+# weights file and decoder tensor of the layouts whose stored dtype we report
+_WEIGHT_FILES = (("sae_weights.safetensors", "W_dec"), ("params.safetensors", "w_dec"))  # SAELens, Gemma Scope 2
+
+
 def _cached_dtype(repo_id: str, path: str) -> str | None:
-    """dtype of ``W_dec`` in the cached ``sae_weights.safetensors`` (None for other formats)."""
+    """dtype of the decoder in the cached weights file (None for other layouts)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, f"{path}/sae_weights.safetensors".lstrip("/"))
-    return safetensors_dtype(found, "W_dec") if isinstance(found, str) else None
+    for filename, tensor in _WEIGHT_FILES:
+        found = try_to_load_from_cache(repo_id, f"{path}/{filename}".lstrip("/"))
+        if isinstance(found, str):
+            return safetensors_dtype(found, tensor)
+    return None
