@@ -135,7 +135,7 @@ def test_bad_bos_and_separator_settings_fail_before_work(tmp_path, smollm2_token
 _TOKENS = st.lists(st.integers(0, 9), min_size=0, max_size=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(docs=st.lists(_TOKENS, min_size=1, max_size=12), length=st.integers(2, 17),
        bos=st.sampled_from([None, 0, 1]), sep=st.sampled_from([None, 0, 1, 2]))
 def test_saelens_packing_equals_saelens(docs, length, bos, sep):

@@ -55,6 +55,9 @@ def _random_sae_lens(sae_lens, arch: str, seed: int, **cfg):
     ("blocks.0.hook_resid_pre", None, True),
     ("blocks.7.attn.hook_z", None, True),
     ("blocks.7.hook_resid_mid", None, True),
+    ("model.layers.7", "resid_post.7", False),  # Hugging Face module paths (HookedProxyLM, sparsify)
+    ("model.layers.7.mlp", "mlp_out.7", True),  # noted: sandwich-norm models read after the norm
+    ("gpt_neox.layers.2.attention", "attn_out.2", True),
     ("resid_post.3", "resid_post.3", False),  # ours pass through
     (None, None, False),
 ])
@@ -66,6 +69,7 @@ def test_translate_hook(tl, ours, noted):
 def test_hf_model_id():
     assert hf_model_id("gpt2-small") == "gpt2"
     assert hf_model_id("gemma-2-2b") == "google/gemma-2-2b"
+    assert hf_model_id("gemma-3-270m") == "google/gemma-3-270m"  # Gemma Scope 2's model
     assert hf_model_id("org/some-model") == "org/some-model"
     assert hf_model_id("no-such-model-xyz") is None and hf_model_id(None) is None
 
