@@ -147,3 +147,16 @@ def test_saelens_packing_equals_saelens(docs, length, bos, sep):
         begin_batch_token_id=bos, sequence_separator_token_id=sep)]
     ours = [c.tolist() for c in pack((d for d in docs if d), length, Packing(bos, sep, stream=False))]
     assert ours == theirs
+
+
+def test_gguf_tokenizers_add_bos_as_their_files_say(gemma3_gguf, gemma3_tokenizer, smollm2_tokenizer):
+    """The BOS choice of a .gguf model follows its ``tokenizer.ggml.add_bos_token``: true for
+    Gemma 3, false for SmolLM2 (whose tokenizer still has a BOS token, <|im_start|>)."""
+    from gguf import GGUFReader
+
+    from sae_darkmatter.models import embedded_gguf_path
+
+    for path, tok in ((gemma3_gguf, gemma3_tokenizer), (embedded_gguf_path(), smollm2_tokenizer)):
+        field = GGUFReader(str(path)).fields["tokenizer.ggml.add_bos_token"]
+        assert tokenizer_adds_bos(tok) is bool(field.contents()) and tok.bos_token_id is not None
+    assert tokenizer_adds_bos(gemma3_tokenizer) and not tokenizer_adds_bos(smollm2_tokenizer)

@@ -8,7 +8,7 @@ import torch
 
 from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
 from sae_darkmatter.saes.io import load_sae, load_sae_config, save_sae
-from sae_darkmatter.saes.topk import LATENT_BLOCK, AffineSAE, TopKSAE, latent_rows
+from sae_darkmatter.saes.topk import AffineSAE, TopKSAE, latent_rows
 from sae_darkmatter.saes.train import default_lr, sae_folder_name, train_grid, train_sae
 
 
@@ -36,7 +36,6 @@ class SAE(Protocol):
 
 
 __all__ = [
-    "LATENT_BLOCK",
     "SAE",
     "AffineSAE",
     "GatedSAE",
