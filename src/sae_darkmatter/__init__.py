@@ -12,6 +12,7 @@ Stages, each usable alone (see README):
                                                cross-layer, error SAEs, downstream CE
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
     run(RunConfig, out)                     -> all of the above, cached per stage
+    paper_protocol(cfg) / quick(cfg)        -> presets: the paper's protocol, less data
 
 Under ``torchrun`` call ``sae_darkmatter.distributed.init()`` first: harvest, training and the
 decomposition then share their work across the ranks (``distributed``).
