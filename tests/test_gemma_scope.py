@@ -111,14 +111,14 @@ def test_gemma3_270m_needs_its_bos(tmp_path, gemma3_gguf):
     only <bos>)."""
     losses = {}
     for bos in ("auto", False):
-        corpus = CorpusConfig(n_contexts=16, context_length=128, prepend_bos=bos)
+        corpus = CorpusConfig(n_contexts=8, context_length=128, prepend_bos=bos)
         cfg = HarvestConfig(model=ModelConfig(name=str(gemma3_gguf)), corpus=corpus,
-                            hooks=("resid_post.12",), batch_size=8, contexts_per_shard=16)
+                            hooks=("resid_post.12",), batch_size=8, contexts_per_shard=8)
         store = harvest(cfg, tmp_path / str(bos), progress=False)
-        tokens = store.column("tokens").reshape(16, 128)
+        tokens = store.column("tokens").reshape(8, 128)
         assert bool((tokens[:, 0] == 2).all()) is (bos == "auto")
         assert store.meta["prepend_bos"] is (bos == "auto")
-        loss = store.column("loss").reshape(16, 128)
+        loss = store.column("loss").reshape(8, 128)
         assert np.isnan(loss[:, -1]).all() and np.isfinite(loss[:, :-1]).all()
         losses[bos] = float(loss[:, 32:-1].mean())
     # benchmarks/bench_gemma3.py, 16,384 tokens of 128-token contexts: 2.64 vs 4.00 nats.
