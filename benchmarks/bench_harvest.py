@@ -33,7 +33,9 @@ def timed(fn, batches) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -43,7 +45,9 @@ def main() -> None:
     lm = load_model(ModelConfig(name=args.model))
     hook = default_hook(lm.model)
     layer = int(hook.split(".")[1])
-    corpus = CorpusConfig(n_contexts=args.batches * args.batch_size, context_length=args.context_length)
+    corpus = CorpusConfig(
+        n_contexts=args.batches * args.batch_size, context_length=args.context_length
+    )
     ctx = torch.from_numpy(build_contexts(corpus, lm.tokenizer))
     batches = list(ctx.split(args.batch_size))
     n_tok = ctx.numel()
@@ -55,11 +59,15 @@ def main() -> None:
     def plain_ce(ids):
         with torch.inference_mode():
             logits = lm.model(ids).logits
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+            )
 
     rows = {
         "plain forward (hidden states)": timed(plain, batches),
-        f"ours, early exit at {hook}": timed(lambda b: forward_capture(lm, b, [hook], False), batches),
+        f"ours, early exit at {hook}": timed(
+            lambda b: forward_capture(lm, b, [hook], False), batches
+        ),
         "plain forward + per-token CE": timed(plain_ce, batches),
         "ours with per-token loss": timed(lambda b: forward_capture(lm, b, [hook], True), batches),
     }

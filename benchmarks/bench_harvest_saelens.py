@@ -110,7 +110,9 @@ def time_steps(paths: dict[str, Callable[[torch.Tensor], object]], batches: list
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -123,7 +125,9 @@ def main() -> None:
     hook = default_hook(lm.model)
     name = module_name(theirs, hook)
     proxy = HookedProxyLM(theirs.model, theirs.tokenizer, hook_names=[name])
-    corpus = CorpusConfig(n_contexts=args.batches * args.batch_size, context_length=args.context_length)
+    corpus = CorpusConfig(
+        n_contexts=args.batches * args.batch_size, context_length=args.context_length
+    )
     ctx = torch.from_numpy(build_contexts(corpus, lm.tokenizer))
     batches = list(ctx.split(args.batch_size))
     store = make_store(proxy, name, ctx, args.batch_size, theirs.d_model)
@@ -147,7 +151,9 @@ def main() -> None:
     ref = ours(batches[0])
     raw, raw_ids = store.get_raw_llm_batch()  # draws the Dataset's first batch
     assert torch.equal(raw_ids, batches[0].flatten()), "the store read other tokens"
-    print(f"activations at {hook} = SAELens hook {name!r}, first batch {tuple(ref.shape)}, vs ours:")
+    print(
+        f"activations at {hook} = SAELens hook {name!r}, first batch {tuple(ref.shape)}, vs ours:"
+    )
     check_same("store.get_activations", ref, store.get_activations(batches[0]))
     check_same("store.get_raw_llm_batch", ref, raw.view_as(ref))
     check_same("run_with_cache (full)", ref, full(batches[0]))

@@ -138,7 +138,12 @@ def main() -> None:
         folder = Path(tmp)
         t0 = time.perf_counter()
         x, y = make_data(args.n + N_TEST)
-        for name, arr in (("x", x[: args.n]), ("y", y[: args.n]), ("xt", x[args.n :]), ("yt", y[args.n :])):
+        for name, arr in (
+            ("x", x[: args.n]),
+            ("y", y[: args.n]),
+            ("xt", x[args.n :]),
+            ("yt", y[args.n :]),
+        ):
             np.save(folder / f"{name}.npy", arr)
         data_gb = (x.nbytes + y.nbytes) * args.n / len(x) / 1e9
         del x, y
@@ -152,11 +157,15 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  done {method}: {rows[-1]['seconds']:.1f} s", flush=True)
     ref = next((r for r in rows if r["method"] == "lstsq-gels"), None)
-    print(f"\n{'method':<15}{'time s':>9}{'GFLOP/s':>9}{'peak GB':>9}{'R² pooled':>11}{'R² mean-dim':>13}"
-          f"{'time/gels':>11}{'mem/gels':>10}")
+    print(
+        f"\n{'method':<15}{'time s':>9}{'GFLOP/s':>9}{'peak GB':>9}{'R² pooled':>11}{'R² mean-dim':>13}"
+        f"{'time/gels':>11}{'mem/gels':>10}"
+    )
     for r in rows:
         if r["method"].startswith("gemm"):
-            print(f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}   (GEMMs only: the achievable limit)")
+            print(
+                f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}   (GEMMs only: the achievable limit)"
+            )
             continue
         ratios = ("", "")
         if ref:
@@ -168,8 +177,10 @@ def main() -> None:
     for bits in ("64", "32"):
         ours, limit = by.get(f"streaming-f{bits}"), by.get(f"gemm-f{bits}")
         if ours and limit:
-            print(f"streaming-f{bits} runs at {limit['seconds'] / ours['seconds']:.2f} of this machine's "
-                  f"float{bits} GEMM rate for the same products ({ours['gflops']:.1f} of {limit['gflops']:.1f} GFLOP/s)")
+            print(
+                f"streaming-f{bits} runs at {limit['seconds'] / ours['seconds']:.2f} of this machine's "
+                f"float{bits} GEMM rate for the same products ({ours['gflops']:.1f} of {limit['gflops']:.1f} GFLOP/s)"
+            )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from sae_darkmatter.saes.pursuit import gradient_pursuit, gradient_pursuit_dense
 D_IN = 576
 
 
-def synthetic(width: int, n: int, l0: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def synthetic(
+    width: int, n: int, l0: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x [n, D_IN], W_dec [width, D_IN] unit rows, b_dec): each token mixes l0 atoms plus noise."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(width, D_IN, generator=g)
@@ -76,7 +78,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--run", type=Path, default=None, help="a run folder (store + saes/)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,8 +105,10 @@ def main() -> None:
         diff = float((ours - dense).abs().max())
         same = float(((ours != 0) == (dense != 0)).all(dim=1).float().mean())
         n = x.shape[0]
-        print(f"{name:>16} {w.shape[0]:>6} | {n / t_ours:>13,.0f} {n / t_dense:>14,.0f} "
-              f"{t_dense / t_ours:>5.2f}x {diff:>9.2e} {same:>9.3f} | {n / t_mp:>9,.0f} {n / t_omp:>9,.0f}")
+        print(
+            f"{name:>16} {w.shape[0]:>6} | {n / t_ours:>13,.0f} {n / t_dense:>14,.0f} "
+            f"{t_dense / t_ours:>5.2f}x {diff:>9.2e} {same:>9.3f} | {n / t_mp:>9,.0f} {n / t_omp:>9,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def timed(fn: Callable[[], object], repeat: int = 5) -> float:
 
 def build(folder: Path, mb: float, dtype: str, b: int) -> tuple[ActivationStore, Path]:
     n_batches = max(1, round(mb * 1e6 / (b * T * D * 4)))
-    store = ActivationStore.create_or_resume(folder / "store", hooks={"h": D}, context_length=T, meta={}, dtype=dtype)
+    store = ActivationStore.create_or_resume(
+        folder / "store", hooks={"h": D}, context_length=T, meta={}, dtype=dtype
+    )
     parts = []
     for i in range(n_batches):
         x = np.random.default_rng(i).standard_normal((b, T, D), dtype=np.float32)
@@ -62,9 +64,13 @@ def drain(it) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=200.0, help="store size in MB of float32 activations")
+    ap.add_argument(
+        "--mb", type=float, default=200.0, help="store size in MB of float32 activations"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--shard-contexts", type=int, default=16, help="contexts of 128 tokens per append/shard")
+    ap.add_argument(
+        "--shard-contexts", type=int, default=16, help="contexts of 128 tokens per append/shard"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +84,9 @@ def main() -> None:
         shuffled = rng.choice(n, n // 2, replace=False)
         half = np.sort(shuffled)
         batches = [rng.integers(0, n, 4096) for _ in range(20)]
-        print(f"{n:,} rows x {D} ({nbytes / 1e6:.0f} MB as float32), {len(list(store.path.glob('shard_*')))} shards, dtype {args.dtype}")
+        print(
+            f"{n:,} rows x {D} ({nbytes / 1e6:.0f} MB as float32), {len(list(store.path.glob('shard_*')))} shards, dtype {args.dtype}"
+        )
 
         base = timed(lambda: np.load(npy))
         store_mod._VERIFIED.clear()  # the writer remembered its shards; measure a reader's first pass
@@ -88,11 +96,23 @@ def main() -> None:
             "iter_chunks, 1st pass (sha256)": (n, t_first),
             "iter_chunks, later passes": (n, timed(lambda: drain(store.iter_chunks("h")))),
             "verify() (sha256 only)": (n, timed(store.verify, repeat=1)),
-            "iter_chunks(rows=random half)": (len(half), timed(lambda: drain(store.iter_chunks("h", rows=half)))),
+            "iter_chunks(rows=random half)": (
+                len(half),
+                timed(lambda: drain(store.iter_chunks("h", rows=half))),
+            ),
             "gather(random half, sorted)": (len(half), timed(lambda: store.gather("h", half))),
-            "gather(random half, shuffled)": (len(half), timed(lambda: store.gather("h", shuffled))),
-            "np.load + x[random half, shuffled]": (len(half), timed(lambda: np.load(npy)[shuffled])),
-            "gather(20 x 4096 random)": (20 * 4096, timed(lambda: [store.gather("h", b) for b in batches])),
+            "gather(random half, shuffled)": (
+                len(half),
+                timed(lambda: store.gather("h", shuffled)),
+            ),
+            "np.load + x[random half, shuffled]": (
+                len(half),
+                timed(lambda: np.load(npy)[shuffled]),
+            ),
+            "gather(20 x 4096 random)": (
+                20 * 4096,
+                timed(lambda: [store.gather("h", b) for b in batches]),
+            ),
             "npy mmap x[20 x 4096 random]": (
                 20 * 4096,
                 timed(lambda: [np.load(npy, mmap_mode="r")[b] for b in batches]),

@@ -56,9 +56,13 @@ def _child(args: argparse.Namespace) -> None:
     from sae_darkmatter.stream import stream_decompose
 
     limit_heap_growth()  # both paths call it; call it before the baseline so both start alike
-    h = HarvestConfig(model=ModelConfig(name=args.model),
-                      corpus=CorpusConfig(n_contexts=args.contexts, context_length=args.context_length),
-                      batch_size=args.batch_size, contexts_per_shard=args.batch_size * 8, with_loss=False)
+    h = HarvestConfig(
+        model=ModelConfig(name=args.model),
+        corpus=CorpusConfig(n_contexts=args.contexts, context_length=args.context_length),
+        batch_size=args.batch_size,
+        contexts_per_shard=args.batch_size * 8,
+        with_loss=False,
+    )
     lm = load_model(h.model)
     hook = args.hook or default_hook(lm.model)
     h = dataclasses.replace(h, hooks=(hook,))
@@ -73,13 +77,26 @@ def _child(args: argparse.Namespace) -> None:
             tokens = res.data["tokens_total"]
         else:
             store = harvest(h, Path(tmp) / "store", lm=lm, progress=False)
-            decompose_many(store, {"sae": sae}, make_splits(store, split, hook=hook), hook=hook, progress=False)
+            decompose_many(
+                store, {"sae": sae}, make_splits(store, split, hook=hook), hook=hook, progress=False
+            )
             tokens = store.n_rows
             disk = _folder_bytes(Path(tmp) / "store")
         seconds = time.perf_counter() - start
-    print(json.dumps({"case": args.case, "contexts": args.contexts, "tokens": tokens, "seconds": seconds,
-                      "peak_mb": mem.peak - mem.base, "disk_mb": disk / 2**20, "hook": hook,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "case": args.case,
+                "contexts": args.contexts,
+                "tokens": tokens,
+                "seconds": seconds,
+                "peak_mb": mem.peak - mem.base,
+                "disk_mb": disk / 2**20,
+                "hook": hook,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -102,21 +119,37 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"stream": [], "store": []}
         for rep in range(args.repeat):  # alternate the order: load from other jobs drifts
             for case in ("stream", "store")[:: 1 if rep % 2 == 0 else -1]:
-                cmd = [sys.executable, __file__, "--case", case, "--contexts", str(contexts), "--model", args.model,
-                       "--context-length", str(args.context_length), "--batch-size", str(args.batch_size),
-                       *(["--hook", args.hook] if args.hook else [])]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    case,
+                    "--contexts",
+                    str(contexts),
+                    "--model",
+                    args.model,
+                    "--context-length",
+                    str(args.context_length),
+                    "--batch-size",
+                    str(args.batch_size),
+                    *(["--hook", args.hook] if args.hook else []),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if done.returncode:
                     sys.exit(done.stderr[-3000:])
                 runs[case].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        for case, results in runs.items():  # fastest run, largest peak
+        for results in runs.values():  # fastest run, largest peak
             best = min(results, key=lambda r: r["seconds"])
             rows.append(best | {"peak_mb": max(r["peak_mb"] for r in results)})
     first = rows[0]
-    print(f"model {args.model}, hook {first['hook']}, SAE TopK W = 8·d, k = 32, batch {args.batch_size}, "
-          f"{first['threads']} threads, fastest of {args.repeat} run(s) per case")
-    print(f"{'path':<8}{'contexts':>9}{'tokens':>9}{'time s':>9}{'tok/s':>8}{'peak anon MB':>14}{'store MB':>10}")
+    print(
+        f"model {args.model}, hook {first['hook']}, SAE TopK W = 8·d, k = 32, batch {args.batch_size}, "
+        f"{first['threads']} threads, fastest of {args.repeat} run(s) per case"
+    )
+    print(
+        f"{'path':<8}{'contexts':>9}{'tokens':>9}{'time s':>9}{'tok/s':>8}{'peak anon MB':>14}{'store MB':>10}"
+    )
     for r in rows:
         print(f"{r['case']:<8}{r['contexts']:>9,}{r['tokens']:>9,}{r['seconds']:>9.1f}"
               f"{r['tokens'] / r['seconds']:>8,.0f}{r['peak_mb']:>14,.0f}{r['disk_mb']:>10,.1f}")
@@ -128,8 +161,10 @@ def main() -> None:
               f"peak memory {a['peak_mb']:+,.0f} -> {b['peak_mb']:+,.0f} MB"
               + (f", store {a['disk_mb']:.1f} -> {b['disk_mb']:.1f} MB" if case == "store" else ""))
     s, t = by[("stream", big)], by[("store", big)]
-    print(f"at {big} contexts: stream takes x{s['seconds'] / t['seconds']:.2f} the time of harvest + "
-          f"decompose_many, x{s['peak_mb'] / max(t['peak_mb'], 1):.2f} its peak memory, and no disk")
+    print(
+        f"at {big} contexts: stream takes x{s['seconds'] / t['seconds']:.2f} the time of harvest + "
+        f"decompose_many, x{s['peak_mb'] / max(t['peak_mb'], 1):.2f} its peak memory, and no disk"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from _memory import PeakAnon
 
 D, WIDTH, K, CONTEXT = 576, 4096, 32, 128
@@ -67,13 +68,23 @@ def _child(n: int, folder: Path) -> dict[str, float]:
         sae.W_enc.copy_(sae.W_dec.T)
         sae.b_enc.zero_()
         sae.b_dec.copy_(mean)
-    splits = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=0, max_norm_ratio=None),
-                                            sae_train_fraction=0.0), special_ids=[])
+    splits = make_splits(
+        store,
+        SplitConfig(
+            filter=TokenFilter(skip_positions=0, max_norm_ratio=None), sae_train_fraction=0.0
+        ),
+        special_ids=[],
+    )
     with PeakAnon() as mem:
         t = time.perf_counter()
         out = decompose_many(store, {"sae": sae}, splits, DecomposeConfig(), progress=False)
         seconds = time.perf_counter() - t
-    return {"n": n, "seconds": seconds, "rss_mb": mem.peak - mem.base, "fvu": out["sae"].metrics.fvu}
+    return {
+        "n": n,
+        "seconds": seconds,
+        "rss_mb": mem.peak - mem.base,
+        "fvu": out["sae"].metrics.fvu,
+    }
 
 
 def main() -> None:
@@ -89,13 +100,20 @@ def main() -> None:
     for f in (int(v) for v in args.factors.split(",")):
         n = args.n * f // CONTEXT * CONTEXT
         with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, __file__, "--child", str(n), str(Path(tmp) / "store")],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), str(Path(tmp) / "store")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"N = {r['n']:>9,}: decompose {r['seconds']:7.1f} s ({r['seconds'] / r['n'] * 1e6:6.1f} us/token), "
-              f"peak anon. memory +{r['rss_mb']:6.0f} MB (in-memory X and e: {2 * r['n'] * D * 4 / 2**20:7.0f} MB), "
-              f"FVU {r['fvu']:.3f}", flush=True)
+        print(
+            f"N = {r['n']:>9,}: decompose {r['seconds']:7.1f} s ({r['seconds'] / r['n'] * 1e6:6.1f} us/token), "
+            f"peak anon. memory +{r['rss_mb']:6.0f} MB (in-memory X and e: {2 * r['n'] * D * 4 / 2**20:7.0f} MB), "
+            f"FVU {r['fvu']:.3f}",
+            flush=True,
+        )
     first = rows[0]
     for r in rows[1:]:
         print(f"{r['n'] / first['n']:.0f}x tokens: time {r['seconds'] / first['seconds']:.1f}x, "

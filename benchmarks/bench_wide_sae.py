@@ -29,11 +29,17 @@ def make_store(path: Path, n_tokens: int) -> None:
     from sae_darkmatter.store import ActivationStore
 
     rng = np.random.default_rng(0)
-    store = ActivationStore.create_or_resume(path, hooks={"resid_post.12": D}, context_length=64, meta={})
+    store = ActivationStore.create_or_resume(
+        path, hooks={"resid_post.12": D}, context_length=64, meta={}
+    )
     n_ctx = n_tokens // 64
     x = rng.normal(size=(n_ctx, 64, D)).astype(np.float32)
-    store.append(context_start=0, acts={"resid_post.12": x}, tokens=rng.integers(5, 100, (n_ctx, 64)),
-                 loss=None)
+    store.append(
+        context_start=0,
+        acts={"resid_post.12": x},
+        tokens=rng.integers(5, 100, (n_ctx, 64)),
+        loss=None,
+    )
     store.finish()
 
 
@@ -60,7 +66,9 @@ def child(store_path: str, width: int, chunk_rows: int, whole_chunks: bool) -> N
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--width", type=int, default=1 << 18)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--chunk-rows", type=int, default=2048)
@@ -74,16 +82,34 @@ def main() -> None:
         results = {}
         for case in ("blocks", "whole"):
             done = subprocess.run(
-                [sys.executable, __file__, "--width", str(args.width), "--chunk-rows", str(args.chunk_rows),
-                 "--child", str(Path(tmp) / "store"), case],
-                capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
+                [
+                    sys.executable,
+                    __file__,
+                    "--width",
+                    str(args.width),
+                    "--chunk-rows",
+                    str(args.chunk_rows),
+                    "--child",
+                    str(Path(tmp) / "store"),
+                    case,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            )
             if done.returncode:
                 sys.exit(done.stderr[-3000:])
             results[case] = json.loads(done.stdout.strip().splitlines()[-1])
     dense_mb = args.chunk_rows * args.width * 4 / 2**20
-    print(f"decompose, W = {args.width:,}, d = {D}, {args.tokens:,} tokens, chunks of {args.chunk_rows:,} "
-          f"rows (dense latents of a chunk: {dense_mb:,.0f} MB)")
-    for case, label in (("blocks", "ours: latent_rows at a time"), ("whole", "whole chunks at once")):
+    print(
+        f"decompose, W = {args.width:,}, d = {D}, {args.tokens:,} tokens, chunks of {args.chunk_rows:,} "
+        f"rows (dense latents of a chunk: {dense_mb:,.0f} MB)"
+    )
+    for case, label in (
+        ("blocks", "ours: latent_rows at a time"),
+        ("whole", "whole chunks at once"),
+    ):
         r = results[case]
         print(f"  {label:28s} {r['seconds']:7.1f} s   peak +{r['peak_mb']:7,.0f} MB   "
               f"FVU {r['fvu']:.6f}  L0 {r['l0']:.1f}")

@@ -27,8 +27,9 @@ from sae_darkmatter.saes.formats import open_sae
 
 def _sae(tmp_path, name: str, **meta):
     cls, cfg_cls = get_sae_class("standard")
-    meta = SAEMetadata(model_name="HuggingFaceTB/SmolLM2-135M", hook_name="blocks.3.hook_resid_post",
-                       **meta)
+    meta = SAEMetadata(
+        model_name="HuggingFaceTB/SmolLM2-135M", hook_name="blocks.3.hook_resid_post", **meta
+    )
     cls(cfg_cls(d_in=16, d_sae=32, metadata=meta)).save_model(tmp_path / name)
     return name, open_sae(tmp_path / name)
 
@@ -42,12 +43,30 @@ def _adopt(cfg, saes, tok, caplog):
 
 
 def test_open_settings_follow_the_sae(tmp_path, smollm2_tokenizer, caplog):
-    saes = [_sae(tmp_path, "a", context_size=256, prepend_bos=True, seqpos_slice=(4, -8),
-                 model_from_pretrained_kwargs={"dtype": "torch.bfloat16", "center_writing_weights": False})]
+    saes = [
+        _sae(
+            tmp_path,
+            "a",
+            context_size=256,
+            prepend_bos=True,
+            seqpos_slice=(4, -8),
+            model_from_pretrained_kwargs={
+                "dtype": "torch.bfloat16",
+                "center_writing_weights": False,
+            },
+        )
+    ]
     cfg, warnings = _adopt(RunConfig(), saes, smollm2_tokenizer, caplog)
     c, f = cfg.harvest.corpus, cfg.split.filter
-    assert (cfg.harvest.model.name, cfg.harvest.hooks) == ("HuggingFaceTB/SmolLM2-135M", ("resid_post.3",))
-    assert (c.context_length, c.prepend_bos, c.separator) == (256, True, "auto")  # auto = BOS with a BOS
+    assert (cfg.harvest.model.name, cfg.harvest.hooks) == (
+        "HuggingFaceTB/SmolLM2-135M",
+        ("resid_post.3",),
+    )
+    assert (c.context_length, c.prepend_bos, c.separator) == (
+        256,
+        True,
+        "auto",
+    )  # auto = BOS with a BOS
     assert (f.skip_positions, f.stop_position) == (4, 248)  # (4, -8) of 256 positions
     assert cfg.harvest.model.dtype == "bfloat16"
     assert warnings == []  # nothing differs: it follows
@@ -56,8 +75,10 @@ def test_open_settings_follow_the_sae(tmp_path, smollm2_tokenizer, caplog):
 def test_a_run_setting_wins_with_one_warning_each(tmp_path, smollm2_tokenizer, caplog):
     saes = [_sae(tmp_path, "a", context_size=256, prepend_bos=True, seqpos_slice=(4, None),
                  model_from_pretrained_kwargs={"fold_ln": True})]
-    mine = RunConfig(harvest=HarvestConfig(corpus=CorpusConfig(context_length=64, prepend_bos=False)),
-                     split=SplitConfig(filter=TokenFilter(skip_positions=2, exclude_special=False)))
+    mine = RunConfig(
+        harvest=HarvestConfig(corpus=CorpusConfig(context_length=64, prepend_bos=False)),
+        split=SplitConfig(filter=TokenFilter(skip_positions=2, exclude_special=False)),
+    )
     cfg, warnings = _adopt(mine, saes, smollm2_tokenizer, caplog)
     assert (cfg.harvest.corpus.context_length, cfg.harvest.corpus.prepend_bos) == (64, False)
     assert cfg.split.filter.skip_positions == 2
@@ -81,7 +102,10 @@ def test_saes_that_disagree_make_the_run_choose(tmp_path, smollm2_tokenizer, cap
     # positions only narrow: every SAE's positions are kept, no choice needed
     saes = [_sae(tmp_path, "c", seqpos_slice=(1, 100)), _sae(tmp_path, "d", seqpos_slice=(8, None))]
     cfg, warnings = _adopt(RunConfig(), saes, smollm2_tokenizer, caplog)
-    assert (cfg.split.filter.skip_positions, cfg.split.filter.stop_position) == (8, 100) and not warnings
+    assert (cfg.split.filter.skip_positions, cfg.split.filter.stop_position) == (
+        8,
+        100,
+    ) and not warnings
 
 
 def test_bos_where_the_tokenizer_has_none_is_no_bos(tmp_path, caplog):
@@ -93,6 +117,8 @@ def test_bos_where_the_tokenizer_has_none_is_no_bos(tmp_path, caplog):
                                                                                 unk_token="[UNK]")),
                                    eos_token="a")
     saes = [_sae(tmp_path, "a", prepend_bos=True)]
-    cfg, warnings = _adopt(RunConfig(harvest=HarvestConfig(model=ModelConfig(name="m"))), saes, bare, caplog)
+    cfg, warnings = _adopt(
+        RunConfig(harvest=HarvestConfig(model=ModelConfig(name="m"))), saes, bare, caplog
+    )
     assert (cfg.harvest.corpus.prepend_bos, cfg.harvest.corpus.separator) == ("auto", "none")
     assert not warnings

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_downstream import make_run
 
 from sae_darkmatter._io import write_json
 from sae_darkmatter.analyses.error_saes import error_sae_analysis
@@ -54,14 +53,29 @@ from sae_darkmatter.errors import ConfigError, DarkMatterError
 from sae_darkmatter.models import embedded_gguf_path
 from sae_darkmatter.saes import load_sae
 from sae_darkmatter.store import ActivationStore
+from test_downstream import make_run
 
 HOOK = "resid_post.2"
 KEY_ENV = "DM_AUTOINTERP_TEST_KEY"
 KEY = "sk-darkmatter-fake-5e1b7c93d04a"  # distinctive: grepped for in every file and log
 # Small and fast: 1 latent per SAE, 2 quantiles, 8-token windows, short answers.
-FAST = {"model": "smollm2", "api_key_env": KEY_ENV, "n_latents": 1, "n_quantiles": 2, "n_per_quantile": 1,
-        "n_negatives": 1, "n_explain": 2, "window": 8, "batch_size": 3, "explain_max_tokens": 16,
-        "detect_max_tokens": 16, "n_boot": 200, "concurrency": 2, "max_retries": 1, "timeout_s": 60.0}
+FAST = {
+    "model": "smollm2",
+    "api_key_env": KEY_ENV,
+    "n_latents": 1,
+    "n_quantiles": 2,
+    "n_per_quantile": 1,
+    "n_negatives": 1,
+    "n_explain": 2,
+    "window": 8,
+    "batch_size": 3,
+    "explain_max_tokens": 16,
+    "detect_max_tokens": 16,
+    "n_boot": 200,
+    "concurrency": 2,
+    "max_retries": 1,
+    "timeout_s": 60.0,
+}
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -92,7 +106,9 @@ def test_parse_explanation():
     assert parse_explanation('  "Python keywords" ') == "Python keywords"
     assert parse_explanation("Sure! explanation:\n\n  closing brackets") == "closing brackets"
     assert parse_explanation("ok") is None and parse_explanation("") is None
-    assert parse_explanation('{"explanation": "Python keywords"}') == "Python keywords"  # constrained
+    assert (
+        parse_explanation('{"explanation": "Python keywords"}') == "Python keywords"
+    )  # constrained
     assert parse_detection('{"matches": [2, 3]}', 3) == [False, True, True]
 
 
@@ -117,7 +133,9 @@ def test_scoring_against_hand_computed_counts():
     for block in (s["recall"], s["specificity"], s["balanced_accuracy"]):
         assert block["ci"][0] <= block["value"] <= block["ci"][1]
     # resampling latents: recall is 2/3 (A alone), 4/5 (mixed) or 1 (B alone)
-    assert s["recall"]["ci"][0] == pytest.approx(2 / 3) and s["recall"]["ci"][1] == pytest.approx(1.0)
+    assert s["recall"]["ci"][0] == pytest.approx(2 / 3) and s["recall"]["ci"][1] == pytest.approx(
+        1.0
+    )
     assert latent_balanced_accuracy(*a) == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert summarize(np.stack([a[0], b[0]]), np.stack([a[1], b[1]]), n_boot=500, seed=1) == s
 
@@ -146,9 +164,15 @@ def test_config_is_validated():
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny run (store, base SAE, decomposition) with error SAEs on e, ê and e − ê."""
-    out = make_run(tiny_model_dir, tmp_path_factory.mktemp("run"), HOOK, n_contexts=48, widths=(64,))
-    cfg = ErrorSAEConfig(train=SAETrainConfig(widths=(32,), ks=(4,), train_tokens=1500, batch_size=256))
-    write_json(out / "analyses.json", {"error_saes": error_sae_analysis(out, cfg=cfg, progress=False)})
+    out = make_run(
+        tiny_model_dir, tmp_path_factory.mktemp("run"), HOOK, n_contexts=48, widths=(64,)
+    )
+    cfg = ErrorSAEConfig(
+        train=SAETrainConfig(widths=(32,), ks=(4,), train_tokens=1500, batch_size=256)
+    )
+    write_json(
+        out / "analyses.json", {"error_saes": error_sae_analysis(out, cfg=cfg, progress=False)}
+    )
     return out
 
 
@@ -162,12 +186,16 @@ def _collect(run_dir: Path, cfg: AutoInterpConfig, tokenizer, spec: str = "topk-
     choice = resolve_sae(run_dir, spec)
     sae = sae if sae is not None else load_sae(choice.spec).eval()
     windows = data.windows(data.hook_of(choice, HOOK))
-    found = collect_examples([(sae, choice.input)], data.parts(HOOK, choice.base), windows, cfg, tokenizer)
+    found = collect_examples(
+        [(sae, choice.input)], data.parts(HOOK, choice.base), windows, cfg, tokenizer
+    )
     return found[0], windows, sae
 
 
 def test_examples_by_quantile_negatives_and_highlights(run_dir, tokenizer):
-    cfg = AutoInterpConfig(n_latents=4, n_quantiles=3, n_per_quantile=2, n_negatives=3, n_explain=3, window=8)
+    cfg = AutoInterpConfig(
+        n_latents=4, n_quantiles=3, n_per_quantile=2, n_negatives=3, n_explain=3, window=8
+    )
     ex, windows, sae = _collect(run_dir, cfg, tokenizer)
     assert len(ex.latents) == 4 and ex.n_eligible == 4
     store = ActivationStore.open(run_dir / "store")
@@ -192,7 +220,9 @@ def test_examples_by_quantile_negatives_and_highlights(run_dir, tokenizer):
         assert all(e.activation == 0 and "<<" not in e.highlighted for e in neg)
         assert len(neg) == min(3, cfg.n_negatives) and len(pos) == 6
         by_q = {q: [e.activation for e in pos if e.quantile == q] for q in (1, 2, 3)}
-        assert max(by_q[1]) <= min(by_q[2]) and max(by_q[2]) <= min(by_q[3])  # equal-count quantiles
+        assert max(by_q[1]) <= min(by_q[2]) and max(by_q[2]) <= min(
+            by_q[3]
+        )  # equal-count quantiles
         acts = [e.activation for e in le.explain]
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
         # explanation and scoring windows come from disjoint contexts
@@ -207,7 +237,9 @@ def _contexts(windows, context: np.ndarray, examples) -> set[int]:
 
 
 def test_examples_do_not_depend_on_chunking_and_follow_the_seed(run_dir, tokenizer):
-    cfg = AutoInterpConfig(n_latents=3, n_quantiles=2, n_per_quantile=2, n_negatives=2, n_explain=2, window=8)
+    cfg = AutoInterpConfig(
+        n_latents=3, n_quantiles=2, n_per_quantile=2, n_negatives=2, n_explain=2, window=8
+    )
     a = _collect(run_dir, cfg, tokenizer)[0]
     b = _collect(run_dir, dataclasses.replace(cfg, chunk_rows=40), tokenizer)[0]
     assert a == b
@@ -220,11 +252,15 @@ def test_dead_latents_are_skipped(run_dir, tokenizer):
     dead = torch.arange(0, 64, 2)
     with torch.no_grad():
         sae.b_enc[dead] = -1e6  # never among the top k
-    cfg = AutoInterpConfig(n_latents=64, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=1, window=8)
+    cfg = AutoInterpConfig(
+        n_latents=64, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=1, window=8
+    )
     ex = _collect(run_dir, cfg, tokenizer, sae=sae)[0]
     assert ex.n_dead >= dead.numel()
     assert ex.n_dead + ex.n_rare + ex.n_eligible == 64
-    assert len(ex.latents) == ex.n_eligible and not {le.latent for le in ex.latents} & set(dead.tolist())
+    assert len(ex.latents) == ex.n_eligible and not {le.latent for le in ex.latents} & set(
+        dead.tolist()
+    )
 
 
 def test_error_saes_see_the_error_parts(run_dir, tokenizer):
@@ -235,7 +271,9 @@ def test_error_saes_see_the_error_parts(run_dir, tokenizer):
     assert len({Path(c.spec).name for c in choices[1:]}) == 1  # one width and k
     with pytest.raises(DarkMatterError, match="no SAE"):
         resolve_sae(run_dir, "no-such-sae")
-    cfg = AutoInterpConfig(n_latents=2, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=2, window=8)
+    cfg = AutoInterpConfig(
+        n_latents=2, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=2, window=8
+    )
     data = _RunData(run_dir, cfg, tokenizer)
     base = load_sae(run_dir / "saes" / "topk-w64-k8").eval()
     store = ActivationStore.open(run_dir / "store")
@@ -245,10 +283,14 @@ def test_error_saes_see_the_error_parts(run_dir, tokenizer):
     torch.testing.assert_close(data.parts(HOOK, None)(rows)["x"], x)
     with torch.inference_mode():
         torch.testing.assert_close(parts["error"], x - base(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(parts["linear"] + parts["nonlinear"], parts["error"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        parts["linear"] + parts["nonlinear"], parts["error"], rtol=1e-5, atol=1e-5
+    )
     # the three error SAEs collected together (inputs computed once) = each collected alone
     members = [(load_sae(c.spec).eval(), c.input) for c in choices[1:]]
-    together = collect_examples(members, data.parts(HOOK, "topk-w64-k8"), data.windows(HOOK), cfg, tokenizer)
+    together = collect_examples(
+        members, data.parts(HOOK, "topk-w64-k8"), data.windows(HOOK), cfg, tokenizer
+    )
     alone = [_collect(run_dir, cfg, tokenizer, spec=c.spec)[0] for c in choices[1:]]
     assert together == alone and all(len(ex.latents) == 2 for ex in alone)
 
@@ -274,17 +316,39 @@ def _start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--api_key", KEY,
-         "--verbose", "False"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(embedded_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "1",
+            "--n_threads_batch",
+            "1",
+            "--api_key",
+            KEY,
+            "--verbose",
+            "False",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"llama.cpp server exited: {log_path.read_text()[-2000:]}")
         try:
-            request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
+            request = urllib.request.Request(
+                f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}
+            )
             with urllib.request.urlopen(request, timeout=2) as answer:
                 if answer.status == 200:
                     return proc, url
@@ -330,7 +394,9 @@ def test_run_writes_results_report_and_metrics(run_dir, first_run):
     assert [s["input"] for s in result["saes"]] == ["x", "error", "linear", "nonlinear"]
     assert result["requests"]["sent"] >= 8 and result["requests"]["from_cache"] == 0
     # constrained to the schema, even SmolLM2's answers parse (as free text almost none do)
-    assert all(s["snippets"]["judged"] > 0 and s["snippets"]["unparsable"] == 0 for s in result["saes"])
+    assert all(
+        s["snippets"]["judged"] > 0 and s["snippets"]["unparsable"] == 0 for s in result["saes"]
+    )
     analyses = json.loads((run_dir / "analyses.json").read_text())
     assert analyses["autointerp"] == json.loads(json.dumps(result))
     assert "error_saes" in analyses  # merged, not replaced
@@ -344,12 +410,17 @@ def test_run_writes_results_report_and_metrics(run_dir, first_run):
     for s in result["saes"]:
         recs = [r for r in records[s["label"]] if r["status"] == "scored"]
         assert s["latents"]["scored"] == len(recs) <= cfg.n_latents
-        verdicts = [(max(e["quantile"], 0), e["judged_active"]) for r in recs for e in r["scored_examples"]]
+        verdicts = [
+            (max(e["quantile"], 0), e["judged_active"]) for r in recs for e in r["scored_examples"]
+        ]
         judged = [v for v in verdicts if v[1] is not None]
         assert s["snippets"]["unparsable"] == len(verdicts) - len(judged)
         c, t = latent_counts(judged, cfg.n_quantiles)
         assert s["snippets"]["judged"] == int(t.sum())
-        assert s["detection"]["negatives"]["correct"] == c[0] and s["detection"]["negatives"]["total"] == t[0]
+        assert (
+            s["detection"]["negatives"]["correct"] == c[0]
+            and s["detection"]["negatives"]["total"] == t[0]
+        )
         assert [q["correct"] for q in s["detection"]["quantiles"]] == c[1:].tolist()
 
 
@@ -378,7 +449,9 @@ def test_api_key_is_sent_but_never_written(run_dir, first_run, tmp_path, server,
     assert len(written) > 10
     assert not [p for p in written if KEY.encode() in p.read_bytes()]
     # the server requires the key: without it the client is refused, with a message naming the variable
-    client = ChatClient(server, "smollm2", cache_dir=tmp_path / "other", api_key_env="DM_UNSET_VARIABLE")
+    client = ChatClient(
+        server, "smollm2", cache_dir=tmp_path / "other", api_key_env="DM_UNSET_VARIABLE"
+    )
     with pytest.raises(EndpointError, match="DM_UNSET_VARIABLE") as err:
         client.complete([{"role": "user", "content": "hi"}], max_tokens=2)
     assert KEY not in str(err.value)
@@ -386,11 +459,17 @@ def test_api_key_is_sent_but_never_written(run_dir, first_run, tmp_path, server,
 
 def test_unreachable_endpoint_fails_fast_and_clearly(run_dir, tmp_path, tokenizer):
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    cfg = AutoInterpConfig(base_url=url, cache_dir=str(tmp_path / "cache"), **{**FAST, "max_retries": 3})
+    cfg = AutoInterpConfig(
+        base_url=url, cache_dir=str(tmp_path / "cache"), **{**FAST, "max_retries": 3}
+    )
     t = time.perf_counter()
     with pytest.raises(EndpointError, match="cannot reach") as err:
-        autointerp_run(run_dir, dataclasses.replace(cfg, saes=("topk-w64-k8",)), tokenizer=tokenizer,
-                       progress=False)
+        autointerp_run(
+            run_dir,
+            dataclasses.replace(cfg, saes=("topk-w64-k8",)),
+            tokenizer=tokenizer,
+            progress=False,
+        )
     assert url in str(err.value)
     assert time.perf_counter() - t < 15  # examples included; the endpoint check does not retry
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.json"))
@@ -407,9 +486,12 @@ def test_scores_match_recorded_verdicts(run_dir, tmp_path, tokenizer):
     """Answers recorded in the cache (its own format) drive a whole run with no server: the
     summary must equal the counts of the recorded verdicts, the unparsable batch left out."""
     cache = tmp_path / "cache"
-    cfg = AutoInterpConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1", cache_dir=str(cache),
-                           saes=("topk-w64-k8",), **{**FAST, "n_latents": 3, "n_per_quantile": 2, "n_negatives": 3,
-                                                     "batch_size": 4})
+    cfg = AutoInterpConfig(
+        base_url=f"http://127.0.0.1:{_free_port()}/v1",
+        cache_dir=str(cache),
+        saes=("topk-w64-k8",),
+        **{**FAST, "n_latents": 3, "n_per_quantile": 2, "n_negatives": 3, "batch_size": 4},
+    )
     ex = _collect(run_dir, cfg, tokenizer)[0]
     rng = np.random.default_rng(0)
     counts, unparsable = [], 0
@@ -421,25 +503,42 @@ def test_scores_match_recorded_verdicts(run_dir, tmp_path, tokenizer):
             messages = prompts.detection_messages(f"latent {le.latent}", [e.text for e in batch])
             if le is ex.latents[0] and i == 0:  # unparsable twice: excluded and counted
                 _cache_entry(cache, messages, cfg.detect_max_tokens, "no idea")
-                _cache_entry(cache, prompts.retry_messages(messages, "no idea", prompts.DETECT_RETRY),
-                             cfg.detect_max_tokens, "still no idea")
+                _cache_entry(
+                    cache,
+                    prompts.retry_messages(messages, "no idea", prompts.DETECT_RETRY),
+                    cfg.detect_max_tokens,
+                    "still no idea",
+                )
                 unparsable += len(batch)
                 continue
             said = rng.random(len(batch)) < 0.5
-            _cache_entry(cache, messages, cfg.detect_max_tokens, json.dumps([int(j) + 1 for j in np.flatnonzero(said)]))
+            _cache_entry(
+                cache,
+                messages,
+                cfg.detect_max_tokens,
+                json.dumps([int(j) + 1 for j in np.flatnonzero(said)]),
+            )
             judged += [(max(e.quantile, 0), bool(v)) for e, v in zip(batch, said, strict=True)]
         counts.append(latent_counts(judged, cfg.n_quantiles))
     result = autointerp_run(run_dir, cfg, tokenizer=tokenizer, progress=False)
-    assert result["requests"] == {**result["requests"], "sent": 0, "from_cache": len(list(cache.rglob("*.json")))}
+    assert result["requests"] == {
+        **result["requests"],
+        "sent": 0,
+        "from_cache": len(list(cache.rglob("*.json"))),
+    }
     s = result["saes"][0]
     correct, total = np.stack([c for c, _ in counts]), np.stack([t for _, t in counts])
     assert s["detection"] == summarize(correct, total, n_boot=cfg.n_boot, seed=cfg.seed)
-    assert s["snippets"] == {"judged": int(total.sum()), "unparsable": unparsable} and unparsable > 0
+    assert (
+        s["snippets"] == {"judged": int(total.sum()), "unparsable": unparsable} and unparsable > 0
+    )
     # balanced accuracy by plain counting over all recorded verdicts
     recall = correct[:, 1:].sum() / total[:, 1:].sum()
     specificity = correct[:, 0].sum() / total[:, 0].sum()
     assert s["detection"]["balanced_accuracy"]["value"] == pytest.approx((recall + specificity) / 2)
-    assert [e["explanation"] for e in s["explanations"]] == [f"latent {le.latent}" for le in ex.latents]
+    assert [e["explanation"] for e in s["explanations"]] == [
+        f"latent {le.latent}" for le in ex.latents
+    ]
 
 
 def test_unparsable_answers_are_retried_once_then_excluded(run_dir, server, tmp_path, tokenizer):
@@ -470,8 +569,12 @@ def test_unparsable_answers_are_retried_once_then_excluded(run_dir, server, tmp_
 def test_server_killed_mid_run_keeps_cached_answers(run_dir, server, tmp_path, tokenizer):
     proc, url = _start_server(tmp_path / "server.log")
     cache = tmp_path / "cache"
-    cfg = AutoInterpConfig(base_url=url, cache_dir=str(cache), **{**FAST, "concurrency": 1, "seed": 3},
-                           saes=("topk-w64-k8", "topk-w64-k8/nonlinear/topk-w32-k4"))
+    cfg = AutoInterpConfig(
+        base_url=url,
+        cache_dir=str(cache),
+        **{**FAST, "concurrency": 1, "seed": 3},
+        saes=("topk-w64-k8", "topk-w64-k8/nonlinear/topk-w32-k4"),
+    )
     failure: list[BaseException] = []
 
     def work() -> None:
@@ -494,7 +597,9 @@ def test_server_killed_mid_run_keeps_cached_answers(run_dir, server, tmp_path, t
     kept = len(list(cache.rglob("*.json")))
     assert kept >= 1
     # resumed on the other server: the kept answers are reused, only the rest is asked
-    resumed = autointerp_run(run_dir, dataclasses.replace(cfg, base_url=server), tokenizer=tokenizer, progress=False)
+    resumed = autointerp_run(
+        run_dir, dataclasses.replace(cfg, base_url=server), tokenizer=tokenizer, progress=False
+    )
     assert resumed["requests"]["from_cache"] == kept
     assert resumed["requests"]["sent"] == len(list(cache.rglob("*.json"))) - kept > 0
 
@@ -509,18 +614,49 @@ def test_cli_command(run_dir, first_run, tmp_path):
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # a second command keeps "autointerp" a named subcommand
-    args = ["autointerp", str(run_dir), "--base-url", cfg.base_url, "--model", cfg.model, "--api-key-env", KEY_ENV,
-            "--n-latents", "1", "--n-quantiles", "2", "--n-per-quantile", "1", "--n-negatives", "1",
-            "--n-explain", "2", "--window", "8", "--batch-size", "3", "--explain-max-tokens", "16",
-            "--detect-max-tokens", "16", "--response-format", "json_object"]
+    args = [
+        "autointerp",
+        str(run_dir),
+        "--base-url",
+        cfg.base_url,
+        "--model",
+        cfg.model,
+        "--api-key-env",
+        KEY_ENV,
+        "--n-latents",
+        "1",
+        "--n-quantiles",
+        "2",
+        "--n-per-quantile",
+        "1",
+        "--n-negatives",
+        "1",
+        "--n-explain",
+        "2",
+        "--window",
+        "8",
+        "--batch-size",
+        "3",
+        "--explain-max-tokens",
+        "16",
+        "--detect-max-tokens",
+        "16",
+        "--response-format",
+        "json_object",
+    ]
     wide = {"COLUMNS": "200"}
-    out = CliRunner().invoke(app, args, env=wide)  # the same requests as first_run: all answered by its cache
+    out = CliRunner().invoke(
+        app, args, env=wide
+    )  # the same requests as first_run: all answered by its cache
     assert out.exit_code == 0, out.output
     assert "Detection scoring" in out.output and "topk-w64-k8" in out.output
     assert f"requests: 0 sent, {result['requests']['sent']} answered from the cache" in out.output
     dead = f"http://127.0.0.1:{_free_port()}/v1"
-    out = CliRunner().invoke(app, [*args, "--base-url", dead, "--cache-dir", str(tmp_path / "d"), "--saes",
-                                   "topk-w64-k8"], env=wide)
+    out = CliRunner().invoke(
+        app,
+        [*args, "--base-url", dead, "--cache-dir", str(tmp_path / "d"), "--saes", "topk-w64-k8"],
+        env=wide,
+    )
     assert out.exit_code == 2 and "cannot reach" in out.output
 
 
@@ -530,7 +666,9 @@ def test_cli_command(run_dir, first_run, tmp_path):
 @pytest.mark.slow
 def test_smollm2_run(tmp_path, server, smollm2_tokenizer):
     """A few contexts of the embedded SmolLM2, a small SAE, and the whole protocol on it."""
-    out = make_run(Path("smollm2"), tmp_path, "resid_post.15", n_contexts=24, length=32, widths=(128,), ks=(8,))
+    out = make_run(
+        Path("smollm2"), tmp_path, "resid_post.15", n_contexts=24, length=32, widths=(128,), ks=(8,)
+    )
     cfg = AutoInterpConfig(base_url=server, saes=("topk-w128-k8",), **{**FAST, "n_latents": 2})
     result = autointerp_run(out, cfg, tokenizer=smollm2_tokenizer, progress=False)
     s = result["saes"][0]

@@ -60,7 +60,9 @@ def test_gemma_contexts_start_with_bos_and_separate_documents_by_bos(tmp_path, g
     tok = gemma3_tokenizer
     source = _jsonl(tmp_path / "docs.jsonl", TEXTS * 4)
     length = 24
-    ctx = build_contexts(CorpusConfig(source=str(source), n_contexts=50, context_length=length), tok)
+    ctx = build_contexts(
+        CorpusConfig(source=str(source), n_contexts=50, context_length=length), tok
+    )
     assert (ctx[:, 0] == tok.bos_token_id).all()
     theirs = concat_and_batch_sequences(  # SAELens's packing of the same documents
         iter(torch.tensor(ids) for ids in _docs(tok, TEXTS * 4)), length,
@@ -112,21 +114,29 @@ def test_a_bos_choice_changes_the_cache_key_of_models_that_take_one(gemma3_token
 
 def test_bad_bos_and_separator_settings_fail_before_work(tmp_path, smollm2_tokenizer):
     from tokenizers import Tokenizer, models
-
     from transformers import PreTrainedTokenizerFast
 
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1},
                                                                                 unk_token="[UNK]")))
-    with pytest.raises(DarkMatterError, match=r"prepend_bos = true, but the tokenizer of 'm' has no BOS"):
+    with pytest.raises(
+        DarkMatterError, match=r"prepend_bos = true, but the tokenizer of 'm' has no BOS"
+    ):
         packing_for(CorpusConfig(prepend_bos=True), bare, model="'m'")
-    with pytest.raises(DarkMatterError, match=r"separator = 'eos', but the tokenizer .* has no EOS"):
+    with pytest.raises(
+        DarkMatterError, match=r"separator = 'eos', but the tokenizer .* has no EOS"
+    ):
         packing_for(CorpusConfig(separator="eos"), bare)
     with pytest.raises(DarkMatterError, match=r"context_length \(1\) leaves no room after the BOS"):
         packing_for(CorpusConfig(context_length=1, prepend_bos=True), smollm2_tokenizer)
     assert packing_for(CorpusConfig(context_length=1), smollm2_tokenizer).stream  # no BOS: fine
-    with pytest.raises(ConfigValueError, match=r"harvest.corpus.prepend_bos must be true, false or \"auto\", got 'yes'"):
+    with pytest.raises(
+        ConfigValueError,
+        match=r"harvest.corpus.prepend_bos must be true, false or \"auto\", got 'yes'",
+    ):
         CorpusConfig(prepend_bos="yes")
-    with pytest.raises(ConfigValueError, match=r"separator must be one of \['auto', 'bos', 'eos', 'none'\]"):
+    with pytest.raises(
+        ConfigValueError, match=r"separator must be one of \['auto', 'bos', 'eos', 'none'\]"
+    ):
         CorpusConfig(separator="pad")
 
 
@@ -145,11 +155,15 @@ def test_saelens_packing_equals_saelens(docs, length, bos, sep):
     theirs = [t.tolist() for t in concat_and_batch_sequences(
         iter(torch.tensor(d, dtype=torch.long) for d in docs), length,
         begin_batch_token_id=bos, sequence_separator_token_id=sep)]
-    ours = [c.tolist() for c in pack((d for d in docs if d), length, Packing(bos, sep, stream=False))]
+    ours = [
+        c.tolist() for c in pack((d for d in docs if d), length, Packing(bos, sep, stream=False))
+    ]
     assert ours == theirs
 
 
-def test_gguf_tokenizers_add_bos_as_their_files_say(gemma3_gguf, gemma3_tokenizer, smollm2_tokenizer):
+def test_gguf_tokenizers_add_bos_as_their_files_say(
+    gemma3_gguf, gemma3_tokenizer, smollm2_tokenizer
+):
     """The BOS choice of a .gguf model follows its ``tokenizer.ggml.add_bos_token``: true for
     Gemma 3, false for SmolLM2 (whose tokenizer still has a BOS token, <|im_start|>)."""
     from gguf import GGUFReader

@@ -64,12 +64,17 @@ def make_store(path, model: str, hooks, n_contexts: int, context_length: int):
 
 
 def hook_saes(store, splits, width: int, k: int) -> dict[str, TopKSAE]:
-    return {h: data_sae(store.gather(h, splits.sae_train), width, k, seed=i) for i, h in enumerate(store.hooks)}
+    return {
+        h: data_sae(store.gather(h, splits.sae_train), width, k, seed=i)
+        for i, h in enumerate(store.hooks)
+    }
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tmp_path_factory):
-    store, splits = make_store(tmp_path_factory.mktemp("xl") / "store", str(tiny_model_dir), HOOKS, 96, 32)
+    store, splits = make_store(
+        tmp_path_factory.mktemp("xl") / "store", str(tiny_model_dir), HOOKS, 96, 32
+    )
     return store, splits, hook_saes(store, splits, 96, 6)
 
 
@@ -80,10 +85,13 @@ def numpy_reference(store, saes, splits, feats):
         with torch.no_grad():
             recon = {h: saes[h](acts[h]).double().numpy() for h in saes}
         acts = {h: a.double().numpy() for h, a in acts.items()}
-        p = np.hstack([recon[h] if k == "recon" else acts[h] for k, h in (f.split(":") for f in feats)])
+        p = np.hstack(
+            [recon[h] if k == "recon" else acts[h] for k, h in (f.split(":") for f in feats)]
+        )
         return acts[TARGET], acts[TARGET] - recon[TARGET], p
 
-    one = lambda a: np.hstack([a, np.ones((len(a), 1))])
+    def one(a):
+        return np.hstack([a, np.ones((len(a), 1))])
     x_tr, e_tr, p_tr = arrays(splits.probe_train)
     x_te, e_te, p_te = arrays(splits.probe_test)
     w_probe = np.linalg.lstsq(one(x_tr), e_tr, rcond=None)[0]
@@ -113,7 +121,10 @@ def test_matches_numpy_lstsq(tiny):
             assert got[t]["r2_pooled"] == pytest.approx(ref[t][0], abs=2e-5), (name, t)
             assert got[t]["r2_mean_dim"] == pytest.approx(ref[t][1], abs=2e-5), (name, t)
         assert got["fvu_nonlinear_after"] == pytest.approx(ref["after"], rel=1e-4)
-    assert res["n_probe_train"] == splits.probe_train.size and res["n_probe_test"] == splits.probe_test.size
+    assert (
+        res["n_probe_train"] == splits.probe_train.size
+        and res["n_probe_test"] == splits.probe_test.size
+    )
 
 
 def test_exact_identities(tiny):
@@ -121,7 +132,9 @@ def test_exact_identities(tiny):
     sets = {"self": (f"recon:{TARGET}", f"act:{TARGET}"),  # [x̂, x] spans e = x − x̂
             "parts": ("act:resid_post.1", "act:attn_out.2", "act:mlp_out.2"),  # sum to x
             "x": (f"act:{TARGET}",)}
-    res = cross_layer(store, saes, TARGET, splits, CFG, predictors=sets, progress=False)["predictors"]
+    res = cross_layer(store, saes, TARGET, splits, CFG, predictors=sets, progress=False)[
+        "predictors"
+    ]
     for t in ("error", "linear", "nonlinear"):
         assert res["self"][t]["r2_pooled"] > 1 - 1e-6 and res["self"][t]["r2_mean_dim"] > 1 - 1e-6
     assert res["self"]["fvu_nonlinear_after"] < 1e-6
@@ -136,21 +149,31 @@ def test_defaults_agree_with_decompose(tiny):
     assert list(res["predictors"]) == list(default_predictors(TARGET, list(HOOKS)))
     assert {"all SAE outputs", "all others + x", "mlp_out.2 + x", "x"} <= set(res["predictors"])
     assert f"{TARGET} + x" not in res["predictors"]  # trivially exact, left out
-    dec = decompose_many(store, {"t": saes[TARGET]}, splits, DecomposeConfig(device="cpu"), hook=TARGET,
-                         progress=False)["t"].metrics
+    dec = decompose_many(
+        store,
+        {"t": saes[TARGET]},
+        splits,
+        DecomposeConfig(device="cpu"),
+        hook=TARGET,
+        progress=False,
+    )["t"].metrics
     assert res["target_sae"]["fvu"] == pytest.approx(dec.fvu, rel=1e-6)
     assert res["target_sae"]["fvu_nonlinear"] == pytest.approx(dec.fvu_nonlinear, rel=1e-6)
     best = res["best"]
     afters = [p["fvu_nonlinear_after"] for p in res["predictors"].values()]
     assert best["fvu_nonlinear_after"] == min(afters)
-    assert best["nonlinear_remaining"] == pytest.approx(best["fvu_nonlinear_after"] / dec.fvu_nonlinear)
+    assert best["nonlinear_remaining"] == pytest.approx(
+        best["fvu_nonlinear_after"] / dec.fvu_nonlinear
+    )
     assert res["predictors"]["x"]["linear"]["r2_pooled"] > 1 - 1e-6
 
 
 def test_bad_inputs(tiny):
     store, splits, saes = tiny
     with pytest.raises(DarkMatterError):
-        cross_layer(store, {"resid_post.1": saes["resid_post.1"]}, TARGET, splits, CFG, progress=False)
+        cross_layer(
+            store, {"resid_post.1": saes["resid_post.1"]}, TARGET, splits, CFG, progress=False
+        )
     with pytest.raises(DarkMatterError):
         cross_layer(store, saes, TARGET, splits, CFG, predictors={"bad": ("weights:resid_post.1",)},
                     progress=False)
@@ -176,7 +199,9 @@ def test_run_folder(tiny, tmp_path):
     ref = cross_layer(store, saes, TARGET, splits, CFG, progress=False)
     assert res["target"] == TARGET and res["saes"][TARGET].endswith("-w96")
     assert res["best"]["predictor"] == ref["best"]["predictor"]
-    assert res["best"]["fvu_nonlinear_after"] == pytest.approx(ref["best"]["fvu_nonlinear_after"], rel=1e-6)
+    assert res["best"]["fvu_nonlinear_after"] == pytest.approx(
+        ref["best"]["fvu_nonlinear_after"], rel=1e-6
+    )
     assert (run / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -192,8 +217,11 @@ def test_smollm2_layer15(tmp_path):
     hooks = ("resid_post.15", "resid_post.14", "attn_out.15", "mlp_out.15")
     store, splits = make_store(tmp_path / "store", "smollm2", hooks, 48, 128)
     saes = hook_saes(store, splits, 1024, 32)
-    sets = {name: feats for name, feats in default_predictors(hooks[0], list(hooks)).items()
-            if not name.startswith("all")}  # ~2.4k probe-train tokens: too few for 1.7k-2.3k features
+    sets = {
+        name: feats
+        for name, feats in default_predictors(hooks[0], list(hooks)).items()
+        if not name.startswith("all")
+    }  # ~2.4k probe-train tokens: too few for 1.7k-2.3k features
     sets["parts"] = ("act:resid_post.14", "act:attn_out.15", "act:mlp_out.15")  # 1728, exact anyway
     res = cross_layer(store, saes, hooks[0], splits, CFG, predictors=sets, progress=False)
     rows = res["predictors"]

@@ -22,14 +22,21 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     dirs = rng.normal(size=(48, D))
     st = ActivationStore.create_or_resume(
-        tmp_path_factory.mktemp("d") / "store", hooks={"resid_post.1": D}, context_length=16, meta={}
+        tmp_path_factory.mktemp("d") / "store",
+        hooks={"resid_post.1": D},
+        context_length=16,
+        meta={},
     )
     for start in range(0, 400, 50):
         n = 50 * 16
         codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.1)
         x = 20.0 + codes @ dirs + 0.3 * rng.normal(size=(n, D))
-        st.append(context_start=start, acts={"resid_post.1": x.reshape(50, 16, D).astype(np.float32)},
-                  tokens=rng.integers(5, 100, size=(50, 16)), loss=None)
+        st.append(
+            context_start=start,
+            acts={"resid_post.1": x.reshape(50, 16, D).astype(np.float32)},
+            tokens=rng.integers(5, 100, size=(50, 16)),
+            loss=None,
+        )
     sae = TopKSAE(D, WIDTH, K, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # a crude but sensible dictionary: decoder rows from data directions
         sae.W_dec.copy_(torch.from_numpy(np.tile(dirs, (2, 1))[:WIDTH] / 3).float())
@@ -40,7 +47,9 @@ def setup(tmp_path_factory):
 
 
 def _numpy_reference(st, sae, splits):
-    x_all = np.concatenate([x.numpy() for _, x in st.iter_chunks("resid_post.1")]).astype(np.float64)
+    x_all = np.concatenate([x.numpy() for _, x in st.iter_chunks("resid_post.1")]).astype(
+        np.float64
+    )
     with torch.no_grad():
         z = sae.encode(torch.from_numpy(x_all).float())
         xhat_all = sae.decode(z).double().numpy()
@@ -60,7 +69,8 @@ def _numpy_reference(st, sae, splits):
         "fvu_nonlinear": ((e - e_hat) ** 2).sum() / sst_x,
         "linear_share": 1 - ((e - e_hat) ** 2).sum() / (e**2).sum(),
         "r2_error_mean_dim": r2_dim.mean(),
-        "r2_error_norm": 1 - ((norm[te] - norm_pred) ** 2).sum() / ((norm[te] - norm[te].mean()) ** 2).sum(),
+        "r2_error_norm": 1
+        - ((norm[te] - norm_pred) ** 2).sum() / ((norm[te] - norm[te].mean()) ** 2).sum(),
         "l0": (z.numpy()[te] != 0).sum(1).mean(),
     }
 
@@ -87,7 +97,9 @@ def test_per_token_values_add_up_to_the_metrics(setup, tmp_path):
     assert all(v.shape == (splits.probe_test.size,) for v in t.values())
     # pooled ratios of the per-token sums reproduce the streamed metrics
     assert t["err_sq"].sum() / t["x_centered_sq"].sum() == pytest.approx(m.fvu, rel=1e-5)
-    assert t["nonlinear_sq"].sum() / t["x_centered_sq"].sum() == pytest.approx(m.fvu_nonlinear, rel=1e-5)
+    assert t["nonlinear_sq"].sum() / t["x_centered_sq"].sum() == pytest.approx(
+        m.fvu_nonlinear, rel=1e-5
+    )
     assert t["l0"].mean() == pytest.approx(m.l0)
     from safetensors.torch import load_file
 
@@ -115,8 +127,12 @@ def test_bootstrap_interval_shrinks_like_one_over_sqrt_n():
 
     def width(n):
         err = rng.exponential(size=n)
-        tokens = {"err_sq": err, "nonlinear_sq": 0.5 * err * rng.uniform(size=n),
-                  "x_centered_sq": 4 + rng.exponential(size=n), "err_sq_pred": err + rng.normal(size=n)}
+        tokens = {
+            "err_sq": err,
+            "nonlinear_sq": 0.5 * err * rng.uniform(size=n),
+            "x_centered_sq": 4 + rng.exponential(size=n),
+            "err_sq_pred": err + rng.normal(size=n),
+        }
         lo, hi = bootstrap_intervals(tokens)["fvu"]
         return hi - lo
 
@@ -127,12 +143,16 @@ def test_bootstrap_interval_shrinks_like_one_over_sqrt_n():
 def test_many_saes_in_one_pass_equal_one_at_a_time(setup):
     st, sae, splits = setup
     other = TopKSAE(D, 32, 2, generator=torch.Generator().manual_seed(5))
-    both = decompose_many(st, {"a": sae, "b": other}, splits, DecomposeConfig(chunk_rows=500), progress=False)
+    both = decompose_many(
+        st, {"a": sae, "b": other}, splits, DecomposeConfig(chunk_rows=500), progress=False
+    )
     for name, single in (("a", sae), ("b", other)):
         alone = decompose(st, single, splits, progress=False).metrics
         for key, value in alone.to_dict().items():
             if isinstance(value, float) and key != "ci":
-                assert getattr(both[name].metrics, key) == pytest.approx(value, rel=1e-6, abs=1e-9), key
+                assert getattr(both[name].metrics, key) == pytest.approx(
+                    value, rel=1e-6, abs=1e-9
+                ), key
 
 
 def test_width_mismatch_says_both_sizes(setup):

@@ -71,12 +71,22 @@ def test_harvest_on_a_full_disk_stops_cleanly_and_resumes(tiny_model_dir, tmp_pa
     grow("8m")
     done = _harvest(tiny_model_dir, store_dir)
     assert done.returncode == 0, done.stderr
-    ref = harvest(HarvestConfig(
-        model=ModelConfig(name=str(tiny_model_dir)), corpus=CorpusConfig(n_contexts=128, context_length=32),
-        hooks=("resid_post.1", "mlp_out.2"), batch_size=8, contexts_per_shard=16), tmp_path / "ref", progress=False)
+    ref = harvest(
+        HarvestConfig(
+            model=ModelConfig(name=str(tiny_model_dir)),
+            corpus=CorpusConfig(n_contexts=128, context_length=32),
+            hooks=("resid_post.1", "mlp_out.2"),
+            batch_size=8,
+            contexts_per_shard=16,
+        ),
+        tmp_path / "ref",
+        progress=False,
+    )
     resumed = ActivationStore.open(store_dir)
     assert resumed.committed_contexts == 128
-    assert [s["sha256"] for s in resumed._manifest["shards"]] == [s["sha256"] for s in ref._manifest["shards"]]
+    assert [s["sha256"] for s in resumed._manifest["shards"]] == [
+        s["sha256"] for s in ref._manifest["shards"]
+    ]
     assert _tmp_files(store_dir) == []
 
 

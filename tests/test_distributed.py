@@ -110,9 +110,28 @@ def test_killed_distributed_harvest_resumes_to_the_same_store(tiny_model_dir, tm
     """SIGKILL every process of a 2-rank harvest mid-way; a rerun (here on 2 ranks again) keeps
     the committed and staged shards and ends byte-identical to the single-process store."""
     out = tmp_path / "killed"
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", str(BIN / "darkmatter"),
-           "harvest", "--model", str(tiny_model_dir), "--hook", "resid_post.2", "--n-contexts", "480",
-           "--context-length", "32", "--batch-size", "8", "--contexts-per-shard", "16", "-o", str(out)]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(BIN / "darkmatter"),
+        "harvest",
+        "--model",
+        str(tiny_model_dir),
+        "--hook",
+        "resid_post.2",
+        "--n-contexts",
+        "480",
+        "--context-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--contexts-per-shard",
+        "16",
+        "-o",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t = time.time()
@@ -134,7 +153,9 @@ def test_single_process_helpers_are_identity():
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.share(10) == slice(0, 10) and distributed.owns(7)
     assert distributed.gather({"a": 1}) == [{"a": 1}]
-    np.testing.assert_array_equal(distributed.concatenated([np.arange(3), np.arange(2)]), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(
+        distributed.concatenated([np.arange(3), np.arange(2)]), [0, 1, 2, 0, 1]
+    )
 
 
 def test_missing_gpu_is_a_clear_error():

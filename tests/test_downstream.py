@@ -61,9 +61,20 @@ def make_run(model_dir: Path, out: Path, hook: str, *, n_contexts: int = 48, len
     outputs = decompose_many(store, saes, splits, DecomposeConfig(), hook=hook, progress=False)
     for name, res in outputs.items():
         res.save(out / "decompose" / f"{name}.safetensors")
-        write_json(out / "decompose" / f"{name}.json", {
-            "name": name, "sae": {"path": str(out / "saes" / name), "architecture": "topk", "k": saes[name].k},
-            "data": splits.summary(), "metrics": res.metrics.to_dict(), "probe_file": f"{name}.safetensors"})
+        write_json(
+            out / "decompose" / f"{name}.json",
+            {
+                "name": name,
+                "sae": {
+                    "path": str(out / "saes" / name),
+                    "architecture": "topk",
+                    "k": saes[name].k,
+                },
+                "data": splits.summary(),
+                "metrics": res.metrics.to_dict(),
+                "probe_file": f"{name}.safetensors",
+            },
+        )
     return out
 
 
@@ -168,12 +179,17 @@ def test_shares_and_intervals_are_consistent(spliced_run):
     _, _, result, pt = spliced_run
     avg = pt["averaged"]
     assert result["tokens"]["averaged"] == int(avg.sum())
-    assert result["tokens"]["averaged_probe_train"] + result["tokens"]["averaged_probe_test"] == int(avg.sum())
+    assert result["tokens"]["averaged_probe_train"] + result["tokens"][
+        "averaged_probe_test"
+    ] == int(avg.sum())
     assert not avg[:, -1].any() and not avg[:, 0].any()  # last position, and skip_positions=1
     for s in result["saes"]:
         name = s["name"]
         # recompute the linear part's CE gap closed from the per-token file
-        sums = {k: np.where(avg, pt[f"{name}/{k}/ce"], 0).sum(dtype=np.float64) for k in ("sae", "sae+linear")}
+        sums = {
+            k: np.where(avg, pt[f"{name}/{k}/ce"], 0).sum(dtype=np.float64)
+            for k in ("sae", "sae+linear")
+        }
         clean = np.where(avg, pt["clean/ce"], 0).sum(dtype=np.float64)
         closed = (sums["sae"] - sums["sae+linear"]) / (sums["sae"] - clean)
         assert s["ce_gap_closed"]["sae+linear"]["mean"] == pytest.approx(closed, rel=1e-9)
@@ -202,7 +218,9 @@ def test_random_controls_have_exact_norms():
     torch.manual_seed(0)
     d, m = 16, 50
     sae = TopKSAE(d, 32, 4, generator=torch.Generator().manual_seed(1))
-    probe = LinearProbe(torch.randn(d, d, dtype=torch.float64) * 0.1, torch.randn(d, dtype=torch.float64))
+    probe = LinearProbe(
+        torch.randn(d, d, dtype=torch.float64) * 0.1, torch.randn(d, dtype=torch.float64)
+    )
     x = torch.randn(m, d) * 3
     u = random_directions(np.array([5, 9]), 25, d, seed=3).reshape(m, d)
     np.testing.assert_allclose(u.norm(dim=1).numpy(), 1.0, atol=1e-6)
@@ -217,7 +235,9 @@ def test_random_controls_have_exact_norms():
         added = new[key] - base
         torch.testing.assert_close(added.norm(dim=1), part.norm(dim=1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(added / added.norm(dim=1, keepdim=True), u, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(new["sae+linear"] + (new["sae+nonlinear"] - x_hat), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        new["sae+linear"] + (new["sae+nonlinear"] - x_hat), x, rtol=1e-5, atol=1e-5
+    )
     # a pure function of (seed, context): the same vectors in any batch composition
     again = random_directions(np.array([9]), 25, d, seed=3)[0]
     torch.testing.assert_close(again, u[25:])
@@ -250,19 +270,49 @@ def test_bootstrap_interval_contains_point_and_shrinks():
 def test_wrong_split_settings_are_refused(spliced_run, lm):
     _, out, _, _ = spliced_run
     with pytest.raises(DarkMatterError, match="SplitConfig"):
-        downstream_analysis(out, lm=lm, cfg=DownstreamConfig(n_contexts=1), split=SplitConfig(seed=7),
-                            progress=False)
+        downstream_analysis(
+            out,
+            lm=lm,
+            cfg=DownstreamConfig(n_contexts=1),
+            split=SplitConfig(seed=7),
+            progress=False,
+        )
 
 
 FAMILIES = {  # config, and the hooked modules found by hand: (layer list, attn_out, mlp_out)
-    "gpt2": (lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=101, n_positions=64),
-             lambda m: m.transformer.h, "attn", "mlp"),
-    "neox": (lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, vocab_size=101, use_parallel_residual=True),
-             lambda m: m.gpt_neox.layers, "attention", "mlp"),
-    "gemma2": (lambda: Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=101),
-               lambda m: m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt2": (
+        lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=101, n_positions=64),
+        lambda m: m.transformer.h,
+        "attn",
+        "mlp",
+    ),
+    "neox": (
+        lambda: GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=101,
+            use_parallel_residual=True,
+        ),
+        lambda m: m.gpt_neox.layers,
+        "attention",
+        "mlp",
+    ),
+    "gemma2": (
+        lambda: Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=101,
+        ),
+        lambda m: m.model.layers,
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+    ),
 }
 
 
@@ -274,8 +324,11 @@ def test_splicer_on_other_families(family):
     model = AutoModelForCausalLM.from_config(config()).eval()
     lm = LoadedModel(model, None, family, 3, 32, torch.device("cpu"))
     ids = torch.randint(0, 101, (3, 12))
-    for hook, module in (("resid_post.1", layers(model)[1]), ("attn_out.1", getattr(layers(model)[1], attn)),
-                         ("mlp_out.2", getattr(layers(model)[2], mlp))):
+    for hook, module in (
+        ("resid_post.1", layers(model)[1]),
+        ("attn_out.1", getattr(layers(model)[1], attn)),
+        ("mlp_out.2", getattr(layers(model)[2], mlp)),
+    ):
         splicer = HookSplicer(lm, hook)
         x, clean = splicer.clean(ids)
         assert torch.equal(splicer.splice(ids, x.clone()), clean), hook
@@ -295,16 +348,27 @@ def test_splicer_on_other_families(family):
         finally:
             handle.remove()
         torch.testing.assert_close(spliced, ref, rtol=1e-5, atol=1e-5)
-        assert torch.equal(spliced[:, :2], clean[:, :2]) and not torch.allclose(spliced[:, 2:], clean[:, 2:])
+        assert torch.equal(spliced[:, :2], clean[:, :2]) and not torch.allclose(
+            spliced[:, 2:], clean[:, 2:]
+        )
 
 
 @pytest.mark.slow
 def test_smollm2_clean_loss_equals_harvest(tmp_path):
     """The embedded SmolLM2 (float32, as harvested): clean CE equals the stored loss, identity is exact."""
-    out = make_run(Path("smollm2"), tmp_path, "resid_post.15", n_contexts=24, length=64, widths=(256,),
-                   ks=(16,))
+    out = make_run(
+        Path("smollm2"),
+        tmp_path,
+        "resid_post.15",
+        n_contexts=24,
+        length=64,
+        widths=(256,),
+        ks=(16,),
+    )
     lm = load_model(ModelConfig(name="smollm2", device="cpu"))
-    result = downstream_analysis(out, lm=lm, cfg=DownstreamConfig(n_contexts=2, n_boot=100), progress=False)
+    result = downstream_analysis(
+        out, lm=lm, cfg=DownstreamConfig(n_contexts=2, n_boot=100), progress=False
+    )
     assert result["check"]["clean_vs_stored_max_abs"] < 1e-4
     assert result["check"]["identity_vs_clean_max_abs"] == 0.0
     pt = load_file(out / PER_TOKEN_FILE)
@@ -313,4 +377,7 @@ def test_smollm2_clean_loss_equals_harvest(tmp_path):
     s = result["saes"][0]
     # a trained LM: reconstructions cost loss, ablations cost much more, and x̂ + e = x closes all
     assert 0 < s["ce_increase"]["sae"]["mean"] < result["shared"]["mean"]["ce_increase"]["mean"]
-    assert result["shared"]["mean"]["ce_increase"]["mean"] < result["shared"]["zero"]["ce_increase"]["mean"]
+    assert (
+        result["shared"]["mean"]["ce_increase"]["mean"]
+        < result["shared"]["zero"]["ce_increase"]["mean"]
+    )

@@ -22,7 +22,9 @@ from sae_darkmatter.saes.pursuit import PursuitSAE
 from sae_darkmatter.splits import make_splits
 from sae_darkmatter.store import ActivationStore
 
-SPLIT = SplitConfig(filter=TokenFilter(skip_positions=1, max_norm_ratio=None), sae_train_fraction=0.0)
+SPLIT = SplitConfig(
+    filter=TokenFilter(skip_positions=1, max_norm_ratio=None), sae_train_fraction=0.0
+)
 DEC = DecomposeConfig(device="cpu")
 HOOK = "resid_post.1"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_downstream import make_run
 
 from sae_darkmatter import SAETrainConfig, SplitConfig
 from sae_darkmatter.analyses.error_saes import (
@@ -22,14 +21,19 @@ from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.saes import TopKSAE, load_sae
 from sae_darkmatter.splits import make_splits
 from sae_darkmatter.store import ActivationStore
+from test_downstream import make_run
 
 HOOK = "resid_post.2"
-CFG = ErrorSAEConfig(train=SAETrainConfig(widths=(32,), ks=(2, 4, 8), train_tokens=2000, batch_size=256))
+CFG = ErrorSAEConfig(
+    train=SAETrainConfig(widths=(32,), ks=(2, 4, 8), train_tokens=2000, batch_size=256)
+)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
-    return make_run(tiny_model_dir, tmp_path_factory.mktemp("run"), HOOK, n_contexts=64, widths=(64,))
+    return make_run(
+        tiny_model_dir, tmp_path_factory.mktemp("run"), HOOK, n_contexts=64, widths=(64,)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +65,25 @@ def test_targets_match_the_decomposition(run_dir):
     t = error_targets(store, HOOK, rows, sae, dec)
     # decompose saved ‖e‖², ‖ê‖², ‖e − ê‖² per probe-test token: an independent computation
     for target, key in zip(TARGETS, ("err_sq", "linear_sq", "nonlinear_sq")):
-        np.testing.assert_allclose(t[target].square().sum(1).numpy(), dec.tokens[key], rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            t[target].square().sum(1).numpy(), dec.tokens[key], rtol=2e-4, atol=1e-6
+        )
     torch.testing.assert_close(t["linear"] + t["nonlinear"], t["error"])
 
 
 def test_grid_scores_and_matched_l0(result, run_dir):
     base = result["bases"][0]
     grid = base["grid"]
-    assert [(r["target"], r["sparsity"]) for r in grid] == [(t, k) for t in TARGETS for k in (2, 4, 8)]
+    assert [(r["target"], r["sparsity"]) for r in grid] == [
+        (t, k) for t in TARGETS for k in (2, 4, 8)
+    ]
     for r in grid:
         assert 0 < r["fvu"] < 1.5 and r["l0"] <= r["sparsity"] + 1e-9
         assert 0 <= r["dead"] <= 32 and r["dead_fraction"] == pytest.approx(r["dead"] / 32)
         assert r["unexplained_over_error_var"] == pytest.approx(
-            r["fvu"] * base["target_variance"][r["target"]] / base["target_variance"]["error"], rel=1e-6)
+            r["fvu"] * base["target_variance"][r["target"]] / base["target_variance"]["error"],
+            rel=1e-6,
+        )
     for t in TARGETS:  # more latents per token reconstruct better (held out)
         fvus = [r["fvu"] for r in grid if r["target"] == t]
         assert fvus[0] > fvus[-1]
@@ -88,7 +98,9 @@ def test_rerun_reuses_trained_saes(run_dir, result):
     stamps = [w.stat().st_mtime_ns for w in weights]
     again = error_sae_analysis(run_dir, cfg=CFG, progress=False)
     assert [w.stat().st_mtime_ns for w in weights] == stamps
-    assert [r["fvu"] for r in again["bases"][0]["grid"]] == [r["fvu"] for r in result["bases"][0]["grid"]]
+    assert [r["fvu"] for r in again["bases"][0]["grid"]] == [
+        r["fvu"] for r in result["bases"][0]["grid"]
+    ]
 
 
 def test_score_against_numpy():
@@ -107,9 +119,18 @@ def test_score_against_numpy():
 
 
 def test_matched_l0_interpolates_log_log():
-    rows = [{"target": t, "width": 64, "l0": l0, "sparsity": int(l0), "dead": i, "fvu": scale * l0 ** -0.5}
-            for i, (t, scale) in enumerate((("error", 1.0), ("linear", 0.5), ("nonlinear", 2.0)))
-            for l0 in ((4.0, 8.0, 16.0) if t != "error" else (2.0, 8.0, 32.0))]
+    rows = [
+        {
+            "target": t,
+            "width": 64,
+            "l0": l0,
+            "sparsity": int(l0),
+            "dead": i,
+            "fvu": scale * l0**-0.5,
+        }
+        for i, (t, scale) in enumerate((("error", 1.0), ("linear", 0.5), ("nonlinear", 2.0)))
+        for l0 in ((4.0, 8.0, 16.0) if t != "error" else (2.0, 8.0, 32.0))
+    ]
     out = matched_l0(rows)
     assert [m["l0"] for m in out] == [2.0, 8.0, 32.0]
     assert out[1]["dead"] == {"error": 0, "linear": 1, "nonlinear": 2}  # the SAEs with the same k
@@ -119,7 +140,9 @@ def test_matched_l0_interpolates_log_log():
     assert out[1]["fvu"]["linear"] == pytest.approx(0.5 * 8 ** -0.5)  # exact for a power law
     assert out[1]["fvu"]["nonlinear"] == pytest.approx(2.0 * 8 ** -0.5)
     assert out[1]["dead"] == {"error": 0, "linear": None, "nonlinear": None}  # no k=8 SAE left
-    assert out[0]["fvu"]["linear"] is None and out[2]["fvu"]["nonlinear"] is None  # no extrapolation
+    assert (
+        out[0]["fvu"]["linear"] is None and out[2]["fvu"]["nonlinear"] is None
+    )  # no extrapolation
 
 
 def test_unknown_base_sae_is_named(run_dir):

@@ -9,9 +9,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import cached_hub_repo
 from safetensors.torch import save_file
 
+from conftest import cached_hub_repo
 from sae_darkmatter.adopt import adopt_sae_metadata
 from sae_darkmatter.config import CorpusConfig, HarvestConfig, ModelConfig, RunConfig
 from sae_darkmatter.harvest import harvest
@@ -48,9 +48,9 @@ def test_gemma_scope_2_loads_offline_as_sae_lens_loads_it(hub_cache, monkeypatch
     asks the Hub for tensor shapes over HTTP (which fails offline even with the file cached), so
     for the reference alone that one call reads the cached file."""
     from huggingface_hub import hf_hub_download
-    from safetensors import safe_open
     from sae_lens import SAE
     from sae_lens.loading import pretrained_sae_loaders
+    from safetensors import safe_open
 
     params = _gemma_scope_2_files(hub_cache, with_config=with_config)
     loaded = open_sae(f"saelens:{RELEASE}/{SAE_ID}")
@@ -61,7 +61,10 @@ def test_gemma_scope_2_loads_offline_as_sae_lens_loads_it(hub_cache, monkeypatch
 
     monkeypatch.setattr(pretrained_sae_loaders, "get_safetensors_tensor_shapes", shapes_from_cache)
     theirs = SAE.from_pretrained(RELEASE, SAE_ID)
-    assert isinstance(loaded.sae, JumpReLUSAE) and (loaded.sae.d_in, loaded.sae.d_sae) == (D_IN, D_SAE)
+    assert isinstance(loaded.sae, JumpReLUSAE) and (loaded.sae.d_in, loaded.sae.d_sae) == (
+        D_IN,
+        D_SAE,
+    )
     x = torch.randn(400, D_IN, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         z = loaded.sae.encode(x)
@@ -84,11 +87,16 @@ def test_a_gemma_scope_2_run_takes_its_settings(hub_cache, gemma3_tokenizer, cap
     loaded = {"sae": open_sae(spec)}
     with caplog.at_level(logging.INFO, logger="sae_darkmatter.adopt"):
         cfg = adopt_sae_metadata(RunConfig(saes=(spec,)), loaded, tokenizer=gemma3_tokenizer)
-    assert (cfg.harvest.model.name, cfg.harvest.hooks) == ("google/gemma-3-270m", ("resid_post.12",))
+    assert (cfg.harvest.model.name, cfg.harvest.hooks) == (
+        "google/gemma-3-270m",
+        ("resid_post.12",),
+    )
     assert cfg.harvest.corpus.context_length == 1024
     assert cfg.harvest.corpus.prepend_bos == "auto"  # Gemma's tokenizer adds <bos> already
     assert "harvest.corpus.context_length = 1024, as the SAEs were trained" in caplog.text
-    assert "trained on text from monology/pile-uncopyrighted; this run reads 'stdlib'" in caplog.text
+    assert (
+        "trained on text from monology/pile-uncopyrighted; this run reads 'stdlib'" in caplog.text
+    )
 
     caplog.clear()  # a setting the run chooses wins, with one warning naming both values
     mine = RunConfig(saes=(spec,), harvest=HarvestConfig(corpus=CorpusConfig(

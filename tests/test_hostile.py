@@ -53,55 +53,135 @@ BAD_TOML = [
     ("[train]\nwidths = [128,\nks = [1]\n", ConfigError, ["invalid TOML", "line 3, column 1"]),
     ("[train\nks = [1]\n", ConfigError, ["invalid TOML: Expected ']'", "line 1, column 7"]),
     ("[train]\nks = [1]\n[train]\nks = [2]\n", ConfigError, ["invalid TOML", "line 3"]),
-    ("[trian]\nks = [1]\n", ConfigError,
-     ["unknown key(s) ['trian'] for RunConfig in the top level", "did you mean 'train'"]),
-    ("[harvest.model]\nnmae = 'gpt2'\n", ConfigError,
-     ["unknown key(s) ['nmae'] for ModelConfig in table [harvest.model]", "did you mean 'name'"]),
-    ("[harvest.corpus]\ncontext_lenght = 64\n", ConfigError,
-     ["table [harvest.corpus]", "did you mean 'context_length'"]),
-    ("[split.filter]\nskip_position = 2\n", ConfigError,
-     ["table [split.filter]", "did you mean 'skip_positions'"]),
-    ("[error_saes.train]\nwidht = [64]\n", ConfigError,
-     ["SAETrainConfig in table [error_saes.train]", "did you mean 'width"]),
-    ("[train]\nwidths = \"abc\"\n", ConfigValueError,
-     ["train.widths must be a non-empty list of positive ints", "got 'abc' (a string)"]),
-    ("[train]\nks = [1.5]\n", ConfigValueError, ["train.ks must be a non-empty list of positive ints",
-                                                 "got [1.5]"]),
+    (
+        "[trian]\nks = [1]\n",
+        ConfigError,
+        ["unknown key(s) ['trian'] for RunConfig in the top level", "did you mean 'train'"],
+    ),
+    (
+        "[harvest.model]\nnmae = 'gpt2'\n",
+        ConfigError,
+        ["unknown key(s) ['nmae'] for ModelConfig in table [harvest.model]", "did you mean 'name'"],
+    ),
+    (
+        "[harvest.corpus]\ncontext_lenght = 64\n",
+        ConfigError,
+        ["table [harvest.corpus]", "did you mean 'context_length'"],
+    ),
+    (
+        "[split.filter]\nskip_position = 2\n",
+        ConfigError,
+        ["table [split.filter]", "did you mean 'skip_positions'"],
+    ),
+    (
+        "[error_saes.train]\nwidht = [64]\n",
+        ConfigError,
+        ["SAETrainConfig in table [error_saes.train]", "did you mean 'width"],
+    ),
+    (
+        '[train]\nwidths = "abc"\n',
+        ConfigValueError,
+        ["train.widths must be a non-empty list of positive ints", "got 'abc' (a string)"],
+    ),
+    (
+        "[train]\nks = [1.5]\n",
+        ConfigValueError,
+        ["train.ks must be a non-empty list of positive ints", "got [1.5]"],
+    ),
     ("[train]\nks = 16\n", ConfigValueError, ["train.ks must be", "got 16 (an integer)"]),
-    ("[harvest.corpus]\nn_contexts = -5\n", ConfigValueError,
-     ["harvest.corpus.n_contexts must be >= 1, got -5"]),
-    ("[harvest.corpus]\nn_contexts = 1e3\n", ConfigValueError,
-     ["harvest.corpus.n_contexts must be an integer, got 1000.0 (a float)"]),
-    ("[harvest.corpus]\nn_contexts = true\n", ConfigValueError,
-     ["harvest.corpus.n_contexts must be an integer, got True (a boolean)"]),
-    ("[harvest]\nwith_loss = \"yes\"\n", ConfigValueError,
-     ["harvest.with_loss must be true or false, got 'yes' (a string)"]),
-    ("[harvest.corpus.source]\nx = 1\n", ConfigValueError,
-     ["harvest.corpus.source must be a string, got {'x': 1} (a table)"]),
+    (
+        "[harvest.corpus]\nn_contexts = -5\n",
+        ConfigValueError,
+        ["harvest.corpus.n_contexts must be >= 1, got -5"],
+    ),
+    (
+        "[harvest.corpus]\nn_contexts = 1e3\n",
+        ConfigValueError,
+        ["harvest.corpus.n_contexts must be an integer, got 1000.0 (a float)"],
+    ),
+    (
+        "[harvest.corpus]\nn_contexts = true\n",
+        ConfigValueError,
+        ["harvest.corpus.n_contexts must be an integer, got True (a boolean)"],
+    ),
+    (
+        '[harvest]\nwith_loss = "yes"\n',
+        ConfigValueError,
+        ["harvest.with_loss must be true or false, got 'yes' (a string)"],
+    ),
+    (
+        "[harvest.corpus.source]\nx = 1\n",
+        ConfigValueError,
+        ["harvest.corpus.source must be a string, got {'x': 1} (a table)"],
+    ),
     ("harvest = 5\n", ConfigValueError, ["harvest must be a table [harvest], got 5 (an integer)"]),
     ("[[train]]\nks = [1]\n", ConfigValueError, ["train must be a table [train]", "(a list)"]),
-    ("[error_saes]\ntrain = 3\n", ConfigValueError,
-     ["error_saes.train must be a table [error_saes.train], got 3"]),
-    ("[harvest]\nhooks = \"resid_post.3\"\n", ConfigValueError,
-     ["harvest.hooks must be a list of strings", "write a list, e.g. ['resid_post.3']"]),
-    ("[harvest]\nhooks = [\"a\", 3]\n", ConfigValueError,
-     ["harvest.hooks must be a list of strings", "item 1, 3, is an integer"]),
-    ("[error_saes.train]\nks = [0]\n", ConfigValueError,
-     ["error_saes.train.ks must be a non-empty list of positive ints", "got [0]"]),
+    (
+        "[error_saes]\ntrain = 3\n",
+        ConfigValueError,
+        ["error_saes.train must be a table [error_saes.train], got 3"],
+    ),
+    (
+        '[harvest]\nhooks = "resid_post.3"\n',
+        ConfigValueError,
+        ["harvest.hooks must be a list of strings", "write a list, e.g. ['resid_post.3']"],
+    ),
+    (
+        '[harvest]\nhooks = ["a", 3]\n',
+        ConfigValueError,
+        ["harvest.hooks must be a list of strings", "item 1, 3, is an integer"],
+    ),
+    (
+        "[error_saes.train]\nks = [0]\n",
+        ConfigValueError,
+        ["error_saes.train.ks must be a non-empty list of positive ints", "got [0]"],
+    ),
     ("[train]\nlr = -1\n", ConfigValueError, ["train.lr must be > 0", "got -1"]),
-    ("[decompose]\nridge = nan\n", ConfigValueError, ["decompose.ridge must be a finite number >= 0, got nan"]),
-    ("[decompose]\ndevice = \"gpu\"\n", ConfigValueError, ["decompose.device must be 'auto'", "got 'gpu'"]),
-    ("[pursuit]\nl0 = \"all\"\n", ConfigValueError, ["pursuit.l0 must be an integer >= 1 or \"match\""]),
-    ("[split]\nsae_train_fraction = 1.0\n", ConfigValueError, ["split.sae_train_fraction must be in [0, 1)"]),
-    ("[split.filter]\nmax_norm_ratio = 0.5\n", ConfigValueError, ["split.filter.max_norm_ratio must be a finite number >= 1"]),
-    ("[harvest.model]\ndtype = \"fp16\"\n", ConfigValueError,
-     ["harvest.model.dtype must be one of ['float32', 'bfloat16', 'float16'], got 'fp16'"]),
-    ("[harvest]\nbatch_size = 16\ncontexts_per_shard = 100\n", ConfigValueError,
-     ["harvest.contexts_per_shard must be a positive multiple of batch_size (16), got 100"]),
-    ("[harvest.corpus]\nencoding_errors = \"ignore\"\n", ConfigValueError,
-     ["harvest.corpus.encoding_errors must be one of ['strict', 'replace'], got 'ignore'"]),
-    ("[harvest.corpus]\ncontext_length = 8\n[split.filter]\nskip_positions = 8\n", ConfigError,
-     ["skip_positions (8) must be smaller than the context length (8"]),
+    (
+        "[decompose]\nridge = nan\n",
+        ConfigValueError,
+        ["decompose.ridge must be a finite number >= 0, got nan"],
+    ),
+    (
+        '[decompose]\ndevice = "gpu"\n',
+        ConfigValueError,
+        ["decompose.device must be 'auto'", "got 'gpu'"],
+    ),
+    (
+        '[pursuit]\nl0 = "all"\n',
+        ConfigValueError,
+        ['pursuit.l0 must be an integer >= 1 or "match"'],
+    ),
+    (
+        "[split]\nsae_train_fraction = 1.0\n",
+        ConfigValueError,
+        ["split.sae_train_fraction must be in [0, 1)"],
+    ),
+    (
+        "[split.filter]\nmax_norm_ratio = 0.5\n",
+        ConfigValueError,
+        ["split.filter.max_norm_ratio must be a finite number >= 1"],
+    ),
+    (
+        '[harvest.model]\ndtype = "fp16"\n',
+        ConfigValueError,
+        ["harvest.model.dtype must be one of ['float32', 'bfloat16', 'float16'], got 'fp16'"],
+    ),
+    (
+        "[harvest]\nbatch_size = 16\ncontexts_per_shard = 100\n",
+        ConfigValueError,
+        ["harvest.contexts_per_shard must be a positive multiple of batch_size (16), got 100"],
+    ),
+    (
+        '[harvest.corpus]\nencoding_errors = "ignore"\n',
+        ConfigValueError,
+        ["harvest.corpus.encoding_errors must be one of ['strict', 'replace'], got 'ignore'"],
+    ),
+    (
+        "[harvest.corpus]\ncontext_length = 8\n[split.filter]\nskip_positions = 8\n",
+        ConfigError,
+        ["skip_positions (8) must be smaller than the context length (8"],
+    ),
 ]
 
 
@@ -129,16 +209,26 @@ def test_config_file_not_utf8_missing_or_a_folder(tmp_path):
 
 
 def test_direct_construction_and_cli_overrides_are_checked_too():
-    with pytest.raises(ConfigValueError, match=r"harvest\.corpus\.context_length must be >= 1, got 0"):
+    with pytest.raises(
+        ConfigValueError, match=r"harvest\.corpus\.context_length must be >= 1, got 0"
+    ):
         CorpusConfig(context_length=0)
-    with pytest.raises(ConfigValueError, match=r"split\.filter\.skip_positions must be >= 0, got -1"):
+    with pytest.raises(
+        ConfigValueError, match=r"split\.filter\.skip_positions must be >= 0, got -1"
+    ):
         TokenFilter(skip_positions=-1)
     cfg = RunConfig()
-    with pytest.raises(ConfigError, match=r"skip_positions \(200\) must be smaller than the context length \(128"):
+    with pytest.raises(
+        ConfigError, match=r"skip_positions \(200\) must be smaller than the context length \(128"
+    ):
         dataclasses.replace(cfg, split=SplitConfig(filter=TokenFilter(skip_positions=200)))
-    res = CliRunner().invoke(app, ["run", "--skip-positions", "64", "--context-length", "64", "-o", "unused"])
+    res = CliRunner().invoke(
+        app, ["run", "--skip-positions", "64", "--context-length", "64", "-o", "unused"]
+    )
     assert res.exit_code == 2
-    assert "skip_positions (64) must be smaller than the context length (64" in " ".join(res.output.split())
+    assert "skip_positions (64) must be smaller than the context length (64" in " ".join(
+        res.output.split()
+    )
 
 
 def test_valid_configs_keep_their_fingerprint_keys():
@@ -171,13 +261,18 @@ def test_non_utf8_text_file_names_file_offset_and_line(tmp_path, smollm2_tokeniz
 def test_utf16_file_and_bad_jsonl_line(tmp_path):
     u16 = tmp_path / "u16.txt"
     u16.write_bytes("hello".encode("utf-16"))
-    with pytest.raises(CorpusEncodingError, match=r"UTF-16 byte-order mark\): byte 0xff at byte offset 0"):
+    with pytest.raises(
+        CorpusEncodingError, match=r"UTF-16 byte-order mark\): byte 0xff at byte offset 0"
+    ):
         list(iter_documents(CorpusConfig(source=str(u16))))
     jl = tmp_path / "bad.jsonl"
     lines = [b'{"text": "ok"}\n', b'{"text": "fine"}\n', b'{"text": "caf\xe9"}\n']
     jl.write_bytes(b"".join(lines))
     offset = len(lines[0]) + len(lines[1]) + lines[2].index(b"\xe9")
-    with pytest.raises(CorpusEncodingError, match=rf"bad\.jsonl is not valid UTF-8: byte 0xe9 at byte offset {offset} \(line 3\)"):
+    with pytest.raises(
+        CorpusEncodingError,
+        match=rf"bad\.jsonl is not valid UTF-8: byte 0xe9 at byte offset {offset} \(line 3\)",
+    ):
         list(iter_documents(CorpusConfig(source=str(jl))))
 
 
@@ -237,10 +332,18 @@ def test_harvest_refuses_nan_activations_with_positions(tmp_path, tiny_lm):
     # NaN enters at the marker and spreads over its whole context: the causal mask is added to
     # the attention scores, and NaN + (-inf) is NaN. Other contexts stay finite.
     t = contexts.shape[1]
-    assert err.places == [(c, q, "nan") for q in range(5)] and err.n_bad == t and err.n_total == 4 * t
+    assert (
+        err.places == [(c, q, "nan") for q in range(5)] and err.n_bad == t and err.n_total == 4 * t
+    )
     msg = str(err)
-    assert f"hook 'resid_post.1': NaN or inf at {t} of {4 * t} tokens (context {c} position 0 (nan)" in msg
-    assert "nothing from contexts 4..7 was stored (the store keeps the 4 contexts committed before)" in msg
+    assert (
+        f"hook 'resid_post.1': NaN or inf at {t} of {4 * t} tokens (context {c} position 0 (nan)"
+        in msg
+    )
+    assert (
+        "nothing from contexts 4..7 was stored (the store keeps the 4 contexts committed before)"
+        in msg
+    )
     store = ActivationStore.open(tmp_path / "store")
     assert store.committed_contexts == 4  # the first shard is kept, the bad one never landed
     assert all(bool(torch.isfinite(x).all()) for _, x in store.iter_chunks("resid_post.1"))
@@ -266,14 +369,20 @@ def test_harvest_float16_overflow_and_loss_overflow(tmp_path, tiny_model_dir):
     with torch.no_grad():
         lm.model.model.layers[0].mlp.up_proj.weight.mul_(1e3)  # residual > 65504 in float16
         lm.model.model.layers[0].mlp.down_proj.weight.mul_(1e5)
-    cfg = dataclasses.replace(_harvest_cfg(text, with_loss=False), model=ModelConfig(name="unused", dtype="float16"))
-    with pytest.raises(NonFiniteError, match=r"context 0 position 0 \((inf|nan)\).*float16 overflows above 65504"):
+    cfg = dataclasses.replace(
+        _harvest_cfg(text, with_loss=False), model=ModelConfig(name="unused", dtype="float16")
+    )
+    with pytest.raises(
+        NonFiniteError, match=r"context 0 position 0 \((inf|nan)\).*float16 overflows above 65504"
+    ):
         harvest(cfg, tmp_path / "s16", lm=lm, progress=False)
 
     lm = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     with torch.no_grad():
         lm.model.model.norm.weight.fill_(math.inf)  # final norm: hooked activations stay finite
-    with pytest.raises(NonFiniteError, match=r"per-token loss \(from non-finite logits\): NaN or inf at 60 of 60"):
+    with pytest.raises(
+        NonFiniteError, match=r"per-token loss \(from non-finite logits\): NaN or inf at 60 of 60"
+    ):
         harvest(_harvest_cfg(text, with_loss=True), tmp_path / "sl", lm=lm, progress=False)
 
 
@@ -283,7 +392,9 @@ D, T = 8, 6
 
 
 def _store(tmp_path, x: np.ndarray) -> ActivationStore:
-    st = ActivationStore.create_or_resume(tmp_path / "store", hooks={"h": D}, context_length=T, meta={})
+    st = ActivationStore.create_or_resume(
+        tmp_path / "store", hooks={"h": D}, context_length=T, meta={}
+    )
     st.append(context_start=0, acts={"h": x.reshape(-1, T, D).astype(np.float32)},
               tokens=np.full((x.shape[0] // T, T), 5), loss=None)
     return st
@@ -325,15 +436,23 @@ def test_require_finite_is_a_no_op_on_finite_rows(tmp_path):
 
 def test_sae_width_dtype_and_mixed_dtypes(tmp_path, caplog):
     st = _store(tmp_path, _data())
-    with pytest.raises(ShapeMismatchError, match=r"SAE 'wide' has d_in 12 but the store's 'h' activations have width 8"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"SAE 'wide' has d_in 12 but the store's 'h' activations have width 8",
+    ):
         check_sae("wide", TopKSAE(12, 16, 3), st, "h")
     mixed = _sae()
     mixed.W_dec.data = mixed.W_dec.data.half()
-    with pytest.raises(IncompatibleSAEError, match=r"SAE 'mixed' mixes parameter dtypes: \{W_dec: float16, W_enc: float32"):
+    with pytest.raises(
+        IncompatibleSAEError,
+        match=r"SAE 'mixed' mixes parameter dtypes: \{W_dec: float16, W_enc: float32",
+    ):
         check_sae("mixed", mixed, st, "h")
     ints = _sae()
     ints.b_dec = torch.nn.Parameter(torch.zeros(D, dtype=torch.int32), requires_grad=False)
-    with pytest.raises(IncompatibleSAEError, match=r"SAE 'ints' has non-float parameters \{b_dec: int32\}"):
+    with pytest.raises(
+        IncompatibleSAEError, match=r"SAE 'ints' has non-float parameters \{b_dec: int32\}"
+    ):
         check_sae("ints", ints, st, "h")
 
     # A bfloat16 SAE runs in bfloat16 (inputs cast, logged); e = x - x̂ in float32.
@@ -354,7 +473,10 @@ def test_float16_sae_overflow_is_reported(tmp_path):
     big = _sae().half()
     with torch.no_grad():
         big.W_dec.mul_(3e4)
-    with pytest.raises(NonFiniteError, match=r"SAE 'sae' reconstructions of hook 'h'.*float16 arithmetic overflowed"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"SAE 'sae' reconstructions of hook 'h'.*float16 arithmetic overflowed",
+    ):
         decompose(st, big, make_splits(st, SPLIT), DEC, progress=False)
 
 
@@ -366,14 +488,19 @@ def test_decompose_with_a_duplicated_dimension_records_regularization(tmp_path, 
     with caplog.at_level(logging.WARNING):
         out = decompose(st, _sae(), splits, DEC, progress=False)
     m = out.metrics
-    assert m.probe_regularized and m.probe_rank == D - 1 and (m.probe_cond is None or m.probe_cond > 1e10)
+    assert (
+        m.probe_regularized
+        and m.probe_rank == D - 1
+        and (m.probe_cond is None or m.probe_cond > 1e10)
+    )
     assert "linearly dependent x dimensions [2, 5]" in caplog.text
     # Held-out predictions agree with numpy's minimum-norm lstsq (test rows share the duplicate).
     sae = _sae()
     xa = np.asarray(st.gather("h", np.arange(st.n_rows)), np.float64)
     with torch.no_grad():
         e = xa - sae(torch.from_numpy(xa).float()).double().numpy()
-    ones = lambda a: np.hstack([a, np.ones((len(a), 1))])
+    def ones(a):
+        return np.hstack([a, np.ones((len(a), 1))])
     w, *_ = np.linalg.lstsq(ones(xa[splits.probe_train]), e[splits.probe_train], rcond=None)
     te = splits.probe_test
     got = out.error_probe.predict(torch.from_numpy(xa[te])).numpy()
@@ -408,7 +535,8 @@ def _degenerate_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(x, held-out rows) for each degenerate design; x has a large offset like activations."""
     rng = np.random.default_rng(7)
     n, d = 600, 8
-    base = lambda m: 40 + rng.normal(size=(m, d))
+    def base(m):
+        return 40 + rng.normal(size=(m, d))
     out = {}
     x, t = base(n), base(50)
     x[:, 5], t[:, 5] = x[:, 2], t[:, 2]
@@ -486,7 +614,9 @@ def test_nonfinite_lstsq_inputs_name_the_input_and_rows():
     y = torch.zeros(10, 2)
     y[4, 1] = math.inf
     y[7, 0] = math.nan
-    with pytest.raises(DarkMatterError, match=r"y holds NaN or inf in 2 of 10 rows \(rows 4, 7 of this chunk\)"):
+    with pytest.raises(
+        DarkMatterError, match=r"y holds NaN or inf in 2 of 10 rows \(rows 4, 7 of this chunk\)"
+    ):
         acc.update(torch.randn(10, 3), y)
     with pytest.raises(ValueError, match="ridge must be a finite number >= 0, got inf"):
         _streaming(np.ones((5, 2)), np.ones((5, 1))).solve(math.inf)

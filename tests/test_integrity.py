@@ -56,7 +56,10 @@ def test_damaged_shards_are_named_and_repaired_bit_identically(tiny_model_dir, t
     assert "is missing" in found[2].reason
 
     reader = ActivationStore.open(path)
-    with pytest.raises(CorruptStoreError, match=rf"shard {shards[1]} is corrupt: sha256 .* `darkmatter verify {path} --repair`"):
+    with pytest.raises(
+        CorruptStoreError,
+        match=rf"shard {shards[1]} is corrupt: sha256 .* `darkmatter verify {path} --repair`",
+    ):
         for _ in reader.iter_chunks("resid_post.1"):
             pass
     with pytest.raises(CorruptStoreError, match=r"3 of 4 shards .* are bad"):
@@ -85,14 +88,20 @@ def test_damaged_trained_sae_is_dropped_and_retrained_identically(tmp_path):
     cfg = SAETrainConfig(widths=(32, 64), ks=(4,), train_tokens=4096, batch_size=512)
     run = tmp_path / "run"
     folders = train_grid(x, cfg, run / "saes", progress=False)
-    before = {f: {k: t.clone() for k, t in load_file(f / "sae_weights.safetensors").items()} for f in folders}
+    before = {
+        f: {k: t.clone() for k, t in load_file(f / "sae_weights.safetensors").items()}
+        for f in folders
+    }
     weights = folders[1] / "sae_weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-8] ^= 0x80
     weights.write_bytes(bytes(data))
 
     (found,) = integrity.check(run)
-    assert (found.kind, found.path) == ("sae", folders[1]) and "sha256 does not match" in found.reason
+    assert (found.kind, found.path) == (
+        "sae",
+        folders[1],
+    ) and "sha256 does not match" in found.reason
     repaired, left = integrity.repair(run, progress=False)
     assert repaired == [found] and left == [] and not folders[1].exists() and folders[0].exists()
 
@@ -111,7 +120,9 @@ def test_foreign_damaged_sae_is_reported_not_deleted(tmp_path):
     save_sae(TopKSAE(8, 16, k=2), folder, metadata={})
     (folder / "cfg.json").write_text("{not json")
     repaired, left = integrity.repair(tmp_path / "run", progress=False)
-    assert repaired == [] and [d.path for d in left] == [folder] and "not valid JSON" in left[0].reason
+    assert (
+        repaired == [] and [d.path for d in left] == [folder] and "not valid JSON" in left[0].reason
+    )
     assert folder.exists()
     assert np.array_equal(sorted(p.name for p in folder.iterdir()),
                           ["cfg.json", "checksums.json", "sae_weights.safetensors"])

@@ -140,7 +140,9 @@ class Runner:
         with self.log.open("a") as out:
             cmd = [sys.executable, "-c", CHILD, "run", "--config", str(self.config), "-o",
                    self.run_dir.name if relative else str(self.run_dir)]
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.base)
+            return subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.base
+            )
 
     def _note(self, text: str) -> None:
         with self.log.open("a") as fh:
@@ -170,7 +172,9 @@ class Runner:
         """Run until the injected kill point ``spec``; it must be reached."""
         proc = self.start(spec)
         code = self.wait(proc)
-        assert code == -signal.SIGKILL, f"kill point {spec} not reached (exit {code}):\n{self.tail()}"
+        assert code == -signal.SIGKILL, (
+            f"kill point {spec} not reached (exit {code}):\n{self.tail()}"
+        )
         self.kills.append(f"{spec}, during {stage_at(self.run_dir)}")
         self._note(f"===== killed {self.kills[-1]} =====")
 
@@ -241,7 +245,8 @@ def snapshot(run: Path) -> dict[str, Any]:
 def assert_same_results(run: Path, reference: dict[str, Any]) -> None:
     got = snapshot(run)
     assert sorted(got) == sorted(reference), (
-        f"extra files {sorted(set(got) - set(reference))}, missing {sorted(set(reference) - set(got))}")
+        f"extra files {sorted(set(got) - set(reference))}, missing {sorted(set(reference) - set(got))}"
+    )
     differ = [k for k in reference if got[k] != reference[k]]
     assert not differ, f"differ from the uninterrupted run: {differ}"
 
@@ -392,8 +397,11 @@ def test_killed_when_stage_outputs_appear_resumes_to_identical_results(reference
                ("error SAEs", _has("error_saes/*/*/*")),
                ("downstream", _has("downstream/per_token.safetensors")),
                ("report", _has("figures/fvu_vs_width.png"))]
-    kill_chain(reference, "chain_watched",
-               [lambda r, label=label, ready=ready: r.kill_when(label, ready) for label, ready in watched])
+    kill_chain(
+        reference,
+        "chain_watched",
+        [lambda r, label=label, ready=ready: r.kill_when(label, ready) for label, ready in watched],
+    )
 
 
 @pytest.mark.slow
@@ -404,7 +412,9 @@ def test_killed_at_random_moments_resumes_to_identical_results(reference, seed):
     seconds = reference[3]
     rng = random.Random(seed)
     delays = [rng.uniform(0.05, 0.6) * seconds, rng.uniform(0.05, 0.3) * seconds]
-    r = kill_chain(reference, f"chain_random{seed}", [lambda r, d=d: r.kill_after(d) for d in delays])
+    r = kill_chain(
+        reference, f"chain_random{seed}", [lambda r, d=d: r.kill_after(d) for d in delays]
+    )
     assert r.kills, "no random kill landed before the run finished"
 
 

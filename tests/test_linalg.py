@@ -232,7 +232,10 @@ def test_input_validation():
 
 def test_inputs_are_not_modified():
     rng = np.random.default_rng(10)
-    x, y = torch.from_numpy(rng.standard_normal((50, 3))), torch.from_numpy(rng.standard_normal((50, 2)))
+    x, y = (
+        torch.from_numpy(rng.standard_normal((50, 3))),
+        torch.from_numpy(rng.standard_normal((50, 2))),
+    )
     before = (x.clone(), y.clone())
     StreamingLstsq(3, 2).update(x, y)
     R2Accumulator(2).update(y, y[:, [1, 0]])

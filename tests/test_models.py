@@ -300,7 +300,9 @@ def test_remote_code_stays_off_unless_asked(tiny_model_dir, tmp_path):
         "class Cfg(LlamaConfig):\n    model_type = 'custom-llama'\n"
         "class Model(LlamaForCausalLM):\n    config_class = Cfg\n"
     )
-    with pytest.raises(ModelNotAvailableError, match=r"ships its own Python code .*trust_remote_code = true"):
+    with pytest.raises(
+        ModelNotAvailableError, match=r"ships its own Python code .*trust_remote_code = true"
+    ):
         load_model(ModelConfig(name=str(folder)))
     assert not marker.exists()
     loaded = load_model(ModelConfig(name=str(folder), trust_remote_code=True))

@@ -29,7 +29,9 @@ D, T, N_CTX, VOCAB = 8, 16, 50, 12
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_decomposition(folder: Path, name: str, sae_path: Path, d_sae: int, rows, err_sq, l0, rng) -> None:
+def _write_decomposition(
+    folder: Path, name: str, sae_path: Path, d_sae: int, rows, err_sq, l0, rng
+) -> None:
     n = len(rows)
     tensors = {
         "error_probe.weight": torch.zeros(D, D, dtype=torch.float64),
@@ -40,7 +42,9 @@ def _write_decomposition(folder: Path, name: str, sae_path: Path, d_sae: int, ro
         "test.err_sq": torch.from_numpy(err_sq.astype(np.float32)),
         "test.linear_sq": torch.from_numpy((0.5 * err_sq).astype(np.float32)),
         "test.nonlinear_sq": torch.from_numpy((0.5 * err_sq).astype(np.float32)),
-        "test.err_sq_pred": torch.from_numpy((err_sq * rng.uniform(0.8, 1.2, n)).astype(np.float32)),
+        "test.err_sq_pred": torch.from_numpy(
+            (err_sq * rng.uniform(0.8, 1.2, n)).astype(np.float32)
+        ),
         "test.x_centered_sq": torch.ones(n, dtype=torch.float32),
         "test.l0": torch.from_numpy(l0.astype(np.int32)),
     }
@@ -63,10 +67,14 @@ def run(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(1)
-    store = ActivationStore.create_or_resume(root / "store", hooks={"h": D}, context_length=T, meta={})
+    store = ActivationStore.create_or_resume(
+        root / "store", hooks={"h": D}, context_length=T, meta={}
+    )
     x = rng.normal(size=(N_CTX, T, D)).astype(np.float32)
     tokens = rng.integers(0, VOCAB, size=(N_CTX, T))
-    store.append(context_start=0, acts={"h": torch.from_numpy(x)}, tokens=torch.from_numpy(tokens), loss=None)
+    store.append(
+        context_start=0, acts={"h": torch.from_numpy(x)}, tokens=torch.from_numpy(tokens), loss=None
+    )
     store = ActivationStore.open(root / "store")
     rows = np.sort(rng.choice(N_CTX * T, 700, replace=False))
     xr, tok, pos = x.reshape(-1, D)[rows], tokens.reshape(-1)[rows], store.column("position")[rows]
@@ -84,9 +92,23 @@ def run(tmp_path_factory):
     dec.mkdir()
     for i, (name, y) in enumerate(targets.items()):
         sae_path = root / "saes" / name
-        save_sae(TopKSAE(D, 16 * (i + 1), 4, generator=torch.Generator().manual_seed(i)), sae_path, metadata={})
-        _write_decomposition(dec, name, sae_path, 16 * (i + 1), rows, y, rng.integers(1, 5, len(rows)), rng)
-    return {"root": root, "store": store, "dec": dec, "rows": rows, "x": xr, "tok": tok, "targets": targets}
+        save_sae(
+            TopKSAE(D, 16 * (i + 1), 4, generator=torch.Generator().manual_seed(i)),
+            sae_path,
+            metadata={},
+        )
+        _write_decomposition(
+            dec, name, sae_path, 16 * (i + 1), rows, y, rng.integers(1, 5, len(rows)), rng
+        )
+    return {
+        "root": root,
+        "store": store,
+        "dec": dec,
+        "rows": rows,
+        "x": xr,
+        "tok": tok,
+        "targets": targets,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +138,9 @@ def test_known_dependences_are_found(result):
     assert result["lin"]["token identity"] < 0.1
     for name in ("lin", "tok", "pos"):
         assert result[name]["L0"] < 0.05  # L0 is random
-    assert result["norm"]["‖x‖"] > 0.99 > 0.1 > result["norm"]["x (linear)"]  # ‖x‖² is not linear in x here
+    assert (
+        result["norm"]["‖x‖"] > 0.99 > 0.1 > result["norm"]["x (linear)"]
+    )  # ‖x‖² is not linear in x here
     mix = result["mix"]
     # two-stage fit (x first, then token means of its residual): close to, not exactly, joint OLS
     assert mix["x + token identity"] > 0.95 > max(mix["x (linear)"], mix["token identity"]) + 0.2
@@ -135,7 +159,10 @@ def test_token_identity_is_per_id_mean_with_pooled_rare_ids(run, result):
     np.testing.assert_allclose(got, pred, rtol=1e-12)
     # with real ids every id is common here, so the baseline is the per-id mean
     assert result["tok"]["token identity"] == pytest.approx(
-        r2_score(y[~fit], grouped_ols_predict(np.empty((len(y), 0)), y, fit, run["tok"], min_count=5)[~fit])
+        r2_score(
+            y[~fit],
+            grouped_ols_predict(np.empty((len(y), 0)), y, fit, run["tok"], min_count=5)[~fit],
+        )
     )
 
 
@@ -196,6 +223,11 @@ def test_figures_and_analysis(run, result, tmp_path):
     assert summary["alignment"]["sae"] == "norm"  # the widest
     for name in ("norm_baselines", "norm_violins", "norm_alignment"):
         assert (tmp_path / "out" / "figures" / f"{name}.png").read_bytes()[:8] == PNG
-    align = {"mean_activation": [1.0, 2.0], "projection": [0.5, 1.0], "pearson": None, "spearman": None,
-             "n_latents": 2}
+    align = {
+        "mean_activation": [1.0, 2.0],
+        "projection": [0.5, 1.0],
+        "pearson": None,
+        "spearman": None,
+        "n_latents": 2,
+    }
     assert alignment_figure(align, tmp_path / "a.png").read_bytes()[:8] == PNG

@@ -39,8 +39,12 @@ def store(tmp_path_factory) -> ActivationStore:
     st = ActivationStore.create_or_resume(tmp_path_factory.mktemp("run") / "store", hooks={"h": 4},
                                           context_length=T, meta={})
     for start in range(0, N_CTX, 16):
-        st.append(context_start=start, acts={"h": rng.standard_normal((16, T, 4), dtype=np.float32)},
-                  tokens=rng.integers(0, 1000, (16, T)), loss=None)
+        st.append(
+            context_start=start,
+            acts={"h": rng.standard_normal((16, T, 4), dtype=np.float32)},
+            tokens=rng.integers(0, 1000, (16, T)),
+            loss=None,
+        )
     return st
 
 
@@ -54,7 +58,9 @@ def test_rows(store) -> np.ndarray:
     return np.sort(np.concatenate([rows[ctx != SPARSE_CTX], sparse[:2]]))
 
 
-def make_norms(rows: np.ndarray, informative: bool, seed: int = 2) -> dict[str, dict[str, np.ndarray]]:
+def make_norms(
+    rows: np.ndarray, informative: bool, seed: int = 2
+) -> dict[str, dict[str, np.ndarray]]:
     """‖e_j‖ = s_j·g + m_j·h + 0.3·ε_j with a shared per-token g and h.
 
     informative: ‖nonlinear_i‖ = h + small noise, so it tells SAE i's regression what ‖e_i‖
@@ -70,7 +76,9 @@ def make_norms(rows: np.ndarray, informative: bool, seed: int = 2) -> dict[str, 
         nl = h + 0.05 * rng.standard_normal(n) if informative else np.abs(rng.normal(2.0, 0.5, n))
         lin = np.abs(rng.normal(1.0, 0.2, n))
         ctx = rows // T
-        if name == "wide":  # plant the darkest contexts, and a loud context with too few test tokens
+        if (
+            name == "wide"
+        ):  # plant the darkest contexts, and a loud context with too few test tokens
             nl = np.where(ctx == DARK_NL, nl * 20, nl)
             lin = np.where(ctx == DARK_LIN, lin * 20, lin)
             nl = np.where(ctx == SPARSE_CTX, nl * 1000, nl)
@@ -79,17 +87,26 @@ def make_norms(rows: np.ndarray, informative: bool, seed: int = 2) -> dict[str, 
     return out
 
 
-def write_decompose(folder: Path, rows: np.ndarray, norms: dict, bad_rows_for: str | None = None) -> Path:
+def write_decompose(
+    folder: Path, rows: np.ndarray, norms: dict, bad_rows_for: str | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, width, k in SAES:
         r = rows.copy()
         if name == bad_rows_for:
             r[5] += 1 if r[5] + 1 != r[6] else -1
         n = norms[name]
-        write_json(folder / f"{name}.json", {
-            "name": name, "sae": {"path": f"saes/{name}", "architecture": "topk", "k": k}, "model": "tiny",
-            "data": {}, "metrics": {"hook": "h", "d_in": 4, "d_sae": width}, "probe_file": f"{name}.safetensors",
-        })
+        write_json(
+            folder / f"{name}.json",
+            {
+                "name": name,
+                "sae": {"path": f"saes/{name}", "architecture": "topk", "k": k},
+                "model": "tiny",
+                "data": {},
+                "metrics": {"hook": "h", "d_in": 4, "d_sae": width},
+                "probe_file": f"{name}.safetensors",
+            },
+        )
         save_file({
             "test.rows": r.astype(np.int64),
             "test.err_sq": (n["err"] ** 2).astype(np.float32),
@@ -130,7 +147,9 @@ def test_norms_are_sorted_unsquared_and_aligned(informative, test_rows):
 
 
 def test_mismatched_rows_name_the_sae(tmp_path, test_rows):
-    folder = write_decompose(tmp_path / "decompose", test_rows, make_norms(test_rows, True), bad_rows_for="mid_k8")
+    folder = write_decompose(
+        tmp_path / "decompose", test_rows, make_norms(test_rows, True), bad_rows_for="mid_k8"
+    )
     with pytest.raises(DarkMatterError, match="mid_k8"):
         per_token_norms(folder)
 
@@ -159,7 +178,9 @@ def test_predictability_matches_independent_ols(informative):
                 continue
             e_i, e_j = norms.err[i], norms.err[j]
             assert r2[i, j] == pytest.approx(_reference_r2([e_i], e_j, fit, score), abs=1e-10)
-            assert r2_nl[i, j] == pytest.approx(_reference_r2([e_i, norms.nonlinear[i]], e_j, fit, score), abs=1e-10)
+            assert r2_nl[i, j] == pytest.approx(
+                _reference_r2([e_i, norms.nonlinear[i]], e_j, fit, score), abs=1e-10
+            )
             # Held-out R² of one regressor = squared correlation on the scored tokens, less the
             # cost of coefficients fit on the other half: ~(1 − R²)·χ²₂/n_fit ≈ 0.001 here.
             corr = np.corrcoef(e_i[score], e_j[score])[0, 1]
@@ -251,7 +272,9 @@ def test_figures_and_full_analysis(informative, store, tmp_path):
     res = predictability_matrix(norms)
     p = matrix_figure(res, tmp_path / "m.png")
     assert p.read_bytes()[:8] == PNG
-    p = token_strip_figure(norms, store, tmp_path / "s.png", start=10, length=20, tokenizer=_CharTokenizer())
+    p = token_strip_figure(
+        norms, store, tmp_path / "s.png", start=10, length=20, tokenizer=_CharTokenizer()
+    )
     assert p.read_bytes()[:8] == PNG
     with pytest.raises(DarkMatterError, match="start"):
         token_strip_figure(norms, store, tmp_path / "x.png", start=norms.rows.size)

@@ -76,7 +76,9 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     assert cross["target"] == "resid_post.2" and cross["best"]["predictor"] in cross["predictors"]
     # downstream: the splice reproduces the harvest's loss; every selected SAE is in the table
     down = analyses["downstream"]
-    assert down["check"]["clean_vs_stored_max_abs"] < 1e-3 and down["check"]["identity_max_kl"] < 1e-6
+    assert (
+        down["check"]["clean_vs_stored_max_abs"] < 1e-3 and down["check"]["identity_max_kl"] < 1e-6
+    )
     assert {t["sae"] for t in down["table"]} == {"topk-w64-k8", "topk-w128-k8", "topk-w256-k8"}
     assert {t["fvu_error"] >= 0 for t in analyses["error_saes"]["table"]} == {True}
     fit = analyses["scaling"]["fit"]
@@ -92,7 +94,10 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
         assert s["l0"] <= 8
     data = on_disk["data"]
     assert data["excluded_positions"] == 96  # skip_positions=1, one per context
-    assert data["probe_train_tokens"] + data["probe_test_tokens"] + data["sae_train_tokens"] == data["tokens_kept"]
+    assert (
+        data["probe_train_tokens"] + data["probe_test_tokens"] + data["sae_train_tokens"]
+        == data["tokens_kept"]
+    )
 
 
 def test_saved_sae_loads_in_sae_lens_with_same_reconstructions(tiny_run):
@@ -134,7 +139,9 @@ def test_stage_commands(tiny_run, tmp_path):
     assert saved["metrics"]["fvu"] == pytest.approx(metrics["saes"][0]["fvu"])
     res = runner.invoke(app, ["report", str(tmp_path / "dec")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "report.html").exists() and (tmp_path / "figures" / "fvu_vs_width.png").exists()
+    assert (tmp_path / "report.html").exists() and (
+        tmp_path / "figures" / "fvu_vs_width.png"
+    ).exists()
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
     assert set(json.loads((out / "analyses.json").read_text())) == {
@@ -160,8 +167,20 @@ def test_stage_commands(tiny_run, tmp_path):
 def test_run_with_our_sae_folder_takes_model_and_hook_from_its_metadata(tiny_run, tmp_path):
     """`darkmatter run --sae FOLDER` with no --model/--hook: both come from the SAE's cfg.json."""
     out, metrics = tiny_run
-    res = runner.invoke(app, ["run", "--sae", str(out / "saes" / "topk-w64-k8"), "-o", str(tmp_path),
-                              "--n-contexts", "48", "--context-length", "32"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "--sae",
+            str(out / "saes" / "topk-w64-k8"),
+            "-o",
+            str(tmp_path),
+            "--n-contexts",
+            "48",
+            "--context-length",
+            "32",
+        ],
+    )
     assert res.exit_code == 0, res.output
     store = ActivationStore.open(tmp_path / "store")
     assert list(store.hooks) == ["resid_post.2"]
@@ -180,9 +199,10 @@ def test_run_with_our_sae_folder_takes_model_and_hook_from_its_metadata(tiny_run
 def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, tmp_path):
     """`saelens:<repo>/<id>` through sae_lens's own loader, offline, from a real hub-cache layout."""
     import torch
-    from conftest import cached_hub_repo
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
+
+    from conftest import cached_hub_repo
 
     cls, cfg_cls = get_sae_class("jumprelu")
     meta = SAEMetadata(model_name=str(tiny_model_dir), hook_name="blocks.3.hook_resid_pre")
@@ -205,8 +225,13 @@ def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, t
     assert entry["name"] == "acme__tiny-llama-saes__l3__res"
     # the analyses reopen the SAE from its registry spec (one SAE: no scaling fit, no pursuit band)
     analyses = metrics["analyses"]
-    assert not any("skipped" in analyses[a] for a in ("norms", "error_saes", "downstream")), analyses
-    assert (entry["provenance"]["library"], entry["provenance"]["architecture"]) == ("sae_lens", "jumprelu")
+    assert not any("skipped" in analyses[a] for a in ("norms", "error_saes", "downstream")), (
+        analyses
+    )
+    assert (entry["provenance"]["library"], entry["provenance"]["architecture"]) == (
+        "sae_lens",
+        "jumprelu",
+    )
     assert 0 < entry["fvu"] and 0 <= entry["linear_share"] <= 1
     # the decomposition used sae_lens's own reconstruction of the stored activations
     x = store.gather("resid_post.2", np.arange(1, 40))
@@ -247,7 +272,9 @@ def test_empty_corpus_names_the_source(tiny_model_dir, tmp_path):
 
 
 def test_missing_model_offline_says_how_to_pass_a_path(tmp_path):
-    res = runner.invoke(app, ["harvest", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "s")])
+    res = runner.invoke(
+        app, ["harvest", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "s")]
+    )
     assert res.exit_code == 2
     assert "no-such-org/no-such-model" in res.output and "path" in res.output.lower()
 
@@ -258,16 +285,49 @@ def test_decompose_rejects_sae_of_wrong_width(tiny_run, tmp_path):
     from sae_darkmatter import TopKSAE, save_sae
 
     out, _ = tiny_run
-    save_sae(TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0)), tmp_path / "bad", metadata={})
-    res = runner.invoke(app, ["decompose", "--store", str(out / "store"), "--sae", str(tmp_path / "bad"),
-                              "-o", str(tmp_path / "dec")])
+    save_sae(
+        TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0)),
+        tmp_path / "bad",
+        metadata={},
+    )
+    res = runner.invoke(
+        app,
+        [
+            "decompose",
+            "--store",
+            str(out / "store"),
+            "--sae",
+            str(tmp_path / "bad"),
+            "-o",
+            str(tmp_path / "dec"),
+        ],
+    )
     assert res.exit_code == 2 and "32" in res.output and "64" in res.output
 
 
 def _harvest_cmd(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sae_darkmatter.cli", "harvest", "--model", str(model_dir),
-            "--n-contexts", "1536", "--context-length", "32", "--batch-size", "8",
-            "--contexts-per-shard", "16", "--hook", "resid_post.1", "--hook", "mlp_out.2", "-o", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "sae_darkmatter.cli",
+        "harvest",
+        "--model",
+        str(model_dir),
+        "--n-contexts",
+        "1536",
+        "--context-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--contexts-per-shard",
+        "16",
+        "--hook",
+        "resid_post.1",
+        "--hook",
+        "mlp_out.2",
+        "-o",
+        str(out),
+    ]
 
 
 def _wait_for_shards(store: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -303,10 +363,14 @@ def test_harvest_resumes_after_kill_and_ctrl_c(tiny_model_dir, tmp_path):
     assert proc.returncode == 130 and "rerun" in text
     assert first < ActivationStore.open(out).committed_contexts < 1536
 
-    done = subprocess.run(_harvest_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        _harvest_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     ref = tmp_path / "ref"
-    done = subprocess.run(_harvest_cmd(tiny_model_dir, ref), env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        _harvest_cmd(tiny_model_dir, ref), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
     a, b = ActivationStore.open(out), ActivationStore.open(ref)

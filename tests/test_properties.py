@@ -82,10 +82,14 @@ def run_configs(draw: st.DrawFn) -> RunConfig:
         split=split,
         train=train,
         # a ridge must be finite (the config rejects inf and NaN)
-        decompose=DecomposeConfig(ridge=draw(st.floats(0.0, allow_nan=False, allow_infinity=False))),
-        pursuit=PursuitConfig(method=draw(st.sampled_from(["gp", "mp", "omp"])),
-                              l0=draw(st.integers(1, 256) | st.just("match")),
-                              max_tokens=draw(POS_INT)),
+        decompose=DecomposeConfig(
+            ridge=draw(st.floats(0.0, allow_nan=False, allow_infinity=False))
+        ),
+        pursuit=PursuitConfig(
+            method=draw(st.sampled_from(["gp", "mp", "omp"])),
+            l0=draw(st.integers(1, 256) | st.just("match")),
+            max_tokens=draw(POS_INT),
+        ),
         saes=tuple(draw(st.lists(TEXT, max_size=2))),
     )
 
@@ -106,7 +110,11 @@ def _toml_value(v: Any) -> str:
 
 def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """Hand-written TOML for a nested dict of plain values; ``None`` (no TOML value) is left out."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if v is not None and not isinstance(v, dict)
+    ]
     text = (f"[{prefix}]\n" if prefix and lines else "") + "".join(line + "\n" for line in lines)
     for k, v in data.items():
         if isinstance(v, dict):
@@ -115,7 +123,9 @@ def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 def _without_none(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+    return {
+        k: _without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None
+    }
 
 
 def _shuffled(data: Any, rnd: random.Random) -> Any:
@@ -141,7 +151,9 @@ def test_config_dict_round_trip(cfg: RunConfig) -> None:
 def test_config_toml_round_trip(cfg: RunConfig) -> None:
     assume(cfg.split.filter.max_norm_ratio is not None)  # None has no TOML spelling (default 5.0)
     text = _to_toml(to_dict(cfg))
-    assert tomllib.loads(text) == _without_none(to_dict(cfg))  # the hand-written TOML itself is right
+    assert tomllib.loads(text) == _without_none(
+        to_dict(cfg)
+    )  # the hand-written TOML itself is right
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run.toml"
         path.write_text(text, encoding="utf-8")
@@ -233,12 +245,22 @@ def store_plans(draw: st.DrawFn) -> dict[str, Any]:
     hooks = {h: draw(st.integers(1, 6)) for h in HOOK_NAMES[: draw(st.integers(1, 2))]}
     batches = []
     for b in draw(st.lists(st.integers(0, 3), min_size=1, max_size=4)):
-        batches.append({
-            "acts": {h: draw(hnp.arrays(np.float32, (b, t, d), elements=F32)) for h, d in hooks.items()},
-            "tokens": draw(hnp.arrays(np.int64, (b, t), elements=st.integers(0, 2**31 - 1))),
-            "loss": draw(st.none() | hnp.arrays(np.float32, (b, t), elements=F32)),
-        })
-    return {"t": t, "hooks": hooks, "batches": batches, "resume_after": draw(st.integers(0, len(batches)))}
+        batches.append(
+            {
+                "acts": {
+                    h: draw(hnp.arrays(np.float32, (b, t, d), elements=F32))
+                    for h, d in hooks.items()
+                },
+                "tokens": draw(hnp.arrays(np.int64, (b, t), elements=st.integers(0, 2**31 - 1))),
+                "loss": draw(st.none() | hnp.arrays(np.float32, (b, t), elements=F32)),
+            }
+        )
+    return {
+        "t": t,
+        "hooks": hooks,
+        "batches": batches,
+        "resume_after": draw(st.integers(0, len(batches))),
+    }
 
 
 def _expected(plan: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -282,8 +304,12 @@ def _check_store(st_: ActivationStore, exp: dict[str, np.ndarray], hooks: dict[s
         got_rows = np.concatenate([r for r, _ in chunks]) if chunks else np.empty(0, np.int64)
         assert np.array_equal(got_rows, sel)
         if chunks:
-            assert np.array_equal(_bits(torch.cat([x for _, x in chunks]).numpy()), _bits(want[sel]))
-        order = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=30), label="gather"), np.int64)
+            assert np.array_equal(
+                _bits(torch.cat([x for _, x in chunks]).numpy()), _bits(want[sel])
+            )
+        order = np.array(
+            data.draw(st.lists(st.integers(0, n - 1), max_size=30), label="gather"), np.int64
+        )
         assert np.array_equal(_bits(st_.gather(hook, order).numpy()), _bits(want[order]))
 
 
@@ -294,7 +320,9 @@ def test_store_round_trip_is_exact(plan: dict[str, Any], data: st.DataObject) ->
     exp = _expected(plan)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
-        store = ActivationStore.create_or_resume(path, hooks=plan["hooks"], context_length=plan["t"], meta=meta)
+        store = ActivationStore.create_or_resume(
+            path, hooks=plan["hooks"], context_length=plan["t"], meta=meta
+        )
         for i, batch in enumerate(plan["batches"]):
             if i == plan["resume_after"]:  # close the writer and resume from disk midway
                 store.finish()
@@ -345,7 +373,9 @@ def _tol(x: np.ndarray, x_hat: np.ndarray, shift: float = 0.0) -> float:
     m = float(np.square(np.abs(x) + np.abs(x_hat) + shift).sum())
     sse, sst = float(np.square(x - x_hat).sum()), _np_sst(x)
     f = sse / sst
-    return 1e-9 * f + 1e-12 * (math.sqrt(sse * m) + 1e-12 * m) / sst + 1e-12 * f * math.sqrt(m / sst)
+    return (
+        1e-9 * f + 1e-12 * (math.sqrt(sse * m) + 1e-12 * m) / sst + 1e-12 * f * math.sqrt(m / sst)
+    )
 
 
 def _fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
@@ -382,7 +412,9 @@ def test_fvu_invariances(xs: tuple[np.ndarray, np.ndarray], data: st.DataObject)
 
 @FAST
 @given(xs=pairs(), data=st.data())
-def test_r2_accumulator_chunking_does_not_matter(xs: tuple[np.ndarray, np.ndarray], data: st.DataObject) -> None:
+def test_r2_accumulator_chunking_does_not_matter(
+    xs: tuple[np.ndarray, np.ndarray], data: st.DataObject
+) -> None:
     x, x_hat = xs
     n, d = x.shape
     cuts = sorted(data.draw(st.sets(st.integers(1, n - 1)), label="cuts"))

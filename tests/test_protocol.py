@@ -42,9 +42,17 @@ def long_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = smollm2_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("long-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -66,7 +74,11 @@ def test_paper_protocol_counts(long_llama_dir, tmp_path):
         error_saes=ErrorSAEConfig(enabled=False), downstream=DownstreamConfig(enabled=False))
     metrics = run(cfg, tmp_path / "run", progress=False)
     data = metrics["data"]
-    assert (data["tokens_total"], data["positions_from"], data["positions_before"]) == (300 * 1024, 200, 1023)
+    assert (data["tokens_total"], data["positions_from"], data["positions_before"]) == (
+        300 * 1024,
+        200,
+        1023,
+    )
     assert data["excluded_positions"] == 300 * (200 + 1)
     assert data["tokens_kept"] + data["excluded_special_tokens"] == 300 * 823 == 246_900
     assert 0 < data["excluded_special_tokens"] < 3_000  # the EOS between stdlib documents
@@ -80,34 +92,60 @@ def test_protocol_and_quick_do_not_mix(tmp_path):
     res = runner.invoke(app, ["run", "--quick", "--protocol", "paper", "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "--quick and --protocol paper cannot be combined" in res.output
     res = runner.invoke(app, ["run", "--protocol", "papr", "-o", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "unknown protocol 'papr'; choose one of ['default', 'paper']" in res.output
+    assert (
+        res.exit_code == 2
+        and "unknown protocol 'papr'; choose one of ['default', 'paper']" in res.output
+    )
 
 
 def test_a_context_longer_than_the_model_allows_fails_at_once(tiny_model_dir, tmp_path):
     start = time.monotonic()
-    res = runner.invoke(app, ["harvest", "--model", str(tiny_model_dir), "--context-length", "100000",
-                              "-o", str(tmp_path / "s")])
+    res = runner.invoke(
+        app,
+        [
+            "harvest",
+            "--model",
+            str(tiny_model_dir),
+            "--context-length",
+            "100000",
+            "-o",
+            str(tmp_path / "s"),
+        ],
+    )
     assert res.exit_code == 2, res.output
-    assert "context_length (100,000) exceeds the 256 positions model" in " ".join(res.output.split())
+    assert "context_length (100,000) exceeds the 256 positions model" in " ".join(
+        res.output.split()
+    )
     assert time.monotonic() - start < 30 and not (tmp_path / "s").exists()
     # the paper protocol's 1,024-token contexts on the same model: stopped the same way
     res = runner.invoke(app, ["run", "--protocol", "paper", "--model", str(tiny_model_dir),
                               "-o", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "(1,024) exceeds the 256 positions" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "(1,024) exceeds the 256 positions" in " ".join(
+        res.output.split()
+    )
     assert not (tmp_path / "r" / "store").exists()
 
 
 @pytest.fixture(scope="module")
 def small_store(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A 32-context store of the tiny Llama and an SAE folder for it."""
-    from sae_darkmatter.harvest import harvest
     from sae_darkmatter.config import CorpusConfig, ModelConfig
+    from sae_darkmatter.harvest import harvest
 
     root = tmp_path_factory.mktemp("small")
-    harvest(HarvestConfig(model=ModelConfig(name=str(tiny_model_dir)), corpus=CorpusConfig(
-        n_contexts=32, context_length=32), hooks=("resid_post.2",), contexts_per_shard=32), root / "store",
-        progress=False)
-    save_sae(TopKSAE(64, 64, 4, generator=torch.Generator().manual_seed(0)), root / "sae", metadata={})
+    harvest(
+        HarvestConfig(
+            model=ModelConfig(name=str(tiny_model_dir)),
+            corpus=CorpusConfig(n_contexts=32, context_length=32),
+            hooks=("resid_post.2",),
+            contexts_per_shard=32,
+        ),
+        root / "store",
+        progress=False,
+    )
+    save_sae(
+        TopKSAE(64, 64, 4, generator=torch.Generator().manual_seed(0)), root / "sae", metadata={}
+    )
     return root / "store", root / "sae"
 
 
@@ -121,7 +159,10 @@ def test_an_output_path_that_is_a_file_is_refused(tiny_model_dir, small_store, t
             "train": ["train", "--store", str(store), "--widths", "32", "--k", "4"],
             "decompose": ["decompose", "--sae", str(sae), "--store", str(store)],
             "report": ["report", str(tmp_path)]}[command]
-    for out, why in ((taken, "it is a file"), (taken / "sub", f"it lies inside {taken}, which is a file")):
+    for out, why in (
+        (taken, "it is a file"),
+        (taken / "sub", f"it lies inside {taken}, which is a file"),
+    ):
         start = time.monotonic()
         res = runner.invoke(app, [*args, "-o", str(out)])
         text = " ".join(res.output.split())
@@ -140,17 +181,25 @@ def test_fewer_contexts_per_forward_when_logits_are_large(tiny_model_dir, tmp_pa
     from sae_darkmatter import models
     from sae_darkmatter.config import CorpusConfig, ModelConfig
 
-    cfg = HarvestConfig(model=ModelConfig(name=str(tiny_model_dir)), hooks=("resid_post.1",),
-                        corpus=CorpusConfig(n_contexts=32, context_length=64), contexts_per_shard=32)
+    cfg = HarvestConfig(
+        model=ModelConfig(name=str(tiny_model_dir)),
+        hooks=("resid_post.1",),
+        corpus=CorpusConfig(n_contexts=32, context_length=64),
+        contexts_per_shard=32,
+    )
     whole = harvest_module.harvest(cfg, tmp_path / "a", progress=False)
     calls: list[int] = []
     forward = harvest_module.forward_capture
-    monkeypatch.setattr(harvest_module, "forward_capture",
-                        lambda lm, ids, *a, **k: calls.append(len(ids)) or forward(lm, ids, *a, **k))
+    monkeypatch.setattr(
+        harvest_module,
+        "forward_capture",
+        lambda lm, ids, *a, **k: calls.append(len(ids)) or forward(lm, ids, *a, **k),
+    )
     monkeypatch.setattr(models, "LOGITS_BUDGET", 3 * 64 * 49152)  # 3 contexts of this vocabulary
     small = harvest_module.harvest(cfg, tmp_path / "b", progress=False)
     assert calls == [3] * 10 + [2]  # instead of 2 forwards of 16
     rows = np.arange(whole.n_rows)
-    torch.testing.assert_close(small.gather("resid_post.1", rows), whole.gather("resid_post.1", rows),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        small.gather("resid_post.1", rows), whole.gather("resid_post.1", rows), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(small.column("loss"), whole.column("loss"), rtol=1e-5, atol=1e-5)

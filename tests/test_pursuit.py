@@ -34,7 +34,9 @@ def planted(w: torch.Tensor, n: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     z = torch.zeros(n, w.shape[0], dtype=F64)
     for i in range(n):
-        z[i, torch.randperm(w.shape[0], generator=g)[:k]] = 1 + torch.rand(k, dtype=F64, generator=g)
+        z[i, torch.randperm(w.shape[0], generator=g)[:k]] = 1 + torch.rand(
+            k, dtype=F64, generator=g
+        )
     return z
 
 
@@ -55,7 +57,9 @@ def test_omp_matches_sklearn(seed):
     y = torch.randn(40, 24, dtype=F64, generator=torch.Generator().manual_seed(seed + 10))
     for k in (1, 5, 12):
         ours = orthogonal_matching_pursuit(y, w, None, k, batch_size=16).to_dense(96).numpy()
-        ref = OrthogonalMatchingPursuit(n_nonzero_coefs=k, fit_intercept=False).fit(w.T.numpy(), y.T.numpy())
+        ref = OrthogonalMatchingPursuit(n_nonzero_coefs=k, fit_intercept=False).fit(
+            w.T.numpy(), y.T.numpy()
+        )
         np.testing.assert_allclose(ours, ref.coef_, atol=1e-10)
         assert ((ours != 0).sum(1) == k).all()
 
@@ -68,7 +72,9 @@ def test_omp_per_token_l0_matches_sklearn_per_token():
     l0 = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 3, 1, 9])
     ours = orthogonal_matching_pursuit(y, w, None, l0).to_dense(64).numpy()
     for i, k in enumerate(l0.tolist()):
-        ref = np.zeros(64) if k == 0 else orthogonal_mp(w.T.numpy(), y[i].numpy(), n_nonzero_coefs=k)
+        ref = (
+            np.zeros(64) if k == 0 else orthogonal_mp(w.T.numpy(), y[i].numpy(), n_nonzero_coefs=k)
+        )
         np.testing.assert_allclose(ours[i], ref, atol=1e-10)
 
 
@@ -96,7 +102,9 @@ def test_recovers_planted_support(method):
 # ---------------------------------------------------------------------------- invariants
 
 
-@pytest.mark.parametrize("method,nonneg", [("gp", True), ("gp", False), ("mp", True), ("mp", False), ("omp", False)])
+@pytest.mark.parametrize(
+    "method,nonneg", [("gp", True), ("gp", False), ("mp", True), ("mp", False), ("omp", False)]
+)
 def test_residual_never_increases(method, nonneg):
     """The state after t steps is the l0=t code; its residual is non-increasing in t."""
     w = dictionary(200, 30, 5, unit=False)  # uneven row norms too
@@ -116,7 +124,9 @@ def test_residual_never_increases(method, nonneg):
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-4)])
 def test_support_version_equals_dense_reference(nonneg, dtype, tol):
     w = dictionary(300, 40, 8).to(dtype)
-    x = (planted(w.double(), 70, 6, 9) @ w.double()).to(dtype) + 0.1 * torch.randn(70, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = (planted(w.double(), 70, 6, 9) @ w.double()).to(dtype) + 0.1 * torch.randn(
+        70, 40, generator=torch.Generator().manual_seed(1)
+    ).to(dtype)
     b = 0.05 * torch.ones(40, dtype=dtype)
     l0 = torch.randint(0, 15, (70,), generator=torch.Generator().manual_seed(2))
     ours = gradient_pursuit(x, w, b, l0, nonnegative=nonneg, batch_size=16).to_dense(300)
@@ -141,7 +151,9 @@ def test_nothing_to_add_gives_zeros_not_nan(method):
     w = dictionary(50, 16, 13).abs()  # nonnegative atoms: pairwise correlations all positive
     w[7] = 0.0  # a zero decoder row is never selected
     b = torch.full((16,), 0.5, dtype=F64)
-    x = torch.stack([b, b - w[3], b + w[3], b + 2 * w[3]])  # zero residual; all correlations < 0; 1 atom
+    x = torch.stack(
+        [b, b - w[3], b + w[3], b + 2 * w[3]]
+    )  # zero residual; all correlations < 0; 1 atom
     code = pursue(x, w, b, 6, method=method, nonnegative=nonneg)
     assert torch.isfinite(code.values).all()
     assert (code.indices != 7).all() or (code.values[code.indices == 7] == 0).all()
@@ -211,8 +223,12 @@ def synthetic_store(path, d=16, n_ctx=240, seed=0):
         n = 60 * 16
         codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.1)
         x = 5.0 + codes @ dirs + 0.3 * rng.normal(size=(n, d))
-        st.append(context_start=start, acts={"resid_post.1": x.reshape(60, 16, d).astype(np.float32)},
-                  tokens=rng.integers(5, 100, size=(60, 16)), loss=None)
+        st.append(
+            context_start=start,
+            acts={"resid_post.1": x.reshape(60, 16, d).astype(np.float32)},
+            tokens=rng.integers(5, 100, size=(60, 16)),
+            loss=None,
+        )
     sae = TopKSAE(d, 64, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         sae.W_dec.copy_(torch.from_numpy(np.tile(dirs, (2, 1))[:64]).float())
@@ -229,13 +245,19 @@ def test_decompose_pursuit_sae_matches_numpy(tmp_path):
     st, sae = synthetic_store(tmp_path / "store")
     splits = make_splits(st, SPLIT)
     gp = PursuitSAE(sae)
-    out = decompose_many(st, {"sae": sae, "gp": gp}, splits, DecomposeConfig(chunk_rows=500, device="cpu"),
-                         progress=False)
+    out = decompose_many(
+        st,
+        {"sae": sae, "gp": gp},
+        splits,
+        DecomposeConfig(chunk_rows=500, device="cpu"),
+        progress=False,
+    )
     x = st.gather("resid_post.1", np.arange(st.n_rows))
     with torch.no_grad():
         e = (x - gp(x)).double().numpy()
     x = x.double().numpy()
-    ones = lambda a: np.hstack([a, np.ones((len(a), 1))])
+    def ones(a):
+        return np.hstack([a, np.ones((len(a), 1))])
     coef, *_ = np.linalg.lstsq(ones(x[splits.probe_train]), e[splits.probe_train], rcond=None)
     te = splits.probe_test
     nl = e[te] - ones(x[te]) @ coef

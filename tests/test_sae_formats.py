@@ -66,8 +66,15 @@ def test_sparsify_folder_matches_sparsify(tmp_path, sparsify, enc_shift):
     coder = _sparsify_coder(sparsify, seed=0, enc_shift=enc_shift)
     coder.save_to_disk(tmp_path / "layers.3")
     # sparsify's CLI writes its run config (RunConfig: model, dataset, ctx_len, ...) here
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model": "EleutherAI/pythia-70m", "dataset": "EleutherAI/fineweb-edu-dedup-10b", "ctx_len": 2048}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model": "EleutherAI/pythia-70m",
+                "dataset": "EleutherAI/fineweb-edu-dedup-10b",
+                "ctx_len": 2048,
+            }
+        )
+    )
 
     loaded = open_sae(tmp_path / "layers.3")
     assert isinstance(loaded.sae, TopKSAE) and loaded.sae.k == 6
@@ -298,12 +305,16 @@ def test_dictionary_learning_bad_input(tmp_path):
         open_sae(tmp_path / "b")
     _write_dl(tmp_path / "c", "AutoEncoder", {**_dl_case("AutoEncoder", gen)[0],
                                               "bias": torch.zeros(D_IN + 1)})
-    with pytest.raises(ShapeMismatchError, match=r"ae\.pt: bias has shape \(25,\), expected \(24,\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"ae\.pt: bias has shape \(25,\), expected \(24,\)"
+    ):
         open_sae(tmp_path / "c")
     renamed = {("enc.w" if n == "encoder.weight" else n): t
                for n, t in _dl_case("AutoEncoder", gen)[0].items()}
     _write_dl(tmp_path / "d", "AutoEncoder", renamed)
-    with pytest.raises(DarkMatterError, match=r"missing \['encoder.weight'\], unexpected \['enc.w'\]"):
+    with pytest.raises(
+        DarkMatterError, match=r"missing \['encoder.weight'\], unexpected \['enc.w'\]"
+    ):
         open_sae(tmp_path / "d")
     (tmp_path / "d" / "ae.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DarkMatterError, match=r"ae\.pt: refused to load: .*Unsupported operand"):
@@ -326,7 +337,9 @@ def test_pickle_payload_is_not_executed(tmp_path):
     folder = _write_dl(tmp_path / "evil", "AutoEncoder", state)
     torch.save({**state, "extra": _Payload(marker)}, folder / "ae.pt")
 
-    with pytest.raises(DarkMatterError, match=r"evil/ae\.pt: refused to load: .*GLOBAL io\.open was not an allowed"):
+    with pytest.raises(
+        DarkMatterError, match=r"evil/ae\.pt: refused to load: .*GLOBAL io\.open was not an allowed"
+    ):
         open_sae(folder)
     assert not marker.exists()
     torch.load(folder / "ae.pt", weights_only=False)  # a plain unpickle does run it
@@ -375,7 +388,9 @@ def test_damaged_own_folder_names_the_file(tmp_path):
     save_sae(sae, tmp_path / "b", metadata={})
     (tmp_path / "b" / "checksums.json").unlink()  # e.g. a folder copied without it
     _truncate(tmp_path / "b" / "sae_weights.safetensors")
-    with pytest.raises(CorruptSAEError, match=r"b/sae_weights\.safetensors is not a readable safetensors file"):
+    with pytest.raises(
+        CorruptSAEError, match=r"b/sae_weights\.safetensors is not a readable safetensors file"
+    ):
         open_sae(tmp_path / "b")
 
     save_sae(sae, tmp_path / "c", metadata={})
@@ -389,10 +404,14 @@ def test_damaged_foreign_files_name_the_file(tmp_path, sparsify):
     coder = _sparsify_coder(sparsify, seed=3)
     coder.save_to_disk(tmp_path / "layers.1")
     _truncate(tmp_path / "layers.1" / "sae.safetensors")
-    with pytest.raises(CorruptSAEError, match=r"layers\.1/sae\.safetensors is not a readable safetensors"):
+    with pytest.raises(
+        CorruptSAEError, match=r"layers\.1/sae\.safetensors is not a readable safetensors"
+    ):
         open_sae(tmp_path / "layers.1")
 
-    folder = _write_dl(tmp_path / "dl", "AutoEncoder", _dl_case("AutoEncoder", torch.Generator().manual_seed(4))[0])
+    folder = _write_dl(
+        tmp_path / "dl", "AutoEncoder", _dl_case("AutoEncoder", torch.Generator().manual_seed(4))[0]
+    )
     _truncate(folder / "ae.pt")
     with pytest.raises(CorruptSAEError, match=r"dl/ae\.pt: not a readable torch state dict"):
         open_sae(folder)

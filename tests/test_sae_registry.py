@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from conftest import cached_hub_repo as _cached_repo
 
+from conftest import cached_hub_repo as _cached_repo
 from sae_darkmatter.errors import (
     CorruptSAEError,
     DarkMatterError,
@@ -47,20 +47,31 @@ def _random_sae_lens(sae_lens, arch: str, seed: int, **cfg):
 # --------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize(("tl", "ours", "noted"), [
-    ("blocks.7.hook_resid_post", "resid_post.7", False),
-    ("blocks.7.hook_mlp_out", "mlp_out.7", False),
-    ("blocks.7.hook_attn_out", "attn_out.7", False),
-    ("blocks.7.hook_resid_pre", "resid_post.6", True),
-    ("blocks.0.hook_resid_pre", None, True),
-    ("blocks.7.attn.hook_z", None, True),
-    ("blocks.7.hook_resid_mid", None, True),
-    ("model.layers.7", "resid_post.7", False),  # Hugging Face module paths (HookedProxyLM, sparsify)
-    ("model.layers.7.mlp", "mlp_out.7", True),  # noted: sandwich-norm models read after the norm
-    ("gpt_neox.layers.2.attention", "attn_out.2", True),
-    ("resid_post.3", "resid_post.3", False),  # ours pass through
-    (None, None, False),
-])
+@pytest.mark.parametrize(
+    ("tl", "ours", "noted"),
+    [
+        ("blocks.7.hook_resid_post", "resid_post.7", False),
+        ("blocks.7.hook_mlp_out", "mlp_out.7", False),
+        ("blocks.7.hook_attn_out", "attn_out.7", False),
+        ("blocks.7.hook_resid_pre", "resid_post.6", True),
+        ("blocks.0.hook_resid_pre", None, True),
+        ("blocks.7.attn.hook_z", None, True),
+        ("blocks.7.hook_resid_mid", None, True),
+        (
+            "model.layers.7",
+            "resid_post.7",
+            False,
+        ),  # Hugging Face module paths (HookedProxyLM, sparsify)
+        (
+            "model.layers.7.mlp",
+            "mlp_out.7",
+            True,
+        ),  # noted: sandwich-norm models read after the norm
+        ("gpt_neox.layers.2.attention", "attn_out.2", True),
+        ("resid_post.3", "resid_post.3", False),  # ours pass through
+        (None, None, False),
+    ],
+)
 def test_translate_hook(tl, ours, noted):
     hook, note = translate_hook(tl)
     assert hook == ours and (note is not None) is noted
@@ -86,9 +97,14 @@ def test_parse_spec_longest_known_release(sae_lens):
 
 
 def test_unknown_names_suggest_close_matches(sae_lens):
-    with pytest.raises(DarkMatterError, match=r"names no SAELens release; close matches: \['gpt2-small-res-jb'"):
+    with pytest.raises(
+        DarkMatterError, match=r"names no SAELens release; close matches: \['gpt2-small-res-jb'"
+    ):
         parse_spec("saelens:gpt2-small-res-jbb/blocks.4.hook_resid_pre")
-    with pytest.raises(DarkMatterError, match=r"has no SAE 'blocks.4.hook_resid_prex'; close matches: \['blocks.4.hook_resid_pre'"):
+    with pytest.raises(
+        DarkMatterError,
+        match=r"has no SAE 'blocks.4.hook_resid_prex'; close matches: \['blocks.4.hook_resid_pre'",
+    ):
         parse_spec("saelens:gpt2-small-res-jb/blocks.4.hook_resid_prex")
 
 
@@ -163,5 +179,7 @@ def test_damaged_hub_cache_file_names_the_sae(sae_lens, hub_cache):
     weights = folder / "sae_weights.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CorruptSAEError, match=r"acme/broken-saes/layer_1: its cached weights file is damaged"):
+    with pytest.raises(
+        CorruptSAEError, match=r"acme/broken-saes/layer_1: its cached weights file is damaged"
+    ):
         open_sae("saelens:acme/broken-saes/layer_1")

@@ -64,8 +64,14 @@ def tiny_gemma3_dir(tmp_path_factory, gemma3_tokenizer) -> Path:
 def _saelens_sae(folder: Path, model_dir: Path, prepend_bos: bool) -> Path:
     """A JumpReLU SAE saved by sae_lens with the metadata SAELens's trainer writes."""
     cls, cfg_cls = get_sae_class("jumprelu")
-    meta = SAEMetadata(model_name=str(model_dir), hook_name="model.layers.1", context_size=CONTEXT,
-                       prepend_bos=prepend_bos, seqpos_slice=(1, None), model_from_pretrained_kwargs={})
+    meta = SAEMetadata(
+        model_name=str(model_dir),
+        hook_name="model.layers.1",
+        context_size=CONTEXT,
+        prepend_bos=prepend_bos,
+        seqpos_slice=(1, None),
+        model_from_pretrained_kwargs={},
+    )
     cls(cfg_cls(d_in=64, d_sae=32, metadata=meta)).save_model(folder)
     return folder
 
@@ -114,4 +120,6 @@ def test_harvest_for_an_sae_equals_saelens_activations_store(
     bos = lm.tokenizer.bos_token_id
     assert bool((ours_ids[:, 0] == bos).all()) is prepend_bos
     # Same float32 kernels on the same weights and ids: equal up to summation order.
-    torch.testing.assert_close(ours[:, 1:], theirs.reshape(n, CONTEXT - 1, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours[:, 1:], theirs.reshape(n, CONTEXT - 1, 64), rtol=1e-5, atol=1e-5
+    )

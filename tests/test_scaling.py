@@ -65,14 +65,22 @@ def make_sweep(path: Path, n_tokens: int, seed: int = 0, widths=WIDTHS, ks=KS) -
                     "model": "tiny", "data": {"n_test": n_tokens}, "metrics": metrics,
                     "probe_file": f"{name}.safetensors"}
             (path / f"{name}.json").write_text(json.dumps(meta))
-            save_file({
-                "error_probe.weight": np.zeros((d, d)), "error_probe.bias": np.zeros(d),
-                "norm_probe.weight": np.zeros((d, 1)), "norm_probe.bias": np.zeros(1),
-                "test.rows": rows, "test.err_sq": err.astype(np.float32),
-                "test.linear_sq": lin.astype(np.float32), "test.nonlinear_sq": nl.astype(np.float32),
-                "test.err_sq_pred": err.astype(np.float32), "test.x_centered_sq": xc.astype(np.float32),
-                "test.l0": np.full(n_tokens, k, np.int32),
-            }, str(path / f"{name}.safetensors"))
+            save_file(
+                {
+                    "error_probe.weight": np.zeros((d, d)),
+                    "error_probe.bias": np.zeros(d),
+                    "norm_probe.weight": np.zeros((d, 1)),
+                    "norm_probe.bias": np.zeros(1),
+                    "test.rows": rows,
+                    "test.err_sq": err.astype(np.float32),
+                    "test.linear_sq": lin.astype(np.float32),
+                    "test.nonlinear_sq": nl.astype(np.float32),
+                    "test.err_sq_pred": err.astype(np.float32),
+                    "test.x_centered_sq": xc.astype(np.float32),
+                    "test.l0": np.full(n_tokens, k, np.int32),
+                },
+                str(path / f"{name}.safetensors"),
+            )
     return path
 
 
@@ -98,8 +106,17 @@ def test_load_sweep_and_grid(big_sweep):
     grid = grid_table(points)
     assert [(r["k"], r["width"]) for r in grid] == [(k, w) for k in KS for w in WIDTHS]
     assert grid[0]["fvu"] == pytest.approx(true_fvu(256, 16))
-    assert set(grid[0]) >= {"width", "k", "l0", "fvu", "fvu_linear", "fvu_nonlinear", "linear_share",
-                            "r2_error_mean_dim", "r2_error_norm"}
+    assert set(grid[0]) >= {
+        "width",
+        "k",
+        "l0",
+        "fvu",
+        "fvu_linear",
+        "fvu_nonlinear",
+        "linear_share",
+        "r2_error_mean_dim",
+        "r2_error_norm",
+    }
 
 
 def test_select_at_l0_picks_nearest(big_sweep):
@@ -120,8 +137,17 @@ def test_fit_power_law_matches_curve_fit_on_noiseless_data():
     for c, a, m in [(C, A, M), (0.03, 5.0, 0.3), (0.2, 0.8, 0.9)]:
         y = c + a * w**-m
         ours = fit_power_law(w, y)
-        ref, _ = curve_fit(lambda x, c_, a_, m_: c_ + a_ * x**-m_, w, y, p0=(c * 0.9, a * 1.1, m * 1.1),
-                           bounds=(0, np.inf), xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=20_000)
+        ref, _ = curve_fit(
+            lambda x, c_, a_, m_: c_ + a_ * x**-m_,
+            w,
+            y,
+            p0=(c * 0.9, a * 1.1, m * 1.1),
+            bounds=(0, np.inf),
+            xtol=1e-14,
+            ftol=1e-14,
+            gtol=1e-14,
+            max_nfev=20_000,
+        )
         np.testing.assert_allclose(ours, (c, a, m), rtol=1e-5)
         np.testing.assert_allclose(ours, ref, rtol=1e-5)
 
@@ -158,7 +184,9 @@ def test_fit_recovers_known_law(big_fit):
 
 
 def test_cis_shrink_with_more_tokens(tmp_path, big_fit):
-    small = fit_scaling(load_sweep(make_sweep(tmp_path / "decompose", 2_000)), 32, n_boot=100, seed=0)
+    small = fit_scaling(
+        load_sweep(make_sweep(tmp_path / "decompose", 2_000)), 32, n_boot=100, seed=0
+    )
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
     # 10x the tokens: CI widths should shrink by about sqrt(10) = 3.2.
     for s, b in zip(small.fvu_ci, big_fit.fvu_ci):
@@ -192,7 +220,9 @@ def test_figures_are_pngs(tmp_path, big_sweep, big_fit):
     points = load_sweep(big_sweep)
     selected = select_at_l0(points, 32)
     for pursuit in (None, 0.03):
-        out = stacked_figure(big_fit, selected, tmp_path / f"stacked_{pursuit}.png", pursuit_nonlinear=pursuit)
+        out = stacked_figure(
+            big_fit, selected, tmp_path / f"stacked_{pursuit}.png", pursuit_nonlinear=pursuit
+        )
         assert out.read_bytes()[:8] == PNG_MAGIC
     out = contour_figure(points, tmp_path / "contours.png")
     assert out.read_bytes()[:8] == PNG_MAGIC

@@ -27,7 +27,9 @@ def smol_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol")
     cfg = RunConfig(
         harvest=HarvestConfig(corpus=CorpusConfig(n_contexts=48, context_length=128)),
-        train=SAETrainConfig(widths=(256, 512, 1024), ks=(16,), train_tokens=60_000, batch_size=1024),
+        train=SAETrainConfig(
+            widths=(256, 512, 1024), ks=(16,), train_tokens=60_000, batch_size=1024
+        ),
     )
     return out, run(cfg, out, progress=False)
 
@@ -82,9 +84,13 @@ def test_analyses_ii_on_smollm2(smol_run):
         assert entry["pursuit_l0"] <= entry["sae_l0"] + 1e-9
     cross = a["cross_layer"]
     assert cross["sources"] == ["resid_post.15", "resid_post.14", "attn_out.15", "mlp_out.15"]
-    assert cross["predictors"]["x"]["linear"]["r2_pooled"] > 0.999  # ê is linear in x by construction
+    assert (
+        cross["predictors"]["x"]["linear"]["r2_pooled"] > 0.999
+    )  # ê is linear in x by construction
     down = a["downstream"]
-    assert down["check"]["clean_vs_stored_max_abs"] < 1e-3  # the splice reruns the harvest's forward
+    assert (
+        down["check"]["clean_vs_stored_max_abs"] < 1e-3
+    )  # the splice reruns the harvest's forward
     assert down["check"]["identity_max_kl"] < 1e-6
     clean, zero = down["shared"]["clean"]["ce"]["mean"], down["shared"]["zero"]["ce"]["mean"]
     assert zero > clean + 1  # zero-ablating the middle residual stream wrecks the model

@@ -21,8 +21,12 @@ def store(tmp_path):
     for start in (0, 5, 10):
         tokens = rng.integers(3, 50, size=(5, 8))
         tokens[:, 3] = 2  # a special token in every context
-        st.append(context_start=start, acts={"resid_post.0": rng.normal(size=(5, 8, 4)).astype(np.float32)},
-                  tokens=tokens, loss=None)
+        st.append(
+            context_start=start,
+            acts={"resid_post.0": rng.normal(size=(5, 8, 4)).astype(np.float32)},
+            tokens=tokens,
+            loss=None,
+        )
     return st
 
 
@@ -68,7 +72,9 @@ def test_no_sae_training_split_for_pretrained_saes(store):
 
 def test_norm_outliers_excluded_relative_to_median(tmp_path):
     rng = np.random.default_rng(1)
-    st = ActivationStore.create_or_resume(tmp_path / "s", hooks={"h": 4}, context_length=10, meta={})
+    st = ActivationStore.create_or_resume(
+        tmp_path / "s", hooks={"h": 4}, context_length=10, meta={}
+    )
     x = rng.normal(size=(6, 10, 4)).astype(np.float32)
     x[2, 4] *= 1000  # a sink in the middle of a context
     x[5, 7] *= 1000

@@ -29,7 +29,11 @@ from sae_darkmatter.store import ActivationStore
 
 T = 4
 HOOKS = {"resid_post.1": 8, "mlp_out.1": 5}
-META = {"model": "tiny", "corpus": {"source": "stdlib", "seed": 0}, "hooks": ["resid_post.1", "mlp_out.1"]}
+META = {
+    "model": "tiny",
+    "corpus": {"source": "stdlib", "seed": 0},
+    "hooks": ["resid_post.1", "mlp_out.1"],
+}
 BATCHES = [3, 1, 5, 2]  # contexts per append -> shards of 12, 4, 20, 8 rows
 
 
@@ -41,10 +45,14 @@ def make_batch(rng: np.random.Generator, b: int, with_loss: bool = True) -> dict
     }
 
 
-def fill(path: Path, dtype: str = "float32", batches: list[int] = BATCHES) -> tuple[ActivationStore, list[dict]]:
+def fill(
+    path: Path, dtype: str = "float32", batches: list[int] = BATCHES
+) -> tuple[ActivationStore, list[dict]]:
     """Append ``batches`` (the second without loss; one as torch tensors) and return what was written."""
     rng = np.random.default_rng(0)
-    store = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META, dtype=dtype)
+    store = ActivationStore.create_or_resume(
+        path, hooks=HOOKS, context_length=T, meta=META, dtype=dtype
+    )
     written = []
     for i, b in enumerate(batches):
         batch = make_batch(rng, b, with_loss=i != 1)
@@ -57,7 +65,9 @@ def fill(path: Path, dtype: str = "float32", batches: list[int] = BATCHES) -> tu
 
 def expected(written: list[dict]) -> dict[str, np.ndarray]:
     """The flat per-row arrays the store should return, built independently with numpy."""
-    out: dict[str, list[np.ndarray]] = {k: [] for k in [*HOOKS, "tokens", "position", "context", "loss"]}
+    out: dict[str, list[np.ndarray]] = {
+        k: [] for k in [*HOOKS, "tokens", "position", "context", "loss"]
+    }
     ctx = 0
     for w in written:
         b = w["tokens"].shape[0]
@@ -78,11 +88,19 @@ def test_round_trip_columns_chunks_gather(tmp_path):
     assert (store.n_rows, store.committed_contexts, len(store)) == (n, sum(BATCHES), n)
 
     st = ActivationStore.open(tmp_path / "s")
-    assert (st.n_rows, st.hooks, st.meta, st.context_length, st.dtype) == (n, HOOKS, META, T, "float32")
+    assert (st.n_rows, st.hooks, st.meta, st.context_length, st.dtype) == (
+        n,
+        HOOKS,
+        META,
+        T,
+        "float32",
+    )
     for name in ["tokens", "position", "context"]:
         np.testing.assert_array_equal(st.column(name), exp[name])
     assert st.column("tokens").dtype == np.int32 and st.column("context").dtype == np.int64
-    np.testing.assert_array_equal(st.column("loss"), exp["loss"].astype(np.float32))  # NaN == NaN here
+    np.testing.assert_array_equal(
+        st.column("loss"), exp["loss"].astype(np.float32)
+    )  # NaN == NaN here
     assert np.isnan(st.column("loss")[12:16]).all() and not np.isnan(st.column("loss")[:12]).any()
 
     hook = "resid_post.1"
@@ -113,7 +131,14 @@ def test_bfloat16_store_returns_float32(tmp_path):
     exp = expected(written)["resid_post.1"]
     want = torch.from_numpy(exp).to(torch.bfloat16).float().numpy()
     assert not np.array_equal(want, exp)  # the rounding is real, so the check below means something
-    got = torch.cat([x for _, x in ActivationStore.open(tmp_path / "s").iter_chunks("resid_post.1", chunk_rows=9)])
+    got = torch.cat(
+        [
+            x
+            for _, x in ActivationStore.open(tmp_path / "s").iter_chunks(
+                "resid_post.1", chunk_rows=9
+            )
+        ]
+    )
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), want)
     rows = np.array([40, 3, 3, 17])
@@ -132,7 +157,9 @@ def test_shards_readable_with_plain_safetensors(tmp_path):
     assert hashlib.sha256(shard.read_bytes()).hexdigest() == entry["sha256"]
     data = np_load_file(shard)
     w = written[2]
-    np.testing.assert_array_equal(data["resid_post.1"], np.asarray(w["acts"]["resid_post.1"]).reshape(20, 8))
+    np.testing.assert_array_equal(
+        data["resid_post.1"], np.asarray(w["acts"]["resid_post.1"]).reshape(20, 8)
+    )
     np.testing.assert_array_equal(data["tokens"], w["tokens"].reshape(-1))
     np.testing.assert_array_equal(data["context"], np.repeat(np.arange(4, 9), T))
     np.testing.assert_array_equal(data["position"], np.tile(np.arange(T), 5))
@@ -177,21 +204,30 @@ def test_append_must_be_contiguous_and_writable(tmp_path):
 def test_resume_checks_settings(tmp_path):
     path = tmp_path / "s"
     fill(path, batches=[2])
-    meta_tuple = {**META, "hooks": tuple(META["hooks"])}  # JSON round trip makes this a list: same settings
+    meta_tuple = {
+        **META,
+        "hooks": tuple(META["hooks"]),
+    }  # JSON round trip makes this a list: same settings
     resumed = ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=meta_tuple)
     assert resumed.committed_contexts == 2
     resumed.finish()  # one writer at a time, also within a process
     other = {**META, "corpus": {"source": "stdlib", "seed": 1}}
-    with pytest.raises(DarkMatterError, match=r"meta\.corpus\.seed: 0 != 1.*new store path or delete"):
+    with pytest.raises(
+        DarkMatterError, match=r"meta\.corpus\.seed: 0 != 1.*new store path or delete"
+    ):
         ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=other)
     with pytest.raises(DarkMatterError, match="context_length: 4 != 8"):
         ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=8, meta=META)
     with pytest.raises(DarkMatterError, match="dtype"):
-        ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META, dtype="bfloat16")
+        ActivationStore.create_or_resume(
+            path, hooks=HOOKS, context_length=T, meta=META, dtype="bfloat16"
+        )
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(DarkMatterError, match="todo.txt"):
-        ActivationStore.create_or_resume(tmp_path / "notes", hooks=HOOKS, context_length=T, meta=META)
+        ActivationStore.create_or_resume(
+            tmp_path / "notes", hooks=HOOKS, context_length=T, meta=META
+        )
 
 
 def flip_byte(path: Path, offset_from_end: int = 10) -> None:
@@ -217,7 +253,9 @@ def test_corrupt_shard_detected_by_verify_and_on_read(tmp_path):
     # rows of intact shards stay readable
     assert reader.gather("resid_post.1", np.array([0, 13])).shape == (2, 8)
 
-    unchecked = ActivationStore.open(path, verify_reads=False)  # size + header only: the flip passes
+    unchecked = ActivationStore.open(
+        path, verify_reads=False
+    )  # size + header only: the flip passes
     assert unchecked.gather("resid_post.1", np.array([20])).shape == (1, 8)
     with pytest.raises(CorruptStoreError, match="shard_000002.safetensors"):
         unchecked.verify()
@@ -236,8 +274,10 @@ def test_truncated_or_missing_files(tmp_path):
 
     manifest = path / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
-    for opener in (lambda: ActivationStore.open(path),
-                   lambda: ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META)):
+    for opener in (
+        lambda: ActivationStore.open(path),
+        lambda: ActivationStore.create_or_resume(path, hooks=HOOKS, context_length=T, meta=META),
+    ):
         with pytest.raises(CorruptStoreError, match="manifest.json"):
             opener()
     with pytest.raises(CorruptStoreError, match="manifest.json is missing"):
@@ -256,7 +296,10 @@ def test_shape_and_hook_errors(tmp_path):
     with pytest.raises(ShapeMismatchError, match="loss"):
         store.append(context_start=1, **dict(batch, loss=batch["loss"][:1]))
     with pytest.raises(HookError, match="unknown: \\['attn_out.1'\\]"):
-        store.append(context_start=1, **dict(batch, acts={**batch["acts"], "attn_out.1": batch["acts"]["mlp_out.1"]}))
+        store.append(
+            context_start=1,
+            **dict(batch, acts={**batch["acts"], "attn_out.1": batch["acts"]["mlp_out.1"]}),
+        )
     assert store.committed_contexts == 1  # nothing was committed by the failed appends
     for call in (lambda: store.d("attn_out.3"), lambda: list(store.iter_chunks("attn_out.3")),
                  lambda: store.gather("attn_out.3", np.array([0]))):
@@ -279,12 +322,16 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
 def test_iter_chunks_memory_is_bounded(tmp_path):
     d, ctx, batches, b = 512, 128, 10, 40  # 10 shards x 5120 rows x 512 floats = 105 MB
-    store = ActivationStore.create_or_resume(tmp_path / "big", hooks={"h": d}, context_length=ctx, meta={})
+    store = ActivationStore.create_or_resume(
+        tmp_path / "big", hooks={"h": d}, context_length=ctx, meta={}
+    )
     col_sums = np.zeros(d)
     for i in range(batches):
         x = np.random.default_rng(i).standard_normal((b, ctx, d), dtype=np.float32)
         col_sums += x.reshape(-1, d).sum(0, dtype=np.float64)
-        store.append(context_start=i * b, acts={"h": x}, tokens=np.zeros((b, ctx), np.int64), loss=None)
+        store.append(
+            context_start=i * b, acts={"h": x}, tokens=np.zeros((b, ctx), np.int64), loss=None
+        )
         del x
     store_bytes = store.n_rows * d * 4
     assert store_bytes > 100e6
@@ -300,7 +347,9 @@ def test_iter_chunks_memory_is_bounded(tmp_path):
         n_chunks += 1
     assert n_chunks == 50
     np.testing.assert_allclose(acc, col_sums, rtol=1e-9, atol=1e-6)
-    assert peak < store_bytes / 4, f"RSS grew by {peak / 1e6:.0f} MB reading a {store_bytes / 1e6:.0f} MB store"
+    assert peak < store_bytes / 4, (
+        f"RSS grew by {peak / 1e6:.0f} MB reading a {store_bytes / 1e6:.0f} MB store"
+    )
 
 
 def test_bad_arguments_fail_at_call_time(tmp_path):

@@ -70,17 +70,26 @@ def sae_dirs(tiny_model_dir, tmp_path_factory) -> list[Path]:
     return [root / name for name in _saes()] + [root / "narrow"]
 
 
-def _harvest_cfg(model_dir: Path, n_contexts: int, context_length: int = 32, batch: int = 4) -> HarvestConfig:
-    return HarvestConfig(model=ModelConfig(name=str(model_dir)),
-                         corpus=CorpusConfig(n_contexts=n_contexts, context_length=context_length),
-                         hooks=(HOOK,), batch_size=batch, contexts_per_shard=4 * batch, with_loss=False)
+def _harvest_cfg(
+    model_dir: Path, n_contexts: int, context_length: int = 32, batch: int = 4
+) -> HarvestConfig:
+    return HarvestConfig(
+        model=ModelConfig(name=str(model_dir)),
+        corpus=CorpusConfig(n_contexts=n_contexts, context_length=context_length),
+        hooks=(HOOK,),
+        batch_size=batch,
+        contexts_per_shard=4 * batch,
+        with_loss=False,
+    )
 
 
 def test_agrees_with_harvest_then_decompose_many(lm, tiny_model_dir, tmp_path):
     """Same contexts through the store path, with the streaming split's rows and fixed norm
     threshold: every metric and probe agrees."""
     h = _harvest_cfg(tiny_model_dir, 48)
-    split = SplitConfig(filter=TokenFilter(skip_positions=1, max_norm_ratio=1.3), probe_train_fraction=0.5, seed=3)
+    split = SplitConfig(
+        filter=TokenFilter(skip_positions=1, max_norm_ratio=1.3), probe_train_fraction=0.5, seed=3
+    )
     cfg = DecomposeConfig(device="cpu")
     saes = _saes()
     streamed = stream_decompose(h, saes, split, cfg, lm=lm, progress=False)
@@ -132,8 +141,12 @@ def test_agrees_with_harvest_then_decompose_many(lm, tiny_model_dir, tmp_path):
         assert set(got.metrics.ci) == {"r2_error_mean_dim"}  # no per-token values, no bootstraps
         for probe in ("error_probe", "norm_probe"):
             for part in ("weight", "bias"):
-                np.testing.assert_allclose(getattr(getattr(got, probe), part), getattr(getattr(ref, probe), part),
-                                           rtol=1e-5, atol=1e-6 * float(getattr(ref, probe).weight.abs().max()))
+                np.testing.assert_allclose(
+                    getattr(getattr(got, probe), part),
+                    getattr(getattr(ref, probe), part),
+                    rtol=1e-5,
+                    atol=1e-6 * float(getattr(ref, probe).weight.abs().max()),
+                )
 
 
 def _state_layout(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -163,7 +176,9 @@ def test_damaged_or_finished_checkpoint(lm, tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         redone = stream_decompose(h, _saes(), checkpoint=tmp_path, lm=lm, progress=False)
     assert "cannot read checkpoint" in caplog.text
-    finished = stream_decompose(h, _saes(), checkpoint=tmp_path, lm=lm, progress=False)  # nothing left to do
+    finished = stream_decompose(
+        h, _saes(), checkpoint=tmp_path, lm=lm, progress=False
+    )  # nothing left to do
     for name, r in clean.items():
         assert redone[name].metrics == r.metrics == finished[name].metrics
         assert torch.equal(finished[name].error_probe.weight, r.error_probe.weight)
@@ -171,10 +186,16 @@ def test_damaged_or_finished_checkpoint(lm, tiny_model_dir, tmp_path, caplog):
 
 def test_bad_input(lm, tiny_model_dir, sae_dirs, tmp_path):
     h = _harvest_cfg(tiny_model_dir, 8)
-    with pytest.raises(ShapeMismatchError, match=r"d_in 32 but hook 'resid_post.2' of model .* has width 64"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"d_in 32 but hook 'resid_post.2' of model .* has width 64"
+    ):
         stream_decompose(h, {"narrow": TopKSAE(32, 64, 4)}, lm=lm, progress=False)
-    res = runner.invoke(app, ["stream", "--sae", str(sae_dirs[2]), "--n-contexts", "8", "-o", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "has d_in 32 but hook 'resid_post.2'" in " ".join(res.output.split())
+    res = runner.invoke(
+        app, ["stream", "--sae", str(sae_dirs[2]), "--n-contexts", "8", "-o", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2 and "has d_in 32 but hook 'resid_post.2'" in " ".join(
+        res.output.split()
+    )
     with pytest.raises(DarkMatterError, match="cannot split 1 context"):
         stream_decompose(_harvest_cfg(tiny_model_dir, 1), _saes(), lm=lm, progress=False)
     with pytest.raises(DarkMatterError, match="no probe-train context"):
@@ -187,8 +208,11 @@ def test_bad_input(lm, tiny_model_dir, sae_dirs, tmp_path):
     nan_lm = load_model(ModelConfig(name=str(tiny_model_dir)))
     with torch.no_grad():
         nan_lm.model.model.layers[0].mlp.down_proj.weight[0, 0] = math.nan
-    with pytest.raises(NonFiniteError, match=r"activations at hook 'resid_post.2': NaN or inf at 128 of 128 "
-                                             r"tokens \(context \d+ position 0 \(nan\)"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"activations at hook 'resid_post.2': NaN or inf at 128 of 128 "
+        r"tokens \(context \d+ position 0 \(nan\)",
+    ):
         stream_decompose(h, _saes(), lm=nan_lm, progress=False)
     train, test = split_contexts(3, SplitConfig(probe_train_fraction=0.5))  # round(1.5) = 2
     assert (train.size, test.size) == (2, 1) and sorted([*train, *test]) == [0, 1, 2]
@@ -196,8 +220,18 @@ def test_bad_input(lm, tiny_model_dir, sae_dirs, tmp_path):
 
 # --- the CLI, as subprocesses (SIGKILL, torchrun) -------------------------------------------
 
-ARGS = ["--n-contexts", "96", "--context-length", "16", "--batch-size", "1", "--checkpoint-every", "1",
-        "--max-norm-ratio", "1.3"]
+ARGS = [
+    "--n-contexts",
+    "96",
+    "--context-length",
+    "16",
+    "--batch-size",
+    "1",
+    "--checkpoint-every",
+    "1",
+    "--max-norm-ratio",
+    "1.3",
+]
 
 
 def _env() -> dict[str, str]:
@@ -205,12 +239,20 @@ def _env() -> dict[str, str]:
 
 
 def _cli(sae_dirs: list[Path], out: Path) -> list[str]:
-    return [str(BIN / "darkmatter"), "stream", *(a for d in sae_dirs[:2] for a in ("--sae", str(d))), *ARGS,
-            "-o", str(out)]
+    return [
+        str(BIN / "darkmatter"),
+        "stream",
+        *(a for d in sae_dirs[:2] for a in ("--sae", str(d))),
+        *ARGS,
+        "-o",
+        str(out),
+    ]
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -233,7 +275,9 @@ def test_cli_end_to_end(sae_dirs, alone, tmp_path):
     assert res.exit_code == 0, res.output
     assert "SAE dark matter" in res.output and "held-out tokens" in res.output
     info = json.loads((tmp_path / "topk-w128-k8.json").read_text())
-    assert info["kind"] == "stream" and info["settings"]["hook"] == HOOK  # hook from the SAE metadata
+    assert (
+        info["kind"] == "stream" and info["settings"]["hook"] == HOOK
+    )  # hook from the SAE metadata
     assert info["sae"]["d_sae"] == 128 and info["sae"]["path"] == str(sae_dirs[0])
     with safe_open(str(tmp_path / info["probes"]), framework="pt") as fh:
         assert fh.get_tensor("error_probe.weight").shape == (64, 64)
@@ -241,7 +285,10 @@ def test_cli_end_to_end(sae_dirs, alone, tmp_path):
     assert (tmp_path / "checkpoint" / "stream.rank0-of-1.safetensors").is_file()
     m, ref = info["metrics"], _results(alone)["topk-w128-k8"]["metrics"]
     assert 0 < m["fvu_nonlinear"] < m["fvu"] and m["l0"] == 8.0
-    assert m["n_probe_train"] == ref["n_probe_train"] > 0 and m["n_probe_test"] == ref["n_probe_test"] > 0
+    assert (
+        m["n_probe_train"] == ref["n_probe_train"] > 0
+        and m["n_probe_test"] == ref["n_probe_test"] > 0
+    )
     # alone in the system of probes here, with one other SAE there; other batches and threads
     assert m["fvu_nonlinear"] == pytest.approx(ref["fvu_nonlinear"], rel=1e-6)
 
@@ -278,12 +325,18 @@ def test_changed_settings_replace_the_checkpoint(sae_dirs, alone, tmp_path):
     cmd[cmd.index("1.3")] = "1.4"
     log = _run(cmd, tmp_path)
     assert "other settings" in log and "resuming" not in log
-    assert _results(out)["topk-w128-k8"]["norm_threshold"] != _results(alone)["topk-w128-k8"]["norm_threshold"]
+    assert (
+        _results(out)["topk-w128-k8"]["norm_threshold"]
+        != _results(alone)["topk-w128-k8"]["norm_threshold"]
+    )
 
 
 def test_two_torchrun_ranks_equal_one_process(sae_dirs, alone, tmp_path):
     out = tmp_path / "two"
-    _run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", *_cli(sae_dirs, out)], tmp_path)
+    _run(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", *_cli(sae_dirs, out)],
+        tmp_path,
+    )
     assert sorted(p.name for p in (out / "checkpoint").glob("*.safetensors")) == [
         "stream.rank0-of-2.safetensors", "stream.rank1-of-2.safetensors"]
     two, one = _results(out), _results(alone)
@@ -299,15 +352,23 @@ def test_two_torchrun_ranks_equal_one_process(sae_dirs, alone, tmp_path):
             elif key != "ci":
                 assert two[name]["metrics"][key] == value, key
         ci_two, ci_one = two[name]["metrics"]["ci"], one[name]["metrics"]["ci"]
-        np.testing.assert_allclose(ci_two["r2_error_mean_dim"], ci_one["r2_error_mean_dim"], rtol=1e-9)
+        np.testing.assert_allclose(
+            ci_two["r2_error_mean_dim"], ci_one["r2_error_mean_dim"], rtol=1e-9
+        )
 
 
 @pytest.mark.slow
 def test_smollm2_agrees_with_the_store_path(tmp_path):
     """The embedded SmolLM2 at layer 15 (attention sinks at ~150x the median norm): the streamed
     metrics match the store path's on the same rows."""
-    h = HarvestConfig(corpus=CorpusConfig(n_contexts=24, context_length=128), hooks=("resid_post.15",),
-                      batch_size=8, contexts_per_shard=8, with_loss=False, model=ModelConfig(name="smollm2"))
+    h = HarvestConfig(
+        corpus=CorpusConfig(n_contexts=24, context_length=128),
+        hooks=("resid_post.15",),
+        batch_size=8,
+        contexts_per_shard=8,
+        with_loss=False,
+        model=ModelConfig(name="smollm2"),
+    )
     lm = load_model(h.model)
     store = harvest(h, tmp_path / "store", lm=lm, progress=False)
     ctx, pos, tok = (store.column(c) for c in ("context", "position", "tokens"))
@@ -323,15 +384,29 @@ def test_smollm2_agrees_with_the_store_path(tmp_path):
     assert got.median_norm == pytest.approx(float(np.median(norms[rules])), rel=0.02)
     keep = rules & ~(norms > got.norm_threshold)
     assert got.data["excluded_norm_outliers"] == int((rules & ~keep).sum())
-    assert norms[np.flatnonzero(keep)].max() < 10 * got.median_norm  # no sink left (~150x the median)
+    assert (
+        norms[np.flatnonzero(keep)].max() < 10 * got.median_norm
+    )  # no sink left (~150x the median)
     train, test = split_contexts(24, split)
-    splits = Splits(Selection(np.flatnonzero(keep), ctx.size, 24, 0), np.zeros(0, np.int64),
-                    np.flatnonzero(keep & np.isin(ctx, train)), np.flatnonzero(keep & np.isin(ctx, test)))
+    splits = Splits(
+        Selection(np.flatnonzero(keep), ctx.size, 24, 0),
+        np.zeros(0, np.int64),
+        np.flatnonzero(keep & np.isin(ctx, train)),
+        np.flatnonzero(keep & np.isin(ctx, test)),
+    )
     ref = decompose_many(store, {"sae": sae}, splits, progress=False)["sae"].metrics
     # ~1.5k probe-train tokens for 577 weights per output: the probe overfits, so no ordering of
     # fvu and fvu_nonlinear is asserted; the SAE itself reconstructs well
     assert 0 < got.metrics.fvu < 0.5 and got.metrics.l0 == 32
-    for key in ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_mean_dim", "r2_error_norm", "l0"):
+    for key in (
+        "fvu",
+        "fvu_linear",
+        "fvu_nonlinear",
+        "linear_share",
+        "r2_error_mean_dim",
+        "r2_error_norm",
+        "l0",
+    ):
         # d = 576 float32 GEMMs in other blockings: ~1e-6 relative
         assert getattr(got.metrics, key) == pytest.approx(getattr(ref, key), rel=1e-5), key
     assert math.isfinite(got.metrics.ci["r2_error_mean_dim"][0])

@@ -68,7 +68,11 @@ def test_zero_noise_no_ablation_gives_zero_error(small_data, fit):
     res = evaluate(small_data, 0.0, 0.0, 0.0, fit=fit)
     assert res["fvu_recon"] < 1e-10
     assert abs(res["est_linear"]) < 1e-10 and abs(res["est_nonlinear"]) < 1e-10
-    assert res["truth"] == {"absent_features": 0.0, "activation_noise": 0.0, "reconstruction_noise": 0.0}
+    assert res["truth"] == {
+        "absent_features": 0.0,
+        "activation_noise": 0.0,
+        "reconstruction_noise": 0.0,
+    }
 
 
 def test_noise_types_move_their_own_estimate(small_data):
@@ -78,7 +82,9 @@ def test_noise_types_move_their_own_estimate(small_data):
         t = res["table1"][fit]
         assert t["act_noise"]["est_linear"] > 0.8, (fit, t)
         assert t["rec_noise"]["est_nonlinear"] > 0.8, (fit, t)
-        assert abs(t["rec_noise"]["est_linear"]) < 0.5 and abs(t["act_noise"]["est_nonlinear"]) < 0.5
+        assert (
+            abs(t["rec_noise"]["est_linear"]) < 0.5 and abs(t["act_noise"]["est_nonlinear"]) < 0.5
+        )
     # estimates add up to FVU_recon by construction; lines grow with ablation
     for g in res["grid"]:
         for f in g["fits"].values():
@@ -112,9 +118,13 @@ def test_debiased_matches_held_out_when_n_is_large():
     for seed in range(2):
         r = evaluate_fits(data, 0.0, 0.0, 1.0, fits=ALL_FITS, seed=seed)
         f = r["fits"]
-        assert f["held_out"]["est_nonlinear"] == pytest.approx(f["debiased"]["est_nonlinear"], rel=0.03)
+        assert f["held_out"]["est_nonlinear"] == pytest.approx(
+            f["debiased"]["est_nonlinear"], rel=0.03
+        )
         # only reconstruction noise: the nonlinear estimate is its true share, the linear one ≈ 0
-        assert f["debiased"]["est_nonlinear"] == pytest.approx(r["truth"]["reconstruction_noise"], rel=0.005)
+        assert f["debiased"]["est_nonlinear"] == pytest.approx(
+            r["truth"]["reconstruction_noise"], rel=0.005
+        )
         assert abs(f["debiased"]["est_linear"]) < 0.005
 
 
@@ -166,7 +176,9 @@ def test_magnitudes_have_mean_one(magnitude):
 
 def test_trained_sae_check_recovers_features(tmp_path):
     cfg = SyntheticConfig(d=32, n_features=128, n_tokens=8000, l0=4.0, seed=0)
-    rows = trained_sae_check(cfg, act_noise_levels=(0.0, 1.0), train_tokens=120_000, out_dir=tmp_path)
+    rows = trained_sae_check(
+        cfg, act_noise_levels=(0.0, 1.0), train_tokens=120_000, out_dir=tmp_path
+    )
     clean, noisy = rows
     assert clean["features_recovered"] > 0.5  # the SAE learns most true directions without noise
     assert noisy["true_activation_noise_share"] == pytest.approx(0.5, abs=0.02)
@@ -193,8 +205,23 @@ def test_cli_synthetic_writes_its_report(tmp_path):
 
     from sae_darkmatter.cli import app
 
-    res = CliRunner().invoke(app, ["synthetic", "-o", str(tmp_path), "--d", "32", "--n-features", "128",
-                                   "--n-tokens", "2000", "--l0", "4", "--no-train-check"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "synthetic",
+            "-o",
+            str(tmp_path),
+            "--d",
+            "32",
+            "--n-features",
+            "128",
+            "--n-tokens",
+            "2000",
+            "--l0",
+            "4",
+            "--no-train-check",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Table 1" in res.output and (tmp_path / "synthetic.json").exists()
     res = CliRunner().invoke(app, ["synthetic", "-o", str(tmp_path), "--frequency", "powerlaw"])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from .errors import DarkMatterError, DiskFullError
+from sae_darkmatter.errors import DarkMatterError, DiskFullError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -71,7 +71,9 @@ def full_disk_errors(path: Path) -> Iterator[None]:
         raise full from err
 
 
-def try_lock(lock_file: Path, busy: str, error: type[DarkMatterError] = DarkMatterError) -> FileLock:
+def try_lock(
+    lock_file: Path, busy: str, error: type[DarkMatterError] = DarkMatterError
+) -> FileLock:
     """Take an OS file lock without waiting (the kernel drops it even after SIGKILL).
 
     Held by another process: ``error(busy)``. The caller releases the returned lock.
@@ -132,7 +134,9 @@ def resolve_device(device: str) -> torch.device:
     """
     if device in ("auto", "cuda"):
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            return torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            )
         if device == "auto":
             return torch.device("cpu")
     dev = torch.device(device)

@@ -24,11 +24,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import RunConfig
-from .contexts import tokenizer_adds_bos
-from .errors import DarkMatterError
-from .models import AUTO_NAME, load_tokenizer
-from .saes.formats import LoadedSAE
+from sae_darkmatter.config import RunConfig
+from sae_darkmatter.contexts import tokenizer_adds_bos
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.models import AUTO_NAME, load_tokenizer
+from sae_darkmatter.saes.formats import LoadedSAE
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,9 @@ def _packing(cfg: RunConfig, loaded: Mapping[str, LoadedSAE], trained: Mapping[s
     """``prepend_bos`` and, for SAELens SAEs, the separator: as SAELens would pack for them
     (no BOS where the tokenizer has none; BOS-separated documents unless stated otherwise)."""
     has = {"bos": tok.bos_token_id is not None, "eos": tok.eos_token_id is not None}
-    bos = {n: bool(t["prepend_bos"]) and has["bos"] for n, t in trained.items() if "prepend_bos" in t}
+    bos = {
+        n: bool(t["prepend_bos"]) and has["bos"] for n, t in trained.items() if "prepend_bos" in t
+    }
     cfg = _exact(cfg, "harvest.corpus.prepend_bos", "prepend_bos", bos,
                  lambda c: c.harvest.corpus.prepend_bos, _corpus("prepend_bos"),
                  effective=tokenizer_adds_bos(tok))

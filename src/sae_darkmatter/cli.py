@@ -7,17 +7,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import __version__, distributed
-from ._io import limit_heap_growth, resolve_device
-from .autointerp.cli import register as register_autointerp
-from .config import (
+from sae_darkmatter import __version__, distributed
+from sae_darkmatter._io import limit_heap_growth, resolve_device
+from sae_darkmatter.autointerp.cli import register as register_autointerp
+from sae_darkmatter.config import (
     DecomposeConfig,
     HarvestConfig,
     RunConfig,
@@ -25,7 +25,7 @@ from .config import (
     SplitConfig,
     load_toml,
 )
-from .errors import DarkMatterError
+from sae_darkmatter.errors import DarkMatterError
 
 app = typer.Typer(
     help="Measure and decompose the dark matter (reconstruction error) of sparse autoencoders.",
@@ -36,23 +36,82 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Shared option declarations (None = keep the config's value).
-Model = Annotated[Optional[str], typer.Option(help="'smollm2' (embedded), HF model id, local folder or .gguf file (default: the one --sae names, else smollm2).")]
-SaeSpecs = Annotated[Optional[list[str]], typer.Option("--sae", help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")]
-Corpus = Annotated[Optional[str], typer.Option(help="'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<dataset>[:<config>]'.")]
-NContexts = Annotated[Optional[int], typer.Option(help="Number of contexts to harvest.")]
-CtxLen = Annotated[Optional[int], typer.Option(help="Tokens per context.")]
-Loss = Annotated[Optional[bool], typer.Option("--loss/--no-loss", help="Also store per-token LM loss (full forward; without it the forward stops early).")]
-Device = Annotated[Optional[str], typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")]
-Widths = Annotated[Optional[str], typer.Option(help="Comma-separated SAE widths, e.g. 1024,2048,4096.")]
-Ks = Annotated[Optional[str], typer.Option("--k", help="Comma-separated sparsities: k (active latents per token) for topk/batchtopk, e.g. 16,32,64; the L1 (relu) or L0 (jumprelu) coefficients otherwise.")]
-Arch = Annotated[Optional[str], typer.Option("--architecture", help="SAE architecture to train: topk, batchtopk, relu (L1) or jumprelu.")]
-TrainTokens = Annotated[Optional[int], typer.Option(help="Training tokens per SAE (epochs repeat the data).")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for corpus shuffling, splits and training.")]
-Skip = Annotated[Optional[int], typer.Option(help="Leading positions of each context excluded from statistics.")]
-MaxNorm = Annotated[Optional[float], typer.Option(help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all.")]
-Dtype = Annotated[Optional[str], typer.Option(help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are float64).")]
-PrependBos = Annotated[Optional[str], typer.Option(help="Start every context with the BOS token: auto (when the model's tokenizer adds one), true or false.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML file with [harvest], [split], [train], [decompose] tables.")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help="'smollm2' (embedded), HF model id, local folder or .gguf file (default: the one --sae names, else smollm2)."
+    ),
+]
+SaeSpecs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--sae",
+        help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.",
+    ),
+]
+Corpus = Annotated[
+    str | None,
+    typer.Option(
+        help="'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<dataset>[:<config>]'."
+    ),
+]
+NContexts = Annotated[int | None, typer.Option(help="Number of contexts to harvest.")]
+CtxLen = Annotated[int | None, typer.Option(help="Tokens per context.")]
+Loss = Annotated[
+    bool | None,
+    typer.Option(
+        "--loss/--no-loss",
+        help="Also store per-token LM loss (full forward; without it the forward stops early).",
+    ),
+]
+Device = Annotated[str | None, typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")]
+Widths = Annotated[
+    str | None, typer.Option(help="Comma-separated SAE widths, e.g. 1024,2048,4096.")
+]
+Ks = Annotated[
+    str | None,
+    typer.Option(
+        "--k",
+        help="Comma-separated sparsities: k (active latents per token) for topk/batchtopk, e.g. 16,32,64; the L1 (relu) or L0 (jumprelu) coefficients otherwise.",
+    ),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--architecture", help="SAE architecture to train: topk, batchtopk, relu (L1) or jumprelu."
+    ),
+]
+TrainTokens = Annotated[
+    int | None, typer.Option(help="Training tokens per SAE (epochs repeat the data).")
+]
+Seed = Annotated[int | None, typer.Option(help="Seed for corpus shuffling, splits and training.")]
+Skip = Annotated[
+    int | None, typer.Option(help="Leading positions of each context excluded from statistics.")
+]
+MaxNorm = Annotated[
+    float | None,
+    typer.Option(
+        help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all."
+    ),
+]
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are float64)."
+    ),
+]
+PrependBos = Annotated[
+    str | None,
+    typer.Option(
+        help="Start every context with the BOS token: auto (when the model's tokenizer adds one), true or false."
+    ),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file with [harvest], [split], [train], [decompose] tables."
+    ),
+]
 
 
 def _set(obj: Any, **values: Any) -> Any:
@@ -100,7 +159,7 @@ def _build_config(
     protocol="default", prepend_bos=None,
 ) -> RunConfig:
     """The run's config: the TOML file (or defaults), then the protocol's settings, then flags."""
-    from .presets import protocol as apply_protocol
+    from sae_darkmatter.presets import protocol as apply_protocol
 
     cfg = load_toml(config) if config else RunConfig()
     cfg = apply_protocol(protocol, _set(cfg, saes=tuple(saes) if saes else None))
@@ -166,19 +225,29 @@ def _main(fn: Any, *, one_process: bool = False) -> Any:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: committed work is kept; rerun the same command to resume")
+        console.print(
+            "[yellow]interrupted[/]: committed work is kept; rerun the same command to resume"
+        )
         raise typer.Exit(130) from None
 
 
 def _summary(metrics: dict[str, Any]) -> Table:
-    from .report import display_name
+    from sae_darkmatter.report import display_name
 
     model = display_name(metrics.get("model"))
     table = Table(title=f"SAE dark matter: {model} @ {metrics.get('hook')} (held-out)")
-    cols = [("SAE", "name", "{}"), ("width", "d_sae", "{:,}"), ("k", "k", "{}"), ("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"),
-            ("linear", "fvu_linear", "{:.4f}"), ("nonlinear", "fvu_nonlinear", "{:.4f}"),
-            ("lin. share", "linear_share", "{:.3f}"), ("R² e", "r2_error_mean_dim", "{:.3f}"),
-            ("R² ‖e‖²", "r2_error_norm", "{:.3f}")]
+    cols = [
+        ("SAE", "name", "{}"),
+        ("width", "d_sae", "{:,}"),
+        ("k", "k", "{}"),
+        ("L0", "l0", "{:.1f}"),
+        ("FVU", "fvu", "{:.4f}"),
+        ("linear", "fvu_linear", "{:.4f}"),
+        ("nonlinear", "fvu_nonlinear", "{:.4f}"),
+        ("lin. share", "linear_share", "{:.3f}"),
+        ("R² e", "r2_error_mean_dim", "{:.3f}"),
+        ("R² ‖e‖²", "r2_error_norm", "{:.3f}"),
+    ]
     for title, _, _ in cols:
         table.add_column(title, justify="right")
     for s in metrics["saes"]:
@@ -188,13 +257,27 @@ def _summary(metrics: dict[str, Any]) -> Table:
 
 @app.command()
 def run(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (reused and resumed).")] = Path("darkmatter_out"),
-    quick: Annotated[bool, typer.Option(help="Same pipeline on less data (a few minutes on a CPU).")] = False,
-    protocol: Annotated[str, typer.Option(help="'paper': Engels et al.'s protocol (1,024-token contexts, positions 200..1022, 150k probe-train tokens; README); other flags still apply.")] = "default",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder (reused and resumed).")
+    ] = Path("darkmatter_out"),
+    quick: Annotated[
+        bool, typer.Option(help="Same pipeline on less data (a few minutes on a CPU).")
+    ] = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="'paper': Engels et al.'s protocol (1,024-token contexts, positions 200..1022, 150k probe-train tokens; README); other flags still apply."
+        ),
+    ] = "default",
     config: ConfigFile = None,
     sae: SaeSpecs = None,
     model: Model = None,
-    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer).")] = None,
+    hook: Annotated[
+        str | None,
+        typer.Option(
+            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer)."
+        ),
+    ] = None,
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
@@ -211,17 +294,31 @@ def run(
     dtype: Dtype = None,
 ) -> None:
     """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their error -> report."""
-    from . import pipeline, presets
+    from sae_darkmatter import pipeline, presets
 
     def body() -> None:
         if quick and protocol != "default":
             raise DarkMatterError(f"--quick and --protocol {protocol} cannot be combined: the "
                                   "protocol fixes the amount of data")
         cfg = _build_config(
-            config, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts,
-            context_length=context_length, loss=loss, device=device, dtype=dtype, widths=widths, k=k,
-            train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture, protocol=protocol,
+            config,
+            model=model,
+            hook=hook,
+            corpus=corpus,
+            n_contexts=n_contexts,
+            context_length=context_length,
+            loss=loss,
+            device=device,
+            dtype=dtype,
+            widths=widths,
+            k=k,
+            train_tokens=train_tokens,
+            seed=seed,
+            skip_positions=skip_positions,
+            max_norm_ratio=max_norm_ratio,
+            saes=sae,
+            architecture=architecture,
+            protocol=protocol,
             prepend_bos=prepend_bos,
         )
         if quick:
@@ -236,22 +333,30 @@ def run(
 
 @app.command("harvest")
 def harvest_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Store folder (resumed if it exists).")] = Path("darkmatter_out/store"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Store folder (resumed if it exists).")
+    ] = Path("darkmatter_out/store"),
     model: Model = None,
-    hook: Annotated[Optional[list[str]], typer.Option(help="Hook point(s), repeatable: resid_post.L, mlp_out.L, attn_out.L.")] = None,
+    hook: Annotated[
+        list[str] | None,
+        typer.Option(help="Hook point(s), repeatable: resid_post.L, mlp_out.L, attn_out.L."),
+    ] = None,
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
     prepend_bos: PrependBos = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
-    contexts_per_shard: Annotated[Optional[int], typer.Option(help="Contexts per committed shard (a multiple of the batch size).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Contexts per forward pass.")] = None,
+    contexts_per_shard: Annotated[
+        int | None,
+        typer.Option(help="Contexts per committed shard (a multiple of the batch size)."),
+    ] = None,
     loss: Loss = None,
     dtype: Dtype = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
     """Harvest activations (and per-token loss) of a causal LM into an activation store."""
-    from .harvest import harvest
+    from sae_darkmatter.harvest import harvest
 
     def body() -> None:
         base = HarvestConfig()
@@ -273,24 +378,32 @@ def harvest_cmd(
 
 @app.command()
 def train(
-    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SAE folders.")] = Path("darkmatter_out/saes"),
-    hook: Annotated[Optional[str], typer.Option(help="Stored hook to train on (default: the first).")] = None,
+    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path(
+        "darkmatter_out/store"
+    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SAE folders.")] = Path(
+        "darkmatter_out/saes"
+    ),
+    hook: Annotated[
+        str | None, typer.Option(help="Stored hook to train on (default: the first).")
+    ] = None,
     architecture: Arch = None,
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: scaled by width).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default: scaled by width).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Tokens per step.")] = None,
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
     """Train a width × sparsity grid of SAEs in one pass over a store's SAE-training split (SAELens format)."""
-    from .pipeline import train_saes
-    from .splits import make_splits
-    from .store import ActivationStore
+    from sae_darkmatter.pipeline import train_saes
+    from sae_darkmatter.splits import make_splits
+    from sae_darkmatter.store import ActivationStore
 
     def body() -> None:
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
@@ -298,7 +411,9 @@ def train(
                     batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
-        table = Table(title=f"SAEs in {out} (scores on up to 16k training rows; curves in training.json)")
+        table = Table(
+            title=f"SAEs in {out} (scores on up to 16k training rows; curves in training.json)"
+        )
         for col in ("SAE", "FVU", "L0", "dead latents", "tokens", "tok/s"):
             table.add_column(col, justify="right")
         for d in dirs:
@@ -313,21 +428,32 @@ def train(
 
 @app.command("decompose")
 def decompose_cmd(
-    sae: Annotated[list[str], typer.Option(help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")],
-    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path("darkmatter_out/store"),
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path("darkmatter_out/decompose"),
-    hook: Annotated[Optional[str], typer.Option(help="Stored hook (default: the first).")] = None,
+    sae: Annotated[
+        list[str],
+        typer.Option(
+            help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder."
+        ),
+    ],
+    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path(
+        "darkmatter_out/store"
+    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path(
+        "darkmatter_out/decompose"
+    ),
+    hook: Annotated[str | None, typer.Option(help="Stored hook (default: the first).")] = None,
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
-    ridge: Annotated[Optional[float], typer.Option(help="Ridge penalty of the probes.")] = None,
-    bias: Annotated[Optional[bool], typer.Option("--bias/--no-bias", help="Bias column in the probes.")] = None,
+    ridge: Annotated[float | None, typer.Option(help="Ridge penalty of the probes.")] = None,
+    bias: Annotated[
+        bool | None, typer.Option("--bias/--no-bias", help="Bias column in the probes.")
+    ] = None,
     seed: Seed = None,
     device: Device = None,
 ) -> None:
     """Split each SAE's error into linear and nonlinear parts on held-out tokens."""
-    from .pipeline import decompose_saes
-    from .splits import make_splits
-    from .store import ActivationStore
+    from sae_darkmatter.pipeline import decompose_saes
+    from sae_darkmatter.splits import make_splits
+    from sae_darkmatter.store import ActivationStore
 
     def body() -> None:
         split = _split(SplitConfig(), seed, skip_positions, max_norm_ratio)
@@ -343,19 +469,29 @@ def decompose_cmd(
 
 @app.command()
 def analyze(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder with store/, saes/ and decompose/.")] = Path("darkmatter_out"),
-    only: Annotated[Optional[str], typer.Option(help="Comma-separated subset of: encoder_error, scaling, per_token, norms, cross_layer.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML run config (default: the run's run_config.json).")] = None,
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder with store/, saes/ and decompose/.")
+    ] = Path("darkmatter_out"),
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of: encoder_error, scaling, per_token, norms, cross_layer."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML run config (default: the run's run_config.json)."),
+    ] = None,
     model: Model = None,
     seed: Seed = None,
 ) -> None:
     """Encoder error, scaling law, per-token scaling, norm baselines, cross-layer prediction; then the report."""
-    from .analyses import run_analyses
-    from .config import RunConfig, from_dict
-    from .models import load_tokenizer
-    from .pipeline import RUN_CONFIG_FILE, remove_stale_temps, run_lock
-    from .report import write_report
-    from .store import ActivationStore
+    from sae_darkmatter.analyses import run_analyses
+    from sae_darkmatter.config import RunConfig, from_dict
+    from sae_darkmatter.models import load_tokenizer
+    from sae_darkmatter.pipeline import RUN_CONFIG_FILE, remove_stale_temps, run_lock
+    from sae_darkmatter.report import write_report
+    from sae_darkmatter.store import ActivationStore
 
     def body() -> None:
         saved = run_dir / RUN_CONFIG_FILE
@@ -380,11 +516,19 @@ def analyze(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="Run folder or activation store.")] = Path("darkmatter_out"),
-    fix: Annotated[bool, typer.Option("--repair", help="Re-harvest bad store shards; remove damaged SAEs this run trained (rerun to retrain).")] = False,
+    path: Annotated[Path, typer.Argument(help="Run folder or activation store.")] = Path(
+        "darkmatter_out"
+    ),
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Re-harvest bad store shards; remove damaged SAEs this run trained (rerun to retrain).",
+        ),
+    ] = False,
 ) -> None:
     """Check every store shard (sha256) and SAE file of a run; with --repair, redo what is damaged."""
-    from . import integrity
+    from sae_darkmatter import integrity
 
     def body() -> None:
         c = Console()
@@ -409,30 +553,53 @@ def verify(
 
 @app.command("report")
 def report_cmd(
-    decompose_dir: Annotated[Path, typer.Argument(help="Folder of decomposition results.")] = Path("darkmatter_out/decompose"),
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: the results' parent).")] = None,
+    decompose_dir: Annotated[Path, typer.Argument(help="Folder of decomposition results.")] = Path(
+        "darkmatter_out/decompose"
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: the results' parent)."),
+    ] = None,
 ) -> None:
     """Write report.html, metrics.json and figures from decomposition results."""
-    from .report import write_report
+    from sae_darkmatter.report import write_report
 
-    _main(lambda: _out(f"report: {write_report(decompose_dir, out or decompose_dir.parent)}"), one_process=True)
+    _main(
+        lambda: _out(f"report: {write_report(decompose_dir, out or decompose_dir.parent)}"),
+        one_process=True,
+    )
 
 
 @app.command()
 def synthetic(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("darkmatter_synthetic"),
-    d: Annotated[Optional[int], typer.Option(help="Activation width.")] = None,
-    n_features: Annotated[Optional[int], typer.Option(help="Number of true features.")] = None,
-    n_tokens: Annotated[Optional[int], typer.Option(help="Synthetic tokens.")] = None,
-    l0: Annotated[Optional[float], typer.Option(help="Expected active features per token.")] = None,
-    frequency: Annotated[Optional[str], typer.Option(help="Feature frequencies: zipf or uniform.")] = None,
-    magnitude: Annotated[Optional[str], typer.Option(help="Activation magnitudes: exponential, lognormal or constant.")] = None,
-    dictionary: Annotated[Optional[str], typer.Option(help="'random' or an SAELens SAE folder whose decoder rows are the features.")] = None,
-    train_check: Annotated[bool, typer.Option("--train-check/--no-train-check", help="Also train real TopK SAEs on synthetic data and split their error.")] = True,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path(
+        "darkmatter_synthetic"
+    ),
+    d: Annotated[int | None, typer.Option(help="Activation width.")] = None,
+    n_features: Annotated[int | None, typer.Option(help="Number of true features.")] = None,
+    n_tokens: Annotated[int | None, typer.Option(help="Synthetic tokens.")] = None,
+    l0: Annotated[float | None, typer.Option(help="Expected active features per token.")] = None,
+    frequency: Annotated[
+        str | None, typer.Option(help="Feature frequencies: zipf or uniform.")
+    ] = None,
+    magnitude: Annotated[
+        str | None, typer.Option(help="Activation magnitudes: exponential, lognormal or constant.")
+    ] = None,
+    dictionary: Annotated[
+        str | None,
+        typer.Option(help="'random' or an SAELens SAE folder whose decoder rows are the features."),
+    ] = None,
+    train_check: Annotated[
+        bool,
+        typer.Option(
+            "--train-check/--no-train-check",
+            help="Also train real TopK SAEs on synthetic data and split their error.",
+        ),
+    ] = True,
     seed: Seed = None,
 ) -> None:
     """Synthetic activations with known ground truth: the paper's Fig. 15 grid and Table 1."""
-    from .synthetic import SyntheticConfig, run_synthetic
+    from sae_darkmatter.synthetic import SyntheticConfig, run_synthetic
 
     def body() -> None:
         cfg = _set(SyntheticConfig(), d=d, n_features=n_features, n_tokens=n_tokens, l0=l0,
@@ -452,16 +619,20 @@ def synthetic(
 
 @app.command()
 def info(
-    store: Annotated[Optional[Path], typer.Option(help="Also summarise this activation store.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Also summarise this activation store.")
+    ] = None,
 ) -> None:
     """Versions, devices, the embedded model's location, and an optional store summary."""
     import torch
 
-    from .models import embedded_gguf_path
+    from sae_darkmatter.models import embedded_gguf_path
 
     def body() -> None:
         c = Console()
-        c.print(f"sae-darkmatter {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+        c.print(
+            f"sae-darkmatter {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}"
+        )
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         c.print(f"GPUs: {', '.join(f'cuda:{i} {n}' for i, n in enumerate(gpus)) or 'none'}; "
                 f"default device {resolve_device('auto')}")
@@ -474,28 +645,47 @@ def info(
         except DarkMatterError as err:
             c.print(f"embedded model: missing ({err})")
         if store is not None:
-            from .store import ActivationStore
+            from sae_darkmatter.store import ActivationStore
 
             st = ActivationStore.open(store)
             bos = (f"BOS token {st.meta['bos_token_id']} first" if st.meta.get("prepend_bos")
                    else "no BOS prepended")
-            c.print(f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts of "
-                    f"{st.context_length:,} ({bos}), hooks {st.hooks}, model {st.meta.get('model_name')}")
+            c.print(
+                f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts of "
+                f"{st.context_length:,} ({bos}), hooks {st.hooks}, model {st.meta.get('model_name')}"
+            )
 
     _main(body, one_process=True)
 
 
 @app.command("stream")
 def stream_cmd(
-    sae: Annotated[list[str], typer.Option(help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <sae>.json results and the checkpoint (rerun to resume).")] = Path("darkmatter_stream"),
+    sae: Annotated[
+        list[str],
+        typer.Option(
+            help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for <sae>.json results and the checkpoint (rerun to resume).",
+        ),
+    ] = Path("darkmatter_stream"),
     model: Model = None,
-    hook: Annotated[Optional[str], typer.Option(help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer).")] = None,
+    hook: Annotated[
+        str | None,
+        typer.Option(
+            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer)."
+        ),
+    ] = None,
     corpus: Corpus = None,
     n_contexts: NContexts = None,
     context_length: CtxLen = None,
     prepend_bos: PrependBos = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Contexts per forward pass.")] = None,
     dtype: Dtype = None,
     device: Device = None,
     skip_positions: Skip = None,
@@ -504,17 +694,33 @@ def stream_cmd(
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints.")] = 25,
 ) -> None:
     """Decompose pretrained SAEs' error straight from the LM: no activation store, memory independent of the token count."""
-    from .adopt import adopt_sae_metadata
-    from .pipeline import open_saes
-    from .stream import stream_decompose
+    from sae_darkmatter.adopt import adopt_sae_metadata
+    from sae_darkmatter.pipeline import open_saes
+    from sae_darkmatter.stream import stream_decompose
 
     def body() -> None:
         loaded = open_saes(sae)
-        cfg = adopt_sae_metadata(_build_config(
-            None, model=model, hook=hook, corpus=corpus, n_contexts=n_contexts, context_length=context_length,
-            loss=False, device=device, dtype=dtype, seed=seed, skip_positions=skip_positions,
-            max_norm_ratio=max_norm_ratio, prepend_bos=prepend_bos), loaded)
-        harvest = _set(cfg.harvest, batch_size=batch_size, contexts_per_shard=batch_size)  # shards: unused
+        cfg = adopt_sae_metadata(
+            _build_config(
+                None,
+                model=model,
+                hook=hook,
+                corpus=corpus,
+                n_contexts=n_contexts,
+                context_length=context_length,
+                loss=False,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                skip_positions=skip_positions,
+                max_norm_ratio=max_norm_ratio,
+                prepend_bos=prepend_bos,
+            ),
+            loaded,
+        )
+        harvest = _set(
+            cfg.harvest, batch_size=batch_size, contexts_per_shard=batch_size
+        )  # shards: unused
         results = stream_decompose(harvest, {n: s.sae for n, s in loaded.items()},
                                    cfg.split, cfg.decompose, checkpoint=out / "checkpoint",
                                    checkpoint_every=checkpoint_every)
@@ -526,8 +732,10 @@ def stream_cmd(
             rows.append({"name": name, "k": prov.get("k"), **r.metrics.to_dict()})
         first = next(iter(results.values()))
         _out(_summary({"model": first.model, "hook": first.metrics.hook, "saes": rows}))
-        _out(f"{first.data['probe_train_tokens']:,} probe-train and {first.data['probe_test_tokens']:,} "
-             f"held-out tokens; results in {out}")
+        _out(
+            f"{first.data['probe_train_tokens']:,} probe-train and {first.data['probe_test_tokens']:,} "
+            f"held-out tokens; results in {out}"
+        )
 
     _main(body)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError, ConfigValueError
+from sae_darkmatter.errors import ConfigError, ConfigValueError
 
 T = TypeVar("T")
 
@@ -47,8 +47,9 @@ class _Checked:
 
     def _need(self, key: str, ok: bool, expected: str, *, kind: bool = False) -> None:
         if not ok:
-            raise ConfigValueError(self.PATH, key,
-                                   f"must be {expected}, got {_show(getattr(self, key), kind=kind)}")
+            raise ConfigValueError(
+                self.PATH, key, f"must be {expected}, got {_show(getattr(self, key), kind=kind)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ class CorpusConfig(_Checked):
                    f"one of {list(self.ENCODING_ERRORS)}")
         self._need("prepend_bos", isinstance(self.prepend_bos, bool) or self.prepend_bos == "auto",
                    'true, false or "auto"')
-        self._need("separator", self.separator in self.SEPARATORS, f"one of {list(self.SEPARATORS)}")
+        self._need(
+            "separator", self.separator in self.SEPARATORS, f"one of {list(self.SEPARATORS)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,11 @@ class SplitConfig(_Checked):
         self._need("probe_train_fraction", 0 < self.probe_train_fraction < 1,
                    "strictly between 0 and 1")
         self._need("seed", self.seed >= 0, ">= 0")
-        self._need("probe_train_tokens", self.probe_train_tokens is None or self.probe_train_tokens >= 1,
-                   ">= 1, or unset to use probe_train_fraction")
+        self._need(
+            "probe_train_tokens",
+            self.probe_train_tokens is None or self.probe_train_tokens >= 1,
+            ">= 1, or unset to use probe_train_fraction",
+        )
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,9 @@ class SAETrainConfig(_Checked):
             values = getattr(self, name)
             if name not in ("widths", self.sparsity_field()):  # the other axes: any numbers
                 if not _has_type(values, f"tuple[{kind}, ...]"):
-                    raise ConfigValueError(self.PATH, name, _type_error(values, f"tuple[{kind}, ...]"))
+                    raise ConfigValueError(
+                        self.PATH, name, _type_error(values, f"tuple[{kind}, ...]")
+                    )
                 continue
             self._need(name, isinstance(values, (tuple, list)) and bool(values) and all(
                 _has_type(v, kind) and v > 0 and math.isfinite(v) for v in values),
@@ -380,8 +388,11 @@ class DownstreamConfig(_Checked):
             self._need(name, getattr(self, name) >= 1, ">= 1")
         self._need("select", self.select in ("all", "cross"), "'all' or 'cross'")
         self._need("seed", self.seed >= 0, ">= 0")
-        self._need("loss_tolerance", math.isfinite(self.loss_tolerance) and self.loss_tolerance >= 0,
-                   "a finite number >= 0")
+        self._need(
+            "loss_tolerance",
+            math.isfinite(self.loss_tolerance) and self.loss_tolerance >= 0,
+            "a finite number >= 0",
+        )
 
 
 def _error_sae_train() -> SAETrainConfig:
@@ -608,7 +619,9 @@ def _type_error(value: Any, annotation: str) -> str:
         inner = annotation[len("tuple["):-len(", ...]")]
         i, item = next((i, v) for i, v in enumerate(value) if not _has_type(v, inner))
         got = f"{_show(value)} (item {i}, {_show(item)}, is {_kind(item)})"
-    elif annotation.startswith("tuple[") and _has_type(value, annotation[len("tuple["):-len(", ...]")]):
+    elif annotation.startswith("tuple[") and _has_type(
+        value, annotation[len("tuple[") : -len(", ...]")]
+    ):
         got += f"; write a list, e.g. [{_show(value)}]"
     return f"must be {_describe(annotation)}, got {got}"
 

@@ -109,7 +109,8 @@ def packing_for(cfg: CorpusConfig, tokenizer: Any, *, model: str = "the model") 
         if separator is None:
             raise DarkMatterError(
                 f"harvest.corpus.separator = {cfg.separator!r}, but the tokenizer of {model} has no "
-                f"{cfg.separator.upper()} token; choose another separator or \"none\"")
+                f'{cfg.separator.upper()} token; choose another separator or "none"'
+            )
     return Packing(int(bos) if prepend else None, None if separator is None else int(separator),
                    stream=False)
 
@@ -171,7 +172,9 @@ class _Count:
 def _tokenized(texts: Iterator[str], tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each text (no special tokens added), empty ones skipped."""
     while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
-        yield from (list(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] if ids)
+        yield from (
+            list(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] if ids
+        )
 
 
 def pack(docs: Iterable[list[int]], length: int, packing: Packing) -> Iterator[np.ndarray]:

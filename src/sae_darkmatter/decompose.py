@@ -42,19 +42,19 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import distributed
-from ._io import atomic_path, limit_heap_growth, resolve_device
-from .config import DecomposeConfig
-from .errors import (
+from sae_darkmatter import distributed
+from sae_darkmatter._io import atomic_path, limit_heap_growth, resolve_device
+from sae_darkmatter.config import DecomposeConfig
+from sae_darkmatter.errors import (
     DarkMatterError,
     IncompatibleSAEError,
     NonFiniteError,
     ShapeMismatchError,
 )
-from .linalg import LinearProbe, R2Accumulator, StreamingLstsq
-from .saes import SAE, latent_rows
-from .splits import Splits
-from .store import ActivationStore
+from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
+from sae_darkmatter.saes import SAE, latent_rows
+from sae_darkmatter.splits import Splits
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ class DecompositionOutput:
             "error_probe.bias": self.error_probe.bias,
             "norm_probe.weight": self.norm_probe.weight,
             "norm_probe.bias": self.norm_probe.bias,
-            **{f"test.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.tokens.items()},
+            **{
+                f"test.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in self.tokens.items()
+            },
         }
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -221,7 +224,9 @@ def decompose_many(
     train_rows = splits.probe_train[distributed.share(splits.probe_train.size)]
     test_rows = splits.probe_test[mine]
     with Progress(disable=not progress or not distributed.is_main(), transient=True) as bar:
-        task = bar.add_task(f"decompose {len(names)} SAE(s)", total=train_rows.size + 2 * test_rows.size)
+        task = bar.add_task(
+            f"decompose {len(names)} SAE(s)", total=train_rows.size + 2 * test_rows.size
+        )
 
         # Pass 1: one least-squares system, targets [e_1, ‖e_1‖², e_2, ‖e_2‖², ...].
         fit = probe_system(cfg, len(names), d, device)
@@ -255,7 +260,9 @@ def decompose_many(
             offset += x.shape[0]
             for name in names:
                 x_hat, e, l0 = errors(name, x, locate(rows))
-                e_hat, norm_sq, norm_pred = scores[name].update(x, x_hat, e, l0, probes[name], chunk_groups)
+                e_hat, norm_sq, norm_pred = scores[name].update(
+                    x, x_hat, e, l0, probes[name], chunk_groups
+                )
                 for key, value in (
                     ("err_sq", norm_sq[:, 0]),
                     ("linear_sq", e_hat.square().sum(dim=1)),
@@ -290,15 +297,22 @@ def probe_system(cfg: DecomposeConfig, n_saes: int, d: int, device: torch.device
     return StreamingLstsq(d, n_saes * (d + 1), bias=cfg.bias, device=device)
 
 
-def split_probes(joint: LinearProbe, names: list[str], d: int) -> dict[str, tuple[LinearProbe, LinearProbe]]:
+def split_probes(
+    joint: LinearProbe, names: list[str], d: int
+) -> dict[str, tuple[LinearProbe, LinearProbe]]:
     """Each SAE's (error probe, norm probe) out of the joint solve of ``probe_system``."""
     probes = {}
     for i, name in enumerate(names):
         lo = i * (d + 1)
         probes[name] = (
-            dataclasses.replace(joint, weight=joint.weight[:, lo : lo + d], bias=joint.bias[lo : lo + d]),
-            dataclasses.replace(joint, weight=joint.weight[:, lo + d : lo + d + 1],
-                                bias=joint.bias[lo + d : lo + d + 1]),
+            dataclasses.replace(
+                joint, weight=joint.weight[:, lo : lo + d], bias=joint.bias[lo : lo + d]
+            ),
+            dataclasses.replace(
+                joint,
+                weight=joint.weight[:, lo + d : lo + d + 1],
+                bias=joint.bias[lo + d : lo + d + 1],
+            ),
         )
     return probes
 
@@ -312,12 +326,16 @@ class SAEErrors:
 
     def __init__(self, saes: Mapping[str, SAE], dtypes: Mapping[str, torch.dtype | None], hook: str,
                  device: torch.device) -> None:
-        self.saes = {n: s.to(device) if isinstance(s, torch.nn.Module) else s for n, s in saes.items()}
+        self.saes = {
+            n: s.to(device) if isinstance(s, torch.nn.Module) else s for n, s in saes.items()
+        }
         self.dtypes = dict(dtypes)
         self.hook = hook
         self.names = list(self.saes)
 
-    def __call__(self, name: str, x: torch.Tensor, locate: Locate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, name: str, x: torch.Tensor, locate: Locate
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x̂, e, L0)`` of rows ``x``, encoded ``latent_rows`` at a time: a 1M-wide SAE's
         dense latents of a whole chunk would take tens of GB."""
         sae, dtype = self.saes[name], self.dtypes[name]
@@ -353,9 +371,13 @@ class HeldOutScores:
 
     KINDS = ("sae", "lin", "err", "norm")
 
-    def __init__(self, d: int, n_groups: int = JACKKNIFE_GROUPS, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, d: int, n_groups: int = JACKKNIFE_GROUPS, *, device: str | torch.device = "cpu"
+    ) -> None:
         self.d, self.device = d, torch.device(device)
-        self.accs = {k: R2Accumulator(1 if k == "norm" else d, device=self.device) for k in self.KINDS}
+        self.accs = {
+            k: R2Accumulator(1 if k == "norm" else d, device=self.device) for k in self.KINDS
+        }
         self.groups = [R2Accumulator(d, device=self.device) for _ in range(n_groups)]
         self.l0_sum = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -388,7 +410,11 @@ class HeldOutScores:
         return {**self.accs, **{f"group{g}": acc for g, acc in enumerate(self.groups)}}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"{part}.{k}": v for part, acc in self._parts().items() for k, v in acc.state_dict().items()}
+        state = {
+            f"{part}.{k}": v
+            for part, acc in self._parts().items()
+            for k, v in acc.state_dict().items()
+        }
         return state | {"l0_sum": self.l0_sum.clone()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -435,7 +461,10 @@ class HeldOutScores:
             r2_error_norm=norm_acc.r2_pooled(),
             bias=cfg.bias,
             ridge=cfg.ridge,
-            ci={**(ci or {}), "r2_error_mean_dim": _jackknife_interval(self.groups, err_acc.r2_mean_dim())},
+            ci={
+                **(ci or {}),
+                "r2_error_mean_dim": _jackknife_interval(self.groups, err_acc.r2_mean_dim()),
+            },
             probe_rank=probe.rank,
             probe_cond=probe.cond if probe.cond is not None and math.isfinite(probe.cond) else None,
             probe_regularized=probe.regularized,
@@ -554,9 +583,11 @@ def _nonfinite_rows(chunks: Any) -> tuple[np.ndarray, list[str]]:
 
 def _sae_advice(dtype: torch.dtype | None) -> str:
     if dtype in (torch.float16, torch.bfloat16):
-        return (f"the activations there are finite, so the SAE's {str(dtype).removeprefix('torch.')} "
-                "arithmetic overflowed or its weights hold NaN/inf; convert the SAE to float32 "
-                "(sae.float()) or check its weights")
+        return (
+            f"the activations there are finite, so the SAE's {str(dtype).removeprefix('torch.')} "
+            "arithmetic overflowed or its weights hold NaN/inf; convert the SAE to float32 "
+            "(sae.float()) or check its weights"
+        )
     return "the activations there are finite, so the SAE's weights hold NaN/inf or overflow"
 
 
@@ -578,8 +609,9 @@ def bootstrap_intervals(
     rng = np.random.default_rng(seed)
     err, nl = tokens["err_sq"].astype(np.float64), tokens["nonlinear_sq"].astype(np.float64)
     xc, pred = tokens["x_centered_sq"].astype(np.float64), tokens["err_sq_pred"].astype(np.float64)
-    draws: dict[str, list[float]] = {k: [] for k in
-                                     ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_norm")}
+    draws: dict[str, list[float]] = {
+        k: [] for k in ("fvu", "fvu_linear", "fvu_nonlinear", "linear_share", "r2_error_norm")
+    }
     for _ in range(n_boot):
         w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
         s_err, s_nl, s_xc = w @ err, w @ nl, w @ xc
@@ -589,7 +621,9 @@ def bootstrap_intervals(
         draws["fvu_linear"].append((s_err - s_nl) / s_xc)
         draws["linear_share"].append(1 - s_nl / s_err)
         draws["r2_error_norm"].append(1 - (w @ (err - pred) ** 2) / (w @ (err - mean) ** 2))
-    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+    return {
+        k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()
+    }
 
 
 def _jackknife_interval(groups: list[R2Accumulator], full: float) -> tuple[float, float]:

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import distributed
-from ._io import require_folder
-from .config import HarvestConfig, fingerprint, from_dict, to_dict
-from .contexts import Packing, build_contexts, packing_for, special_token_ids
-from .corpus import corpus_fingerprint
-from .errors import ConfigError, DarkMatterError, NonFiniteError
-from .models import (
+from sae_darkmatter import distributed
+from sae_darkmatter._io import require_folder
+from sae_darkmatter.config import HarvestConfig, fingerprint, from_dict, to_dict
+from sae_darkmatter.contexts import Packing, build_contexts, packing_for, special_token_ids
+from sae_darkmatter.corpus import corpus_fingerprint
+from sae_darkmatter.errors import ConfigError, DarkMatterError, NonFiniteError
+from sae_darkmatter.models import (
     AUTO_NAME,
     EMBEDDED_NAME,
     LoadedModel,
@@ -38,7 +38,7 @@ from .models import (
     max_positions,
     parse_hook,
 )
-from .store import ActivationStore, ShardProblem
+from sae_darkmatter.store import ActivationStore, ShardProblem
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,20 @@ def harvest_summary(store: ActivationStore) -> dict[str, Any]:
     """What a store's contexts are: the corpus, how many of what length, BOS first or not, the
     separator (stores from before BOS handling: no BOS, the stream packing)."""
     meta = store.meta
-    return {"corpus": meta.get("config", {}).get("corpus", {}).get("source"),
-            "contexts": meta.get("n_contexts"), "context_length": store.context_length,
-            "prepend_bos": bool(meta.get("prepend_bos", False)), "bos_token_id": meta.get("bos_token_id"),
-            "separator_token_id": meta.get("separator_token_id"), "packing": meta.get("packing", "stream")}
+    return {
+        "corpus": meta.get("config", {}).get("corpus", {}).get("source"),
+        "contexts": meta.get("n_contexts"),
+        "context_length": store.context_length,
+        "prepend_bos": bool(meta.get("prepend_bos", False)),
+        "bos_token_id": meta.get("bos_token_id"),
+        "separator_token_id": meta.get("separator_token_id"),
+        "packing": meta.get("packing", "stream"),
+    }
 
 
-def finished_store(path: str | Path, cfg: HarvestConfig, packing: Packing) -> ActivationStore | None:
+def finished_store(
+    path: str | Path, cfg: HarvestConfig, packing: Packing
+) -> ActivationStore | None:
     """The store at ``path`` if it is complete and was made with the same settings."""
     if not (Path(path) / "manifest.json").exists():
         return None
@@ -177,7 +184,11 @@ def _harvest_shards(lm: LoadedModel, store: ActivationStore, contexts: np.ndarra
         disable=not progress or not distributed.is_main(),
         transient=True,
     ) as bar:
-        label = ", ".join(hooks) if alone else f"{', '.join(hooks)} (rank 0 of {distributed.world_size()})"
+        label = (
+            ", ".join(hooks)
+            if alone
+            else f"{', '.join(hooks)} (rank 0 of {distributed.world_size()})"
+        )
         task = bar.add_task(label, total=(len(todo) * cps + (start if alone else 0)) * tpc,
                             completed=start * tpc if alone else 0, rate="")
         for i in todo:
@@ -235,9 +246,15 @@ def repair(
                 acts, loss = _run_shard(lm, shard, list(store.hooks), cfg, bar, task)
                 check_finite_shard(acts, loss, start, cfg.model.dtype)
                 same = store.rewrite_shard(problem.index, acts=acts, tokens=shard, loss=loss)
-                log.warning("repaired %s (contexts %d..%d): %s", problem.file, start, stop - 1,
-                            "bit-identical to the original" if same else
-                            "re-harvested; differs from the original bytes (a nondeterministic model)")
+                log.warning(
+                    "repaired %s (contexts %d..%d): %s",
+                    problem.file,
+                    start,
+                    stop - 1,
+                    "bit-identical to the original"
+                    if same
+                    else "re-harvested; differs from the original bytes (a nondeterministic model)",
+                )
     finally:
         store.finish()
     return problems
@@ -293,9 +310,11 @@ def check_finite_shard(
         nan = torch.isnan(t[ctx, pos]) if name == "loss" else torch.isnan(t[ctx, pos]).any(dim=-1)
         places = [(first_context + int(c), int(p), "nan" if n else "inf")
                   for c, p, n in zip(ctx.tolist(), pos.tolist(), nan.tolist())]
-        overflow = ("float16 overflows above 65504: use harvest.model.dtype = \"bfloat16\" or "
-                    "\"float32\"" if dtype == "float16" else
-                    "check the model's weights for NaN/inf, or use harvest.model.dtype = \"float32\"")
+        overflow = (
+            'float16 overflows above 65504: use harvest.model.dtype = "bfloat16" or "float32"'
+            if dtype == "float16"
+            else 'check the model\'s weights for NaN/inf, or use harvest.model.dtype = "float32"'
+        )
         what = ("harvest: the per-token loss (from non-finite logits)" if name == "loss"
                 else f"harvest: the model's activations at hook {name!r}")
         raise NonFiniteError(

@@ -13,10 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DarkMatterError
-from .saes.formats import open_sae
-from .saes.io import CFG_FILENAME, TRAINING_FILENAME, WEIGHTS_FILENAME
-from .store import MANIFEST, ActivationStore
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.saes.formats import open_sae
+from sae_darkmatter.saes.io import CFG_FILENAME, TRAINING_FILENAME, WEIGHTS_FILENAME
+from sae_darkmatter.store import MANIFEST, ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def repair(path: str | Path, *, progress: bool = True) -> tuple[list[Damage], li
     ``training.json``) is removed so the next ``darkmatter run`` retrains them; other SAE folders
     (copied in by the user) are left and reported.
     """
-    from .harvest import repair as repair_store
+    from sae_darkmatter.harvest import repair as repair_store
 
     path = Path(path)
     store = _store_or_run(path)
@@ -75,7 +75,9 @@ def repair(path: str | Path, *, progress: bool = True) -> tuple[list[Damage], li
     left = []
     for d in _sae_damage(path):
         if (d.path / TRAINING_FILENAME).is_file():
-            log.warning("removing damaged SAE folder %s; rerun `darkmatter run` to retrain it", d.path)
+            log.warning(
+                "removing damaged SAE folder %s; rerun `darkmatter run` to retrain it", d.path
+            )
             shutil.rmtree(d.path)
             repaired.append(d)
         else:
@@ -87,7 +89,9 @@ def _store_or_run(path: Path) -> Path | None:
     """The store of ``path`` (None for a run without one); neither a store nor a run: an error."""
     store = store_path(path)
     if store is None and not any((path / top).is_dir() for top in SAE_FOLDERS):
-        raise DarkMatterError(f"{path} holds neither an activation store ({MANIFEST}) nor a run folder")
+        raise DarkMatterError(
+            f"{path} holds neither an activation store ({MANIFEST}) nor a run folder"
+        )
     return store
 
 

@@ -32,7 +32,9 @@ from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 log = logging.getLogger(__name__)
 
 F64 = torch.float64
-_GEMM_ROWS = 8192  # rows per block product in update (bounds temporaries and float32 rounding growth)
+_GEMM_ROWS = (
+    8192  # rows per block product in update (bounds temporaries and float32 rounding growth)
+)
 _PREDICT_ROWS = 16384  # rows per float64 block in predict / R² updates (bounds float64 copies)
 _FLOAT32_MAX_COND = 1e6  # above this, float32 chunk GEMMs noticeably move the fit (measured)
 # Above this (estimated) cond of the scaled XᵀX, eps·cond > 2 %: float64 normal equations no
@@ -251,7 +253,9 @@ class StreamingLstsq:
         expected = {"sum_xx": (self.d_in, self.d_in), "sum_xy": (self.d_in, self.d_out)}
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
-                raise ShapeMismatchError(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
+                raise ShapeMismatchError(
+                    f"{key} has shape {tuple(state[key].shape)}, expected {shape}"
+                )
         z = dict(dtype=F64, device=self.device)
         state = {k: v.to(device=self.device) for k, v in state.items()}
         shift_x = _shift_from_state(state["shift_x"], self.device)
@@ -303,7 +307,9 @@ class StreamingLstsq:
         a, b, mean_x, mean_y = self._normal_equations()
         a = a + ridge * torch.eye(self.d_in, dtype=F64, device=a.device)
         diag = a.diagonal()
-        scale = torch.where(diag > 0, diag.clamp_min(torch.finfo(F64).tiny).rsqrt(), torch.zeros_like(diag))
+        scale = torch.where(
+            diag > 0, diag.clamp_min(torch.finfo(F64).tiny).rsqrt(), torch.zeros_like(diag)
+        )
         a_s = a * torch.outer(scale, scale)
         b_s = b * scale[:, None]
         chol, info = torch.linalg.cholesky_ex(a_s)
@@ -321,7 +327,11 @@ class StreamingLstsq:
             weight, rank, cond = _pinv_solve(a_s, b_s, rcond, diag, self.bias)
             regularized = True
         weight = weight * scale[:, None]
-        bias = mean_y - mean_x @ weight if self.bias else torch.zeros(self.d_out, dtype=F64, device=a.device)
+        bias = (
+            mean_y - mean_x @ weight
+            if self.bias
+            else torch.zeros(self.d_out, dtype=F64, device=a.device)
+        )
         return LinearProbe(weight=weight, bias=bias, rank=rank, cond=cond, regularized=regularized)
 
 
@@ -370,7 +380,9 @@ def _recentred(state: dict[str, Tensor], shift_x: Tensor, shift_y: Tensor) -> di
     return out
 
 
-def _pinv_solve(a: Tensor, b: Tensor, rcond: float, diag: Tensor, bias: bool) -> tuple[Tensor, int, float]:
+def _pinv_solve(
+    a: Tensor, b: Tensor, rcond: float, diag: Tensor, bias: bool
+) -> tuple[Tensor, int, float]:
     """Pseudo-inverse solve of a W = b (a symmetric PSD, unit or zero diagonal).
 
     Drops eigenvalues below ``rcond·λ_max`` and warns, naming the degenerate dimensions.
@@ -381,14 +393,19 @@ def _pinv_solve(a: Tensor, b: Tensor, rcond: float, diag: Tensor, bias: bool) ->
     keep = evals > rcond * max(lam_max, 0.0)
     rank = int(keep.sum())
     cond = lam_max / lam_min if lam_min > 0 else math.inf
-    log.warning("least squares is rank deficient: %s", _degeneracy(evecs[:, ~keep], diag, bias, rank, cond, rcond))
+    log.warning(
+        "least squares is rank deficient: %s",
+        _degeneracy(evecs[:, ~keep], diag, bias, rank, cond, rcond),
+    )
     if rank == 0:
         return torch.zeros_like(b), 0, cond
     v = evecs[:, keep]
     return v @ ((v.T @ b) / evals[keep, None]), rank, cond
 
 
-def _degeneracy(null: Tensor, diag: Tensor, bias: bool, rank: int, cond: float, rcond: float) -> str:
+def _degeneracy(
+    null: Tensor, diag: Tensor, bias: bool, rank: int, cond: float, rcond: float
+) -> str:
     """Which x dimensions make XᵀX singular: constant (or all-zero) ones, and the dimensions
     that carry the dropped eigenvectors (linear combinations of others)."""
     dead = (diag <= 0).nonzero()[:, 0].tolist()
@@ -424,7 +441,9 @@ class R2Accumulator:
 
     ADDITIVE_KEYS = ("n", "sse", "sum_dy", "sum_dy2")
 
-    def __init__(self, d: int, *, device: str | torch.device = "cpu", shift: Tensor | None = None) -> None:
+    def __init__(
+        self, d: int, *, device: str | torch.device = "cpu", shift: Tensor | None = None
+    ) -> None:
         if d < 1:
             raise ValueError(f"d must be positive, got {d}")
         self.d = d
@@ -490,7 +509,9 @@ class R2Accumulator:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if tuple(state["sse"].shape) != (self.d,):
-            raise ShapeMismatchError(f"sse has shape {tuple(state['sse'].shape)}, expected ({self.d},)")
+            raise ShapeMismatchError(
+                f"sse has shape {tuple(state['sse'].shape)}, expected ({self.d},)"
+            )
         z = dict(dtype=F64, device=self.device)
         self._n = state["n"].to(dtype=torch.int64, device=self.device).clone()
         self.sse_dim = state["sse"].to(**z).clone()

@@ -188,7 +188,9 @@ def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
         raise _unavailable(cfg, exc, resolved, "the tokenizer of model") from exc
 
 
-def _unavailable(cfg: ModelConfig, exc: Exception, resolved: str | None, what: str) -> ModelNotAvailableError:
+def _unavailable(
+    cfg: ModelConfig, exc: Exception, resolved: str | None, what: str
+) -> ModelNotAvailableError:
     """The error for a model (or its tokenizer or config) that cannot be loaded: says how to
     pass a local copy, and refuses plainly a model that needs its own code run."""
     _refuse_remote_code(cfg, exc)

@@ -33,23 +33,23 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from . import distributed
-from ._io import read_json, require_folder, try_lock, write_json
-from .adopt import adopt_sae_metadata, warn_store_differences
-from .analyses import run_analyses
-from .analyses.cross_layer import default_sources
-from .config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
-from .decompose import decompose_many, require_finite
-from .errors import DarkMatterError
-from .harvest import harvest, harvest_summary
-from .models import default_hook_for, load_tokenizer
-from .report import write_report
-from .saes.formats import LoadedSAE, open_sae
-from .saes.io import weights_digest
-from .saes.registry import REGISTRY_PREFIX
-from .saes.train import train_grid
-from .splits import Splits, make_splits
-from .store import ActivationStore
+from sae_darkmatter import distributed
+from sae_darkmatter._io import read_json, require_folder, try_lock, write_json
+from sae_darkmatter.adopt import adopt_sae_metadata, warn_store_differences
+from sae_darkmatter.analyses import run_analyses
+from sae_darkmatter.analyses.cross_layer import default_sources
+from sae_darkmatter.config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
+from sae_darkmatter.decompose import decompose_many, require_finite
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.harvest import harvest, harvest_summary
+from sae_darkmatter.models import default_hook_for, load_tokenizer
+from sae_darkmatter.report import write_report
+from sae_darkmatter.saes.formats import LoadedSAE, open_sae
+from sae_darkmatter.saes.io import weights_digest
+from sae_darkmatter.saes.registry import REGISTRY_PREFIX
+from sae_darkmatter.saes.train import train_grid
+from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,11 @@ def run_lock(out: Path) -> Iterator[None]:
     delete the other's files in flight); the second one gets a clear error instead.
     """
     out.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(out / RUN_LOCK_FILE, f"another process is running the pipeline in {out} (it "
-                    f"holds {out / RUN_LOCK_FILE}); wait for it to finish or use another --out folder")
+    lock = try_lock(
+        out / RUN_LOCK_FILE,
+        f"another process is running the pipeline in {out} (it "
+        f"holds {out / RUN_LOCK_FILE}); wait for it to finish or use another --out folder",
+    )
     try:
         yield
     finally:
@@ -258,7 +261,9 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
         cfg = adopt_sae_metadata(cfg, open_saes(cfg.saes))
         cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, sae_train_fraction=0.0))
 
-    cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, hooks=cross_layer_hooks(cfg)))
+    cfg = dataclasses.replace(
+        cfg, harvest=dataclasses.replace(cfg.harvest, hooks=cross_layer_hooks(cfg))
+    )
     if distributed.is_main():
         write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
 
@@ -284,7 +289,9 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
         return _finish_run(cfg, out, progress, timings)
 
 
-def _finish_run(cfg: RunConfig, out: Path, progress: bool, timings: dict[str, float]) -> dict[str, Any]:
+def _finish_run(
+    cfg: RunConfig, out: Path, progress: bool, timings: dict[str, float]
+) -> dict[str, Any]:
     """The analyses, the report and ``metrics.json`` (one process)."""
     t = time.perf_counter()
     try:

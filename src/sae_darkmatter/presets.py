@@ -11,8 +11,8 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from .config import RunConfig
-from .errors import ConfigError
+from sae_darkmatter.config import RunConfig
+from sae_darkmatter.errors import ConfigError
 
 PAPER_EVAL_CONTEXTS = 300
 PAPER_CONTEXT_LENGTH = 1024
@@ -53,7 +53,9 @@ def paper_protocol(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
         harvest=dataclasses.replace(cfg.harvest, corpus=corpus),
-        split=dataclasses.replace(cfg.split, filter=filt, probe_train_tokens=PAPER_PROBE_TRAIN_TOKENS),
+        split=dataclasses.replace(
+            cfg.split, filter=filt, probe_train_tokens=PAPER_PROBE_TRAIN_TOKENS
+        ),
         decompose=dataclasses.replace(cfg.decompose, bias=True),
         downstream=dataclasses.replace(cfg.downstream, splice_all_after_skip=True),
     )

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import distributed
-from .config import SplitConfig, TokenFilter
-from .errors import DarkMatterError
-from .store import ActivationStore
+from sae_darkmatter import distributed
+from sae_darkmatter.config import SplitConfig, TokenFilter
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.store import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,9 @@ def select_rows(
         outlier = norms > filt.max_norm_ratio * median
         n_norm = int(outlier.sum())
         rows = rows[~outlier]
-    return Selection(rows, int(position.size), n_pos, n_special, n_norm, median, (window.start, before))
+    return Selection(
+        rows, int(position.size), n_pos, n_special, n_norm, median, (window.start, before)
+    )
 
 
 def make_splits(

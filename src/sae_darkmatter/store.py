@@ -101,7 +101,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCK_FILE = ".writer.lock"
 SHARD_PATTERN = re.compile(r"shard_\d{6}\.safetensors")
-STAGED_SUFFIX = ".staged.json"  # a shard written by a rank of a distributed harvest, not yet committed
+STAGED_SUFFIX = (
+    ".staged.json"  # a shard written by a rank of a distributed harvest, not yet committed
+)
 STAGED_PATTERN = re.compile(r"(shard_\d{6}\.safetensors)\.staged\.json")
 
 # Per-row columns stored beside the hooks: name -> (safetensors dtype tag, numpy dtype).
@@ -281,18 +283,27 @@ class ActivationStore:
             return
         self._commit_shard(len(self._shards), tensors, context_start, n_ctx)
 
-    def _commit_shard(self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int) -> dict:
+    def _commit_shard(
+        self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int
+    ) -> dict:
         """Write shard ``index`` (the next one, or one to replace), then record it in the manifest."""
         entry = self._write_entry(index, tensors, start, n_ctx)
         self._record([entry], at=index)
         return entry
 
-    def _write_entry(self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int) -> dict:
+    def _write_entry(
+        self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int
+    ) -> dict:
         """Write shard file ``index`` atomically; its manifest entry."""
         target = self.path / _shard_name(index)
         sha = _write_shard(target, tensors, start)
-        entry = {"file": target.name, "rows": n_ctx * self.context_length, "contexts": [start, start + n_ctx],
-                 "bytes": target.stat().st_size, "sha256": sha}
+        entry = {
+            "file": target.name,
+            "rows": n_ctx * self.context_length,
+            "contexts": [start, start + n_ctx],
+            "bytes": target.stat().st_size,
+            "sha256": sha,
+        }
         _VERIFIED.add(_sha_key(target, entry))  # we just hashed what we wrote
         return entry
 
@@ -300,8 +311,12 @@ class ActivationStore:
         """Put ``entries`` into the manifest from shard ``at`` on (replacing one, or appending)."""
         shards = [*self._shards]
         shards[at : at + len(entries)] = entries
-        manifest = {**self._manifest, "shards": shards, "committed_contexts": shards[-1]["contexts"][1],
-                    "committed_rows": sum(s["rows"] for s in shards)}
+        manifest = {
+            **self._manifest,
+            "shards": shards,
+            "committed_contexts": shards[-1]["contexts"][1],
+            "committed_rows": sum(s["rows"] for s in shards),
+        }
         write_json(self.path / MANIFEST, manifest)
         self._manifest = manifest
         for i in range(at, at + len(entries)):
@@ -329,7 +344,9 @@ class ActivationStore:
             raise DarkMatterError(f"shard {index} of the store at {self.path} is already committed")
         tensors = self._batch_tensors(context_start, acts, tokens, loss)
         n_ctx = tensors["tokens"].shape[0] // self.context_length
-        write_json(_staged_file(self.path, index), self._write_entry(index, tensors, context_start, n_ctx))
+        write_json(
+            _staged_file(self.path, index), self._write_entry(index, tensors, context_start, n_ctx)
+        )
 
     def is_staged(self, index: int) -> bool:
         return _staged_file(self.path, index).exists()
@@ -341,7 +358,9 @@ class ActivationStore:
         that does not fit stops the commit (it stays staged, and is logged).
         """
         if not self._writable:
-            raise DarkMatterError(f"the store at {self.path} was opened read-only; only its writer commits")
+            raise DarkMatterError(
+                f"the store at {self.path} was opened read-only; only its writer commits"
+            )
         entries: list[dict] = []
         while True:
             index = len(self._shards) + len(entries)
@@ -353,8 +372,11 @@ class ActivationStore:
             shard = self.path / _shard_name(index)
             if (entry.get("file") != shard.name or entry.get("contexts", [None])[0] != start
                     or not shard.is_file() or shard.stat().st_size != entry.get("bytes")):
-                log.warning("staged shard %s does not continue the store at context %d; not committed",
-                            shard, start)
+                log.warning(
+                    "staged shard %s does not continue the store at context %d; not committed",
+                    shard,
+                    start,
+                )
                 break
             entries.append(entry)
         if entries:
@@ -391,7 +413,9 @@ class ActivationStore:
         for hook, d in self.hooks.items():
             x = torch.as_tensor(acts[hook])
             if x.ndim != 3 or x.shape[0] != b or x.shape[1] != t:
-                raise ShapeMismatchError(f"activations for {hook!r} must be [{b}, {t}, d], got {list(x.shape)}")
+                raise ShapeMismatchError(
+                    f"activations for {hook!r} must be [{b}, {t}, d], got {list(x.shape)}"
+                )
             if x.shape[2] != d:
                 raise ShapeMismatchError(
                     f"activations for {hook!r} have width {x.shape[2]} but the store holds width {d}"
@@ -402,10 +426,14 @@ class ActivationStore:
         else:
             loss_t = torch.as_tensor(loss).detach()
             if tuple(loss_t.shape) != (b, t):
-                raise ShapeMismatchError(f"loss must be [{b}, {t}] like tokens, got {list(loss_t.shape)}")
+                raise ShapeMismatchError(
+                    f"loss must be [{b}, {t}] like tokens, got {list(loss_t.shape)}"
+                )
         out["tokens"] = tok.to("cpu", torch.int32).reshape(-1).contiguous()
         out["position"] = torch.arange(t, dtype=torch.int32).repeat(b)
-        out["context"] = torch.arange(context_start, context_start + b, dtype=torch.int64).repeat_interleave(t)
+        out["context"] = torch.arange(
+            context_start, context_start + b, dtype=torch.int64
+        ).repeat_interleave(t)
         out["loss"] = loss_t.to("cpu", torch.float32).reshape(-1).contiguous()
         return out
 
@@ -427,7 +455,9 @@ class ActivationStore:
                 stray = (SHARD_PATTERN.fullmatch(f.name) and f.name not in listed
                          and not (keep_staged and f"{f.name}{STAGED_SUFFIX}" in names))
             if stray or (f.name.startswith(".") and f.name.endswith(".tmp")):
-                log.warning("removing %s: not committed in %s (left by an interrupted write)", f, MANIFEST)
+                log.warning(
+                    "removing %s: not committed in %s (left by an interrupted write)", f, MANIFEST
+                )
                 f.unlink()
 
     # ----------------------------------------------------------------- reading
@@ -467,7 +497,11 @@ class ActivationStore:
         out_rows, out, filled, size = np.empty(0, np.int64), torch.empty(0, d), 0, 0
         for i in range(len(self._shards)):
             # Cursor range over this shard: global rows, or positions in ``sel``.
-            lo, hi = (starts[i], starts[i + 1]) if sel is None else np.searchsorted(sel, starts[i : i + 2])
+            lo, hi = (
+                (starts[i], starts[i + 1])
+                if sel is None
+                else np.searchsorted(sel, starts[i : i + 2])
+            )
             pos = lo
             while pos < hi:
                 if filled == size:
@@ -530,7 +564,8 @@ class ActivationStore:
                 got = fh.readinto(buf[done:])
                 if not got:
                     raise CorruptStoreError(
-                        f"shard {fh.name} ended early while reading {name!r}; {_repair_hint(Path(fh.name))}")
+                        f"shard {fh.name} ended early while reading {name!r}; {_repair_hint(Path(fh.name))}"
+                    )
                 done += got
 
     def _take(self, i: int, hook: str, local: np.ndarray, dest: np.ndarray) -> None:
@@ -539,14 +574,20 @@ class ActivationStore:
         with open(self.path / self._shards[i]["file"], "rb") as fh, mmap.mmap(
             fh.fileno(), 0, access=mmap.ACCESS_READ
         ) as mm:
-            arr = np.frombuffer(mm, dest.dtype, (end - begin) // dest.itemsize, begin).reshape(-1, dest.shape[1])
-            np.take(arr, local, axis=0, out=dest, mode="clip")  # rows are checked; "raise" would buffer
+            arr = np.frombuffer(mm, dest.dtype, (end - begin) // dest.itemsize, begin).reshape(
+                -1, dest.shape[1]
+            )
+            np.take(
+                arr, local, axis=0, out=dest, mode="clip"
+            )  # rows are checked; "raise" would buffer
             del arr  # release the buffer export before the map closes
 
     def _check_rows(self, rows: np.ndarray, *, ascending: bool) -> np.ndarray:
         idx = np.asarray(rows)
         if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
-            raise DarkMatterError(f"rows must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
+            raise DarkMatterError(
+                f"rows must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}"
+            )
         idx = idx.astype(np.int64, copy=False)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
             raise DarkMatterError(
@@ -554,7 +595,9 @@ class ActivationStore:
                 f"got min {idx.min()}, max {idx.max()}"
             )
         if ascending and np.any(np.diff(idx) <= 0):
-            raise DarkMatterError("rows for iter_chunks must be sorted ascending without repeats (use np.unique)")
+            raise DarkMatterError(
+                "rows for iter_chunks must be sorted ascending without repeats (use np.unique)"
+            )
         return idx
 
     def _layout(self, i: int) -> dict[str, tuple[int, int]]:
@@ -591,14 +634,17 @@ class ActivationStore:
             for name, (tag, shape) in self._expected_tensors(entry["rows"]).items():
                 info = header[name]
                 if info["dtype"] != tag or info["shape"] != shape:
-                    raise ValueError(f"{name}: {info['dtype']} {info['shape']}, expected {tag} {shape}")
+                    raise ValueError(
+                        f"{name}: {info['dtype']} {info['shape']}, expected {tag} {shape}"
+                    )
                 begin, end = info["data_offsets"]
                 layout[name] = (8 + n + begin, 8 + n + end)
                 if end > entry["bytes"] - 8 - n:
                     raise ValueError(f"{name}: data past the end of the file")
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptStoreError(
-                f"shard {path} has an invalid safetensors header ({e}); {_repair_hint(path)}") from None
+                f"shard {path} has an invalid safetensors header ({e}); {_repair_hint(path)}"
+            ) from None
         return layout
 
     def _expected_tensors(self, rows: int) -> dict[str, tuple[str, list[int]]]:
@@ -674,16 +720,22 @@ class ShardProblem:
 # --------------------------------------------------------------------- helpers
 
 
-def _new_manifest(hooks: Mapping[str, int], context_length: int, meta: Mapping[str, Any], dtype: str) -> dict:
+def _new_manifest(
+    hooks: Mapping[str, int], context_length: int, meta: Mapping[str, Any], dtype: str
+) -> dict:
     if dtype not in _DTYPES:
         raise DarkMatterError(f"store dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if not hooks:
         raise DarkMatterError("an activation store needs at least one hook")
     clash = set(hooks) & set(COLUMNS)
     if clash:
-        raise HookError(f"hook names {sorted(clash)} clash with the store's reserved columns {list(COLUMNS)}")
+        raise HookError(
+            f"hook names {sorted(clash)} clash with the store's reserved columns {list(COLUMNS)}"
+        )
     if context_length < 1 or any(int(d) < 1 for d in hooks.values()):
-        raise DarkMatterError(f"context_length and hook widths must be positive: {context_length}, {dict(hooks)}")
+        raise DarkMatterError(
+            f"context_length and hook widths must be positive: {context_length}, {dict(hooks)}"
+        )
     try:
         meta_json = json.loads(json.dumps(dict(meta)))
     except (TypeError, ValueError) as e:
@@ -703,21 +755,32 @@ def _new_manifest(hooks: Mapping[str, int], context_length: int, meta: Mapping[s
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Names of the settings that differ, with both values (meta keys as dotted paths)."""
-    diffs = [f"{k}: {old[k]!r} != {new[k]!r}" for k in ("hooks", "context_length", "dtype") if old[k] != new[k]]
+    diffs = [
+        f"{k}: {old[k]!r} != {new[k]!r}"
+        for k in ("hooks", "context_length", "dtype")
+        if old[k] != new[k]
+    ]
     return diffs + _dict_diff(old["meta"], new["meta"], "meta")
 
 
 def _dict_diff(a: Any, b: Any, prefix: str) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in _dict_diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+        return [
+            d
+            for k in sorted(set(a) | set(b), key=str)
+            for d in _dict_diff(a.get(k), b.get(k), f"{prefix}.{k}")
+        ]
     return [] if a == b else [f"{prefix}: {a!r} != {b!r}"]
 
 
 def _writer_lock(path: Path) -> FileLock:
     """Take the store's writer lock without waiting; held by another process: StoreLockedError."""
-    return try_lock(path / LOCK_FILE, f"another process is writing the activation store at {path} "
-                    f"(it holds {path / LOCK_FILE}); wait for it to finish or use another store path",
-                    StoreLockedError)
+    return try_lock(
+        path / LOCK_FILE,
+        f"another process is writing the activation store at {path} "
+        f"(it holds {path / LOCK_FILE}); wait for it to finish or use another store path",
+        StoreLockedError,
+    )
 
 
 def _check_free_folder(path: Path) -> None:
@@ -744,17 +807,26 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     try:
         m = read_json(file)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise ValueError(f"format {m.get('format')!r} version {m.get('version')!r}, expected {FORMAT!r} {VERSION}")
+            raise ValueError(
+                f"format {m.get('format')!r} version {m.get('version')!r}, expected {FORMAT!r} {VERSION}"
+            )
         rows = contexts = 0
         for s in m["shards"]:
             if not SHARD_PATTERN.fullmatch(s["file"]):  # never follow a path out of the folder
                 raise ValueError(f"bad shard file name {s['file']!r}")
-            if s["contexts"][0] != contexts or s["rows"] != (s["contexts"][1] - contexts) * m["context_length"]:
+            if (
+                s["contexts"][0] != contexts
+                or s["rows"] != (s["contexts"][1] - contexts) * m["context_length"]
+            ):
                 raise ValueError(f"shard {s['file']} does not continue at context {contexts}")
             contexts, rows = s["contexts"][1], rows + s["rows"]
         if (m["committed_contexts"], m["committed_rows"]) != (contexts, rows):
             raise ValueError("committed counts disagree with the shard list")
-        if m["dtype"] not in _DTYPES or not isinstance(m["hooks"], dict) or not isinstance(m["meta"], dict):
+        if (
+            m["dtype"] not in _DTYPES
+            or not isinstance(m["hooks"], dict)
+            or not isinstance(m["meta"], dict)
+        ):
             raise ValueError("bad dtype, hooks or meta")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CorruptStoreError(

@@ -53,9 +53,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import distributed
-from ._io import atomic_path, limit_heap_growth, require_folder, resolve_device, try_lock, write_json
-from .config import (
+from sae_darkmatter import distributed
+from sae_darkmatter._io import (
+    atomic_path,
+    limit_heap_growth,
+    require_folder,
+    resolve_device,
+    try_lock,
+    write_json,
+)
+from sae_darkmatter.config import (
     DecomposeConfig,
     HarvestConfig,
     SplitConfig,
@@ -63,9 +70,9 @@ from .config import (
     fingerprint,
     to_dict,
 )
-from .contexts import Packing, build_contexts, special_token_ids
-from .corpus import corpus_fingerprint
-from .decompose import (
+from sae_darkmatter.contexts import Packing, build_contexts, special_token_ids
+from sae_darkmatter.corpus import corpus_fingerprint
+from sae_darkmatter.decompose import (
     JACKKNIFE_GROUPS,
     Decomposition,
     HeldOutScores,
@@ -77,22 +84,18 @@ from .decompose import (
     sae_compute_dtype,
     split_probes,
 )
-from .errors import DarkMatterError, ShapeMismatchError
-from .harvest import prepare
-from .linalg import LinearProbe
-from .models import (
-    LoadedModel,
-    default_hook,
-    forward_capture,
-    hook_dim,
-    load_model,
-)
-from .saes import SAE
-from .saes.io import weights_digest
+from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.harvest import prepare
+from sae_darkmatter.linalg import LinearProbe
+from sae_darkmatter.models import LoadedModel, default_hook, forward_capture, hook_dim, load_model
+from sae_darkmatter.saes import SAE
+from sae_darkmatter.saes.io import weights_digest
 
 log = logging.getLogger(__name__)
 
-STREAM_VERSION = 2  # part of the checkpoint fingerprint: bump when the arithmetic or the counts change
+STREAM_VERSION = (
+    2  # part of the checkpoint fingerprint: bump when the arithmetic or the counts change
+)
 CALIBRATION_TOKENS = 8192
 CHECKPOINT_EVERY = 25  # batches between checkpoints
 _COUNTS = ("tokens_total", "excluded_positions", "excluded_special_tokens",
@@ -132,8 +135,12 @@ class StreamResult:
         results with per-token arrays, which a stream has none of. Returns the JSON path.
         """
         folder = Path(folder)
-        tensors = {"error_probe.weight": self.error_probe.weight, "error_probe.bias": self.error_probe.bias,
-                   "norm_probe.weight": self.norm_probe.weight, "norm_probe.bias": self.norm_probe.bias}
+        tensors = {
+            "error_probe.weight": self.error_probe.weight,
+            "error_probe.bias": self.error_probe.bias,
+            "norm_probe.weight": self.norm_probe.weight,
+            "norm_probe.bias": self.norm_probe.bias,
+        }
         with atomic_path(folder / f"{self.name}.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         info = self.to_dict() | {"sae": dict(sae or {}), "probes": f"{self.name}.safetensors"}
@@ -171,7 +178,9 @@ class _Batch:
 class _State:
     """Everything a checkpoint holds: this rank's sums, batches done per phase, counts, median."""
 
-    def __init__(self, n_saes: int, d: int, n_groups: int, cfg: DecomposeConfig, device: torch.device) -> None:
+    def __init__(
+        self, n_saes: int, d: int, n_groups: int, cfg: DecomposeConfig, device: torch.device
+    ) -> None:
         self.fit = probe_system(cfg, n_saes, d, device)
         self.scores = [HeldOutScores(d, n_groups, device=device) for _ in range(n_saes)]
         self.done = [0, 0]
@@ -205,10 +214,20 @@ class _State:
             for i, s in enumerate(self.scores):
                 s.load_state_dict({k.removeprefix(f"scores{i}."): v for k, v in tensors.items()
                                    if k.startswith(f"scores{i}.")})
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # damaged: redo
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            RuntimeError,
+            SafetensorError,
+        ) as err:  # damaged: redo
             log.warning("cannot read checkpoint %s (%s): starting over", path, err)
             return False
-        self.done, self.counts, self.median = progress["done"], progress["counts"], progress["median"]
+        self.done, self.counts, self.median = (
+            progress["done"],
+            progress["counts"],
+            progress["median"],
+        )
         return True
 
 
@@ -239,8 +258,10 @@ def stream_decompose(
     if checkpoint is not None:
         require_folder(checkpoint, "the stream checkpoint")
     if split.probe_train_tokens is not None:
-        raise DarkMatterError("stream_decompose splits contexts, not tokens: split.probe_train_tokens "
-                              "cannot be met; use split.probe_train_fraction (or decompose a store)")
+        raise DarkMatterError(
+            "stream_decompose splits contexts, not tokens: split.probe_train_tokens "
+            "cannot be met; use split.probe_train_fraction (or decompose a store)"
+        )
     distributed.check_initialized()
     limit_heap_growth()  # per-batch buffers must not pile up in a fragmented heap
     with distributed.main_first():  # rank 0 fills the model cache, the others read it
@@ -255,13 +276,17 @@ def stream_decompose(
                   split, cfg, harvest.batch_size)
     lock = None
     if checkpoint is not None:
-        fp = _fingerprint(harvest, packing, hook, split, cfg, saes, contexts.shape[0], calibration_tokens)
+        fp = _fingerprint(
+            harvest, packing, hook, split, cfg, saes, contexts.shape[0], calibration_tokens
+        )
         lock = run.resume(Path(checkpoint), fp, checkpoint_every)
     try:
         if split.filter.max_norm_ratio is not None:
             run.calibrate(calibration_tokens)
         with _progress_bar(progress) as bar:
-            task = bar.add_task(f"{hook}, {len(saes)} SAE(s)", total=run.tokens(), completed=run.tokens(done=True))
+            task = bar.add_task(
+                f"{hook}, {len(saes)} SAE(s)", total=run.tokens(), completed=run.tokens(done=True)
+            )
             joint = run.fit(lambda n: bar.update(task, advance=n))
             probes = split_probes(joint, run.errors.names, d)
             run.score(probes, lambda n: bar.update(task, advance=n))
@@ -271,16 +296,30 @@ def stream_decompose(
 
     st = run.state
     counts = {k: sum(c[k] for c in distributed.gather(st.counts)) for k in _COUNTS}
-    data = counts | {"probe_train_contexts": int(run.train_ctx.size), "probe_test_contexts": int(run.test_ctx.size)}
-    settings = {"harvest": to_dict(harvest), "packing": packing.summary(), "hook": hook,
-                "split": to_dict(split), "decompose": to_dict(cfg), "calibration_tokens": calibration_tokens}
+    data = counts | {
+        "probe_train_contexts": int(run.train_ctx.size),
+        "probe_test_contexts": int(run.test_ctx.size),
+    }
+    settings = {
+        "harvest": to_dict(harvest),
+        "packing": packing.summary(),
+        "hook": hook,
+        "split": to_dict(split),
+        "decompose": to_dict(cfg),
+        "calibration_tokens": calibration_tokens,
+    }
     out = {}
     for name, scores in zip(run.errors.names, st.scores):
         metrics = distributed.merged(scores).metrics(
-            hook=hook, d_sae=run.errors.saes[name].d_sae, n_probe_train=counts["probe_train_tokens"],
-            probe=joint, cfg=cfg)
-        out[name] = StreamResult(name, lm.name, metrics, *probes[name], dict(data), st.median, run.threshold,
-                                 settings)
+            hook=hook,
+            d_sae=run.errors.saes[name].d_sae,
+            n_probe_train=counts["probe_train_tokens"],
+            probe=joint,
+            cfg=cfg,
+        )
+        out[name] = StreamResult(
+            name, lm.name, metrics, *probes[name], dict(data), st.median, run.threshold, settings
+        )
     return out
 
 
@@ -288,17 +327,35 @@ class _Stream:
     """One streamed decomposition: this rank's batches of each phase (0: probe-train, 1:
     probe-test contexts), the token filter, the sums (``_State``) and the checkpoint."""
 
-    def __init__(self, lm: LoadedModel, contexts: np.ndarray, hook: str, errors: SAEErrors, split: SplitConfig,
-                 cfg: DecomposeConfig, batch_size: int) -> None:
-        self.lm, self.contexts, self.hook, self.errors, self.filter = lm, contexts, hook, errors, split.filter
+    def __init__(
+        self,
+        lm: LoadedModel,
+        contexts: np.ndarray,
+        hook: str,
+        errors: SAEErrors,
+        split: SplitConfig,
+        cfg: DecomposeConfig,
+        batch_size: int,
+    ) -> None:
+        self.lm, self.contexts, self.hook, self.errors, self.filter = (
+            lm,
+            contexts,
+            hook,
+            errors,
+            split.filter,
+        )
         self.train_ctx, self.test_ctx = split_contexts(contexts.shape[0], split)
         self.n_groups = min(JACKKNIFE_GROUPS, self.test_ctx.size)
-        self.group_of = np.zeros(contexts.shape[0], np.int64)  # jackknife group of each test context
+        self.group_of = np.zeros(
+            contexts.shape[0], np.int64
+        )  # jackknife group of each test context
         self.group_of[self.test_ctx] = np.arange(self.test_ctx.size) % self.n_groups
         self.d, self.cfg, self.device = hook_dim(lm.model, hook), cfg, resolve_device(cfg.device)
         self.chunk = chunk_size(cfg, len(errors.names), self.d)
         b = batch_size
-        self.batches = [[c[i : i + b] for i in range(0, c.size, b)] for c in (self.train_ctx, self.test_ctx)]
+        self.batches = [
+            [c[i : i + b] for i in range(0, c.size, b)] for c in (self.train_ctx, self.test_ctx)
+        ]
         self.mine = [phase[distributed.share(len(phase))] for phase in self.batches]
         ids = special_token_ids(lm.tokenizer) if self.filter.exclude_special else []
         self.special = np.asarray(ids, np.int64)
@@ -311,11 +368,16 @@ class _Stream:
     def resume(self, folder: Path, fp: str, every: int) -> FileLock:
         """Use ``folder`` for this rank's checkpoint, continuing from it when it matches ``fp``;
         returns the lock held on it meanwhile."""
-        self.path = folder / f"stream.rank{distributed.rank()}-of-{distributed.world_size()}.safetensors"
+        self.path = (
+            folder / f"stream.rank{distributed.rank()}-of-{distributed.world_size()}.safetensors"
+        )
         self.fp, self.every = fp, every
         folder.mkdir(parents=True, exist_ok=True)
-        lock = try_lock(self.path.with_suffix(".lock"), f"another process is streaming into {self.path}; "
-                        "wait for it to finish or use another checkpoint folder")
+        lock = try_lock(
+            self.path.with_suffix(".lock"),
+            f"another process is streaming into {self.path}; "
+            "wait for it to finish or use another checkpoint folder",
+        )
         saved = self._new_state()
         if self.path.exists() and saved.load(self.path, fp):
             self.state = saved
@@ -327,7 +389,11 @@ class _Stream:
 
     def tokens(self, *, done: bool = False) -> int:
         """Tokens in this rank's batches (``done``: in those already done)."""
-        n = sum(c.size for p, phase in enumerate(self.mine) for c in phase[: self.state.done[p] if done else None])
+        n = sum(
+            c.size
+            for p, phase in enumerate(self.mine)
+            for c in phase[: self.state.done[p] if done else None]
+        )
         return n * self.contexts.shape[1]
 
     def calibrate(self, n_tokens: int) -> None:
@@ -340,7 +406,11 @@ class _Stream:
     def batch(self, phase: int, i: int) -> _Batch:
         """The kept tokens of this rank's batch ``i`` of ``phase`` (counted in the state)."""
         ctx = self.mine[phase][i]
-        x = self.cache.pop(i) if phase == 0 and i in self.cache else _forward(self.lm, self.contexts, ctx, self.hook)
+        x = (
+            self.cache.pop(i)
+            if phase == 0 and i in self.cache
+            else _forward(self.lm, self.contexts, ctx, self.hook)
+        )
         return _filtered(x, self.contexts[ctx], ctx, self.filter, self.special, self.threshold,
                          self.state.counts, _COUNTS[4 + phase])
 
@@ -354,17 +424,23 @@ class _Stream:
             self._done(0, i, advance)
         fit = distributed.merged(self.state.fit)
         if fit.n == 0:
-            raise DarkMatterError("no probe-train tokens passed the token filter; use more contexts or a "
-                                  "looser filter (skip_positions, max_norm_ratio)")
+            raise DarkMatterError(
+                "no probe-train tokens passed the token filter; use more contexts or a "
+                "looser filter (skip_positions, max_norm_ratio)"
+            )
         return fit.solve(self.cfg.ridge)
 
-    def score(self, probes: Mapping[str, tuple[LinearProbe, LinearProbe]], advance: Callable[[int], None]) -> None:
+    def score(
+        self, probes: Mapping[str, tuple[LinearProbe, LinearProbe]], advance: Callable[[int], None]
+    ) -> None:
         """Phase 2: the held-out sums over the probe-test contexts."""
         for i in range(self.state.done[1], len(self.mine[1])):
             batch = self.batch(1, i)
             for lo in range(0, batch.x.shape[0], self.chunk):
                 x = batch.x[lo : lo + self.chunk].to(self.device)
-                groups = torch.from_numpy(self.group_of[batch.context[lo : lo + self.chunk]]).to(self.device)
+                groups = torch.from_numpy(self.group_of[batch.context[lo : lo + self.chunk]]).to(
+                    self.device
+                )
                 for name, scores in zip(self.errors.names, self.state.scores):
                     x_hat, e, l0 = self.errors(name, x, batch.locate(lo))
                     scores.update(x, x_hat, e, l0, probes[name], groups)
@@ -399,8 +475,10 @@ def _fingerprint(harvest: HarvestConfig, packing: Packing, hook: str, split: Spl
     """
     odd = [n for n, s in saes.items() if not isinstance(s, torch.nn.Module)]
     if odd:
-        raise DarkMatterError(f"checkpoints need torch.nn.Module SAEs (their weights are fingerprinted); "
-                              f"{odd} are not: run without a checkpoint")
+        raise DarkMatterError(
+            f"checkpoints need torch.nn.Module SAEs (their weights are fingerprinted); "
+            f"{odd} are not: run without a checkpoint"
+        )
     model = {k: v for k, v in to_dict(harvest.model).items() if k != "device"}
     return fingerprint(
         STREAM_VERSION, corpus_fingerprint(harvest.corpus), model, harvest.batch_size, hook,
@@ -422,7 +500,9 @@ def _forward(lm: LoadedModel, contexts: np.ndarray, ctx: np.ndarray, hook: str) 
     return x
 
 
-def _rule_mask(ids: np.ndarray, filt: TokenFilter, special: np.ndarray) -> tuple[np.ndarray, int, int]:
+def _rule_mask(
+    ids: np.ndarray, filt: TokenFilter, special: np.ndarray
+) -> tuple[np.ndarray, int, int]:
     """Tokens of a batch ``ids`` [B, T] passing the position and special-token rules (flat),
     and how many each rule excluded."""
     window = filt.kept_positions(ids.shape[1])
@@ -438,8 +518,16 @@ def _rule_mask(ids: np.ndarray, filt: TokenFilter, special: np.ndarray) -> tuple
     return keep, n_position, n_special
 
 
-def _filtered(x: torch.Tensor, ids: np.ndarray, ctx: np.ndarray, filt: TokenFilter, special: np.ndarray,
-              threshold: float | None, counts: dict[str, int], kept_key: str) -> _Batch:
+def _filtered(
+    x: torch.Tensor,
+    ids: np.ndarray,
+    ctx: np.ndarray,
+    filt: TokenFilter,
+    special: np.ndarray,
+    threshold: float | None,
+    counts: dict[str, int],
+    kept_key: str,
+) -> _Batch:
     """The tokens of one batch that pass the filter (norms above ``threshold`` excluded, as
     ``splits.select_rows`` does against its median); updates ``counts``."""
     keep, n_position, n_special = _rule_mask(ids, filt, special)
@@ -478,8 +566,12 @@ def _calibrate(run: _Stream, n_tokens: int) -> tuple[float, dict[int, torch.Tens
         raise DarkMatterError("no probe-train tokens pass the position and special-token filters; "
                               "use more contexts or a smaller skip_positions")
     median = float(np.median(kept))
-    log.info("stream: median norm %.4g over %d calibration tokens; tokens above %s x that are excluded",
-             median, kept.size, run.filter.max_norm_ratio)
+    log.info(
+        "stream: median norm %.4g over %d calibration tokens; tokens above %s x that are excluded",
+        median,
+        kept.size,
+        run.filter.max_norm_ratio,
+    )
     return median, cache
 
 

@@ -124,7 +124,9 @@ class SyntheticData:
     def decode(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``(codes ⊙ keep) @ D`` [N, d] float32; ``keep`` [F] bool (None: all features)."""
         weights = self.values if keep is None else self.values * keep[self.indices]
-        return F.embedding_bag(self.indices, self.dictionary, per_sample_weights=weights, mode="sum")
+        return F.embedding_bag(
+            self.indices, self.dictionary, per_sample_weights=weights, mode="sum"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +141,15 @@ def _load_dictionary(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor
     else:
         path = Path(cfg.dictionary)
         if not path.is_dir():
-            raise DarkMatterError(f"dictionary must be 'random' or an SAE folder; {path} is not a folder")
+            raise DarkMatterError(
+                f"dictionary must be 'random' or an SAE folder; {path} is not a folder"
+            )
         rows = load_sae(path).W_dec.detach().float().cpu()
     norms = rows.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise DarkMatterError(f"dictionary {cfg.dictionary!r} has {int((norms == 0).sum())} zero rows")
+        raise DarkMatterError(
+            f"dictionary {cfg.dictionary!r} has {int((norms == 0).sum())} zero rows"
+        )
     return (rows / norms).contiguous()
 
 
@@ -317,7 +323,9 @@ def evaluate_fits(
         if "debiased" in fits:
             if n <= d + 1:
                 raise DarkMatterError(f"debiased fit needs more tokens ({n}) than d + 1 ({d + 1})")
-            out["fits"]["debiased"] = _estimates(ins["fvu_recon"], ins["fvu_lin"] / (1 - (d + 1) / n))
+            out["fits"]["debiased"] = _estimates(
+                ins["fvu_recon"], ins["fvu_lin"] / (1 - (d + 1) / n)
+            )
     if "held_out" in fits:
         fit_rows, score_rows = split_halves(x_obs.shape[0], seed)
         ho = _decomposition(x_obs, recon, score_rows, fit_rows)
@@ -366,7 +374,9 @@ def table1(grid: list[dict[str, Any]], fit: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def _fit_differences(grid: list[dict[str, Any]], fits: tuple[str, ...], n: int, d: int) -> dict[str, Any]:
+def _fit_differences(
+    grid: list[dict[str, Any]], fits: tuple[str, ...], n: int, d: int
+) -> dict[str, Any]:
     """Held-out minus in-sample estimates over the grid, with the OLS noise-bias predictions."""
     if not {"in_sample", "held_out"} <= set(fits):
         return {}
@@ -487,8 +497,15 @@ def trained_sae_check(
         act = torch.randn(data.x.shape, generator=gen).mul_(level * data.noise_unit)
         x_obs = data.x + act
         t0 = time.perf_counter()
-        train_cfg = SAETrainConfig(widths=(width,), ks=(k,), train_tokens=train_tokens,
-                                   batch_size=1024, seed=cfg.seed, checkpoint_every=10**9, device="cpu")
+        train_cfg = SAETrainConfig(
+            widths=(width,),
+            ks=(k,),
+            train_tokens=train_tokens,
+            batch_size=1024,
+            seed=cfg.seed,
+            checkpoint_every=10**9,
+            device="cpu",
+        )
         sae = train_sae(x_obs[fit_rows], width=width, k=k, cfg=train_cfg,
                         out_dir=Path(out_dir) / f"act_noise_{level:g}", progress=progress,
                         metadata={"model_name": "synthetic", "hook_name": f"act_noise_{level:g}"})

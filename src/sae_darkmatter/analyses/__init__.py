@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._io import read_json, write_json
-from ..config import RunConfig, fingerprint
-from ..errors import DarkMatterError
+from sae_darkmatter._io import read_json, write_json
+from sae_darkmatter.config import RunConfig, fingerprint
+from sae_darkmatter.errors import DarkMatterError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,10 @@ def _inputs(run_dir: Path, store: Any) -> list[Any]:
     Weights enter by content (sha256), not by file stamps: a rewrite with the same bytes (an SAE
     retrained after a kill) keeps the cached results, and the key is the same in any folder.
     """
-    decs = {p.stem: read_json(p).get("fingerprint") for p in sorted((run_dir / "decompose").glob("*.json"))}
+    decs = {
+        p.stem: read_json(p).get("fingerprint")
+        for p in sorted((run_dir / "decompose").glob("*.json"))
+    }
     weights = [(str(p.relative_to(run_dir)), _sha256(p))
                for p in sorted((run_dir / "saes").glob("**/sae_weights.safetensors"))]
     return [store.meta.get("harvest_fingerprint"), store.n_rows, decs, weights]
@@ -79,14 +82,14 @@ def run_analyses(
     a result there whose inputs (store, decompositions, SAE files) and settings are unchanged
     is reused, not recomputed.
     """
-    from ..store import ActivationStore
-    from .cross_layer import cross_layer_analysis
-    from .downstream import downstream_analysis
-    from .encoder_error import encoder_error_analysis
-    from .error_saes import error_sae_analysis
-    from .norm_baselines import norm_analysis
-    from .per_token import per_token_analysis
-    from .scaling import scaling_analysis
+    from sae_darkmatter.analyses.cross_layer import cross_layer_analysis
+    from sae_darkmatter.analyses.downstream import downstream_analysis
+    from sae_darkmatter.analyses.encoder_error import encoder_error_analysis
+    from sae_darkmatter.analyses.error_saes import error_sae_analysis
+    from sae_darkmatter.analyses.norm_baselines import norm_analysis
+    from sae_darkmatter.analyses.per_token import per_token_analysis
+    from sae_darkmatter.analyses.scaling import scaling_analysis
+    from sae_darkmatter.store import ActivationStore
 
     if only is None:
         enabled = {"encoder_error": cfg.pursuit.enabled, "cross_layer": cfg.cross_layer.enabled,

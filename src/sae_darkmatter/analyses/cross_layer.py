@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from .._io import read_json, resolve_device
-from ..config import CrossLayerConfig, SplitConfig
-from ..errors import DarkMatterError, ShapeMismatchError
-from ..linalg import LinearProbe, R2Accumulator, StreamingLstsq
-from ..report.figures import plt, save_figure
-from ..saes import SAE
-from ..splits import Splits, make_splits
-from ..store import ActivationStore
+from sae_darkmatter._io import read_json, resolve_device
+from sae_darkmatter.config import CrossLayerConfig, SplitConfig
+from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
+from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
+from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.saes import SAE
+from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.store import ActivationStore
 
 FIGURE = "figures/cross_layer.png"
 TARGETS = ("error", "linear", "nonlinear")  # e, ê, e − ê
@@ -91,17 +91,24 @@ def cross_layer(
     """
     if target not in saes:
         raise DarkMatterError(f"no SAE for the target hook {target!r} (SAEs for {sorted(saes)})")
-    sets = {name: tuple(feats) for name, feats in (predictors or default_predictors(target, list(saes))).items()}
+    sets = {
+        name: tuple(feats)
+        for name, feats in (predictors or default_predictors(target, list(saes))).items()
+    }
     hooks = list(dict.fromkeys([target, *(_parse(f)[1] for feats in sets.values() for f in feats)]))
     for feats in sets.values():
         for kind, hook in map(_parse, feats):
             if hook not in store.hooks:
-                raise DarkMatterError(f"hook {hook!r} is not in the store (it has {list(store.hooks)})")
+                raise DarkMatterError(
+                    f"hook {hook!r} is not in the store (it has {list(store.hooks)})"
+                )
             if kind == "recon" and hook not in saes:
                 raise DarkMatterError(f"no SAE for hook {hook!r}, needed by 'recon:{hook}'")
     for hook, sae in saes.items():
         if hook in hooks and sae.d_in != store.d(hook):
-            raise ShapeMismatchError(f"the SAE for {hook!r} has d_in {sae.d_in}, the store {store.d(hook)}")
+            raise ShapeMismatchError(
+                f"the SAE for {hook!r} has d_in {sae.d_in}, the store {store.d(hook)}"
+            )
     device = resolve_device(cfg.device)
     saes = {h: s.to(device) if isinstance(s, torch.nn.Module) else s for h, s in saes.items()}
     d = store.d(target)
@@ -119,8 +126,12 @@ def cross_layer(
                 for kind, hook in map(_parse, feats):
                     if kind == "recon" and hook not in recon:
                         recon[hook] = saes[hook](acts[hook]).to(acts[hook].dtype)
-        return {name: torch.cat([recon[h] if k == "recon" else acts[h] for k, h in map(_parse, feats)], 1)
-                for name, feats in sets.items()}
+        return {
+            name: torch.cat(
+                [recon[h] if k == "recon" else acts[h] for k, h in map(_parse, feats)], 1
+            )
+            for name, feats in sets.items()
+        }
 
     def split_error(acts: dict[str, torch.Tensor], probe: LinearProbe | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -131,7 +142,9 @@ def cross_layer(
 
     n_train, n_test = splits.probe_train.size, splits.probe_test.size
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"cross-layer {target} ({len(sets)} predictor sets)", total=2 * n_train + n_test)
+        task = bar.add_task(
+            f"cross-layer {target} ({len(sets)} predictor sets)", total=2 * n_train + n_test
+        )
         # Pass 1: the linear error probe ê = [x, 1]·W of the target SAE.
         fit = StreamingLstsq(d, d, device=device)
         for acts in chunks(splits.probe_train):
@@ -150,7 +163,9 @@ def cross_layer(
         maps = {name: f.solve(cfg.ridge) for name, f in fits.items()}
         # Pass 3: held-out scores.
         base = [R2Accumulator(d, device=device) for _ in range(2)]  # x ← x̂, x ← x̂ + ê
-        accs = {name: {t: R2Accumulator(d, device=device) for t in (*TARGETS, "after")} for name in sets}
+        accs = {
+            name: {t: R2Accumulator(d, device=device) for t in (*TARGETS, "after")} for name in sets
+        }
         for acts in chunks(splits.probe_test):
             x = acts[target]
             x_hat, e, e_hat = split_error(acts, probe)
@@ -168,30 +183,53 @@ def cross_layer(
     return _summary(target, list(saes), sets, base, accs, fits, cfg, d)
 
 
-def _summary(target: str, sources: list[str], sets: Mapping[str, tuple[str, ...]], base: list[R2Accumulator],
-             accs: Mapping[str, Mapping[str, R2Accumulator]], fits: Mapping[str, StreamingLstsq],
-             cfg: CrossLayerConfig, d: int) -> dict[str, Any]:
+def _summary(
+    target: str,
+    sources: list[str],
+    sets: Mapping[str, tuple[str, ...]],
+    base: list[R2Accumulator],
+    accs: Mapping[str, Mapping[str, R2Accumulator]],
+    fits: Mapping[str, StreamingLstsq],
+    cfg: CrossLayerConfig,
+    d: int,
+) -> dict[str, Any]:
     fvu, before = base[0].fvu(), base[1].fvu()
     rows = {}
     for name, feats in sets.items():
         acc = accs[name]
         after = acc["after"].fvu()
         rows[name] = {
-            "features": list(feats), "n_features": fits[name].d_in,
-            **{t: {"r2_pooled": acc[t].r2_pooled(), "r2_mean_dim": acc[t].r2_mean_dim()} for t in TARGETS},
+            "features": list(feats),
+            "n_features": fits[name].d_in,
+            **{
+                t: {"r2_pooled": acc[t].r2_pooled(), "r2_mean_dim": acc[t].r2_mean_dim()}
+                for t in TARGETS
+            },
             "fvu_nonlinear_after": after,
             "nonlinear_remaining": after / before if before > 0 else float("nan"),
         }
     best = min(rows, key=lambda n: rows[n]["fvu_nonlinear_after"])
     return {
-        "target": target, "sources": sources, "d": d,
-        "n_probe_train": fits[best].n, "n_probe_test": base[0].n, "ridge": cfg.ridge,
-        "target_sae": {"fvu": fvu, "fvu_nonlinear": before,
-                       "linear_share": 1 - base[1].sse() / base[0].sse() if base[0].sse() > 0 else float("nan")},
+        "target": target,
+        "sources": sources,
+        "d": d,
+        "n_probe_train": fits[best].n,
+        "n_probe_test": base[0].n,
+        "ridge": cfg.ridge,
+        "target_sae": {
+            "fvu": fvu,
+            "fvu_nonlinear": before,
+            "linear_share": 1 - base[1].sse() / base[0].sse()
+            if base[0].sse() > 0
+            else float("nan"),
+        },
         "predictors": rows,
-        "best": {"predictor": best, "fvu_nonlinear_before": before,
-                 "fvu_nonlinear_after": rows[best]["fvu_nonlinear_after"],
-                 "nonlinear_remaining": rows[best]["nonlinear_remaining"]},
+        "best": {
+            "predictor": best,
+            "fvu_nonlinear_before": before,
+            "fvu_nonlinear_after": rows[best]["fvu_nonlinear_after"],
+            "nonlinear_remaining": rows[best]["nonlinear_remaining"],
+        },
     }
 
 
@@ -203,11 +241,21 @@ def cross_layer_figure(result: Mapping[str, Any], path: str | Path) -> Path:
     rows = [result["predictors"][n] for n in names]
     y = np.arange(len(names))
     fig, axes = plt.subplots(1, 4, figsize=(15, 0.45 * len(names) + 1.8), sharey=True)
-    titles = {"error": "SAE error e", "linear": "linear part ê", "nonlinear": "nonlinear part e − ê"}
+    titles = {
+        "error": "SAE error e",
+        "linear": "linear part ê",
+        "nonlinear": "nonlinear part e − ê",
+    }
     for ax, t in zip(axes, TARGETS):
         mean = np.array([r[t]["r2_mean_dim"] for r in rows], dtype=float)
         pooled = np.array([r[t]["r2_pooled"] for r in rows], dtype=float)
-        ax.barh(y, mean, color="#5fa55a" if t == "linear" else "#4c4c8c", alpha=0.75, label="mean over dims")
+        ax.barh(
+            y,
+            mean,
+            color="#5fa55a" if t == "linear" else "#4c4c8c",
+            alpha=0.75,
+            label="mean over dims",
+        )
         ax.plot(pooled, y, "o", color="black", ms=4, label="pooled")
         for yi, v, p in zip(y, mean, pooled):
             ax.annotate(f"{v:.2f}", (np.nanmax([v, p, 0.0]), yi), textcoords="offset points",
@@ -219,13 +267,17 @@ def cross_layer_figure(result: Mapping[str, Any], path: str | Path) -> Path:
     remaining = np.array([r["nonlinear_remaining"] for r in rows], dtype=float)
     axes[3].barh(y, remaining, color="#b05fa5", alpha=0.75)
     for yi, v in zip(y, remaining):
-        axes[3].annotate(f"{v:.2f}", (v, yi), textcoords="offset points", xytext=(3, -3), fontsize=7)
+        axes[3].annotate(
+            f"{v:.2f}", (v, yi), textcoords="offset points", xytext=(3, -3), fontsize=7
+        )
     axes[3].axvline(1.0, color="grey", lw=0.8, ls="--")
     axes[3].set_title("FVU_nonlinear left after adding the prediction", fontsize=9)
     axes[3].grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, names, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(f"Predicting the {result['target']} SAE error from SAE outputs (held-out)", fontsize=10)
+    fig.suptitle(
+        f"Predicting the {result['target']} SAE error from SAE outputs (held-out)", fontsize=10
+    )
     fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, frameon=False, fontsize=7, loc="upper left")
@@ -243,7 +295,9 @@ def find_hook_saes(saes_dir: str | Path, hooks: Sequence[str], target: str) -> d
         cfg = read_json(folder / "cfg.json")
         hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
         if hook in hooks:
-            found.setdefault(hook, []).append((-int(cfg["d_sae"]), int(cfg.get("k") or 0), folder.name, folder))
+            found.setdefault(hook, []).append(
+                (-int(cfg["d_sae"]), int(cfg.get("k") or 0), folder.name, folder)
+            )
     if target not in found:
         raise DarkMatterError(f"no SAE in {saes_dir} was trained on the target hook {target!r}")
     first = min(found[target])
@@ -270,21 +324,29 @@ def cross_layer_analysis(
     (hook -> SAE folder) to ``find_hook_saes(run_dir/"saes", ...)``. The figure goes under
     ``out_dir`` (default ``run_dir``); the result names the SAEs and the figure path.
     """
-    from ..saes import load_sae
+    from sae_darkmatter.saes import load_sae
 
     run_dir = Path(run_dir)
     store = ActivationStore.open(run_dir / "store")
     if len(store.hooks) < 2:
-        raise DarkMatterError(f"the store has one hook ({list(store.hooks)}); harvest several hooks "
-                              "(e.g. resid_post.L-1, attn_out.L, mlp_out.L, resid_post.L) for this analysis")
+        raise DarkMatterError(
+            f"the store has one hook ({list(store.hooks)}); harvest several hooks "
+            "(e.g. resid_post.L-1, attn_out.L, mlp_out.L, resid_post.L) for this analysis"
+        )
     target = target or next(iter(store.hooks))
     dirs = ({h: Path(p) for h, p in sae_dirs.items()} if sae_dirs is not None
             else find_hook_saes(run_dir / "saes", list(store.hooks), target))
     if len(dirs) < 2:
-        raise DarkMatterError(f"cross-layer prediction needs SAEs on at least 2 hooks, found {sorted(dirs)}")
+        raise DarkMatterError(
+            f"cross-layer prediction needs SAEs on at least 2 hooks, found {sorted(dirs)}"
+        )
     saes = {h: load_sae(p) for h, p in dirs.items()}
     splits = make_splits(store, split or SplitConfig(), hook=target)
     result = cross_layer(store, saes, target, splits, cfg, progress=progress)
     out = Path(out_dir) if out_dir is not None else run_dir
     cross_layer_figure(result, out / FIGURE)
-    return {**result, "saes": {h: str(p) for h, p in dirs.items()}, "figures": {"cross_layer": FIGURE}}
+    return {
+        **result,
+        "saes": {h: str(p) for h, p in dirs.items()},
+        "figures": {"cross_layer": FIGURE},
+    }

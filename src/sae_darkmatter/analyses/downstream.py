@@ -38,18 +38,18 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .._io import atomic_path
-from ..config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
-from ..decompose import SavedDecomposition, load_decompositions
-from ..errors import DarkMatterError, HookError
-from ..linalg import LinearProbe
-from ..models import LoadedModel, load_model, logits_batch
-from ..report.figures import plt, save_figure
-from ..saes import SAE
-from ..saes.formats import open_sae
-from ..splits import Splits, make_splits
-from ..store import ActivationStore
-from .splice import PER_SAE, SHARED, splice_contexts
+from sae_darkmatter._io import atomic_path
+from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
+from sae_darkmatter.config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
+from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.errors import DarkMatterError, HookError
+from sae_darkmatter.linalg import LinearProbe
+from sae_darkmatter.models import LoadedModel, load_model, logits_batch
+from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.saes import SAE
+from sae_darkmatter.saes.formats import open_sae
+from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ CE_FIGURE = "figures/downstream_ce.png"
 
 def _stat(v: np.ndarray) -> dict[str, Any]:
     """Row 0 is the point estimate, the rest bootstrap draws: mean and 95 % percentile interval."""
-    return {"mean": float(v[0]), "ci": [float(np.nanpercentile(v[1:], 2.5)), float(np.nanpercentile(v[1:], 97.5))]}
+    return {
+        "mean": float(v[0]),
+        "ci": [float(np.nanpercentile(v[1:], 2.5)), float(np.nanpercentile(v[1:], 97.5))],
+    }
 
 
 def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: list[str], *,
@@ -74,7 +77,11 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
     CE/KL are averaged over ``averaged`` tokens; squared norms are summed over spliced tokens.
     """
     n = averaged.shape[0]
-    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    w = (
+        np.random.default_rng(seed)
+        .multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+        .astype(np.float64)
+    )
     w = np.vstack([np.ones(n), w])  # row 0: the sample itself
 
     def sums(key: str, mask: np.ndarray = averaged) -> np.ndarray:
@@ -83,7 +90,11 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
     count, clean = w @ averaged.sum(axis=1), sums("clean/ce")
 
     def loss_stats(ce: np.ndarray, kl: np.ndarray) -> dict[str, Any]:
-        return {"ce": _stat(ce / count), "ce_increase": _stat((ce - clean) / count), "kl": _stat(kl / count)}
+        return {
+            "ce": _stat(ce / count),
+            "ce_increase": _stat((ce - clean) / count),
+            "kl": _stat(kl / count),
+        }
 
     out: dict[str, Any] = {"shared": {"clean": {"ce": _stat(clean / count)}}, "saes": {}}
     out["shared"] |= {i: loss_stats(sums(f"shared/{i}/ce"), sums(f"shared/{i}/kl")) for i in SHARED}
@@ -93,14 +104,21 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
             kl = {i: sums(f"{name}/{i}/kl") for i in PER_SAE}
             stats = {i: loss_stats(ce[i], kl[i]) for i in PER_SAE}
             sq = {p: sums(f"{name}/{p}", np.isfinite(per_token[f"{name}/{p}"])) for p in PARTS}
-            share = {"linear": sq["linear_sq"] / sq["err_sq"], "nonlinear": sq["nonlinear_sq"] / sq["err_sq"]}
+            share = {
+                "linear": sq["linear_sq"] / sq["err_sq"],
+                "nonlinear": sq["nonlinear_sq"] / sq["err_sq"],
+            }
             out["saes"][name] = {
                 **{key: {i: stats[i][key] for i in PER_SAE} for key in ("ce", "ce_increase", "kl")},
-                "ce_gap_closed": {i: _stat((ce["sae"] - ce[i]) / (ce["sae"] - clean)) for i in PER_SAE},
+                "ce_gap_closed": {
+                    i: _stat((ce["sae"] - ce[i]) / (ce["sae"] - clean)) for i in PER_SAE
+                },
                 "kl_gap_closed": {i: _stat((kl["sae"] - kl[i]) / kl["sae"]) for i in PER_SAE},
                 "sq_norm_share": {p: _stat(v) for p, v in share.items()},
-                "fvu_gap_closed": {"linear": _stat(1 - share["nonlinear"]),
-                                   "nonlinear": _stat(1 - share["linear"])},
+                "fvu_gap_closed": {
+                    "linear": _stat(1 - share["nonlinear"]),
+                    "nonlinear": _stat(1 - share["linear"]),
+                },
             }
     return out
 
@@ -154,7 +172,9 @@ def select_saes(decs: list[SavedDecomposition], cfg: DownstreamConfig) -> list[S
         raise DarkMatterError(f"downstream select must be 'all' or 'cross', got {cfg.select!r}")
     if cfg.select == "all":
         return decs
-    items = [{"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"]} for d in decs]
+    items = [
+        {"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"]} for d in decs
+    ]
     chosen = {s["name"] for _, group in panels(items) for s in group}
     return [d for d in decs if d.name in chosen]
 
@@ -166,7 +186,9 @@ def store_contexts(store: ActivationStore) -> np.ndarray:
     n = tokens.size // t
     if (tokens.size % t or not np.array_equal(context, np.repeat(np.arange(n), t))
             or not np.array_equal(position, np.tile(np.arange(t), n))):
-        raise DarkMatterError(f"{store.path}: rows are not whole contexts in order; cannot rebuild them")
+        raise DarkMatterError(
+            f"{store.path}: rows are not whole contexts in order; cannot rebuild them"
+        )
     return tokens.reshape(n, t)
 
 
@@ -191,49 +213,80 @@ def downstream_analysis(
     hook = decs[0].info["metrics"]["hook"]
     splits = make_splits(store, split, hook=hook)
     if not np.array_equal(splits.probe_test, decs[0].tokens["rows"]):
-        raise DarkMatterError("the split settings differ from the run's (probe-test rows do not match "
-                              "the decompositions); pass the run's SplitConfig")
+        raise DarkMatterError(
+            "the split settings differ from the run's (probe-test rows do not match "
+            "the decompositions); pass the run's SplitConfig"
+        )
     tokens = store_contexts(store)
     chosen, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
     lm = lm or load_model(from_dict(ModelConfig, store.meta["config"]["model"]))
-    mean_rows = splits.sae_train if splits.sae_train.size else splits.probe_train  # pretrained SAEs: no SAE split
+    mean_rows = (
+        splits.sae_train if splits.sae_train.size else splits.probe_train
+    )  # pretrained SAEs: no SAE split
     mean = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows)) / mean_rows.size
     saes = {d.name: (open_run_sae(d, run_dir, lm.device), error_probe(d)) for d in decs}
-    log.info("splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d", len(saes), hook,
-             chosen.size, len(SHARED) + len(PER_SAE) * len(saes),
-             logits_batch(lm, tokens.shape[1], cfg.batch_size))
+    log.info(
+        "splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d",
+        len(saes),
+        hook,
+        chosen.size,
+        len(SHARED) + len(PER_SAE) * len(saes),
+        logits_batch(lm, tokens.shape[1], cfg.batch_size),
+    )
     t1 = time.perf_counter()
     per_token = splice_contexts(lm, hook, tokens[chosen], chosen, spliced, saes, mean,
                                 batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     seconds = time.perf_counter() - t1
     stored = store.column("loss").reshape(tokens.shape)[chosen]
     check = _check(per_token, stored, cfg.loss_tolerance)
-    per_token |= {"stored_loss": stored, "contexts": chosen, "spliced": spliced, "averaged": averaged}
+    per_token |= {
+        "stored_loss": stored,
+        "contexts": chosen,
+        "spliced": spliced,
+        "averaged": averaged,
+    }
     with atomic_path(run_dir / PER_TOKEN_FILE) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp))
     summary = summarize(per_token, averaged, list(saes), n_boot=cfg.n_boot, seed=cfg.seed)
     rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
     result = {
-        "hook": hook, "model": lm.name, "contexts": chosen.tolist(),
-        "tokens": {"contexts": int(chosen.size), "positions": int(rows.size),
-                   "spliced": int(spliced.sum()), "averaged": int(averaged.sum()),
-                   "averaged_probe_train": int(np.isin(rows[averaged], splits.probe_train).sum()),
-                   "averaged_probe_test": int(np.isin(rows[averaged], splits.probe_test).sum()),
-                   "note": "CE/KL are averaged over the kept tokens (TokenFilter) of evaluation contexts, "
-                           "last position excluded; the error probes were fit on the probe-train tokens "
-                           "among them"},
+        "hook": hook,
+        "model": lm.name,
+        "contexts": chosen.tolist(),
+        "tokens": {
+            "contexts": int(chosen.size),
+            "positions": int(rows.size),
+            "spliced": int(spliced.sum()),
+            "averaged": int(averaged.sum()),
+            "averaged_probe_train": int(np.isin(rows[averaged], splits.probe_train).sum()),
+            "averaged_probe_test": int(np.isin(rows[averaged], splits.probe_test).sum()),
+            "note": "CE/KL are averaged over the kept tokens (TokenFilter) of evaluation contexts, "
+            "last position excluded; the error probes were fit on the probe-train tokens "
+            "among them",
+        },
         "check": check,
-        "config": asdict(cfg), "mean_ablation_tokens": int(mean_rows.size),
+        "config": asdict(cfg),
+        "mean_ablation_tokens": int(mean_rows.size),
         "shared": summary["shared"],
-        "saes": [{"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"],
-                  **summary["saes"][d.name]} for d in decs],
+        "saes": [
+            {
+                "name": d.name,
+                "width": d.width,
+                "k": d.k,
+                "l0": d.info["metrics"]["l0"],
+                **summary["saes"][d.name],
+            }
+            for d in decs
+        ],
         "per_token_file": PER_TOKEN_FILE,
         "seconds_splice": round(seconds, 2),
         "seconds_per_context": round(seconds / max(chosen.size, 1), 3),
     }
     result["table"] = table(result)
-    result["figures"] = {"shares": str(shares_figure(result, run_dir / SHARES_FIGURE).relative_to(run_dir)),
-                         "ce": str(ce_figure(result, run_dir / CE_FIGURE).relative_to(run_dir))}
+    result["figures"] = {
+        "shares": str(shares_figure(result, run_dir / SHARES_FIGURE).relative_to(run_dir)),
+        "ce": str(ce_figure(result, run_dir / CE_FIGURE).relative_to(run_dir)),
+    }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -250,7 +303,9 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
             row |= {f"ce_gap_closed_{part}": gap["mean"], f"ce_gap_closed_{part}_ci": gap["ci"],
                     f"fvu_gap_closed_{part}": s["fvu_gap_closed"][part]["mean"],
                     f"sq_norm_share_{part}": s["sq_norm_share"][part]["mean"]}
-        rows.append(row | {f"ce_gap_closed_{k}": s["ce_gap_closed"][k]["mean"] for k in PER_SAE[3:]})
+        rows.append(
+            row | {f"ce_gap_closed_{k}": s["ce_gap_closed"][k]["mean"] for k in PER_SAE[3:]}
+        )
     return rows
 
 
@@ -274,20 +329,30 @@ def _choose(splits: Splits, shape: tuple[int, int], split: SplitConfig,
     return chosen.astype(np.int64), spliced, averaged
 
 
-def _check(per_token: Mapping[str, np.ndarray], stored: np.ndarray, tolerance: float) -> dict[str, Any]:
+def _check(
+    per_token: Mapping[str, np.ndarray], stored: np.ndarray, tolerance: float
+) -> dict[str, Any]:
     """Clean CE vs the stored harvest loss, and the identity splice vs clean (must agree)."""
     clean, ident = per_token["clean/ce"], per_token["shared/x/ce"]
     valid = np.isfinite(stored)
-    out = {"clean_vs_stored_max_abs": float(np.abs(clean - stored)[valid].max()) if valid.any() else None,
-           "identity_vs_clean_max_abs": float(np.nanmax(np.abs(ident - clean))),
-           "identity_max_kl": float(np.nanmax(np.abs(per_token["shared/x/kl"]))),
-           "tolerance": tolerance}
+    out = {
+        "clean_vs_stored_max_abs": float(np.abs(clean - stored)[valid].max())
+        if valid.any()
+        else None,
+        "identity_vs_clean_max_abs": float(np.nanmax(np.abs(ident - clean))),
+        "identity_max_kl": float(np.nanmax(np.abs(per_token["shared/x/kl"]))),
+        "tolerance": tolerance,
+    }
     if out["clean_vs_stored_max_abs"] is not None and out["clean_vs_stored_max_abs"] > tolerance:
-        raise DarkMatterError(f"clean CE differs from the harvest's stored loss by up to "
-                              f"{out['clean_vs_stored_max_abs']:.3g} nats: the model or contexts are not "
-                              "the ones harvested (load the model with the harvest's ModelConfig)")
+        raise DarkMatterError(
+            f"clean CE differs from the harvest's stored loss by up to "
+            f"{out['clean_vs_stored_max_abs']:.3g} nats: the model or contexts are not "
+            "the ones harvested (load the model with the harvest's ModelConfig)"
+        )
     if out["identity_vs_clean_max_abs"] > tolerance:
-        raise HookError("the identity splice does not reproduce the clean loss on this architecture")
+        raise HookError(
+            "the identity splice does not reproduce the clean loss on this architecture"
+        )
     return out
 
 
@@ -316,7 +381,10 @@ def shares_figure(result: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("share of the SAE's gap closed")
     axes[0][0].legend(frameon=False, fontsize=7)
-    fig.suptitle(f"Splicing x̂ + error part at {result['hook']} ({result['tokens']['contexts']} contexts)", fontsize=10)
+    fig.suptitle(
+        f"Splicing x̂ + error part at {result['hook']} ({result['tokens']['contexts']} contexts)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -327,9 +395,16 @@ def ce_figure(result: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(saes) + 3), 4.2))
     pos = np.arange(len(saes))
     for key, colour in zip(PER_SAE, plt.cm.tab10(np.arange(len(PER_SAE)))):
-        ax.plot(pos, [s["ce_increase"][key]["mean"] for s in saes], "o", color=colour, label=key, ms=5)
+        ax.plot(
+            pos, [s["ce_increase"][key]["mean"] for s in saes], "o", color=colour, label=key, ms=5
+        )
     for key, ls in (("zero", ":"), ("mean", "--")):
-        ax.axhline(result["shared"][key]["ce_increase"]["mean"], color="grey", ls=ls, label=f"{key} ablation")
+        ax.axhline(
+            result["shared"][key]["ce_increase"]["mean"],
+            color="grey",
+            ls=ls,
+            label=f"{key} ablation",
+        )
     ax.set_yscale("symlog", linthresh=1e-3)
     lowest = min(s["ce_increase"][key]["mean"] for s in saes for key in PER_SAE)
     ax.set_ylim(bottom=min(0.0, 1.5 * lowest))

@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DecomposeConfig, PursuitConfig, SplitConfig
-from ..decompose import decompose_many, load_decompositions
-from ..errors import ConfigError, DarkMatterError
-from ..report.figures import plt, save_figure
-from ..saes.formats import open_sae
-from ..saes.pursuit import PursuitSAE
-from ..splits import Splits, make_splits
-from ..store import ActivationStore
-from .scaling import default_target_l0, load_sweep, select_at_l0
+from sae_darkmatter.analyses.scaling import default_target_l0, load_sweep, select_at_l0
+from sae_darkmatter.config import DecomposeConfig, PursuitConfig, SplitConfig
+from sae_darkmatter.decompose import decompose_many, load_decompositions
+from sae_darkmatter.errors import ConfigError, DarkMatterError
+from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.saes.formats import open_sae
+from sae_darkmatter.saes.pursuit import PursuitSAE
+from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,10 @@ def encoder_error_figure(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("SAE width (latents)")
     ax.set_ylabel("fraction of variance unexplained (held-out)")
-    ax.set_title(f"Encoder error: SAE vs pursuit over its decoder ({result['n_probe_test']:,} test tokens)",
-                 fontsize=9)
+    ax.set_title(
+        f"Encoder error: SAE vs pursuit over its decoder ({result['n_probe_test']:,} test tokens)",
+        fontsize=9,
+    )
     ax.legend(frameon=False, fontsize=7)
     ax.grid(alpha=0.3)
     return save_figure(fig, Path(path))

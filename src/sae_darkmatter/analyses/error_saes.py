@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import read_json
-from ..config import ErrorSAEConfig, to_dict
-from ..decompose import SavedDecomposition, load_decompositions
-from ..errors import DarkMatterError
-from ..linalg import R2Accumulator
-from ..report.figures import plt, save_figure
-from ..saes import SAE, load_sae
-from ..saes.train import train_grid
-from ..store import ActivationStore
-from .downstream import error_probe, open_run_sae
+from sae_darkmatter._io import read_json
+from sae_darkmatter.analyses.downstream import error_probe, open_run_sae
+from sae_darkmatter.config import ErrorSAEConfig, to_dict
+from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.linalg import R2Accumulator
+from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.saes import SAE, load_sae
+from sae_darkmatter.saes.train import train_grid
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,15 @@ def split_by_context(rows: np.ndarray, contexts: np.ndarray, fraction: float,
     return rows[in_train], rows[~in_train]
 
 
-def error_targets(store: ActivationStore, hook: str, rows: np.ndarray, sae: SAE, dec: SavedDecomposition,
-                  *, chunk_rows: int = 8192) -> dict[str, torch.Tensor]:
+def error_targets(
+    store: ActivationStore,
+    hook: str,
+    rows: np.ndarray,
+    sae: SAE,
+    dec: SavedDecomposition,
+    *,
+    chunk_rows: int = 8192,
+) -> dict[str, torch.Tensor]:
     """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 ``[len(rows), d]`` (rows sorted)."""
     probe = error_probe(dec)
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in TARGETS}
@@ -91,22 +98,37 @@ def _total_var(y: torch.Tensor) -> float:
     return acc.sst()
 
 
-def train_on_targets(train: dict[str, torch.Tensor], held_out: dict[str, torch.Tensor], cfg: ErrorSAEConfig,
-                     out_dir: Path, *, progress: bool = True) -> list[dict[str, Any]]:
+def train_on_targets(
+    train: dict[str, torch.Tensor],
+    held_out: dict[str, torch.Tensor],
+    cfg: ErrorSAEConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Train the ``cfg.train`` grid on each target; one row of held-out scores per SAE.
 
     ``sparsity`` is the grid's sparsity value (k for TopK SAEs).
     """
     error_sst = _total_var(held_out["error"])
-    grid = [(s, w) for s in cfg.train.sparsity_values() for w in cfg.train.widths]  # train_grid's order
+    grid = [
+        (s, w) for s in cfg.train.sparsity_values() for w in cfg.train.widths
+    ]  # train_grid's order
     rows = []
     for target in TARGETS:
         folders = train_grid(train[target], cfg.train, out_dir / target, progress=progress,
                              metadata={"error_target": target, "base_sae": out_dir.name})
         for folder, (sparsity, width) in zip(folders, grid):
-            rows.append({"target": target, "width": width, "sparsity": sparsity, "path": str(folder),
-                         **score(load_sae(folder).eval(), held_out[target], error_sst),
-                         "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction")})
+            rows.append(
+                {
+                    "target": target,
+                    "width": width,
+                    "sparsity": sparsity,
+                    "path": str(folder),
+                    **score(load_sae(folder).eval(), held_out[target], error_sst),
+                    "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction"),
+                }
+            )
     return rows
 
 
@@ -123,11 +145,23 @@ def matched_l0(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for t, pts in by_target.items():
                 l0 = np.log([p["l0"] for p in pts])
                 inside = pts and l0[0] - 1e-9 <= np.log(ref["l0"]) <= l0[-1] + 1e-9
-                fvu[t] = (float(np.exp(np.interp(np.log(ref["l0"]), l0, np.log([p["fvu"] for p in pts]))))
-                          if inside else None)
-                dead[t] = next((p["dead"] for p in pts if p.get("sparsity") == ref.get("sparsity")), None)
-            out.append({"width": width, "sparsity": ref.get("sparsity"), "l0": ref["l0"], "fvu": fvu,
-                        "dead": dead})
+                fvu[t] = (
+                    float(np.exp(np.interp(np.log(ref["l0"]), l0, np.log([p["fvu"] for p in pts]))))
+                    if inside
+                    else None
+                )
+                dead[t] = next(
+                    (p["dead"] for p in pts if p.get("sparsity") == ref.get("sparsity")), None
+                )
+            out.append(
+                {
+                    "width": width,
+                    "sparsity": ref.get("sparsity"),
+                    "l0": ref["l0"],
+                    "fvu": fvu,
+                    "dead": dead,
+                }
+            )
     return out
 
 
@@ -153,28 +187,56 @@ def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None
     for dec in bases:
         hook = dec.info["metrics"]["hook"]
         rows = dec.tokens["rows"].astype(np.int64)  # the probe-test tokens: unseen by the probe
-        train_rows, eval_rows = split_by_context(rows, store.column("context")[rows], cfg.train_fraction,
-                                                 cfg.seed)
-        log.info("error SAEs of %s: %d training and %d evaluation tokens (probe-test split)", dec.name,
-                 train_rows.size, eval_rows.size)
+        train_rows, eval_rows = split_by_context(
+            rows, store.column("context")[rows], cfg.train_fraction, cfg.seed
+        )
+        log.info(
+            "error SAEs of %s: %d training and %d evaluation tokens (probe-test split)",
+            dec.name,
+            train_rows.size,
+            eval_rows.size,
+        )
         sae = open_run_sae(dec, run_dir)
         train = error_targets(store, hook, train_rows, sae, dec, chunk_rows=cfg.chunk_rows)
         held_out = error_targets(store, hook, eval_rows, sae, dec, chunk_rows=cfg.chunk_rows)
-        grid = train_on_targets(train, held_out, cfg, run_dir / "error_saes" / dec.name, progress=progress)
-        results.append({
-            "sae": dec.name, "width": dec.width, "k": dec.k, "hook": hook,
-            "tokens": {"train": int(train_rows.size), "eval": int(eval_rows.size),
-                       "source": "probe-test tokens of the decomposition (never seen by the error probe), "
-                                 "split by context"},
-            "target_variance": {t: _total_var(held_out[t]) / max(eval_rows.size, 1) for t in TARGETS},
-            "grid": grid,
-            "matched_l0": matched_l0(grid),
-        })
-    table = [{"sae": b["sae"], "width": m["width"], "sparsity": m["sparsity"], "l0": m["l0"],
-              **{f"fvu_{t}": m["fvu"][t] for t in TARGETS}, **{f"dead_{t}": m["dead"][t] for t in TARGETS}}
-             for b in results for m in b["matched_l0"]]
+        grid = train_on_targets(
+            train, held_out, cfg, run_dir / "error_saes" / dec.name, progress=progress
+        )
+        results.append(
+            {
+                "sae": dec.name,
+                "width": dec.width,
+                "k": dec.k,
+                "hook": hook,
+                "tokens": {
+                    "train": int(train_rows.size),
+                    "eval": int(eval_rows.size),
+                    "source": "probe-test tokens of the decomposition (never seen by the error probe), "
+                    "split by context",
+                },
+                "target_variance": {
+                    t: _total_var(held_out[t]) / max(eval_rows.size, 1) for t in TARGETS
+                },
+                "grid": grid,
+                "matched_l0": matched_l0(grid),
+            }
+        )
+    table = [
+        {
+            "sae": b["sae"],
+            "width": m["width"],
+            "sparsity": m["sparsity"],
+            "l0": m["l0"],
+            **{f"fvu_{t}": m["fvu"][t] for t in TARGETS},
+            **{f"dead_{t}": m["dead"][t] for t in TARGETS},
+        }
+        for b in results
+        for m in b["matched_l0"]
+    ]
     result = {"bases": results, "table": table, "config": to_dict(cfg)}
-    result["figures"] = {"error_saes": str(error_sae_figure(result, run_dir / FIGURE).relative_to(run_dir))}
+    result["figures"] = {
+        "error_saes": str(error_sae_figure(result, run_dir / FIGURE).relative_to(run_dir))
+    }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -182,27 +244,40 @@ def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None
 def error_sae_figure(result: dict[str, Any], path: Path) -> Path:
     """Per base SAE, against L0: held-out FVU of each target, residual over the error's variance, dead latents."""
     bases = result["bases"]
-    metrics = (("fvu", "held-out FVU of its own target"),
-               ("unexplained_over_error_var", "unexplained / error variance"), ("dead", "dead latents (held out)"))
+    metrics = (
+        ("fvu", "held-out FVU of its own target"),
+        ("unexplained_over_error_var", "unexplained / error variance"),
+        ("dead", "dead latents (held out)"),
+    )
     fig, axes = plt.subplots(len(bases), 3, figsize=(14, 3.8 * len(bases)), squeeze=False)
     colours = dict(zip(TARGETS, ("black", "#e8a33d", "#2a6f97")))
     for row, base in zip(axes, bases):
         widths = sorted({r["width"] for r in base["grid"]})
         for target in TARGETS:
             for width, ls in zip(widths, ("-", "--", ":", "-.") * len(widths)):
-                pts = sorted((r for r in base["grid"] if r["target"] == target and r["width"] == width),
-                             key=lambda r: r["l0"])
+                pts = sorted(
+                    (r for r in base["grid"] if r["target"] == target and r["width"] == width),
+                    key=lambda r: r["l0"],
+                )
                 for ax, (key, _) in zip(row, metrics):
-                    ax.plot([p["l0"] for p in pts], [p[key] for p in pts], "o" + ls, color=colours[target],
-                            label=f"{target}, W={width:,}", ms=4)
+                    ax.plot(
+                        [p["l0"] for p in pts],
+                        [p[key] for p in pts],
+                        "o" + ls,
+                        color=colours[target],
+                        label=f"{target}, W={width:,}",
+                        ms=4,
+                    )
         for ax, (_, ylabel) in zip(row, metrics):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("L0")
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        row[0].set_title(f"SAEs on the error of {base['sae']} ({base['tokens']['eval']:,} held-out tokens)",
-                         fontsize=9)
+        row[0].set_title(
+            f"SAEs on the error of {base['sae']} ({base['tokens']['eval']:,} held-out tokens)",
+            fontsize=9,
+        )
         row[0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -65,7 +65,9 @@ def fit_mask(n: int, seed: int) -> np.ndarray:
     return mask
 
 
-def _resolve_hook(store: ActivationStore, decomps: list[SavedDecomposition], hook: str | None) -> str:
+def _resolve_hook(
+    store: ActivationStore, decomps: list[SavedDecomposition], hook: str | None
+) -> str:
     if hook is not None:
         return hook
     named = decomps[0].info.get("metrics", {}).get("hook")
@@ -108,7 +110,9 @@ def grouped_ols_predict(
     """
     y = np.asarray(y, np.float64)
     f = np.asarray(features, np.float64).reshape(len(y), -1)
-    codes, k = (np.zeros(len(y), np.int64), 1) if groups is None else _group_codes(groups, fit, min_count)
+    codes, k = (
+        (np.zeros(len(y), np.int64), 1) if groups is None else _group_codes(groups, fit, min_count)
+    )
     cf = codes[fit]
     count = np.bincount(cf, minlength=k).astype(np.float64)
     present = count > 0
@@ -181,7 +185,9 @@ def _feature_predictions(
         "L0": grouped_ols_predict(l0, y, fit),
         "position": grouped_ols_predict(none, y, fit, positions),
         "token identity": grouped_ols_predict(none, y, fit, tokens, min_count=TOKEN_MIN_COUNT),
-        "‖x‖ + L0 + position": grouped_ols_predict(np.column_stack([norm_feats, l0]), y, fit, positions),
+        "‖x‖ + L0 + position": grouped_ols_predict(
+            np.column_stack([norm_feats, l0]), y, fit, positions
+        ),
         "x + token identity": x_pred
         + grouped_ols_predict(none, y - x_pred, fit, tokens, min_count=TOKEN_MIN_COUNT),
     }
@@ -221,7 +227,13 @@ def norm_baselines(
         for j, dec in enumerate(members):
             y = targets[:, j]
             preds = _feature_predictions(
-                y, x_pred[:, j], norm_feats, dec.tokens["l0"].astype(np.float64), positions, tokens, fit
+                y,
+                x_pred[:, j],
+                norm_feats,
+                dec.tokens["l0"].astype(np.float64),
+                positions,
+                tokens,
+                fit,
             )
             scores = {"x (linear)": float(x_r2[j])}
             scores.update({name: r2_score(y[score], p[score]) for name, p in preds.items()})
@@ -250,7 +262,9 @@ def baseline_figure(result: dict[str, Any], path: str | Path) -> Path:
     return save_figure(fig, Path(path))
 
 
-def violin_figure(decompose_dir: str | Path, path: str | Path, *, max_points: int = 20000, seed: int = 0) -> Path:
+def violin_figure(
+    decompose_dir: str | Path, path: str | Path, *, max_points: int = 20000, seed: int = 0
+) -> Path:
     """Per SAE: violins of actual ‖e‖² and the norm probe's prediction (log10 scale).
 
     Non-positive predictions cannot be drawn on a log scale; they are dropped from the
@@ -371,7 +385,11 @@ def alignment_figure(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def norm_analysis(
-    decompose_dir: str | Path, store: ActivationStore | str | Path, out_dir: str | Path, *, seed: int = 0
+    decompose_dir: str | Path,
+    store: ActivationStore | str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Baselines, violins and (for the widest SAE) latent/norm-probe alignment, with figures.
 

@@ -29,10 +29,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..decompose import load_decompositions  # noqa: E402
-from ..errors import DarkMatterError  # noqa: E402
-from ..report.figures import save_figure  # noqa: E402
-from ..store import ActivationStore  # noqa: E402
+from sae_darkmatter.decompose import load_decompositions  # noqa: E402
+from sae_darkmatter.errors import DarkMatterError  # noqa: E402
+from sae_darkmatter.report.figures import save_figure  # noqa: E402
+from sae_darkmatter.store import ActivationStore  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
             )
 
     def norms(key: str) -> np.ndarray:
-        return np.sqrt(np.clip(np.stack([d.tokens[key].astype(np.float64) for d in decs]), 0.0, None))
+        return np.sqrt(
+            np.clip(np.stack([d.tokens[key].astype(np.float64) for d in decs]), 0.0, None)
+        )
 
     return PerTokenNorms(
         names=[d.name for d in decs],
@@ -107,7 +109,9 @@ def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
 # ------------------------------------------------------------------ predictability matrix
 
 
-def _heldout_r2(features: Sequence[np.ndarray], y: np.ndarray, fit: np.ndarray, score: np.ndarray) -> float:
+def _heldout_r2(
+    features: Sequence[np.ndarray], y: np.ndarray, fit: np.ndarray, score: np.ndarray
+) -> float:
     """R² on ``score`` of OLS ``y ~ [features, 1]`` fit on ``fit``."""
     design = np.column_stack([*features, np.ones_like(y)])
     coef, *_ = np.linalg.lstsq(design[fit], y[fit], rcond=None)
@@ -121,7 +125,9 @@ def _listify(a: np.ndarray) -> list[list[float | None]]:
     return [[None if math.isnan(v) else float(v) for v in row] for row in a]
 
 
-def predictability_matrix(norms: PerTokenNorms, *, seed: int = 0, train_fraction: float = 0.5) -> dict[str, Any]:
+def predictability_matrix(
+    norms: PerTokenNorms, *, seed: int = 0, train_fraction: float = 0.5
+) -> dict[str, Any]:
     """Held-out R² of predicting ‖e_j‖ from ‖e_i‖ (and from ‖e_i‖, ‖nonlinear_i‖), i <= j.
 
     Tokens are split by a seeded permutation into a fit part (``train_fraction``) and a score
@@ -169,14 +175,21 @@ def matrix_figure(result: dict[str, Any], path: str | Path) -> Path:
     m = len(names)
     panels = [
         (_as_array(result["r2"]), "R² of ‖e_j‖ from ‖e_i‖", "viridis", "{:.2f}"),
-        (_as_array(result["improvement"]), "% of unexplained variance removed\nby adding ‖nonlinear_i‖", "magma", "{:.0f}"),
+        (
+            _as_array(result["improvement"]),
+            "% of unexplained variance removed\nby adding ‖nonlinear_i‖",
+            "magma",
+            "{:.0f}",
+        ),
     ]
     size = 1.2 + 0.7 * m
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size))
     for ax, (mat, title, cmap, fmt) in zip(axes, panels):
         finite = mat[np.isfinite(mat)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+        im = ax.imshow(
+            np.ma.masked_invalid(mat), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-9
+        )
         for i in range(m):
             for j in range(i, m):
                 if np.isfinite(mat[i, j]):
@@ -190,7 +203,9 @@ def matrix_figure(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel("predictor SAE i")
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"Per-token error predictability (held-out, {result['n_score']:,} tokens)", fontsize=11)
+    fig.suptitle(
+        f"Per-token error predictability (held-out, {result['n_score']:,} tokens)", fontsize=11
+    )
     return save_figure(fig, Path(path))
 
 
@@ -219,7 +234,11 @@ def darkest_contexts(
     "position", "value"}`` with value None for tokens outside the test split. Returns [] when no
     context has enough test tokens. Already loaded norms may be passed instead of the folder.
     """
-    norms = decompose_dir if isinstance(decompose_dir, PerTokenNorms) else per_token_norms(decompose_dir)
+    norms = (
+        decompose_dir
+        if isinstance(decompose_dir, PerTokenNorms)
+        else per_token_norms(decompose_dir)
+    )
     idx = len(norms.names) - 1 if sae is None else _sae_index(norms, sae)
     values = norms.of(by)[idx]
     st = _open_store(store)
@@ -255,7 +274,9 @@ def darkest_contexts(
 
 def _sae_index(norms: PerTokenNorms, name: str) -> int:
     if name not in norms.names:
-        raise DarkMatterError(f"no decomposition for SAE {name!r}; available: {', '.join(norms.names)}")
+        raise DarkMatterError(
+            f"no decomposition for SAE {name!r}; available: {', '.join(norms.names)}"
+        )
     return norms.names.index(name)
 
 
@@ -265,7 +286,9 @@ def darkest_html(contexts: Sequence[dict[str, Any]], *, title: str) -> str:
     Shading shares one scale (the largest value shown) across contexts; tokens without a value
     are grey. All text is escaped; newlines and tabs are drawn as ↵ and ⇥, spaces are kept.
     """
-    vmax = max((t["value"] for c in contexts for t in c["tokens"] if t["value"] is not None), default=0.0)
+    vmax = max(
+        (t["value"] for c in contexts for t in c["tokens"] if t["value"] is not None), default=0.0
+    )
     parts = [f'<section class="darkest"><h3>{html.escape(title)}</h3>']
     if not contexts:
         parts.append("<p>No context has enough test tokens.</p>")
@@ -275,11 +298,17 @@ def darkest_html(contexts: Sequence[dict[str, Any]], *, title: str) -> str:
         for t in c["tokens"]:
             text = html.escape(t["text"].translate(_VISIBLE))
             if t["value"] is None:
-                style, tip = "color:#999;background:#eee", f"position {t['position']}: not a test token"
+                style, tip = (
+                    "color:#999;background:#eee",
+                    f"position {t['position']}: not a test token",
+                )
             else:
                 a = t["value"] / vmax if vmax > 0 else 0.0
                 g = round(255 * (1 - a))
-                style, tip = f"background:rgb(255,{g},{g})", f"position {t['position']}: {t['value']:.4g}"
+                style, tip = (
+                    f"background:rgb(255,{g},{g})",
+                    f"position {t['position']}: {t['value']:.4g}",
+                )
             spans.append(f'<span style="{style}" title="{html.escape(tip)}">{text}</span>')
         parts.append(
             f'<div style="margin:0.6em 0"><div style="font-size:0.8em;color:#555">{html.escape(head)}</div>'
@@ -354,7 +383,11 @@ def per_token_analysis(
     matrix = predictability_matrix(norms, seed=seed)
     figures = {
         "matrix": str(matrix_figure(matrix, out / "figures" / "per_token_matrix.png")),
-        "strip": str(token_strip_figure(norms, st, out / "figures" / "per_token_strip.png", tokenizer=tokenizer)),
+        "strip": str(
+            token_strip_figure(
+                norms, st, out / "figures" / "per_token_strip.png", tokenizer=tokenizer
+            )
+        ),
     }
     darkest = {}
     for by in ("nonlinear", "linear"):
@@ -362,7 +395,9 @@ def per_token_analysis(
         darkest[by] = {
             "sae": norms.names[-1],
             "contexts": [{k: c[k] for k in ("context", "score", "n_test")} for c in ctxs],
-            "html": darkest_html(ctxs, title=f"Contexts with the largest {by} error ({norms.names[-1]})"),
+            "html": darkest_html(
+                ctxs, title=f"Contexts with the largest {by} error ({norms.names[-1]})"
+            ),
         }
     return {
         "names": norms.names,

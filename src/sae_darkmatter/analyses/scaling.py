@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..decompose import SavedDecomposition, load_decompositions
-from ..errors import DarkMatterError
-from ..report.figures import plt, save_figure
+from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.report.figures import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ def select_at_l0(points: Sequence[SweepPoint], target_l0: float) -> list[tuple[S
     out = [(p, abs(p.l0 - target_l0) / target_l0) for _, p in sorted(best.items())]
     for p, dist in out:
         if dist > 0.2:
-            log.warning("%s: L0 %.1f is %.0f%% from target %.1f", p.name, p.l0, 100 * dist, target_l0)
+            log.warning(
+                "%s: L0 %.1f is %.0f%% from target %.1f", p.name, p.l0, 100 * dist, target_l0
+            )
     return out
 
 
@@ -151,7 +153,9 @@ def fit_power_law(widths: Sequence[float] | np.ndarray,
     w = np.asarray(widths, dtype=np.float64)
     y = np.asarray(fvus, dtype=np.float64)
     if w.ndim != 1 or w.shape != y.shape:
-        raise DarkMatterError(f"widths and FVUs must be 1-D of equal length, got {w.shape}, {y.shape}")
+        raise DarkMatterError(
+            f"widths and FVUs must be 1-D of equal length, got {w.shape}, {y.shape}"
+        )
     if not (np.all(np.isfinite(w)) and np.all(np.isfinite(y)) and np.all(w > 0)):
         raise DarkMatterError("widths must be positive and FVUs finite for a power-law fit")
     if np.unique(w).size < 3:
@@ -257,7 +261,9 @@ def stacked_figure(fit: PowerLawFit, selected: Sequence[tuple[SweepPoint, float]
     The curve is solid over the measured widths and dotted up to ``extrapolate`` × max width.
     """
     if len(selected) != len(fit.widths):
-        raise DarkMatterError(f"{len(selected)} selected SAEs but the fit has {len(fit.widths)} widths")
+        raise DarkMatterError(
+            f"{len(selected)} selected SAEs but the fit has {len(fit.widths)} widths"
+        )
     widths = np.array(fit.widths, dtype=float)
     fvu = np.array(fit.fvu)
     ci = np.array(fit.fvu_ci)
@@ -272,7 +278,9 @@ def stacked_figure(fit: PowerLawFit, selected: Sequence[tuple[SweepPoint, float]
     ax.fill_between(grid, fit.c, curve, color="#e8a33d", alpha=0.45, label="absent features")
     ax.fill_between(grid, nl, fit.c, color="#5fa55a", alpha=0.45, label="linear error")
     if pursuit_nonlinear is not None:
-        ax.fill_between(grid, pursuit_nonlinear, nl, color="#b05fa5", alpha=0.45, label="encoder error")
+        ax.fill_between(
+            grid, pursuit_nonlinear, nl, color="#b05fa5", alpha=0.45, label="encoder error"
+        )
     ax.fill_between(grid, 0, floor, color="#4c4c8c", alpha=0.45, label="nonlinear error")
     ax.plot(grid[inside], curve[inside], color="black", lw=1.5,
             label=f"fit: {fit.c:.3g} + {fit.a:.3g}·W^(−{fit.m:.3g})")
@@ -295,8 +303,11 @@ def stacked_figure(fit: PowerLawFit, selected: Sequence[tuple[SweepPoint, float]
     return save_figure(fig, Path(path))
 
 
-_CONTOUR_PANELS = (("fvu_nonlinear", "FVU nonlinear"), ("r2_error_mean_dim", "R² of error vector e ← x"),
-                   ("r2_error_norm", "R² of ‖e‖² ← x"))
+_CONTOUR_PANELS = (
+    ("fvu_nonlinear", "FVU nonlinear"),
+    ("r2_error_mean_dim", "R² of error vector e ← x"),
+    ("r2_error_norm", "R² of ‖e‖² ← x"),
+)
 
 
 def contour_figure(points: Sequence[SweepPoint], path: str | Path) -> Path:
@@ -314,12 +325,16 @@ def contour_figure(points: Sequence[SweepPoint], path: str | Path) -> Path:
     interpolate = np.unique(lw).size >= 3 and np.unique(ll).size >= 2
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], _CONTOUR_PANELS):
-        vals = np.array([np.nan if p.metrics.get(key) is None else float(p.metrics[key]) for p in points])
+        vals = np.array(
+            [np.nan if p.metrics.get(key) is None else float(p.metrics[key]) for p in points]
+        )
         ok = np.isfinite(vals)
         drawn = False
         varies = ok.any() and np.ptp(vals[ok]) > 1e-9 * max(1.0, float(np.abs(vals[ok]).max()))
         if interpolate and varies and ok.sum() >= 3:
-            gx, gy = np.meshgrid(np.linspace(lw.min(), lw.max(), 120), np.linspace(ll.min(), ll.max(), 120))
+            gx, gy = np.meshgrid(
+                np.linspace(lw.min(), lw.max(), 120), np.linspace(ll.min(), ll.max(), 120)
+            )
             try:
                 z = griddata((lw[ok], ll[ok]), vals[ok], (gx, gy), method="linear")
             except QhullError:
@@ -336,7 +351,9 @@ def contour_figure(points: Sequence[SweepPoint], path: str | Path) -> Path:
             if ok.any():
                 fig.colorbar(sc, ax=ax)
             for x, y, v in zip(2**lw[ok], 2**ll[ok], vals[ok]):
-                ax.annotate(f"{v:.3f}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+                ax.annotate(
+                    f"{v:.3f}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("SAE width (latents)")
@@ -375,21 +392,41 @@ def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
     contour_figure(points, out_dir / CONTOUR_FIGURE)
     return {
         "target_l0": target,
-        "target_l0_source": "given" if target_l0 is not None else "median L0 of the k with most widths",
+        "target_l0_source": "given"
+        if target_l0 is not None
+        else "median L0 of the k with most widths",
         "grid": grid_table(points),
-        "selected": [{"name": p.name, "width": p.width, "k": p.k, "l0": p.l0,
-                      "l0_rel_distance": dist} for p, dist in selected],
-        "fit": {"model": "FVU(W) = c + a * W^(-m)", "c": fit.c, "c_ci": list(fit.c_ci),
-                "a": fit.a, "a_ci": list(fit.a_ci), "m": fit.m, "m_ci": list(fit.m_ci),
-                "n_boot": fit.n_boot, "seed": seed, "n_test_tokens": int(selected[0][0].rows.size)},
+        "selected": [
+            {"name": p.name, "width": p.width, "k": p.k, "l0": p.l0, "l0_rel_distance": dist}
+            for p, dist in selected
+        ],
+        "fit": {
+            "model": "FVU(W) = c + a * W^(-m)",
+            "c": fit.c,
+            "c_ci": list(fit.c_ci),
+            "a": fit.a,
+            "a_ci": list(fit.a_ci),
+            "m": fit.m,
+            "m_ci": list(fit.m_ci),
+            "n_boot": fit.n_boot,
+            "seed": seed,
+            "n_test_tokens": int(selected[0][0].rows.size),
+        },
         "fvu_nonlinear_mean": fit.fvu_nonlinear_mean,
         "fvu_nonlinear_mean_ci": list(fit.fvu_nonlinear_mean_ci),
         "encoder_band": encoder_band,
         "per_width": [
-            {"name": p.name, "width": w, "fvu": f, "fvu_ci": list(fc), "fvu_nonlinear": nl,
-             "fvu_nonlinear_ci": list(nc)}
-            for (p, _), w, f, fc, nl, nc in zip(selected, fit.widths, fit.fvu, fit.fvu_ci,
-                                                fit.fvu_nonlinear, fit.fvu_nonlinear_ci)
+            {
+                "name": p.name,
+                "width": w,
+                "fvu": f,
+                "fvu_ci": list(fc),
+                "fvu_nonlinear": nl,
+                "fvu_nonlinear_ci": list(nc),
+            }
+            for (p, _), w, f, fc, nl, nc in zip(
+                selected, fit.widths, fit.fvu, fit.fvu_ci, fit.fvu_nonlinear, fit.fvu_nonlinear_ci
+            )
         ],
         "figures": {"stacked": STACKED_FIGURE, "contours": CONTOUR_FIGURE},
     }

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from ..errors import DarkMatterError, HookError
-from ..linalg import LinearProbe
-from ..models import LoadedModel, hook_module, logits_batch, parse_hook
-from ..saes import SAE
+from sae_darkmatter.errors import DarkMatterError, HookError
+from sae_darkmatter.linalg import LinearProbe
+from sae_darkmatter.models import LoadedModel, hook_module, logits_batch, parse_hook
+from sae_darkmatter.saes import SAE
 
 SHARED = ("x", "zero", "mean")
 PER_SAE = ("sae", "sae+linear", "sae+nonlinear", "sae+random@error",
@@ -94,7 +94,9 @@ class HookSplicer:
     def splice(self, ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` with the hook output replaced by ``new`` ([B, T, d]) for ``ids``."""
         if self._hook_out is None:
-            raise DarkMatterError("HookSplicer.splice needs a clean() forward on the same batch first")
+            raise DarkMatterError(
+                "HookSplicer.splice needs a clean() forward on the same batch first"
+            )
         out = _with_first(self._hook_out, new.to(_first(self._hook_out).dtype))
         with _constant_forwards({self.module: out} | {m: self._prev_out for m in self.skipped}):
             return self._logits(ids)
@@ -117,7 +119,9 @@ def ce_kl(logits: torch.Tensor, ids: torch.Tensor,
 
 def random_directions(contexts: np.ndarray, length: int, d: int, seed: int) -> torch.Tensor:
     """Isotropic unit vectors ``[n, length, d]``, a pure function of (seed, context, position)."""
-    out = np.stack([np.random.default_rng([seed, int(c)]).standard_normal((length, d)) for c in contexts])
+    out = np.stack(
+        [np.random.default_rng([seed, int(c)]).standard_normal((length, d)) for c in contexts]
+    )
     return torch.from_numpy(out / np.linalg.norm(out, axis=-1, keepdims=True)).float()
 
 
@@ -133,10 +137,19 @@ def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
         lin = probe.predict(x)
     nl = e - lin
     n_err, n_lin, n_nl = (v.norm(dim=1, keepdim=True) for v in (e, lin, nl))
-    new = {"sae": x_hat, "sae+linear": x_hat + lin, "sae+nonlinear": x_hat + nl,
-           "sae+random@error": x_hat + n_err * u, "sae+linear+random@nonlinear": x_hat + lin + n_nl * u,
-           "sae+nonlinear+random@linear": x_hat + nl + n_lin * u}
-    sq = {"err_sq": n_err[:, 0] ** 2, "linear_sq": n_lin[:, 0] ** 2, "nonlinear_sq": n_nl[:, 0] ** 2}
+    new = {
+        "sae": x_hat,
+        "sae+linear": x_hat + lin,
+        "sae+nonlinear": x_hat + nl,
+        "sae+random@error": x_hat + n_err * u,
+        "sae+linear+random@nonlinear": x_hat + lin + n_nl * u,
+        "sae+nonlinear+random@linear": x_hat + nl + n_lin * u,
+    }
+    sq = {
+        "err_sq": n_err[:, 0] ** 2,
+        "linear_sq": n_lin[:, 0] ** 2,
+        "nonlinear_sq": n_nl[:, 0] ** 2,
+    }
     return new, sq
 
 
@@ -174,7 +187,9 @@ def splice_contexts(
     out: dict[str, np.ndarray] = {}
 
     def put(key: str, lo: int, value: torch.Tensor) -> None:
-        out.setdefault(key, np.full((n, t), np.nan, np.float32))[lo : lo + value.shape[0]] = value.numpy()
+        out.setdefault(key, np.full((n, t), np.nan, np.float32))[lo : lo + value.shape[0]] = (
+            value.numpy()
+        )
 
     n_forwards = len(SHARED) + len(PER_SAE) * len(saes)
     batch_size = logits_batch(lm, t, batch_size)  # clean and spliced logits are held together

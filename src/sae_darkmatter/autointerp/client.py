@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .._io import read_json, write_json
-from ..errors import DarkMatterError
+from sae_darkmatter._io import read_json, write_json
+from sae_darkmatter.errors import DarkMatterError
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,29 @@ def _openai() -> Any:
 
 def cache_key(model: str, messages: Sequence[dict[str, str]], params: dict[str, Any]) -> str:
     """sha256 of the request's content: model, messages, sampling settings (no key, no URL)."""
-    blob = json.dumps({"v": CACHE_VERSION, "model": model, "messages": list(messages), "params": params},
-                      sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "model": model, "messages": list(messages), "params": params},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class ChatClient:
     """Chat completions through ``openai.OpenAI`` with a disk cache and a thread pool."""
 
-    def __init__(self, base_url: str, model: str, *, cache_dir: str | Path, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 4, max_retries: int = 3, timeout_s: float = 120.0,
-                 connect_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        cache_dir: str | Path,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 4,
+        max_retries: int = 3,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
+    ):
         if not model:
             raise DarkMatterError("no model name given for the chat endpoint (--model)")
         openai = _openai()
@@ -90,7 +102,9 @@ class ChatClient:
         if not os.environ.get(api_key_env):
             log.info("%s is not set: sending no API key (fine for local servers)", api_key_env)
         self._client = openai.OpenAI(
-            base_url=base_url, api_key=os.environ.get(api_key_env) or NO_KEY, max_retries=max_retries,
+            base_url=base_url,
+            api_key=os.environ.get(api_key_env) or NO_KEY,
+            max_retries=max_retries,
             timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
         )
 
@@ -101,35 +115,53 @@ class ChatClient:
         """An ``EndpointError`` for an openai exception, saying what to check."""
         openai = _openai()
         if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
-            return EndpointError(f"{self.url} rejected the API key (HTTP {err.status_code}); check the "
-                                 f"environment variable {self.api_key_env}")
+            return EndpointError(
+                f"{self.url} rejected the API key (HTTP {err.status_code}); check the "
+                f"environment variable {self.api_key_env}"
+            )
         if isinstance(err, openai.APITimeoutError):
-            return EndpointError(f"{self.url} did not answer in time; check that the server is up and not "
-                                 "overloaded, or lower --concurrency / raise the timeout")
+            return EndpointError(
+                f"{self.url} did not answer in time; check that the server is up and not "
+                "overloaded, or lower --concurrency / raise the timeout"
+            )
         if isinstance(err, openai.APIConnectionError):
-            return EndpointError(f"cannot reach the chat endpoint at {self.url}; check that the server is "
-                                 "running and the URL (it usually ends in /v1, e.g. http://127.0.0.1:8000/v1)")
+            return EndpointError(
+                f"cannot reach the chat endpoint at {self.url}; check that the server is "
+                "running and the URL (it usually ends in /v1, e.g. http://127.0.0.1:8000/v1)"
+            )
         if isinstance(err, openai.NotFoundError):
-            return EndpointError(f"{self.url}: not found (HTTP 404) for model {self.model!r}; check the "
-                                 "model name and that the URL ends in /v1")
+            return EndpointError(
+                f"{self.url}: not found (HTTP 404) for model {self.model!r}; check the "
+                "model name and that the URL ends in /v1"
+            )
         if isinstance(err, openai.APIStatusError):
-            return EndpointError(f"{self.url} answered HTTP {err.status_code} for model {self.model!r}: "
-                                 f"{str(err.message)[:300]}")
+            return EndpointError(
+                f"{self.url} answered HTTP {err.status_code} for model {self.model!r}: "
+                f"{str(err.message)[:300]}"
+            )
         return EndpointError(f"request to {self.url} failed: {type(err).__name__}")
 
     def check(self) -> None:
         """One quick ``GET /models`` (no retries): fails fast with ``EndpointError`` when unreachable."""
         openai = _openai()
         try:
-            self._client.with_options(max_retries=0, timeout=self.connect_timeout_s + 5).models.list()
+            self._client.with_options(
+                max_retries=0, timeout=self.connect_timeout_s + 5
+            ).models.list()
         except openai.NotFoundError:
             pass  # some compatible servers have no /models; the chat requests will tell
         except openai.OpenAIError as err:
             raise self._fail(err) from None
         self._checked = True
 
-    def complete(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature: float = 0.0,
-                 response_format: dict | None = None) -> str:
+    def complete(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        response_format: dict | None = None,
+    ) -> str:
         """The answer's text, from the cache or from one chat completion (then cached).
 
         ``response_format`` (e.g. a JSON schema, see ``prompts.response_format``) is passed as is.
@@ -152,7 +184,9 @@ class ChatClient:
                 self.check()
         openai = _openai()
         try:
-            response = self._client.chat.completions.create(model=self.model, messages=list(messages), **params)
+            response = self._client.chat.completions.create(
+                model=self.model, messages=list(messages), **params
+            )
         except openai.OpenAIError as err:
             raise self._fail(err) from None
         with self._lock:
@@ -164,7 +198,13 @@ class ChatClient:
                           "finish_reason": choice.finish_reason if choice else None})
         return answer
 
-    def map(self, fn: Callable[[T], Any], items: Sequence[T], *, on_done: Callable[[], None] | None = None) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[[T], Any],
+        items: Sequence[T],
+        *,
+        on_done: Callable[[], None] | None = None,
+    ) -> list[Any]:
         """``[fn(item) for item in items]`` on ``concurrency`` threads, in order.
 
         The first error cancels the requests not yet started and is raised once the running

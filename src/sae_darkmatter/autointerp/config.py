@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from sae_darkmatter.errors import ConfigError
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
@@ -71,7 +71,9 @@ class AutoInterpConfig:
         if self.max_retries < 0 or self.n_negatives < 0 or self.temperature < 0:
             bad.append("max_retries, n_negatives and temperature must be >= 0")
         if self.response_format not in RESPONSE_FORMATS:
-            bad.append(f"response_format={self.response_format!r} (one of {', '.join(RESPONSE_FORMATS)})")
+            bad.append(
+                f"response_format={self.response_format!r} (one of {', '.join(RESPONSE_FORMATS)})"
+            )
         if not 0.0 < self.explain_fraction < 1.0:
             bad.append(f"explain_fraction={self.explain_fraction} (must be in (0, 1))")
         if self.pool < self.n_quantiles * self.n_per_quantile:

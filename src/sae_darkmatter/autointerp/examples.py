@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DarkMatterError
-from ..saes import SAE
-from ..store import ActivationStore
-from .config import AutoInterpConfig
+from sae_darkmatter.autointerp.config import AutoInterpConfig
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.saes import SAE
+from sae_darkmatter.store import ActivationStore
 
-PartsFn = Callable[[np.ndarray], Mapping[str, torch.Tensor]]  # sorted store rows -> {input name: [rows, d]}
+PartsFn = Callable[
+    [np.ndarray], Mapping[str, torch.Tensor]
+]  # sorted store rows -> {input name: [rows, d]}
 Member = tuple[SAE, str]  # an SAE and the name of its input in the parts
 _MASK64 = (1 << 64) - 1
 
@@ -67,7 +69,9 @@ class Windows:
 
     def bounds(self, w: int) -> tuple[int, int]:
         """Positions in ``rows`` of window ``w``'s kept rows."""
-        return int(self.starts[w]), int(self.starts[w + 1]) if w + 1 < self.n else int(self.rows.size)
+        return int(self.starts[w]), int(self.starts[w + 1]) if w + 1 < self.n else int(
+            self.rows.size
+        )
 
     def chunks(self, chunk_rows: int) -> Iterator[tuple[int, int]]:
         """``(first, end)`` window ranges of about ``chunk_rows`` kept rows each."""
@@ -98,11 +102,20 @@ def make_windows(store: ActivationStore, rows: np.ndarray, *, window: int, expla
     key, starts = np.unique(all_keys[rows], return_index=True)
     contexts = np.unique(context[rows])
     if contexts.size < 2:
-        raise DarkMatterError(f"need >= 2 contexts for explanation and scoring contexts, have {contexts.size}")
+        raise DarkMatterError(
+            f"need >= 2 contexts for explanation and scoring contexts, have {contexts.size}"
+        )
     n_explain = min(max(1, round(explain_fraction * contexts.size)), contexts.size - 1)
     chosen = np.random.default_rng(seed).permutation(contexts)[:n_explain]
-    return Windows(rows=rows, starts=starts.astype(np.int64), key=key, explain=np.isin(key // stride, chosen),
-                   all_keys=all_keys, tokens=store.column("tokens"), size=window)
+    return Windows(
+        rows=rows,
+        starts=starts.astype(np.int64),
+        key=key,
+        explain=np.isin(key // stride, chosen),
+        all_keys=all_keys,
+        tokens=store.column("tokens"),
+        size=window,
+    )
 
 
 def _window_max(members: Sequence[Member], parts: PartsFn, windows: Windows, a: int, b: int,
@@ -124,8 +137,9 @@ def firing_counts(members: Sequence[Member], parts: PartsFn, windows: Windows,
     counts = [(np.zeros(sae.d_sae, np.int64), np.zeros(sae.d_sae, np.int64)) for sae, _ in members]
     for a, b in windows.chunks(chunk_rows):
         explain = windows.explain[a:b]
-        for (n_explain, n_score), (_, wmax) in zip(counts, _window_max(members, parts, windows, a, b,
-                                                                       [None] * len(members))):
+        for (n_explain, n_score), (_, wmax) in zip(
+            counts, _window_max(members, parts, windows, a, b, [None] * len(members))
+        ):
             active = wmax > 0
             n_explain += active[explain].sum(0)
             n_score += active[~explain].sum(0)
@@ -158,7 +172,9 @@ class _Smallest:
     def offer(self, keys: np.ndarray, ids: np.ndarray, values: np.ndarray) -> None:
         if not keys.size:
             return
-        k, i, v = (np.concatenate(p) for p in ((self.keys, keys), (self.ids, ids), (self.values, values)))
+        k, i, v = (
+            np.concatenate(p) for p in ((self.keys, keys), (self.ids, ids), (self.values, values))
+        )
         keep = np.lexsort((i, k))[: self.m]
         self.keys, self.ids, self.values = k[keep], i[keep], v[keep]
 
@@ -198,17 +214,28 @@ class ExampleSet:
     n_eligible: int
 
 
-def sample_latents(n_explain: np.ndarray, n_score: np.ndarray, cfg: AutoInterpConfig) -> tuple[np.ndarray, int, int]:
+def sample_latents(
+    n_explain: np.ndarray, n_score: np.ndarray, cfg: AutoInterpConfig
+) -> tuple[np.ndarray, int, int]:
     """Seeded sample of eligible latents (sorted), the number of dead and of too rare latents."""
     dead = (n_explain + n_score) == 0
     eligible = np.flatnonzero((n_score >= cfg.n_quantiles) & (n_explain >= 1))
     n = min(cfg.n_latents, eligible.size)
-    chosen = np.sort(np.random.default_rng(cfg.seed).choice(eligible, n, replace=False)) if n else eligible[:0]
+    chosen = (
+        np.sort(np.random.default_rng(cfg.seed).choice(eligible, n, replace=False))
+        if n
+        else eligible[:0]
+    )
     return chosen, int(dead.sum()), int((~dead).sum() - eligible.size)
 
 
-def _draw(members: Sequence[Member], parts: PartsFn, windows: Windows, latents: Sequence[np.ndarray],
-          cfg: AutoInterpConfig) -> list[list[dict[str, _Smallest]]]:
+def _draw(
+    members: Sequence[Member],
+    parts: PartsFn,
+    windows: Windows,
+    latents: Sequence[np.ndarray],
+    cfg: AutoInterpConfig,
+) -> list[list[dict[str, _Smallest]]]:
     """Pass 2, per member and sampled latent: top explanation windows, a uniform pool of active
     scoring windows, and one of silent scoring windows."""
     kept = [[{"top": _Smallest(cfg.n_explain, np.float32), "pool": _Smallest(cfg.pool, np.uint64),
@@ -222,12 +249,18 @@ def _draw(members: Sequence[Member], parts: PartsFn, windows: Windows, latents: 
                 on = act > 0
                 e, s, n = on & explain, on & ~explain, ~on & ~explain
                 kept[m][j]["top"].offer(-act[e], ids[e], act[e])
-                kept[m][j]["pool"].offer(_hash(ids[s], _salt(cfg.seed, int(latent), 1)), ids[s], act[s])
-                kept[m][j]["neg"].offer(_hash(ids[n], _salt(cfg.seed, int(latent), 2)), ids[n], act[n])
+                kept[m][j]["pool"].offer(
+                    _hash(ids[s], _salt(cfg.seed, int(latent), 1)), ids[s], act[s]
+                )
+                kept[m][j]["neg"].offer(
+                    _hash(ids[n], _salt(cfg.seed, int(latent), 2)), ids[n], act[n]
+                )
     return kept
 
 
-def _quantile_picks(pool: _Smallest, cfg: AutoInterpConfig, latent: int) -> list[tuple[int, float, int]]:
+def _quantile_picks(
+    pool: _Smallest, cfg: AutoInterpConfig, latent: int
+) -> list[tuple[int, float, int]]:
     """(window, activation, quantile) drawn from equal-count activation quantiles of the pool."""
     order = np.lexsort((pool.ids, pool.values))
     rng = np.random.default_rng([cfg.seed, latent])
@@ -248,9 +281,15 @@ def token_activations(members: Sequence[Member], parts: PartsFn, windows: Window
     if not chosen.size:
         return out
     sizes = [np.subtract(*windows.bounds(w)[::-1]) for w in chosen]
-    sub = Windows(rows=np.concatenate([windows.rows[slice(*windows.bounds(w))] for w in chosen]),
-                  starts=np.cumsum([0, *sizes[:-1]]), key=windows.key[chosen], explain=windows.explain[chosen],
-                  all_keys=windows.all_keys, tokens=windows.tokens, size=windows.size)
+    sub = Windows(
+        rows=np.concatenate([windows.rows[slice(*windows.bounds(w))] for w in chosen]),
+        starts=np.cumsum([0, *sizes[:-1]]),
+        key=windows.key[chosen],
+        explain=windows.explain[chosen],
+        all_keys=windows.all_keys,
+        tokens=windows.tokens,
+        size=windows.size,
+    )
     for a, b in sub.chunks(chunk_rows):
         lo = sub.bounds(a)[0]
         for m, (z, _) in enumerate(_window_max(members, parts, sub, a, b, latents)):
@@ -286,8 +325,9 @@ def render(windows: Windows, w: int, acts: np.ndarray, tokenizer: Any) -> tuple[
     return one_line(plain), one_line(marked)
 
 
-def _picks(kept: list[dict[str, _Smallest]], latents: np.ndarray,
-           cfg: AutoInterpConfig) -> list[tuple[list[tuple[int, float, int]], list[tuple[int, float, int]]]]:
+def _picks(
+    kept: list[dict[str, _Smallest]], latents: np.ndarray, cfg: AutoInterpConfig
+) -> list[tuple[list[tuple[int, float, int]], list[tuple[int, float, int]]]]:
     """Per latent: (explanation windows, scored windows) as (window, activation, quantile)."""
     out = []
     for k, latent in zip(kept, latents, strict=True):
@@ -297,8 +337,13 @@ def _picks(kept: list[dict[str, _Smallest]], latents: np.ndarray,
     return out
 
 
-def collect_examples(members: Sequence[Member], parts: PartsFn, windows: Windows, cfg: AutoInterpConfig,
-                     tokenizer: Any) -> list[ExampleSet]:
+def collect_examples(
+    members: Sequence[Member],
+    parts: PartsFn,
+    windows: Windows,
+    cfg: AutoInterpConfig,
+    tokenizer: Any,
+) -> list[ExampleSet]:
     """Sample latents of each member SAE and collect their explanation and scoring windows.
 
     ``members`` are (SAE, input name) pairs; ``parts(rows)`` gives every input they name, computed
@@ -319,7 +364,14 @@ def collect_examples(members: Sequence[Member], parts: PartsFn, windows: Windows
             def example(w: int, value: float, q: int, m: int = m, j: int = j) -> Example:
                 return Example(w, value, q, *render(windows, w, acts[m][w][:, j], tokenizer))
 
-            out.append(LatentExamples(int(latent), int(n_explain[latent]), int(n_score[latent]),
-                                      tuple(example(*p) for p in explain), tuple(example(*p) for p in scored)))
+            out.append(
+                LatentExamples(
+                    int(latent),
+                    int(n_explain[latent]),
+                    int(n_score[latent]),
+                    tuple(example(*p) for p in explain),
+                    tuple(example(*p) for p in scored),
+                )
+            )
         sets.append(ExampleSet(out, sae.d_sae, n_dead, n_rare, int(lat.size)))
     return sets

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..report.figures import plt, save_figure
+from sae_darkmatter.report.figures import plt, save_figure
 
 COLOURS = {"x": "#6a994e", "error": "black", "linear": "#e8a33d", "nonlinear": "#2a6f97"}
 NAMES = {"x": "x", "error": "e", "linear": "ê (linear)", "nonlinear": "e − ê (nonlinear)"}
@@ -35,26 +35,44 @@ def detection_figure(result: dict[str, Any], path: Path) -> Path:
         d = s["detection"]
         colour, shift = COLOURS.get(s["input"]), (i - (n - 1) / 2) * 0.08
         neg, qs = d["negatives"], d["quantiles"]
-        ax.errorbar([shift], [_nan(neg["accuracy"])], yerr=np.array([_err(neg["accuracy"], neg["ci"])]).T,
-                    fmt="s", ms=5, capsize=2, color=colour)
+        ax.errorbar(
+            [shift],
+            [_nan(neg["accuracy"])],
+            yerr=np.array([_err(neg["accuracy"], neg["ci"])]).T,
+            fmt="s",
+            ms=5,
+            capsize=2,
+            color=colour,
+        )
         label = f"{s['label']} ({NAMES.get(s['input'], s['input'])}, {d['n_latents']} latents)"
-        ax.errorbar(np.arange(1, len(qs) + 1) + shift, [_nan(q["accuracy"]) for q in qs],
-                    yerr=np.array([_err(q["accuracy"], q["ci"]) for q in qs]).T, fmt="o-", ms=4, capsize=2,
-                    color=colour, label=label)
+        ax.errorbar(
+            np.arange(1, len(qs) + 1) + shift,
+            [_nan(q["accuracy"]) for q in qs],
+            yerr=np.array([_err(q["accuracy"], q["ci"]) for q in qs]).T,
+            fmt="o-",
+            ms=4,
+            capsize=2,
+            color=colour,
+            label=label,
+        )
         b = d["balanced_accuracy"]
         bx.bar(i, _nan(b["value"]), color=COLOURS.get(s["input"], "grey"),
                yerr=np.array([_err(b["value"], b["ci"])]).T, capsize=3)
     q = len(saes[0]["detection"]["quantiles"]) if saes else 0
     ax.set_xticks(range(q + 1), ["not", *(f"Q{j}" for j in range(1, q + 1))])
     ax.axvline(0.5, color="grey", lw=0.8)
-    ax.set_xlabel("silent windows (\"not\": 1 − false-positive rate), then activation quantile (Q1 weakest)")
+    ax.set_xlabel(
+        'silent windows ("not": 1 − false-positive rate), then activation quantile (Q1 weakest)'
+    )
     ax.set_ylabel("detection accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
     ax.set_title(f"Detection scoring by {result['model']}", fontsize=9)
     bx.axhline(0.5, color="grey", lw=1, ls="--")
-    bx.set_xticks(range(len(saes)), [NAMES.get(s["input"], s["input"]) for s in saes], rotation=20, fontsize=8)
+    bx.set_xticks(
+        range(len(saes)), [NAMES.get(s["input"], s["input"]) for s in saes], rotation=20, fontsize=8
+    )
     bx.set_ylabel("balanced accuracy")
     bx.set_ylim(0, 1.02)
     bx.grid(alpha=0.3, axis="y")

@@ -34,24 +34,33 @@ DETECT_SYSTEM = (
     "latent activates on. Answer with a JSON list of the numbers of the matching snippets, "
     "e.g. [1, 3]; answer [] if none match. Output only the list."
 )
-EXPLAIN_QUESTION = "What do the marked tokens and their contexts have in common? Reply in one sentence."
-DETECT_QUESTION = ("Which snippets match the explanation? Answer with a JSON list of snippet numbers only, e.g. "
-                   "[1, 3], or [] if none.")
+EXPLAIN_QUESTION = (
+    "What do the marked tokens and their contexts have in common? Reply in one sentence."
+)
+DETECT_QUESTION = (
+    "Which snippets match the explanation? Answer with a JSON list of snippet numbers only, e.g. "
+    "[1, 3], or [] if none."
+)
 EXPLAIN_RETRY = "Reply with one sentence only, in the form: Explanation: <sentence>"
 DETECT_RETRY = "Reply with only a JSON list of the matching snippet numbers, e.g. [1, 3], or []."
 
 
 EXPLAIN_SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}},
                   "required": ["explanation"]}
-DETECT_SCHEMA = {"type": "object",
-                 "properties": {"matches": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
-                 "required": ["matches"]}
+DETECT_SCHEMA = {
+    "type": "object",
+    "properties": {"matches": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
+    "required": ["matches"],
+}
 
 
 def response_format(kind: str, schema: dict, name: str) -> dict | None:
     """The chat API's ``response_format`` that constrains answers to ``schema`` (None: ``"text"``)."""
     if kind == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        }
     if kind == "json_object":
         return {"type": "json_object", "schema": schema}
     return None
@@ -74,7 +83,11 @@ def detection_messages(explanation: str, snippets: Sequence[str]) -> Messages:
 
 def retry_messages(messages: Messages, answer: str, correction: str) -> Messages:
     """``messages`` followed by the unusable answer and a request to use the required form."""
-    return [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": correction}]
+    return [
+        *messages,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": correction},
+    ]
 
 
 def parse_explanation(text: str | None, *, max_chars: int = 300) -> str | None:
@@ -98,7 +111,9 @@ def parse_explanation(text: str | None, *, max_chars: int = 300) -> str | None:
 
 
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
-_YES_NO = re.compile(r"^\W*(?:snippet|example|#)?\s*(\d+)\s*[\W_]*\s*(yes|no|true|false)\b", re.IGNORECASE)
+_YES_NO = re.compile(
+    r"^\W*(?:snippet|example|#)?\s*(\d+)\s*[\W_]*\s*(yes|no|true|false)\b", re.IGNORECASE
+)
 _NUMBERS = re.compile(r"^(?:snippets?|examples?)?\s*:?\s*(\d+(?:\s*(?:,|;|&|and)\s*\d+)*)\s*\.?$",
                       re.IGNORECASE)
 _NONE = re.compile(r"^(?:none|no snippets?|no matches|nothing)\b", re.IGNORECASE)

@@ -22,7 +22,9 @@ import numpy as np
 Judgement = tuple[int, bool]  # (quantile, 0 for a negative; judge said "activates")
 
 
-def latent_counts(judgements: Iterable[Judgement], n_quantiles: int) -> tuple[np.ndarray, np.ndarray]:
+def latent_counts(
+    judgements: Iterable[Judgement], n_quantiles: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(correct, total)``, int arrays of length ``n_quantiles + 1`` (index 0: negatives)."""
     correct = np.zeros(n_quantiles + 1, np.int64)
     total = np.zeros(n_quantiles + 1, np.int64)
@@ -67,7 +69,9 @@ def _normal_ci(p: float | None, n: int) -> list[float | None]:
     return [max(0.0, p - half), min(1.0, p + half)]
 
 
-def summarize(correct: np.ndarray, total: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    correct: np.ndarray, total: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Pooled detection scores of ``[L, Q+1]`` per-latent counts with bootstrap CIs over latents.
 
     Returns ``quantiles`` (one row per quantile 1..Q: accuracy, correct, total, ci, ci_normal),

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from .._io import atomic_path, read_json, require_folder, write_json
-from ..decompose import load_decompositions
-from . import figures
-from .sections import analyses_html
+from sae_darkmatter import __version__
+from sae_darkmatter._io import atomic_path, read_json, require_folder, write_json
+from sae_darkmatter.decompose import load_decompositions
+from sae_darkmatter.report import figures
+from sae_darkmatter.report.sections import analyses_html
 
 _SCATTER_POINTS = 4000  # held-out tokens drawn per SAE in the norm-prediction scatter
 _COLUMNS = [
@@ -100,9 +100,17 @@ def _provenance_rows(saes: list[dict[str, Any]]) -> str:
         p = s.get("provenance", {})
         hook = p.get("original_hook_name") or p.get("hook_name")
         trained_on = " @ ".join(str(v) for v in (p.get("model_name"), hook) if v)
-        cells = [s["name"], p.get("library", "?"), p.get("source", p.get("path", "?")),
-                 p.get("architecture", "?"), f"{s['d_sae']:,}", f"{s['l0']:.1f}",
-                 p.get("dtype") or "?", trained_on or "?", _trained_with(p.get("trained_with") or {})]
+        cells = [
+            s["name"],
+            p.get("library", "?"),
+            p.get("source", p.get("path", "?")),
+            p.get("architecture", "?"),
+            f"{s['d_sae']:,}",
+            f"{s['l0']:.1f}",
+            p.get("dtype") or "?",
+            trained_on or "?",
+            _trained_with(p.get("trained_with") or {}),
+        ]
         rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
     return "".join(rows)
 
@@ -126,8 +134,11 @@ def _harvest_line(h: dict[str, Any]) -> str:
     """How the contexts were made: count, length, corpus, BOS first or not, separator."""
     if not h:
         return ""
-    bos = (f"every context starts with the BOS token (id {h['bos_token_id']})" if h.get("prepend_bos")
-           else "no BOS token prepended")
+    bos = (
+        f"every context starts with the BOS token (id {h['bos_token_id']})"
+        if h.get("prepend_bos")
+        else "no BOS token prepended"
+    )
     sep = h.get("separator_token_id")
     joined = "no separator" if sep is None else f"separator token id {sep}"
     return (f"<li>contexts: {h.get('contexts') or 0:,} × {h['context_length']:,} tokens of "
@@ -165,8 +176,8 @@ th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
 </style></head><body>
 <h1>SAE dark matter</h1>
-<p>Model <code title="{esc(str(m['model']))}">{esc(display_name(m['model']))}</code>, hook <code>{esc(m['hook'])}</code>;
-sae-darkmatter {esc(m['sae_darkmatter_version'])}, {esc(m['created'])}.</p>
+<p>Model <code title="{esc(str(m["model"]))}">{esc(display_name(m["model"]))}</code>, hook <code>{esc(m["hook"])}</code>;
+sae-darkmatter {esc(m["sae_darkmatter_version"])}, {esc(m["created"])}.</p>
 <h2>Metrics (held-out tokens)</h2>
 <table><tr>{head}</tr>{body}</table>
 <p>Brackets: 95 % intervals (bootstrap over held-out tokens; a 16-group jackknife for the

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import atomic_path
+from sae_darkmatter._io import atomic_path
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:

@@ -123,9 +123,14 @@ def _num(value: Any, fmt: str) -> str:
 def _error_saes(r: dict[str, Any], out_dir: Path) -> str:
     rows = "".join(
         f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
-        + "".join(f"<td>{_num(t[f'fvu_{p}'], '{:.3f}')}</td>" for p in ("error", "linear", "nonlinear"))
-        + "".join(f"<td>{_num(t[f'dead_{p}'], '{}')}</td>" for p in ("error", "linear", "nonlinear"))
-        + "</tr>" for t in r["table"]
+        + "".join(
+            f"<td>{_num(t[f'fvu_{p}'], '{:.3f}')}</td>" for p in ("error", "linear", "nonlinear")
+        )
+        + "".join(
+            f"<td>{_num(t[f'dead_{p}'], '{}')}</td>" for p in ("error", "linear", "nonlinear")
+        )
+        + "</tr>"
+        for t in r["table"]
     )
     tokens = r["bases"][0]["tokens"] if r["bases"] else {}
     return (
@@ -171,7 +176,11 @@ def _downstream(r: dict[str, Any], out_dir: Path) -> str:
 def _autointerp(r: dict[str, Any], out_dir: Path) -> str:
     def ci(block: dict[str, Any]) -> str:
         v, (lo, hi) = block["value"], block["ci"]
-        return "–" if v is None else f"{v:.3f}" + ("" if lo is None else f" <small>[{lo:.3f}, {hi:.3f}]</small>")
+        return (
+            "–"
+            if v is None
+            else f"{v:.3f}" + ("" if lo is None else f" <small>[{lo:.3f}, {hi:.3f}]</small>")
+        )
 
     rows = "".join(
         f"<tr><td>{esc(s['label'])}</td><td>{esc(s['input'])}</td>"

@@ -8,13 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, write_json
-from .figures import plt, save_figure
+from sae_darkmatter._io import atomic_path, write_json
+from sae_darkmatter.report.figures import plt, save_figure
 
 
 def _line_figure(results: dict[str, Any], path: Path) -> Path:
     lines, fits = results["lines"], results["fits"]
-    fig, axes = plt.subplots(1, len(lines), figsize=(5.2 * len(lines), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(lines), figsize=(5.2 * len(lines), 3.8), squeeze=False, sharey=True
+    )
     styles = {"in_sample": "-", "held_out": "--", "debiased": ":"}
     for ax, line in zip(axes[0], lines):
         ab = [100 * p["ablation"] for p in line["points"]]
@@ -26,7 +28,9 @@ def _line_figure(results: dict[str, Any], path: Path) -> Path:
                     color="#4c4c8c", label=f"FVU(SAE + linear) [{fit}]")
         ax.invert_xaxis()
         ax.set_xlabel("% of least active features ablated")
-        ax.set_title(f"activation noise {line['act_noise']:g}, reconstruction noise {line['rec_noise']:g}")
+        ax.set_title(
+            f"activation noise {line['act_noise']:g}, reconstruction noise {line['rec_noise']:g}"
+        )
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("FVU")
     axes[0][0].legend(frameon=False, fontsize=7)
@@ -73,7 +77,11 @@ def _fit_comparison_figure(results: dict[str, Any], path: Path) -> Path:
 def _table_html(t: dict[str, dict[str, float]], fit: str) -> str:
     rows = "".join(
         f"<tr><th>{name}</th><td>{t[key]['est_linear']:.3f}</td><td>{t[key]['est_nonlinear']:.3f}</td></tr>"
-        for key, name in (("act_noise", "Activation noise"), ("rec_noise", "SAE-reconstruction noise")))
+        for key, name in (
+            ("act_noise", "Activation noise"),
+            ("rec_noise", "SAE-reconstruction noise"),
+        )
+    )
     return (f"<h3>Table 1 ({html.escape(fit)})</h3><table><tr><th></th><th>Est. linear error</th>"
             f"<th>Est. nonlinear error</th></tr>{rows}</table>")
 
@@ -84,17 +92,22 @@ def write_synthetic_report(results: dict[str, Any], out_dir: str | Path) -> Path
     fig_dir = out_dir / "figures"
     write_json(out_dir / "synthetic.json", results)
     figs = [_line_figure(results, fig_dir / "synthetic_lines.png")]
-    figs += [_heatmap_figure(results, fit, fig_dir / f"synthetic_heatmaps_{fit}.png") for fit in results["fits"]]
+    figs += [
+        _heatmap_figure(results, fit, fig_dir / f"synthetic_heatmaps_{fit}.png")
+        for fit in results["fits"]
+    ]
     if len(results["fits"]) > 1:
         figs.append(_fit_comparison_figure(results, fig_dir / "synthetic_fit_modes.png"))
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Synthetic dark matter</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:"
-             "collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}</style></head><body>",
-             "<h1>Synthetic activations with known ground truth</h1>",
-             f"<p>Config: <code>{html.escape(str(results['config']))}</code></p>",
-             "<p>FVU is pooled with per-dimension means (the paper's synthetic script subtracted one "
-             "global scalar mean). Noise stds are in units of the clean activations' per-coordinate "
-             "RMS (the paper used absolute stds 0–4 on Gemma-2-9B).</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic dark matter</title>",
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}</style></head><body>",
+        "<h1>Synthetic activations with known ground truth</h1>",
+        f"<p>Config: <code>{html.escape(str(results['config']))}</code></p>",
+        "<p>FVU is pooled with per-dimension means (the paper's synthetic script subtracted one "
+        "global scalar mean). Noise stds are in units of the clean activations' per-coordinate "
+        "RMS (the paper used absolute stds 0–4 on Gemma-2-9B).</p>",
+    ]
     parts += [_table_html(results["table1"][fit], fit) for fit in results["fits"]]
     diff = results.get("fit_differences") or {}
     if diff:

@@ -118,8 +118,12 @@ def detect_format(path: Path) -> str:
             f"{path} has {DL_WEIGHTS} but no {DL_CONFIG}: dictionary_learning SAEs need the "
             f"{DL_CONFIG} written next to it (it names the dictionary class)"
         )
-    subfolders = [child for child in sorted(path.iterdir(), key=_natural) if child.is_dir()
-                  and any(set(key) <= {p.name for p in child.iterdir()} for key in FORMATS.values())]
+    subfolders = [
+        child
+        for child in sorted(path.iterdir(), key=_natural)
+        if child.is_dir()
+        and any(set(key) <= {p.name for p in child.iterdir()} for key in FORMATS.values())
+    ]
     if subfolders:
         raise DarkMatterError(
             f"{path} holds {len(subfolders)} SAEs, one per folder (e.g. one per hookpoint); "
@@ -160,7 +164,9 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
         sparsity = info.get("sparsity") or {}
         if sparsity.get("name") == "k":
             prov["k"] = sparsity.get("value")
-        prov["training"] = {key: info.get(key) for key in ("sparsity", "tokens_seen", "final_train_fvu")}
+        prov["training"] = {
+            key: info.get(key) for key in ("sparsity", "tokens_seen", "final_train_fvu")
+        }
     return sae, prov
 
 
@@ -341,7 +347,9 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
-        raise DarkMatterError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+        raise DarkMatterError(
+            f"{path}: expected a state dict of tensors, got {type(state).__name__}"
+        )
     return state
 
 

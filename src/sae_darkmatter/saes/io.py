@@ -235,8 +235,12 @@ def norm_scale(
     if mode == "none":
         return None
     if mode != "expected_average_only_in":
-        why = (": it rescales each token by its own statistics, so the reconstruction is not a "
-               "fixed map of the latents" if mode in ("constant_norm_rescale", "layer_norm") else "")
+        why = (
+            ": it rescales each token by its own statistics, so the reconstruction is not a "
+            "fixed map of the latents"
+            if mode in ("constant_norm_rescale", "layer_norm")
+            else ""
+        )
         raise DarkMatterError(
             f"{where}: unsupported SAE setting normalize_activations={mode!r}{why} "
             "(supported: 'none', 'expected_average_only_in')"
@@ -287,7 +291,9 @@ def read_json_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptSAEError(f"{path} is not valid JSON ({e}); the file is damaged or truncated") from None
+        raise CorruptSAEError(
+            f"{path} is not valid JSON ({e}); the file is damaged or truncated"
+        ) from None
     if not isinstance(data, dict):
         raise CorruptSAEError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data

@@ -53,7 +53,9 @@ def _positions(value: Any) -> list[int | None] | None:
     """``[start, stop, step]`` of a seqpos slice, None when it keeps every position."""
     if not isinstance(value, (list, tuple)) or not value:
         return None
-    start, stop, step = (list(value) + [None, None, None])[:3] if len(value) > 1 else (None, value[0], None)
+    start, stop, step = (
+        (list(value) + [None, None, None])[:3] if len(value) > 1 else (None, value[0], None)
+    )
     if not start and stop is None and step in (None, 1):
         return None
     return [start, stop, step]

@@ -143,7 +143,9 @@ def pursue(
     indices = torch.zeros(n, width, dtype=torch.int64, device=s.device)
     norms, unit = _atoms(W)
     order = torch.argsort(target, descending=True, stable=True)  # active tokens form a prefix
-    step = min(batch_size, latent_rows(W.shape[0]))  # [step, d_sae] correlations, whatever the width
+    step = min(
+        batch_size, latent_rows(W.shape[0])
+    )  # [step, d_sae] correlations, whatever the width
     for lo in range(0, n, step):
         rows = order[lo : lo + step]
         v, i = _batch(method, s[rows], target[rows], W, unit, norms, nonnegative)
@@ -242,7 +244,9 @@ def _gp_step(
     if not nonnegative:
         return w + alpha[:, None] * direction
     shrink = direction < 0
-    ratio = torch.where(shrink, w / torch.where(shrink, -direction, torch.ones_like(w)), float("inf"))
+    ratio = torch.where(
+        shrink, w / torch.where(shrink, -direction, torch.ones_like(w)), float("inf")
+    )
     alpha = torch.minimum(alpha, ratio.min(dim=1).values)  # stop where a coefficient hits zero
     new = (w + alpha[:, None] * direction).clamp_min(0)
     return torch.where(shrink & (ratio <= alpha[:, None]), 0, new)
@@ -308,7 +312,9 @@ def gradient_pursuit_dense(
         direction = torch.where(keep, g, 0)
         c = direction @ W
         cc, cr = (c * c).sum(dim=1), (c * r).sum(dim=1)
-        alpha = torch.where(cc > 0, cr / torch.where(cc > 0, cc, torch.ones_like(cc)), 0).clamp_min(0)
+        alpha = torch.where(cc > 0, cr / torch.where(cc > 0, cc, torch.ones_like(cc)), 0).clamp_min(
+            0
+        )
         if nonnegative:
             shrink = direction < 0
             ratio = torch.where(shrink, w / torch.where(shrink, -direction, torch.ones_like(w)),

@@ -36,11 +36,15 @@ from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 REGISTRY_PREFIX = "saelens:"
 INSTALL_HINT = "pip install sae-darkmatter[saelens]"
 
-_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$")
+_TL_HOOK = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$"
+)
 _OUR_HOOK = re.compile(r"^(resid_post|mlp_out|attn_out)\.\d+$")
 # Hugging Face module paths whose output is read (SAELens's HookedProxyLM, sparsify):
 # "model.layers.12", "layers.10", "h.3.mlp", "gpt_neox.layers.2.attention"
-_HF_MODULE = re.compile(r"^(?:\w+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
+_HF_MODULE = re.compile(
+    r"^(?:\w+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
+)
 _TL_KIND = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 
 
@@ -266,7 +270,10 @@ def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) 
 
 
 # weights file and decoder tensor of the layouts whose stored dtype we report
-_WEIGHT_FILES = (("sae_weights.safetensors", "W_dec"), ("params.safetensors", "w_dec"))  # SAELens, Gemma Scope 2
+_WEIGHT_FILES = (
+    ("sae_weights.safetensors", "W_dec"),
+    ("params.safetensors", "w_dec"),
+)  # SAELens, Gemma Scope 2
 
 
 def _cached_dtype(repo_id: str, path: str) -> str | None:

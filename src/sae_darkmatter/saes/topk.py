@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 LATENT_BLOCK = 1 << 26  # dense latents held at once: 256 MB in float32, whatever the width
 
 
@@ -80,7 +79,9 @@ class AffineSAE(nn.Module):
         step = latent_rows(self.d_sae)
         if flat.shape[0] <= step:
             return self.reconstruct(x)
-        return torch.cat([self.reconstruct(b) for b in flat.split(step)]).reshape(*x.shape[:-1], self.d_in)
+        return torch.cat([self.reconstruct(b) for b in flat.split(step)]).reshape(
+            *x.shape[:-1], self.d_in
+        )
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` in one piece (``forward`` splits large inputs)."""

@@ -180,7 +180,9 @@ def _train(
         key = _fingerprint(cfg, width, value, lr, data)
         if _is_finished(out_dir, key):
             log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
-            _remove_checkpoint(out_dir)  # left when a kill came between training.json and its removal
+            _remove_checkpoint(
+                out_dir
+            )  # left when a kill came between training.json and its removal
             members.append(None)
             continue
         sae = TRAINERS[cfg.architecture](x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
