@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_darkmatter import store as store_mod
 from sae_darkmatter.store import ActivationStore
+from sae_darkmatter.store import verify as store_verify
 
 D, T = 576, 128
 
@@ -89,7 +89,7 @@ def main() -> None:
         )
 
         base = timed(lambda: np.load(npy))
-        store_mod._VERIFIED.clear()  # the writer remembered its shards; measure a reader's first pass
+        store_verify._VERIFIED.clear()  # forget the writer's hashes: time a reader's first pass
         t_first = timed(lambda: drain(store.iter_chunks("h")), repeat=1)
         rows_per_s = {
             "np.load (whole .npy)": (n, base),
