@@ -2,54 +2,21 @@
 
 Each stage takes exactly one config object. Configs are plain data: they hash to a stable
 fingerprint (``fingerprint(cfg)``) that the on-disk cache uses to decide whether a finished
-stage can be reused.
+stage can be reused. The shared machinery (checks, ``from_dict``, ``fingerprint``) lives in
+``config_base``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
-import json
 import math
-import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
+from sae_darkmatter.config_base import _Checked, _has_type, _need_device, _type_error, read_toml
+from sae_darkmatter.config_base import fingerprint as fingerprint  # re-exported: the public API
+from sae_darkmatter.config_base import from_dict as from_dict
+from sae_darkmatter.config_base import to_dict as to_dict
 from sae_darkmatter.errors import ConfigError, ConfigValueError
-
-T = TypeVar("T")
-
-
-class _Checked:
-    """Validation shared by every config: field types, then the class's own range checks.
-
-    Runs whenever a config is built (from a TOML file, the CLI, ``dataclasses.replace`` or
-    code), so a bad value fails before any work starts. Errors name the key by its usual TOML
-    path (``PATH``; ``from_dict`` substitutes the path it actually read), the expected type or
-    range and the value given.
-    """
-
-    PATH = ""
-    SELF_TYPED: tuple[str, ...] = ()  # fields whose types ``_check`` tests with its own message
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.name not in self.SELF_TYPED and not _has_type(value, f.type):
-                raise ConfigValueError(self.PATH, f.name, _type_error(value, f.type))
-        self._check()
-
-    def _check(self) -> None:
-        """Ranges and cross-field rules of one class (types are already right)."""
-
-    def _need(self, key: str, ok: bool, expected: str, *, kind: bool = False) -> None:
-        if not ok:
-            raise ConfigValueError(
-                self.PATH, key, f"must be {expected}, got {_show(getattr(self, key), kind=kind)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -229,7 +196,7 @@ class SAETrainConfig(_Checked):
 
     - ``architecture``: ``"topk"`` (OpenAI TopK + AuxK), ``"batchtopk"`` (saved as JumpReLU),
       ``"relu"`` (L1 penalty, Anthropic's April 2024 recipe) or ``"jumprelu"`` (L0 penalty with
-      straight-through estimators); recipes in ``saes.train_archs``.
+      straight-through estimators); one module each in ``saes.archs``.
     - ``widths``: numbers of latents.
     - The sparsity axis depends on the architecture: ``ks`` (active latents per token; the mean
       over the batch for batchtopk) for topk/batchtopk, ``l1_coefficients`` for relu,
@@ -258,7 +225,10 @@ class SAETrainConfig(_Checked):
     checkpoint_every: int = 25
     device: str = "auto"
 
-    ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+    # architecture -> field of its sparsity axis; ``saes.archs`` checks it has these records
+    SPARSITY_FIELDS = {"topk": "ks", "batchtopk": "ks", "relu": "l1_coefficients",
+                       "jumprelu": "l0_coefficients"}
+    ARCHITECTURES = tuple(SPARSITY_FIELDS)
     PATH = "train"
     SELF_TYPED = ("widths", "ks", "l1_coefficients", "l0_coefficients")
 
@@ -287,8 +257,7 @@ class SAETrainConfig(_Checked):
 
     def sparsity_field(self) -> str:
         """Name of the field holding the grid's sparsity axis for ``architecture``."""
-        return {"relu": "l1_coefficients", "jumprelu": "l0_coefficients"}.get(
-            self.architecture, "ks")
+        return self.SPARSITY_FIELDS[self.architecture]
 
     def sparsity_values(self) -> tuple[float, ...]:
         """The grid's sparsity axis for ``architecture`` (ks or a coefficient list)."""
@@ -447,209 +416,9 @@ class RunConfig(_Checked):
         self.split.filter.check_context_length(self.harvest.corpus.context_length)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config (tuples become lists).
-
-    Fields marked ``omit_default`` are left out while they hold their default, so adding such
-    a field changes no existing fingerprint.
-    """
-    return json.loads(json.dumps(_plain(cfg)))
-
-
-def _plain(obj: Any) -> Any:
-    if not dataclasses.is_dataclass(obj):
-        return obj
-    return {
-        f.name: _plain(getattr(obj, f.name))
-        for f in dataclasses.fields(obj)
-        if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
-    }
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of configs and plain values, for stage caching."""
-    blob = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def from_dict(cls: type[T], data: dict[str, Any], *, path: str | None = None) -> T:
-    """Build a (nested) config dataclass from a dict (a TOML file's tables, a saved JSON).
-
-    Unknown keys are named with the valid ones and a close match; a value of the wrong type
-    (a string for a list, a table for a number, ...) gets an error naming its key path, the
-    expected type and the value. ``path`` is where ``data`` sits in the file (default: the
-    class's usual table).
-    """
-    where = cls.PATH if path is None else path  # type: ignore[attr-defined]
-    table = f"table [{where}]" if where else "the top level"
-    if not isinstance(data, dict):
-        raise ConfigValueError(*_split_key(where), f"must be a table, got {_show(data, kind=True)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        hints = [
-            f"{key!r} -> did you mean {close[0]!r}?"
-            for key in unknown
-            if (close := difflib.get_close_matches(key, fields, n=1))
-        ]
-        raise ConfigError(
-            f"unknown key(s) {unknown} for {cls.__name__} in {table}; valid: {sorted(fields)}"
-            + (f" ({'; '.join(hints)})" if hints else "")
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        ftype = fields[name].type
-        sub = _CONFIG_TYPES.get(ftype) if isinstance(ftype, str) else None
-        key = f"{where}.{name}" if where else name
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise ConfigValueError(where, name,
-                                       f"must be a table [{key}], got {_show(value, kind=True)}")
-            kwargs[name] = from_dict(sub, value, path=key)
-        elif isinstance(value, list) and str(ftype).startswith("tuple["):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigValueError as err:
-        raise err.moved_to(where) from None
-
-
 def load_toml(path: str | Path) -> RunConfig:
     """Read a ``RunConfig`` from a TOML file with tables ``[harvest]``, ``[train]``, ...
 
-    Every error names the file: a missing or unreadable file, text that is not UTF-8 or not
-    TOML (with the line and column), and the key errors of ``from_dict``.
+    Errors name the file (see ``config_base.read_toml``).
     """
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}, line "
-            f"{line}); TOML files must be UTF-8"
-        ) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML: {err}") from None
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigValueError as err:
-        raise err.in_file(str(path)) from None
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-# ---------------------------------------------------------------------------- type checks
-
-_SCALAR_TYPES: dict[str, tuple[str, str]] = {  # annotation -> (singular, plural)
-    "str": ("a string", "strings"),
-    "int": ("an integer", "integers"),
-    "float": ("a number", "numbers"),
-    "bool": ("true or false", "booleans"),
-}
-_DEVICE = re.compile(r"auto|cpu|mps|meta|(cuda|xpu)(:\d+)?")
-
-
-def _has_type(value: Any, annotation: str) -> bool:
-    """Whether ``value`` fits a field annotation of this module (as a string)."""
-    if annotation in _CONFIG_TYPES:
-        return isinstance(value, _CONFIG_TYPES[annotation])
-    if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
-        inner = annotation[len("tuple["):-len(", ...]")]
-        return isinstance(value, (tuple, list)) and all(_has_type(v, inner) for v in value)
-    if " | " in annotation:
-        return any(_has_type(value, part) for part in annotation.split(" | "))
-    if annotation == "None":
-        return value is None
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation == "str":
-        return isinstance(value, str)
-    raise TypeError(f"config annotation {annotation!r} has no check")
-
-
-def _describe(annotation: str) -> str:
-    if annotation in _CONFIG_TYPES:
-        return "a table"
-    if annotation.startswith("tuple["):
-        return f"a list of {_SCALAR_TYPES[annotation[len('tuple['):-len(', ...]')]][1]}"
-    if annotation.endswith(" | None"):
-        return f"{_describe(annotation[:-len(' | None')])} (or unset)"
-    return " or ".join(_SCALAR_TYPES[a][0] for a in annotation.split(" | "))
-
-
-def _kind(value: Any) -> str:
-    """The TOML name of a value's type."""
-    if isinstance(value, bool):
-        return "a boolean"
-    for types, name in ((int, "an integer"), (float, "a float"), (str, "a string"),
-                        ((list, tuple), "a list"), (dict, "a table")):
-        if isinstance(value, types):
-            return name
-    return "nothing" if value is None else f"a {type(value).__name__}"
-
-
-def _show(value: Any, *, kind: bool = False) -> str:
-    """A value as the user wrote it (shortened), with its TOML type when ``kind``."""
-    text = repr(list(value) if isinstance(value, tuple) else value)
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return f"{text} ({_kind(value)})" if kind else text
-
-
-def _type_error(value: Any, annotation: str) -> str:
-    """What is wrong with a value of the wrong type, naming the first bad item of a list."""
-    got = _show(value, kind=True)
-    if annotation.startswith("tuple[") and isinstance(value, (list, tuple)):
-        inner = annotation[len("tuple["):-len(", ...]")]
-        i, item = next((i, v) for i, v in enumerate(value) if not _has_type(v, inner))
-        got = f"{_show(value)} (item {i}, {_show(item)}, is {_kind(item)})"
-    elif annotation.startswith("tuple[") and _has_type(
-        value, annotation[len("tuple[") : -len(", ...]")]
-    ):
-        got += f"; write a list, e.g. [{_show(value)}]"
-    return f"must be {_describe(annotation)}, got {got}"
-
-
-def _split_key(path: str) -> tuple[str, str]:
-    head, _, last = path.rpartition(".")
-    return head, last
-
-
-def _need_device(cfg: Any) -> None:
-    cfg._need("device", bool(_DEVICE.fullmatch(cfg.device)),
-              "'auto', 'cpu', 'mps' or 'cuda' / 'cuda:<index>'")
-
-
-_CONFIG_TYPES: dict[str, type] = {
-    c.__name__: c
-    for c in (
-        ModelConfig,
-        CorpusConfig,
-        HarvestConfig,
-        TokenFilter,
-        SplitConfig,
-        SAETrainConfig,
-        DecomposeConfig,
-        PursuitConfig,
-        CrossLayerConfig,
-        DownstreamConfig,
-        ErrorSAEConfig,
-        RunConfig,
-    )
-}
+    return read_toml(path, RunConfig)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sae_darkmatter.errors import ConfigError
+from sae_darkmatter.config_base import _Checked
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 @dataclass(frozen=True)
-class AutoInterpConfig:
+class AutoInterpConfig(_Checked):
     """Which SAEs and latents, how examples are drawn, and which chat endpoint explains and judges.
 
     Endpoint: any OpenAI-compatible chat API at ``base_url`` (vLLM, llama.cpp, OpenRouter,
@@ -20,8 +20,9 @@ class AutoInterpConfig:
     errors, 408/409/429 and 5xx). ``response_format`` constrains answers to a JSON schema where
     the server can: ``"json_schema"`` (OpenAI, vLLM, OpenRouter), ``"json_object"`` (llama.cpp's
     server: JSON object with the schema inside), ``"text"`` (no constraint; the parser copes).
-    Small local models rarely follow the text format, so constrained answers matter for them. Every answer is cached under ``cache_dir`` (default
-    ``<run>/autointerp/cache``), keyed by model, messages and sampling settings.
+    Small local models rarely follow the text format, so constrained answers matter for them.
+    Every answer is cached under ``cache_dir`` (default ``<run>/autointerp/cache``), keyed by
+    model, messages and sampling settings.
 
     Examples: each context is cut into windows of ``window`` tokens; a window's activation is
     the latent's largest activation on a token of it that the run's token filter keeps. Contexts
@@ -63,20 +64,20 @@ class AutoInterpConfig:
     chunk_rows: int = 4096
     cache_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        positive = ("concurrency", "timeout_s", "connect_timeout_s", "explain_max_tokens",
-                    "detect_max_tokens", "n_latents", "n_quantiles", "n_per_quantile", "n_explain",
-                    "window", "batch_size", "n_boot", "chunk_rows")
-        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
-        if self.max_retries < 0 or self.n_negatives < 0 or self.temperature < 0:
-            bad.append("max_retries, n_negatives and temperature must be >= 0")
-        if self.response_format not in RESPONSE_FORMATS:
-            bad.append(
-                f"response_format={self.response_format!r} (one of {', '.join(RESPONSE_FORMATS)})"
-            )
-        if not 0.0 < self.explain_fraction < 1.0:
-            bad.append(f"explain_fraction={self.explain_fraction} (must be in (0, 1))")
-        if self.pool < self.n_quantiles * self.n_per_quantile:
-            bad.append(f"pool={self.pool} < n_quantiles * n_per_quantile")
-        if bad:
-            raise ConfigError(f"invalid autointerp settings: {'; '.join(bad)}")
+    PATH = "autointerp"
+
+    def _check(self) -> None:
+        for name in ("concurrency", "explain_max_tokens", "detect_max_tokens", "n_latents",
+                     "n_quantiles", "n_per_quantile", "n_explain", "window", "batch_size",
+                     "n_boot", "chunk_rows"):
+            self._need(name, getattr(self, name) >= 1, ">= 1")
+        for name in ("timeout_s", "connect_timeout_s"):
+            self._need(name, getattr(self, name) > 0, "> 0 seconds")
+        for name in ("max_retries", "n_negatives", "temperature"):
+            self._need(name, getattr(self, name) >= 0, ">= 0")
+        self._need("response_format", self.response_format in RESPONSE_FORMATS,
+                   f"one of {list(RESPONSE_FORMATS)}")
+        self._need("explain_fraction", 0 < self.explain_fraction < 1, "strictly between 0 and 1")
+        least = self.n_quantiles * self.n_per_quantile
+        self._need("pool", self.pool >= least,
+                   f">= n_quantiles * n_per_quantile ({least}) windows, to fill every quantile")
