@@ -255,9 +255,14 @@ def _kind(value: Any) -> str:
 
 def _show(value: Any, *, kind: bool = False) -> str:
     """A value as the user wrote it (shortened), with its TOML type when ``kind``."""
-    text = repr(list(value) if isinstance(value, tuple) else value)
+    text = repr(_lists(value))
     text = text if len(text) <= 80 else text[:77] + "..."
     return f"{text} ({_kind(value)})" if kind else text
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with its tuples written as lists, the way a TOML file writes them."""
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _type_error(value: Any, annotation: str) -> str:
