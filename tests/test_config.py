@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from typer.testing import CliRunner
 
-from sae_darkmatter.cli import _build_config
+from sae_darkmatter.cli.common import build_config as _build_config
 from sae_darkmatter.config import RunConfig, fingerprint, load_toml
 from sae_darkmatter.errors import ConfigError
 
@@ -54,6 +54,13 @@ def test_fingerprint_tracks_every_setting():
     assert fingerprint(base) == fingerprint(RunConfig())
     changed = dataclasses.replace(base, train=dataclasses.replace(base.train, ks=(8,)))
     assert fingerprint(changed) != fingerprint(base)
+
+
+def test_default_fingerprints_are_stable():
+    """Cached run folders are reused by fingerprint: refactors must not move these."""
+    assert fingerprint(RunConfig()) == "734d847317b13277"
+    assert fingerprint(RunConfig().train) == "b52a83b02449b432"
+    assert fingerprint(RunConfig().harvest) == "aad6dc9efefa3eec"
 
 
 def test_cli_flags_override_the_file(tmp_path):

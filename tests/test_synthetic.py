@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.config import from_dict, to_dict
+from sae_darkmatter.errors import ConfigValueError, DarkMatterError
 from sae_darkmatter.saes import TopKSAE, save_sae
 from sae_darkmatter.synthetic import (
     SyntheticConfig,
@@ -104,7 +105,7 @@ def test_in_sample_fit_is_biased_low_by_d_over_n():
         ins, deb, ho = (f[m]["est_nonlinear"] for m in ("in_sample", "debiased", "held_out"))
         assert ins < deb < ho
         # The residual of OLS on noise independent of the regressors is a projection onto an
-        # (N − d − 1)-dim complement: mean (1 − (d+1)/N)·SS, relative sd ≈ sqrt(2/((N−d)·d)) ≈ 0.8 %.
+        # (N − d − 1)-dim complement: mean (1 − (d+1)/N)·SS, relative sd ≈ sqrt(2/((N−d)·d)) ≈ 0.8%.
         assert ins / truth == pytest.approx(1 - 65 / 600, abs=0.01)
         assert deb / truth == pytest.approx(1.0, abs=0.01)
         # Held-out: a probe fit on N/2 = 300 rows adds its estimation noise; ≥ the Gaussian
@@ -158,6 +159,16 @@ def test_dictionary_from_an_sae_folder(tmp_path):
 def test_bad_inputs_raise(change):
     with pytest.raises(DarkMatterError):
         generate(replace(SMALL, **change))
+
+
+def test_config_is_checked_when_built_and_reads_from_a_dict():
+    with pytest.raises(ConfigValueError, match=r"synthetic\.ablations must be shares in \[0, 1\)"):
+        SyntheticConfig(ablations=(0.1, 1.0))
+    with pytest.raises(ConfigValueError, match=r"line_configs must be a list of lists of 2"):
+        SyntheticConfig(line_configs=((0.5,),))
+    cfg = from_dict(SyntheticConfig, {"line_configs": [[0.1, 0.2]], "ablations": [0.0, 0.5]})
+    assert cfg.line_configs == ((0.1, 0.2),) and cfg.ablations == (0.0, 0.5)
+    assert to_dict(cfg)["line_configs"] == [[0.1, 0.2]]
 
 
 def test_bad_evaluate_arguments_raise(small_data):
