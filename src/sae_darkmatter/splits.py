@@ -6,11 +6,14 @@ The remaining tokens are split by
 *context* into SAE-training and evaluation contexts, so the SAE never sees the evaluation
 text; evaluation tokens are then permuted and split into probe-training and held-out probe-test
 tokens, as in the paper (which permutes tokens, not contexts, for its regressions).
+
+The token filter's rules (``rule_mask``, ``norm_outliers``) also serve the streaming
+decomposition, which keeps no store and splits contexts instead (``split_contexts``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +67,41 @@ class Splits:
         }
 
 
+def rule_mask(
+    position: np.ndarray,
+    tokens: Callable[[], np.ndarray],
+    context_length: int,
+    filt: TokenFilter,
+    special_ids: Sequence[int] = (),
+) -> tuple[np.ndarray, int, int]:
+    """Tokens passing ``filt``'s position and special-token rules, and how many each excluded.
+
+    ``position`` and ``tokens()`` are aligned flat arrays (a store's columns, or a batch of
+    contexts raveled); ``tokens`` is called only when the special-token rule applies (a store's
+    column is a full read). The norm rule needs activations: ``norm_outliers``.
+    """
+    start, before = kept_window(filt, context_length)
+    keep = (position >= start) & (position < before)
+    n_position = int((~keep).sum())
+    n_special = 0
+    if filt.exclude_special and len(special_ids):
+        special = np.isin(tokens(), np.asarray(special_ids)) & keep
+        n_special = int(special.sum())
+        keep &= ~special
+    return keep, n_position, n_special
+
+
+def kept_window(filt: TokenFilter, context_length: int) -> tuple[int, int]:
+    """The positions [from, before) of a context that ``filt``'s position rules keep."""
+    window = filt.kept_positions(context_length)
+    return window.start, min(window.stop or context_length, context_length)
+
+
+def norm_outliers(norms: np.ndarray, filt: TokenFilter, median: float) -> np.ndarray:
+    """Which ``norms`` exceed ``filt.max_norm_ratio`` (not None) times ``median``."""
+    return norms > filt.max_norm_ratio * median
+
+
 def select_rows(
     store: ActivationStore,
     filt: TokenFilter,
@@ -72,16 +110,10 @@ def select_rows(
     hook: str | None = None,
 ) -> Selection:
     """Apply a token filter to every stored row (norms are those of ``hook``, default the first)."""
-    window = filt.kept_positions(store.context_length)
-    before = min(window.stop or store.context_length, store.context_length)
     position = store.column("position")
-    keep = (position >= window.start) & (position < before)
-    n_pos = int((~keep).sum())
-    n_special = 0
-    if filt.exclude_special and len(special_ids):
-        special = np.isin(store.column("tokens"), np.asarray(special_ids)) & keep
-        n_special = int(special.sum())
-        keep &= ~special
+    keep, n_pos, n_special = rule_mask(
+        position, lambda: store.column("tokens"), store.context_length, filt, special_ids
+    )
     rows = np.flatnonzero(keep).astype(np.int64)
     n_norm, median = 0, None
     if filt.max_norm_ratio is not None and rows.size:
@@ -91,11 +123,12 @@ def select_rows(
             [x.norm(dim=1).numpy() for _, x in store.iter_chunks(hook, part, 65_536)]
         )
         median = float(np.median(norms))
-        outlier = norms > filt.max_norm_ratio * median
+        outlier = norm_outliers(norms, filt, median)
         n_norm = int(outlier.sum())
         rows = rows[~outlier]
     return Selection(
-        rows, int(position.size), n_pos, n_special, n_norm, median, (window.start, before)
+        rows, int(position.size), n_pos, n_special, n_norm, median,
+        kept_window(filt, store.context_length),
     )
 
 
@@ -154,3 +187,21 @@ def make_splits(
         probe_train=np.sort(eval_rows[:n_probe]),
         probe_test=np.sort(eval_rows[n_probe:]),
     )
+
+
+def split_contexts(n_contexts: int, split: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(probe-train, probe-test) context indices, each in the seeded permuted order.
+
+    The streaming decomposition's split: it keeps no tokens to permute, so it splits contexts
+    (``split.sae_train_fraction`` unused; at least one context on each side).
+    """
+    frac = split.probe_train_fraction
+    n_train = round(frac * n_contexts)
+    if n_contexts < 2 or not 0 < n_train < n_contexts:
+        side = "probe-train" if n_train == 0 else "probe-test"
+        raise DarkMatterError(
+            f"cannot split {n_contexts} context(s) by probe_train_fraction {frac}: no {side} "
+            f"context would be left; use more contexts (n_contexts) or a fraction nearer 0.5"
+        )
+    order = np.random.default_rng(split.seed).permutation(n_contexts)
+    return order[:n_train], order[n_train:]
