@@ -18,8 +18,10 @@ import torch
 from sae_darkmatter.config import SAETrainConfig, from_dict
 from sae_darkmatter.errors import ConfigError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import JumpReLUSAE, ReLUSAE, load_sae, train_sae
+from sae_darkmatter.saes.archs import ARCHITECTURES
+from sae_darkmatter.saes.archs.base import total_variance
+from sae_darkmatter.saes.archs.topk import AUXK_COEF
 from sae_darkmatter.saes.train import sae_folder_name, train_grid
-from sae_darkmatter.saes.train_archs import AUXK_COEF, TRAINERS, total_variance
 from sae_darkmatter.saes.train_data import BatchStream
 from sae_darkmatter.saes.train_kernels import Codes, gather_pre, sparse_decode
 
@@ -54,8 +56,8 @@ def _sparse_data(n: int, d: int = 32, m: int = 64, k: int = 4, seed: int = 0):
 
 def _trainer(arch: str, d_in: int = 20, width: int = 50, sparsity: float = 5, seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 1)
-    sae = TRAINERS[arch](d_in, width, sparsity, b_dec=torch.randn(d_in, generator=gen),
-                         seed=seed)
+    sae = ARCHITECTURES[arch].trainer(d_in, width, sparsity,
+                                      b_dec=torch.randn(d_in, generator=gen), seed=seed)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(width, generator=gen) * 0.3)
         if arch == "jumprelu":
@@ -353,7 +355,7 @@ def test_killed_grid_resumes_bit_identically(tmp_path, caplog):
     assert 0 < step < steps
     checkpoints[0].unlink()
 
-    with caplog.at_level("INFO", logger="sae_darkmatter.saes.train"):
+    with caplog.at_level("INFO", logger="sae_darkmatter.saes"):
         resumed = train_grid(x, cfg, killed, progress=False)
     assert "resuming SAE training from step" in caplog.text
     straight = train_grid(x, cfg, tmp_path / "straight", progress=False)

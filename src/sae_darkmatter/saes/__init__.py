@@ -1,15 +1,23 @@
-"""Sparse autoencoders: the protocol the analyses use, TopK training, SAELens-format I/O."""
+"""Sparse autoencoders: the protocol the analyses use, SAELens-format I/O, training.
+
+The training names (``train_sae``, ``train_grid``, ``default_lr``, ``sae_folder_name``) are
+imported on first use, so code that only loads and runs SAEs never imports the trainer.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import importlib
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
+from sae_darkmatter.saes.archs.gated import GatedSAE
+from sae_darkmatter.saes.archs.jumprelu import JumpReLUSAE
+from sae_darkmatter.saes.archs.relu import ReLUSAE
 from sae_darkmatter.saes.io import load_sae, load_sae_config, save_sae
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE, latent_rows
-from sae_darkmatter.saes.train import default_lr, sae_folder_name, train_grid, train_sae
+
+_TRAINING = ("default_lr", "sae_folder_name", "train_grid", "train_sae")
 
 
 @runtime_checkable
@@ -51,3 +59,11 @@ __all__ = [
     "train_grid",
     "train_sae",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TRAINING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("sae_darkmatter.saes.train"), name)
+    globals()[name] = value
+    return value

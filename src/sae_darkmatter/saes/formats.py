@@ -25,9 +25,9 @@ import torch
 from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import registry
+from sae_darkmatter.saes.archs import SAE_CLASSES
 from sae_darkmatter.saes.io import (
     CFG_FILENAME,
-    CLASSES,
     TRAINING_FILENAME,
     WEIGHTS_FILENAME,
     architecture_name,
@@ -190,8 +190,8 @@ def _build(
 ) -> AffineSAE:
     """Our SAE from tensors already in our names and layout (shapes checked by the caller)."""
     d_sae, d_in = state["W_dec"].shape
-    sae = (TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=apply_b_dec_to_input) if arch == "topk"
-           else CLASSES[arch](d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input))
+    sae = SAE_CLASSES[arch].for_config(d_in, d_sae, {"k": k},
+                                       apply_b_dec_to_input=apply_b_dec_to_input)
     try:
         sae.load_state_dict({n: t.to(torch.float32).contiguous() for n, t in state.items()})
     except RuntimeError as exc:

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_darkmatter._io import full_disk_errors
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
-from sae_darkmatter.saes.architectures import GatedSAE, JumpReLUSAE, ReLUSAE
-from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+from sae_darkmatter.saes.archs import SAE_CLASSES
+from sae_darkmatter.saes.topk import AffineSAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -37,19 +37,13 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
-# SAELens architecture name -> our class (isinstance order: no class here subclasses another)
-CLASSES: dict[str, type[AffineSAE]] = {
-    "topk": TopKSAE, "standard": ReLUSAE, "jumprelu": JumpReLUSAE, "gated": GatedSAE,
-}
-_EXTRA_KEYS = {"topk": (), "standard": (), "jumprelu": ("threshold",), "gated": ("r_mag", "b_mag")}
-_SAELENS_NAMES = {"gated": {"b_enc": "b_gate"}}  # our tensor name -> SAELens's, where they differ
 
 
 def sae_config(sae: AffineSAE, metadata: dict[str, Any]) -> dict[str, Any]:
     """The ``cfg.json`` dict SAELens 6 writes for ``sae``'s config class (same keys and order).
 
     ``TopKSAE`` -> ``"topk"``, ``ReLUSAE`` -> ``"standard"``, ``JumpReLUSAE`` -> ``"jumprelu"``,
-    ``GatedSAE`` -> ``"gated"``.
+    ``GatedSAE`` -> ``"gated"`` (each class's ``saelens_architecture``).
     """
     arch = architecture_name(sae)
     cfg: dict[str, Any] = {
@@ -67,17 +61,15 @@ def sae_config(sae: AffineSAE, metadata: dict[str, Any]) -> dict[str, Any]:
             **metadata,
         },
     }
-    if isinstance(sae, TopKSAE):
-        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    return cfg | {"architecture": arch}
+    return cfg | sae.config_fields() | {"architecture": arch}
 
 
 def architecture_name(sae: AffineSAE) -> str:
     """SAELens's architecture name for one of our SAE classes."""
-    for name, cls in CLASSES.items():
+    for name, cls in SAE_CLASSES.items():
         if isinstance(sae, cls):
             return name
-    supported = ", ".join(cls.__name__ for cls in CLASSES.values())
+    supported = ", ".join(cls.__name__ for cls in SAE_CLASSES.values())
     raise DarkMatterError(
         f"cannot save a {type(sae).__name__} as a SAELens folder (supported: {supported})"
     )
@@ -103,7 +95,7 @@ def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> N
     """
     path = Path(path)
     cfg = sae_config(sae, metadata)
-    names = _SAELENS_NAMES.get(cfg["architecture"], {})
+    names = type(sae).saelens_names
     tensors = {names.get(name, name): t.detach().cpu().contiguous()
                for name, t in sae.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +183,10 @@ def sae_from_saelens(
     """
     cfg = normalize_config(cfg)
     arch = cfg["architecture"]
-    if arch not in CLASSES:
+    if arch not in SAE_CLASSES:
         raise DarkMatterError(
-            f"{where}: SAE architecture {arch!r} is not supported; supported: {sorted(CLASSES)}"
+            f"{where}: SAE architecture {arch!r} is not supported; "
+            f"supported: {sorted(SAE_CLASSES)}"
         )
     unsupported = [
         f"{key}={cfg[key]!r}"
@@ -205,15 +198,11 @@ def sae_from_saelens(
         raise DarkMatterError(f"{where}: unsupported SAE setting(s): {', '.join(unsupported)}")
 
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    state = _check_weights(state, where, arch, d_in, d_sae)
+    cls = SAE_CLASSES[arch]
+    state = _check_weights(state, where, cls, d_in, d_sae)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
-    sae: AffineSAE
-    if arch == "topk":
-        sae = TopKSAE(d_in, d_sae, int(cfg["k"]), apply_b_dec_to_input=apply_b_dec)
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            _fold_decoder_norm(state)
-    else:
-        sae = CLASSES[arch](d_in, d_sae, apply_b_dec_to_input=apply_b_dec)
+    sae = cls.for_config(d_in, d_sae, cfg, apply_b_dec_to_input=apply_b_dec)
+    cls.adapt_saelens_state(cfg, state)
     if scale is not None:
         state["W_enc"] = state["W_enc"] * scale
         state["W_dec"] = state["W_dec"] / scale
@@ -324,20 +313,20 @@ def safetensors_dtype(path: str | Path, name: str) -> str | None:
 
 
 def _check_weights(
-    state: dict[str, torch.Tensor], where: str, arch: str, d_in: int, d_sae: int
+    state: dict[str, torch.Tensor], where: str, cls: type[AffineSAE], d_in: int, d_sae: int
 ) -> dict[str, torch.Tensor]:
     """SAELens tensors renamed to ours, as float32, checked against the config."""
     state = dict(state)
     ones = state.get("scaling_factor")
     if ones is not None and torch.equal(ones, torch.ones_like(ones)):
         del state["scaling_factor"]  # older SAELens saved a no-op factor; SAELens drops it too
-    ours = ("W_enc", "b_enc", "W_dec", "b_dec", *_EXTRA_KEYS[arch])
-    names = _SAELENS_NAMES.get(arch, {})
+    ours = ("W_enc", "b_enc", "W_dec", "b_dec", *cls.extra_tensors)
+    names = cls.saelens_names
     expected = {names.get(n, n) for n in ours}
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
         raise DarkMatterError(
-            f"{where}: tensors do not match architecture {arch!r}: "
+            f"{where}: tensors do not match architecture {cls.saelens_architecture!r}: "
             f"missing {missing}, unexpected {extra}"
         )
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
@@ -353,14 +342,3 @@ def _check_weights(
         out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
     return out
 
-
-def _fold_decoder_norm(state: dict[str, torch.Tensor]) -> None:
-    """Make decoder rows unit-norm without changing TopK outputs (SAELens's ``_fold_norm_topk``).
-
-    With ``rescale_acts_by_decoder_norm`` the pre-activations are multiplied by ``||W_dec_i||``
-    and the latents divided by it before decoding; folding gives the same map.
-    """
-    norms = state["W_dec"].norm(dim=1).clamp(min=1e-8)
-    state["b_enc"] = state["b_enc"] * norms
-    state["W_enc"] = state["W_enc"] * norms
-    state["W_dec"] = state["W_dec"] / norms[:, None]

@@ -5,9 +5,15 @@ Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [
 off and ``normalize_activations="none"``: ``pre = (x - b_dec) @ W_enc + b_enc``, keep the top
 ``k`` pre-activations, then ReLU on the kept values (SAELens's topk->ReLU order; sparsify uses
 ReLU->topk, which keeps the same set but can differ when fewer than k are positive).
+
+Each class also says how it is written to and read from a SAELens folder (``saes.io``): its
+``cfg.json`` architecture name, its tensors beyond the four shared ones and the config keys only
+it has.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,10 @@ class AffineSAE(nn.Module):
     ``apply_b_dec_to_input`` subtracts ``b_dec`` from the input before the encoder, as
     SAELens's option of the same name does (Gemma Scope SAEs turn it off).
     """
+
+    saelens_architecture: ClassVar[str]  # cfg.json "architecture"; unset: no SAELens form
+    extra_tensors: ClassVar[tuple[str, ...]] = ()  # [d_sae] tensors besides the shared four
+    saelens_names: ClassVar[dict[str, str]] = {}  # our tensor name -> SAELens's, where they differ
 
     def __init__(
         self,
@@ -90,9 +100,26 @@ class AffineSAE(nn.Module):
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}"
 
+    @classmethod
+    def for_config(
+        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, apply_b_dec_to_input: bool = True
+    ) -> AffineSAE:
+        """An SAE of this class for a SAELens config (the keys only this class reads)."""
+        return cls(d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input)
+
+    def config_fields(self) -> dict[str, Any]:
+        """The ``cfg.json`` keys only this class writes."""
+        return {}
+
+    @classmethod
+    def adapt_saelens_state(cls, cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Bring a SAELens state dict (our tensor names) to this class's conventions, in place."""
+
 
 class TopKSAE(AffineSAE):
     """A TopK SAE: exactly ``k`` latents are selected per token (ReLU may zero some of them)."""
+
+    saelens_architecture = "topk"
 
     def __init__(
         self,
@@ -145,3 +172,26 @@ class TopKSAE(AffineSAE):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
+
+    @classmethod
+    def for_config(
+        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, apply_b_dec_to_input: bool = True
+    ) -> AffineSAE:
+        return cls(d_in, d_sae, int(cfg["k"]), apply_b_dec_to_input=apply_b_dec_to_input)
+
+    def config_fields(self) -> dict[str, Any]:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def adapt_saelens_state(cls, cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Fold ``rescale_acts_by_decoder_norm`` into the weights (SAELens's ``_fold_norm_topk``).
+
+        With it the pre-activations are multiplied by ``||W_dec_i||`` and the latents divided by
+        it before decoding; unit-norm decoder rows with that norm folded into the encoder give
+        the same map.
+        """
+        if cfg.get("rescale_acts_by_decoder_norm", False):
+            norms = state["W_dec"].norm(dim=1).clamp(min=1e-8)
+            state["b_enc"] = state["b_enc"] * norms
+            state["W_enc"] = state["W_enc"] * norms
+            state["W_dec"] = state["W_dec"] / norms[:, None]

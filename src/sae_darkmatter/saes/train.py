@@ -1,10 +1,10 @@
 """Train SAEs on in-memory activations: one pass over the data for a whole grid, resumable.
 
 ``train_grid`` trains one SAE per (width, sparsity value) of ``cfg`` (architecture
-``cfg.architecture``; recipes in ``train_archs``) on the same stream of batches: each batch is
+``cfg.architecture``; recipes in ``saes.archs``) on the same stream of batches: each batch is
 gathered and scaled once, then every SAE takes its own Adam step on it. Every SAE has its own
 folder (SAELens ``cfg.json`` + ``sae_weights.safetensors``, ``training.json``, and
-``checkpoint.pt`` while unfinished).
+``checkpoint.pt`` while unfinished: ``train_state``).
 
 Shared recipe: inputs scaled by ``s = sqrt(d_in) / mean||x||`` during training, folded into the
 saved weights (the saved SAE takes raw activations, SAELens ``normalize_activations="none"``);
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +33,29 @@ from rich.progress import (
 )
 
 from sae_darkmatter import distributed
-from sae_darkmatter._io import atomic_path, read_json, require_folder, resolve_device, write_json
+from sae_darkmatter._io import require_folder, resolve_device, write_json
 from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.linalg import R2Accumulator
-from sae_darkmatter.saes.io import (
-    CFG_FILENAME,
-    TRAINING_FILENAME,
-    WEIGHTS_FILENAME,
-    load_sae,
-    save_sae,
-)
+from sae_darkmatter.saes.archs import ARCHITECTURES
+from sae_darkmatter.saes.archs.base import total_variance
+from sae_darkmatter.saes.io import TRAINING_FILENAME, load_sae, save_sae
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
-from sae_darkmatter.saes.train_archs import TRAINERS, TrainingSAE, total_variance
 from sae_darkmatter.saes.train_data import BatchStream, column_mean, data_summary
+from sae_darkmatter.saes.train_state import (
+    Member,
+    is_finished,
+    maybe_resume,
+    remove_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
-# part of the cache fingerprint: bump an entry when that architecture's training math changes
-ALGORITHMS = {"topk": "topk-auxk-v1", "batchtopk": "batchtopk-auxk-v1",
-              "relu": "relu-l1-april2024-v1", "jumprelu": "jumprelu-l0-v1"}
 DECAY_FRACTION = 0.2
 MAX_DEAD_AFTER_TOKENS = 1_000_000
 EVAL_ROWS = 16_384  # training rows scored with the final (folded) SAE for training.json
 CURVE_POINTS = 64  # about this many training-curve entries per SAE
-_BASE_LR = {"topk": 1.6e-3, "batchtopk": 1.6e-3, "relu": 3.2e-3, "jumprelu": 1.6e-3}
 
 
 def default_lr(width: int, architecture: str = "topk") -> float:
@@ -72,7 +67,7 @@ def default_lr(width: int, architecture: str = "topk") -> float:
     tokens, relu's L0/FVU frontier was best at 16x (L0 36: FVU 0.228 vs 0.25-0.28 at 4-8x);
     jumprelu at 16x left 55 % of latents dead (8x: < 4 %).
     """
-    return _BASE_LR[architecture] / math.sqrt(width / 2**14)
+    return ARCHITECTURES[architecture].base_lr / math.sqrt(width / 2**14)
 
 
 def dead_after_tokens(cfg: SAETrainConfig) -> int:
@@ -82,10 +77,10 @@ def dead_after_tokens(cfg: SAETrainConfig) -> int:
 
 def sae_folder_name(architecture: str, width: int, sparsity: float) -> str:
     """Stable, filesystem-safe folder name: ``topk-w512-k32``, ``relu-w512-l1_3e-02``."""
-    if architecture in ("topk", "batchtopk"):
-        return f"{architecture}-w{width}-k{sparsity:g}"
+    tag = ARCHITECTURES[architecture].folder_tag
+    if ARCHITECTURES[architecture].counts_latents:
+        return f"{architecture}-w{width}-{tag}{sparsity:g}"
     mantissa, exponent = f"{float(sparsity):.6e}".split("e")
-    tag = "l1" if architecture == "relu" else "l0"
     return f"{architecture}-w{width}-{tag}_{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
@@ -108,8 +103,9 @@ def train_sae(
     """
     if (k is None) == (sparsity is None):
         raise DarkMatterError("train_sae needs exactly one of k= and sparsity=")
-    if k is not None and cfg.architecture not in ("topk", "batchtopk"):
-        raise DarkMatterError(f"k= is for topk/batchtopk; pass sparsity= for {cfg.architecture}")
+    if k is not None and not ARCHITECTURES[cfg.architecture].counts_latents:
+        with_k = "/".join(a.name for a in ARCHITECTURES.values() if a.counts_latents)
+        raise DarkMatterError(f"k= is for {with_k}; pass sparsity= for {cfg.architecture}")
     value = k if k is not None else sparsity
     assert value is not None
     with distributed.main_first():  # under torchrun rank 0 trains; the others load its result
@@ -145,22 +141,6 @@ def train_grid(
     return [p for p, _, _ in specs]
 
 
-@dataclass
-class _Member:
-    """One SAE of a grid being trained and everything its checkpoint holds."""
-
-    out_dir: Path
-    key: str
-    lr: float
-    sae: TrainingSAE
-    opt: torch.optim.Optimizer
-    since_fired: torch.Tensor
-    step: int = 0
-    seconds: float = 0.0
-    curve: list[dict[str, float]] = field(default_factory=list)
-    last_fvu: float = math.nan
-
-
 def _train(
     specs: list[tuple[Path, int, float]],
     x: torch.Tensor,
@@ -174,22 +154,21 @@ def _train(
     device = resolve_device(cfg.device)
     scale = math.sqrt(x.shape[1]) / data["mean_norm"]
     b_dec = column_mean(x) * scale
-    members: list[_Member | None] = []
+    arch = ARCHITECTURES[cfg.architecture]
+    members: list[Member | None] = []
     for out_dir, width, value in specs:
         lr = cfg.lr if cfg.lr is not None else default_lr(width, cfg.architecture)
         key = _fingerprint(cfg, width, value, lr, data)
-        if _is_finished(out_dir, key):
+        if is_finished(out_dir, key):
             log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
-            _remove_checkpoint(
-                out_dir
-            )  # left when a kill came between training.json and its removal
+            remove_checkpoint(out_dir)  # left when a kill came between training.json and removal
             members.append(None)
             continue
-        sae = TRAINERS[cfg.architecture](x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
+        sae = arch.trainer(x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
         sae.to(device)
-        member = _Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
-                         torch.zeros(width, dtype=torch.int64))
-        _maybe_resume(member)
+        member = Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
+                        torch.zeros(width, dtype=torch.int64))
+        maybe_resume(member)
         member.since_fired = member.since_fired.to(device)
         members.append(member)
     todo = [m for m in members if m is not None]
@@ -202,12 +181,13 @@ def _train(
 def _fingerprint(cfg: SAETrainConfig, width: int, value: float, lr: float,
                  data: dict[str, Any]) -> str:
     """Cache key of one SAE (for topk the same as before other architectures existed)."""
-    sparsity = float(value) if cfg.architecture in ("relu", "jumprelu") else int(value)
-    return fingerprint(ALGORITHMS[cfg.architecture], width, sparsity, cfg.train_tokens,
+    arch = ARCHITECTURES[cfg.architecture]
+    sparsity = int(value) if arch.counts_latents else float(value)
+    return fingerprint(arch.algorithm, width, sparsity, cfg.train_tokens,
                        cfg.batch_size, lr, cfg.seed, data)
 
 
-def _fit(x: torch.Tensor, members: list[_Member], cfg: SAETrainConfig, scale: float,
+def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: float,
          progress: bool) -> None:
     """Run every member from its own step to the end on the shared stream of batches."""
     n_steps = math.ceil(cfg.train_tokens / cfg.batch_size)
@@ -237,13 +217,13 @@ def _fit(x: torch.Tensor, members: list[_Member], cfg: SAETrainConfig, scale: fl
                     m.curve.append({"tokens": m.step * cfg.batch_size, "fvu": fvu, "l0": l0,
                                     "dead_fraction": _dead_fraction(m, dead_after)})
                 if m.step % cfg.checkpoint_every == 0 and m.step < n_steps:
-                    _save_checkpoint(m)
+                    save_checkpoint(m)
             bar.update(task, completed=(step + 1) * cfg.batch_size,
                        fvu=sum(m.last_fvu for m in members) / len(members),
                        tps=(step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
 
 
-def _train_step(m: _Member, xb: torch.Tensor, total_var: torch.Tensor, lr_factor: float,
+def _train_step(m: Member, xb: torch.Tensor, total_var: torch.Tensor, lr_factor: float,
                 progress: float, dead_after: int) -> tuple[float, float]:
     """One Adam step of one SAE; updates its dead-latent counters; batch FVU and L0."""
     for group in m.opt.param_groups:
@@ -263,11 +243,11 @@ def _train_step(m: _Member, xb: torch.Tensor, total_var: torch.Tensor, lr_factor
     return fvu, int(fw.active().sum()) / xb.shape[0]
 
 
-def _dead_fraction(m: _Member, dead_after: int) -> float:
+def _dead_fraction(m: Member, dead_after: int) -> float:
     return float((m.since_fired >= dead_after).float().mean())
 
 
-def _finish(m: _Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
+def _finish(m: Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
             data: dict[str, Any], device: torch.device, metadata: dict[str, Any] | None
             ) -> AffineSAE:
     """Save the inference SAE and training.json; remove the checkpoint."""
@@ -277,14 +257,15 @@ def _finish(m: _Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
     dead_after = dead_after_tokens(cfg)
     n_dead = int((m.since_fired >= dead_after).sum())
     tokens = m.step * cfg.batch_size
+    arch = ARCHITECTURES[cfg.architecture]
     write_json(m.out_dir / TRAINING_FILENAME, {
         "fingerprint": m.key,
-        "algorithm": ALGORITHMS[cfg.architecture],
+        "algorithm": arch.algorithm,
         "architecture": cfg.architecture,
         "config": to_dict(cfg),
         "width": m.sae.width,
-        **({"k": int(m.sae.sparsity)} if m.sae.sparsity_name == "k" else {}),
-        "sparsity": {"name": m.sae.sparsity_name, "value": m.sae.sparsity},
+        **({"k": int(m.sae.sparsity)} if arch.counts_latents else {}),
+        "sparsity": {"name": arch.sparsity_name, "value": m.sae.sparsity},
         "lr": m.lr,
         "steps": m.step,
         "tokens_seen": tokens,
@@ -304,7 +285,7 @@ def _finish(m: _Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
         **m.sae.summary(),
         "curve": m.curve,
     })
-    _remove_checkpoint(m.out_dir)
+    remove_checkpoint(m.out_dir)
     return sae
 
 
@@ -319,7 +300,7 @@ def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int,
     for _, width, value in specs:
         if width < 1:
             raise DarkMatterError(f"SAE width must be >= 1, got {width}")
-        if cfg.architecture in ("topk", "batchtopk") and not (
+        if ARCHITECTURES[cfg.architecture].counts_latents and not (
                 value == int(value) and 0 < value < width):
             raise DarkMatterError(f"SAE width ({width}) must exceed k ({value}) and k must be "
                                   f"an integer >= 1")
@@ -343,64 +324,6 @@ def _score(sae: AffineSAE, x: torch.Tensor) -> tuple[float, float, float]:
         acc.update(chunk, x_hat)
         active += int((values > 0).sum())
     return acc.fvu(), float(acc.sse_dim.sum()) / xs.numel(), active / xs.shape[0]
-
-
-def _is_finished(out_dir: Path, key: str) -> bool:
-    info = out_dir / TRAINING_FILENAME
-    needed = (info, out_dir / CFG_FILENAME, out_dir / WEIGHTS_FILENAME)
-    return all(p.is_file() for p in needed) and read_json(info).get("fingerprint") == key
-
-
-def _save_checkpoint(m: _Member) -> None:
-    """Atomically write everything a bit-identical resume needs (tensors and plain data only)."""
-    blob = {
-        "fingerprint": m.key,
-        "step": m.step,
-        "seconds": m.seconds,
-        "model": {k: v.detach().cpu() for k, v in m.sae.state_dict().items()},
-        "optimizer": m.opt.state_dict(),
-        "since_fired": m.since_fired.cpu(),
-        "curve": m.curve,
-    }
-    with atomic_path(m.out_dir / CHECKPOINT_FILENAME) as tmp:
-        torch.save(blob, tmp)
-
-
-def _remove_checkpoint_temps(out_dir: Path) -> None:
-    """Delete the temp files that a kill during a checkpoint save left."""
-    for stale in out_dir.glob(f".{CHECKPOINT_FILENAME}.*.tmp"):
-        stale.unlink()
-
-
-def _remove_checkpoint(out_dir: Path) -> None:
-    """Delete a finished SAE's checkpoint (and any temp file of one)."""
-    _remove_checkpoint_temps(out_dir)
-    (out_dir / CHECKPOINT_FILENAME).unlink(missing_ok=True)
-
-
-def _maybe_resume(m: _Member) -> None:
-    """Load model, optimizer and counters from a checkpoint of the same run, if there is one."""
-    path = m.out_dir / CHECKPOINT_FILENAME
-    _remove_checkpoint_temps(m.out_dir)
-    if not path.is_file():
-        return
-    try:  # weights_only: a checkpoint holding other pickled objects is refused, never run
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        log.warning("ignoring unreadable checkpoint %s (%s); training this SAE from the start",
-                    path, str(exc).splitlines()[0][:200])
-        return
-    if not isinstance(blob, dict) or blob.get("fingerprint") != m.key:
-        log.warning("ignoring %s: it belongs to a different config or data", path)
-        return
-    if set(blob["model"]) != set(m.sae.state_dict()):
-        log.warning("ignoring %s: written by an older version of the trainer", path)
-        return
-    m.sae.load_state_dict(blob["model"])
-    m.opt.load_state_dict(blob["optimizer"])
-    m.step, m.seconds, m.since_fired = blob["step"], blob["seconds"], blob["since_fired"]
-    m.curve = blob.get("curve", [])
-    log.info("resuming SAE training from step %d (%s)", m.step, path)
 
 
 def _progress_bar(enabled: bool) -> Progress:
