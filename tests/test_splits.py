@@ -7,7 +7,7 @@ import pytest
 
 from sae_darkmatter.config import SplitConfig, TokenFilter
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.splits import make_splits, select_rows
+from sae_darkmatter.splits import kept_window, make_splits, rule_mask, select_rows
 from sae_darkmatter.store import ActivationStore
 
 
@@ -39,6 +39,20 @@ def test_filter_counts_and_rows(store):
     assert sel.n_excluded_special == 15  # position 3 of each of 15 contexts
     assert sel.summary()["tokens_kept"] == 15 * 5
 
+
+
+def test_rules_of_a_batch_equal_those_of_the_store(store):
+    """The stream applies ``rule_mask`` to a [B, T] batch of ids; the store to its columns."""
+    filt = TokenFilter(skip_positions=2, stop_position=7)
+    sel = select_rows(store, filt, special_ids=[0, 2])
+    ids = store.column("tokens").reshape(-1, store.context_length)
+    b, t = ids.shape
+    keep, n_position, n_special = rule_mask(np.tile(np.arange(t), b), ids.ravel, t, filt, [0, 2])
+    np.testing.assert_array_equal(np.flatnonzero(keep), sel.rows)
+    assert (n_position, n_special) == (sel.n_excluded_position, sel.n_excluded_special) == (45, 15)
+    assert sel.positions == kept_window(filt, t) == (2, 7)
+    unused = rule_mask(np.arange(t), lambda: pytest.fail("tokens read"), t, filt, [])
+    assert unused[2] == 0  # no special ids: the tokens are not read
 
 def test_splits_disjoint_cover_and_context_level(store):
     sp = make_splits(store, SplitConfig(filter=TokenFilter(skip_positions=1), seed=3))
