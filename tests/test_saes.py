@@ -305,3 +305,18 @@ def test_forward_splits_rows_by_width_with_the_same_reconstruction(arch, monkeyp
         blocked = sae(x)
     assert blocked.shape == x.shape
     torch.testing.assert_close(blocked.reshape(-1, 48), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_loading_saes_does_not_import_the_trainer():
+    """``from sae_darkmatter.saes import SAE`` stays light; training names come on first use."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from sae_darkmatter.saes import SAE, load_sae; "
+            "assert 'sae_darkmatter.saes.train' not in sys.modules; "
+            "from sae_darkmatter.saes import train_sae; "
+            "assert 'sae_darkmatter.saes.train' in sys.modules")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -17,7 +17,7 @@ import torch
 
 from sae_darkmatter.config import SAETrainConfig, from_dict
 from sae_darkmatter.errors import ConfigError, DarkMatterError, ShapeMismatchError
-from sae_darkmatter.saes import JumpReLUSAE, ReLUSAE, load_sae, train_sae
+from sae_darkmatter.saes import JumpReLUSAE, ReLUSAE, load_sae, save_sae, train_sae
 from sae_darkmatter.saes.archs import ARCHITECTURES
 from sae_darkmatter.saes.archs.base import total_variance
 from sae_darkmatter.saes.archs.topk import AUXK_COEF
@@ -368,6 +368,21 @@ def test_killed_grid_resumes_bit_identically(tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------- names and errors
+
+
+def test_registry_matches_the_config_and_exports_its_classes(tmp_path):
+    """Every trainable name has one record; its trainer exports the record's inference class,
+    which saves under its SAELens name and loads back as itself."""
+    assert tuple(ARCHITECTURES) == SAETrainConfig.ARCHITECTURES
+    for name, arch in ARCHITECTURES.items():
+        assert SAETrainConfig(architecture=name).sparsity_field() == arch.sparsity_field
+        sae = _trainer(name, sparsity=5).export(2.0)
+        assert type(sae) is arch.sae_class
+        save_sae(sae, tmp_path / name, metadata={})
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        assert cfg["architecture"] == arch.sae_class.saelens_architecture
+        assert type(load_sae(tmp_path / name)) is arch.sae_class
+
 
 
 def test_sae_folder_names_are_stable_and_distinct():
