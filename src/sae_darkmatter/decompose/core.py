@@ -63,7 +63,7 @@ def split_probes(
 class SAEErrors:
     """Reconstructions ``x̂``, errors ``e = x − x̂`` and L0 of several SAEs of one hook.
 
-    Each SAE runs in the dtype ``check_sae`` returned for it (``dtypes``), on ``device``; NaN or
+    Each SAE runs in the dtype ``check_width`` returned for it (``dtypes``), on ``device``; NaN or
     inf in a reconstruction raise ``NonFiniteError`` naming the tokens (``locate``).
     """
 
