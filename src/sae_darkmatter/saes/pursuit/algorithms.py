@@ -1,25 +1,7 @@
-"""Sparse re-encoding over a fixed SAE decoder: gradient pursuit, matching pursuit and OMP.
+"""The batched pursuits (``pursue``): per-token sparse codes over a fixed decoder.
 
-How much of an SAE's error is its encoder's fault? The paper (§6, ``encoder_pursuit.py``)
-re-encodes every token with a sparse-approximation algorithm over the SAE's decoder at the SAE's
-own per-token L0 and decomposes that reconstruction's error like the SAE's. Here every algorithm
-adds one new atom per step (the unused decoder row best correlated with the residual, correlation
-divided by the row norm; with ``nonnegative`` only positive correlations qualify), so after
-``l0`` steps a token has at most ``l0`` active latents:
-
-- ``"mp"``  matching pursuit: the new atom gets its projection coefficient; older ones stay.
-- ``"gp"``  gradient pursuit (Blumensath & Davies 2008): one exact line-search step along the
-  gradient restricted to the support. With ``nonnegative`` the direction is projected (a zero
-  coefficient with a negative gradient is held) and the step stops where a coefficient reaches
-  zero, so the residual never grows (the paper's code clamps after the step, which can).
-- ``"omp"`` orthogonal matching pursuit: exact least squares on the support (batched incremental
-  Cholesky factor of the support's Gram matrix); signed coefficients only.
-
-Selection needs the dense correlations ``residual @ W_decᵀ`` ([b, d_sae]) each step; coefficient
-updates, step sizes and reconstructions use only the support (gathered rows, ``embedding_bag``).
-Tokens are sorted by their L0 so finished tokens drop out of later steps. A step with nothing to
-add (no qualifying atom, zero gradient, an atom dependent on the support) leaves the token as it
-is: no division by zero, no NaN. Everything is deterministic.
+See the package docstring for the algorithms; everything here is deterministic and works on
+``BATCH_ROWS`` tokens (fewer for wide dictionaries) at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes.topk import latent_rows
@@ -283,113 +265,3 @@ class _OMPState:
     def solve(self, t: int, m: int) -> Tensor:
         """Least-squares coefficients on slots ``0..t``: ``(L Lᵀ) a = D_S s``."""
         return torch.cholesky_solve(self.rhs[:m, : t + 1], self.chol[:m, : t + 1, : t + 1])[:, :, 0]
-
-
-@torch.no_grad()
-def gradient_pursuit_dense(
-    x: Tensor, W_dec: Tensor, b_dec: Tensor | None, l0: int | Tensor, *, nonnegative: bool = True
-) -> Tensor:
-    """Reference: ``gradient_pursuit`` done the straightforward way, with dense ``[n, d_sae]``
-    weights, support mask and products every step (as the paper's code). Dense codes out."""
-    W = _working(W_dec)
-    s = _signal(x, W, b_dec)
-    n, d_sae = s.shape[0], W.shape[0]
-    target = _targets(l0, n, d_sae, s.device)
-    norms, unit = _atoms(W)
-    floor = _floor(s)
-    w = s.new_zeros(n, d_sae)
-    support = torch.zeros(n, d_sae, dtype=torch.bool, device=s.device)
-    for t in range(int(target.max()) if n else 0):
-        active = target > t
-        r = s - w @ W
-        score = r @ unit.T
-        g = score * norms
-        cand = (score if nonnegative else score.abs()).masked_fill(support, float("-inf"))
-        best, j = cand.max(dim=1)
-        add = active & (best > floor)
-        support.scatter_(1, j[:, None], support.gather(1, j[:, None]) | add[:, None])
-        keep = support & ((w > 0) | (g > 0)) if nonnegative else support
-        direction = torch.where(keep, g, 0)
-        c = direction @ W
-        cc, cr = (c * c).sum(dim=1), (c * r).sum(dim=1)
-        alpha = torch.where(cc > 0, cr / torch.where(cc > 0, cc, torch.ones_like(cc)), 0).clamp_min(
-            0
-        )
-        if nonnegative:
-            shrink = direction < 0
-            ratio = torch.where(shrink, w / torch.where(shrink, -direction, torch.ones_like(w)),
-                                float("inf"))
-            alpha = torch.minimum(alpha, ratio.min(dim=1).values)
-            new = (w + alpha[:, None] * direction).clamp_min(0)
-            new = torch.where(shrink & (ratio <= alpha[:, None]), 0, new)
-        else:
-            new = w + alpha[:, None] * direction
-        w = torch.where(active[:, None], new, w)
-    return w
-
-
-class PursuitSAE(nn.Module):
-    """Any SAE's decoder (``W_dec [d_sae, d_in]``, ``b_dec``) with a pursuit encoder.
-
-    Implements the SAE protocol, so ``decompose_many(store, {"gp": PursuitSAE(sae)}, splits)``
-    decomposes the pursuit reconstruction's error. ``l0="match"``: each token gets the wrapped
-    SAE's own L0 on it (its nonzero latents); an int fixes it. ``nonnegative`` defaults to True
-    for gp/mp (SAE latents are nonnegative) and must be False for omp.
-    """
-
-    def __init__(
-        self,
-        sae: nn.Module,
-        *,
-        method: Method = "gp",
-        l0: int | Literal["match"] = "match",
-        nonnegative: bool | None = None,
-        batch_size: int = BATCH_ROWS,
-    ) -> None:
-        super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if l0 != "match" and (not isinstance(l0, int) or l0 < 0):
-            raise ValueError(f"l0 must be 'match' or a nonnegative int, got {l0!r}")
-        self.nonnegative = method != "omp" if nonnegative is None else nonnegative
-        if method == "omp" and self.nonnegative:
-            raise ValueError("orthogonal matching pursuit supports nonnegative=False only")
-        self.sae, self.method, self.l0, self.batch_size = sae, method, l0, batch_size
-
-    @property
-    def d_in(self) -> int:
-        return self.sae.W_dec.shape[1]
-
-    @property
-    def d_sae(self) -> int:
-        return self.sae.W_dec.shape[0]
-
-    def _b_dec(self) -> Tensor | None:
-        return getattr(self.sae, "b_dec", None)
-
-    def target_l0(self, x: Tensor) -> Tensor:
-        """Atoms per token: the wrapped SAE's L0 on each token, or the fixed ``l0``."""
-        if self.l0 == "match":
-            with torch.no_grad():
-                return (self.sae.encode(x) != 0).sum(dim=1)
-        return torch.full((x.shape[0],), self.l0, dtype=torch.int64, device=x.device)
-
-    def encode_sparse(self, x: Tensor) -> SparseCode:
-        return pursue(x, self.sae.W_dec, self._b_dec(), self.target_l0(x), method=self.method,
-                      nonnegative=self.nonnegative, batch_size=self.batch_size)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense pursuit latents ``[n, d_sae]``."""
-        return self.encode_sparse(x).to_dense(self.d_sae)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """``z @ W_dec + b_dec`` (the objective the pursuit minimises)."""
-        out = z.to(self.sae.W_dec.dtype) @ self.sae.W_dec
-        b = self._b_dec()
-        return out if b is None else out + b
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.encode_sparse(x).decode(self.sae.W_dec, self._b_dec())
-
-    def extra_repr(self) -> str:
-        return f"method={self.method}, l0={self.l0}, nonnegative={self.nonnegative}"
