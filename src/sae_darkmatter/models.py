@@ -325,6 +325,19 @@ def default_hook_for(cfg: ModelConfig) -> str:
     return f"resid_post.{int(load_config(cfg).num_hidden_layers) // 2}"
 
 
+def default_sources(target: str) -> tuple[str, ...]:
+    """The paper's sources for ``resid_post.L``: ``resid_post.{L-1}``, ``attn_out.L``, ``mlp_out.L``.
+
+    Other targets (and layer 0, which has no earlier residual) get none.
+    """
+    kind, _, layer = target.rpartition(".")
+    if kind != "resid_post" or not layer.isdigit() or int(layer) == 0:
+        return ()
+    n = int(layer)
+    return (f"resid_post.{n - 1}", f"attn_out.{n}", f"mlp_out.{n}")
+
+
+
 def max_positions(config: transformers.PretrainedConfig) -> int | None:
     """The most positions a model's (text) config allows, or None when it states none."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -1,16 +1,6 @@
 """The whole pipeline, harvest -> train -> decompose -> analyses -> report, with caching.
 
-A run folder holds every stage's output::
-
-    out/run_config.json             the resolved RunConfig (hooks, model) the run used
-    out/store/                      activation store (safetensors shards + manifest)
-    out/saes/topk-w{W}-k{k}/        SAELens-format SAE folders (+ training.json)
-    out/saes/{hook}/topk-w{W}-k{k}/ one SAE per other hook, for cross-layer prediction
-    out/decompose/{sae}.json        held-out metrics of each SAE (+ {sae}.safetensors probes)
-    out/analyses.json               encoder error, scaling law, per-token scaling, norm
-                                    baselines, cross-layer prediction, error SAEs, downstream
-    out/error_saes/, out/downstream/ SAEs trained on the error parts; per-token splice values
-    out/metrics.json, out/report.html, out/figures/*.png
+The run folder's layout is in ``layout``; ``RunDir`` opens it.
 
 Each stage is skipped when its output exists and was made from the same inputs and settings;
 interrupted stages resume. Every output is written to a temp file and renamed into place, so a
@@ -24,26 +14,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sae_darkmatter import distributed
-from sae_darkmatter._io import read_json, require_folder, try_lock, write_json
+from sae_darkmatter import distributed, layout
+from sae_darkmatter._io import read_json, require_folder, write_json
 from sae_darkmatter.adopt import adopt_sae_metadata, warn_store_differences
 from sae_darkmatter.analyses import run_analyses
-from sae_darkmatter.analyses.cross_layer import default_sources
 from sae_darkmatter.config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
 from sae_darkmatter.decompose import decompose_many, require_finite
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.harvest import harvest, harvest_summary
-from sae_darkmatter.models import default_hook_for, load_tokenizer
+from sae_darkmatter.models import default_hook_for, default_sources
 from sae_darkmatter.report import write_report
+from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes.formats import LoadedSAE, open_sae
 from sae_darkmatter.saes.io import weights_digest
 from sae_darkmatter.saes.registry import REGISTRY_PREFIX
@@ -54,9 +42,8 @@ from sae_darkmatter.store import ActivationStore
 log = logging.getLogger(__name__)
 
 
-RUN_CONFIG_FILE = "run_config.json"
-RUN_LOCK_FILE = ".run.lock"
-STORE_DIR = "store"
+RUN_CONFIG_FILE = layout.RUN_CONFIG
+RUN_LOCK_FILE = layout.RUN_LOCK
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
 
 
@@ -192,46 +179,14 @@ def decompose_saes(
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.run.lock`` (an OS lock, dropped by the kernel even after SIGKILL) while running.
-
-    Two runs in one folder would race on every stage output (and the temp-file sweep of one would
-    delete the other's files in flight); the second one gets a clear error instead.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(
-        out / RUN_LOCK_FILE,
-        f"another process is running the pipeline in {out} (it "
-        f"holds {out / RUN_LOCK_FILE}); wait for it to finish or use another --out folder",
-    )
-    try:
+    """Hold the run folder's lock meanwhile (``RunDir.lock``)."""
+    with RunDir(out).lock():
         yield
-    finally:
-        lock.release()
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete the temp files and folders (``.<name>.*.tmp``) that a killed run left in ``out``.
-
-    Every stage writes through a temp sibling renamed into place, so such leftovers are never
-    results. The store is skipped: it cleans its own under its writer lock.
-    """
-    removed = []
-    for root, dirs, files in os.walk(out):
-        here = Path(root)
-        if here == out and STORE_DIR in dirs:
-            dirs.remove(STORE_DIR)
-        for name in [*files, *dirs]:
-            if name.startswith(".") and name.endswith(".tmp"):
-                path = here / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(path)
-        dirs[:] = [d for d in dirs if here / d not in removed]
-    for path in removed:
-        log.warning("removed %s, left by an interrupted write", path)
-    return removed
+    """Delete the temp files a killed run left in ``out`` (``RunDir.remove_stale_temps``)."""
+    return RunDir(out).remove_stale_temps()
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -245,16 +200,16 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, 
     the other ranks return ``{}``.
     """
     distributed.check_initialized()
-    out = Path(out)
-    require_folder(out, "the run")
-    with run_lock(out) if distributed.is_main() else nullcontext():
+    require_folder(Path(out), "the run")
+    run_dir = RunDir(out)
+    with run_dir.lock() if distributed.is_main() else nullcontext():
         if distributed.is_main():
-            remove_stale_temps(out)
+            run_dir.remove_stale_temps()
         distributed.barrier()
-        return _run_stages(cfg, out, progress)
+        return _run_stages(cfg, run_dir, progress)
 
 
-def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
+def _run_stages(cfg: RunConfig, run_dir: RunDir, progress: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     if cfg.saes:  # pretrained SAEs: no training split, model and hook from their metadata
@@ -265,50 +220,45 @@ def _run_stages(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
         cfg, harvest=dataclasses.replace(cfg.harvest, hooks=cross_layer_hooks(cfg))
     )
     if distributed.is_main():
-        write_json(out / RUN_CONFIG_FILE, to_dict(cfg))  # what `darkmatter analyze` reruns with
+        write_json(run_dir.config_path, to_dict(cfg))  # what `darkmatter analyze` reruns with
 
     t = time.perf_counter()
-    store = harvest(cfg.harvest, out / STORE_DIR, progress=progress)
+    store = harvest(cfg.harvest, run_dir.store_path, progress=progress)
     timings["harvest"] = time.perf_counter() - t
 
     splits = make_splits(store, cfg.split)
     t = time.perf_counter()
     saes: list[str | Path] = list(cfg.saes) or list(
-        train_saes(store, splits, cfg.train, out / "saes", progress=progress))
+        train_saes(store, splits, cfg.train, run_dir.saes_path, progress=progress))
     if not cfg.saes and len(store.hooks) > 1:
-        _train_source_saes(store, splits, cfg.train, out / "saes", progress)
+        _train_source_saes(store, splits, cfg.train, run_dir.saes_path, progress)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decompose_saes(store, splits, saes, cfg.decompose, out / "decompose", progress=progress,
-                   check_training=False)
+    decompose_saes(store, splits, saes, cfg.decompose, run_dir.decompose_path,
+                   progress=progress, check_training=False)
     timings["decompose"] = time.perf_counter() - t
     if not distributed.is_main():
         return {}
     with distributed.local():
-        return _finish_run(cfg, out, progress, timings)
+        return _finish_run(cfg, run_dir, progress, timings)
 
 
 def _finish_run(
-    cfg: RunConfig, out: Path, progress: bool, timings: dict[str, float]
+    cfg: RunConfig, run_dir: RunDir, progress: bool, timings: dict[str, float]
 ) -> dict[str, Any]:
     """The analyses, the report and ``metrics.json`` (one process)."""
     t = time.perf_counter()
-    try:
-        tokenizer = load_tokenizer(cfg.harvest.model)
-    except DarkMatterError as err:
-        log.warning("token texts unavailable (%s); showing token ids", err)
-        tokenizer = None
-    run_analyses(out, cfg=cfg, tokenizer=tokenizer, progress=progress)
+    run_analyses(run_dir, cfg=cfg, progress=progress)
     timings["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    write_report(out / "decompose", out)
+    write_report(run_dir)
     timings["report"] = time.perf_counter() - t
 
-    metrics = read_json(out / "metrics.json")
+    metrics = read_json(run_dir.metrics_path)
     metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     metrics["config"] = dataclasses.asdict(cfg)
-    write_json(out / "metrics.json", metrics)
+    write_json(run_dir.metrics_path, metrics)
     return metrics
 

@@ -26,28 +26,19 @@ import torch
 from rich.progress import Progress
 
 from sae_darkmatter._io import read_json, resolve_device
-from sae_darkmatter.config import CrossLayerConfig, SplitConfig
+from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.config import CrossLayerConfig, RunConfig, SplitConfig
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.markup import esc, figures_html
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes import SAE
-from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
 
 FIGURE = "figures/cross_layer.png"
 TARGETS = ("error", "linear", "nonlinear")  # e, ê, e − ê
-
-
-def default_sources(target: str) -> tuple[str, ...]:
-    """The paper's sources for ``resid_post.L``: ``resid_post.{L-1}``, ``attn_out.L``, ``mlp_out.L``.
-
-    Other targets (and layer 0, which has no earlier residual) get none.
-    """
-    kind, _, layer = target.rpartition(".")
-    if kind != "resid_post" or not layer.isdigit() or int(layer) == 0:
-        return ()
-    n = int(layer)
-    return (f"resid_post.{n - 1}", f"attn_out.{n}", f"mlp_out.{n}")
 
 
 def default_predictors(target: str, sources: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -309,7 +300,7 @@ def find_hook_saes(saes_dir: str | Path, hooks: Sequence[str], target: str) -> d
 
 
 def cross_layer_analysis(
-    run_dir: str | Path,
+    run_dir: RunDir | str | Path,
     *,
     target: str | None = None,
     sae_dirs: Mapping[str, str | Path] | None = None,
@@ -326,8 +317,8 @@ def cross_layer_analysis(
     """
     from sae_darkmatter.saes import load_sae
 
-    run_dir = Path(run_dir)
-    store = ActivationStore.open(run_dir / "store")
+    run = RunDir.of(run_dir)
+    store = run.store
     if len(store.hooks) < 2:
         raise DarkMatterError(
             f"the store has one hook ({list(store.hooks)}); harvest several hooks "
@@ -335,18 +326,53 @@ def cross_layer_analysis(
         )
     target = target or next(iter(store.hooks))
     dirs = ({h: Path(p) for h, p in sae_dirs.items()} if sae_dirs is not None
-            else find_hook_saes(run_dir / "saes", list(store.hooks), target))
+            else find_hook_saes(run.saes_path, list(store.hooks), target))
     if len(dirs) < 2:
         raise DarkMatterError(
             f"cross-layer prediction needs SAEs on at least 2 hooks, found {sorted(dirs)}"
         )
     saes = {h: load_sae(p) for h, p in dirs.items()}
-    splits = make_splits(store, split or SplitConfig(), hook=target)
+    splits = run.splits(split or SplitConfig(), hook=target)
     result = cross_layer(store, saes, target, splits, cfg, progress=progress)
-    out = Path(out_dir) if out_dir is not None else run_dir
+    out = Path(out_dir) if out_dir is not None else run.path
     cross_layer_figure(result, out / FIGURE)
     return {
         **result,
         "saes": {h: str(p) for h, p in dirs.items()},
         "figures": {"cross_layer": FIGURE},
     }
+
+
+def section(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td>"
+        + "".join(f"<td>{p[t]['r2_pooled']:.3f}</td>" for t in ("error", "linear", "nonlinear"))
+        + f"<td>{p['nonlinear_remaining']:.3f}</td></tr>"
+        for name, p in r["predictors"].items()
+    )
+    best = r["best"]
+    return (
+        f"<p>Held-out R² (pooled) of predicting the {esc(r['target'])} SAE error e, its linear "
+        f"part ê and its nonlinear part e − ê linearly from other hooks' SAE reconstructions (and "
+        f"x); {r['n_probe_train']:,} fit / {r['n_probe_test']:,} scored tokens. Best set: "
+        f"<code>{esc(best['predictor'])}</code> leaves {100 * best['nonlinear_remaining']:.1f} % "
+        f"of FVU nonlinear ({best['fvu_nonlinear_before']:.4f} → "
+        f"{best['fvu_nonlinear_after']:.4f}; chosen on the scored tokens, so slightly "
+        f"optimistic).</p>"
+        f"<table><tr><th>predictors</th><th>R² e</th><th>R² ê</th><th>R² e − ê</th>"
+        f"<th>nonlinear left</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return cross_layer_analysis(run, cfg=cfg.cross_layer, split=cfg.split, progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="cross_layer",
+    title="Predicting the error from other hooks' SAEs",
+    run=_run,
+    section=section,
+    settings=lambda cfg, results: (cfg.cross_layer,),
+    enabled=lambda cfg: cfg.cross_layer.enabled,
+)

@@ -34,27 +34,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sae_darkmatter import layout
 from sae_darkmatter._io import atomic_path
+from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
-from sae_darkmatter.config import DownstreamConfig, ModelConfig, SplitConfig, from_dict
-from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.config import DownstreamConfig, ModelConfig, RunConfig, SplitConfig, from_dict
+from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError, HookError
-from sae_darkmatter.linalg import LinearProbe
+from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.models import LoadedModel, load_model, logits_batch
-from sae_darkmatter.report.figures import plt, save_figure
-from sae_darkmatter.saes import SAE
-from sae_darkmatter.saes.formats import open_sae
-from sae_darkmatter.splits import Splits, make_splits
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import RunDir, error_probe
+from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
-PER_TOKEN_FILE = "downstream/per_token.safetensors"
+PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/per_token.safetensors"
 SHARES_FIGURE = "figures/downstream_shares.png"
 CE_FIGURE = "figures/downstream_ce.png"
 
@@ -123,23 +122,6 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
     return out
 
 
-# ---------------------------------------------------------------------------- run folder
-
-
-def open_run_sae(d: SavedDecomposition, run_dir: Path, device: torch.device | str = "cpu") -> SAE:
-    """The SAE a decomposition names (folder, relative to the run if need be, or registry spec)."""
-    spec = str(d.info["sae"]["path"])
-    if not Path(spec).exists() and (run_dir / spec).exists():
-        spec = str(run_dir / spec)
-    return open_sae(spec, device=device).sae.eval()
-
-
-def error_probe(d: SavedDecomposition) -> LinearProbe:
-    """The decomposition's error probe ê = x·W + b (fit on the probe-train tokens)."""
-    with safe_open(str(d.probe_path), framework="pt") as fh:
-        return LinearProbe(fh.get_tensor("error_probe.weight"), fh.get_tensor("error_probe.bias"))
-
-
 def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """The sweep's two slices: SAEs of the k with most widths (by width), of the width with most ks (by L0).
 
@@ -193,7 +175,7 @@ def store_contexts(store: ActivationStore) -> np.ndarray:
 
 
 def downstream_analysis(
-    run_dir: str | Path,
+    run_dir: RunDir | str | Path,
     *,
     lm: LoadedModel | None = None,
     cfg: DownstreamConfig | None = None,
@@ -206,12 +188,12 @@ def downstream_analysis(
     run's split config (checked against the decompositions' test rows). Writes
     ``downstream/per_token.safetensors`` and ``figures/downstream_{shares,ce}.png``.
     """
-    run_dir, cfg, split = Path(run_dir), cfg or DownstreamConfig(), split or SplitConfig()
+    run, cfg, split = RunDir.of(run_dir), cfg or DownstreamConfig(), split or SplitConfig()
     t0 = time.perf_counter()
-    store = ActivationStore.open(run_dir / "store")
-    decs = select_saes(load_decompositions(run_dir / "decompose"), cfg)
+    store = run.store
+    decs = select_saes(run.decompositions, cfg)
     hook = decs[0].info["metrics"]["hook"]
-    splits = make_splits(store, split, hook=hook)
+    splits = run.splits(split, hook=hook)
     if not np.array_equal(splits.probe_test, decs[0].tokens["rows"]):
         raise DarkMatterError(
             "the split settings differ from the run's (probe-test rows do not match "
@@ -224,7 +206,7 @@ def downstream_analysis(
         splits.sae_train if splits.sae_train.size else splits.probe_train
     )  # pretrained SAEs: no SAE split
     mean = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows)) / mean_rows.size
-    saes = {d.name: (open_run_sae(d, run_dir, lm.device), error_probe(d)) for d in decs}
+    saes = {d.name: (run.open_sae(d, lm.device), error_probe(d)) for d in decs}
     log.info(
         "splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d",
         len(saes),
@@ -245,7 +227,7 @@ def downstream_analysis(
         "spliced": spliced,
         "averaged": averaged,
     }
-    with atomic_path(run_dir / PER_TOKEN_FILE) as tmp:
+    with atomic_path(run.path / PER_TOKEN_FILE) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp))
     summary = summarize(per_token, averaged, list(saes), n_boot=cfg.n_boot, seed=cfg.seed)
     rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
@@ -284,8 +266,8 @@ def downstream_analysis(
     }
     result["table"] = table(result)
     result["figures"] = {
-        "shares": str(shares_figure(result, run_dir / SHARES_FIGURE).relative_to(run_dir)),
-        "ce": str(ce_figure(result, run_dir / CE_FIGURE).relative_to(run_dir)),
+        "shares": str(shares_figure(result, run.path / SHARES_FIGURE).relative_to(run.path)),
+        "ce": str(ce_figure(result, run.path / CE_FIGURE).relative_to(run.path)),
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -414,3 +396,53 @@ def ce_figure(result: dict[str, Any], path: Path) -> Path:
     ax.legend(frameon=False, fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def section(r: dict[str, Any], out_dir: Path) -> str:
+    def ci(v: float, c: Any) -> str:
+        return f"{v:.2f} <small>[{c[0]:.2f}, {c[1]:.2f}]</small>"
+
+    rows = "".join(
+        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        f"<td>{t['ce_increase_sae']:+.3f}</td>"
+        + "".join(
+            f"<td>{ci(t[f'ce_gap_closed_{p}'], t[f'ce_gap_closed_{p}_ci'])}</td>"
+            f"<td>{t[f'fvu_gap_closed_{p}']:.2f}</td>"
+            for p in ("linear", "nonlinear")
+        )
+        + f"<td>{t['ce_gap_closed_sae+random@error']:.2f}</td></tr>"
+        for t in r["table"]
+    )
+    tok, sh = r["tokens"], r["shared"]
+    clean = sh["clean"]["ce"]["mean"]
+    ablations = ", ".join(
+        f"{name} ablation {sh[key]['ce']['mean']:.3f}"
+        for key, name in (("zero", "zero"), ("mean", "mean"))
+        if key in sh
+    )
+    return (
+        f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
+        f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
+        f"{tok['averaged']:,} tokens. Clean CE {clean:.3f} (equal to the harvest's stored loss: "
+        f"max difference {r['check'].get('clean_vs_stored_max_abs') or 0:.1e}); "
+        f"{esc(ablations)}. Share of the CE gap of x̂ closed by adding each error part (95 % "
+        f"bootstrap over contexts) next to the share of the FVU it closes; the last column adds "
+        f"a random vector of ‖e‖ instead.</p>"
+        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>ΔCE x̂</th><th>CE gap closed "
+        f"by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th><th>FVU closed by "
+        f"e − ê</th><th>random ‖e‖</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return downstream_analysis(run, cfg=cfg.downstream, split=cfg.split, progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="downstream",
+    title="Downstream loss of each part of the error",
+    run=_run,
+    section=section,
+    settings=lambda cfg, results: (cfg.downstream,),
+    enabled=lambda cfg: cfg.downstream.enabled,
+)

@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.analyses.scaling import default_target_l0, load_sweep, select_at_l0
-from sae_darkmatter.config import DecomposeConfig, PursuitConfig, SplitConfig
-from sae_darkmatter.decompose import decompose_many, load_decompositions
+from sae_darkmatter.config import DecomposeConfig, PursuitConfig, RunConfig, SplitConfig
+from sae_darkmatter.decompose import decompose_many
 from sae_darkmatter.errors import ConfigError, DarkMatterError
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.markup import esc, figures_html
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes.formats import open_sae
 from sae_darkmatter.saes.pursuit import PursuitSAE
-from sae_darkmatter.splits import Splits, make_splits
-from sae_darkmatter.store import ActivationStore
+from sae_darkmatter.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def subsample(splits: Splits, max_tokens: int, seed: int) -> Splits:
 
 
 def encoder_error_analysis(
-    run_dir: str | Path,
+    run_dir: RunDir | str | Path,
     cfg: PursuitConfig = PursuitConfig(),
     *,
     split: SplitConfig = SplitConfig(),
@@ -62,18 +64,17 @@ def encoder_error_analysis(
     pursuit's on the same tokens, and the drops), and ``fvu_nonlinear_drop_mean`` (the band
     height).
     """
-    run_dir = Path(run_dir)
-    decompose_dir = run_dir / "decompose"
-    points = load_sweep(decompose_dir)
+    run = RunDir.of(run_dir)
+    points = load_sweep(run)
     selected = [p for p, _ in select_at_l0(points, default_target_l0(points))]
-    infos = {d.name: d.info for d in load_decompositions(decompose_dir)}
+    infos = {d.name: d.info for d in run.decompositions}
 
-    store = ActivationStore.open(run_dir / "store")
+    store = run.store
     hook = infos[selected[0].name]["metrics"]["hook"]
-    splits = make_splits(store, split, hook=hook)
+    splits = run.splits(split, hook=hook)
     if not np.array_equal(splits.probe_test, selected[0].rows):
         raise DarkMatterError(
-            f"the split settings give other test tokens than {decompose_dir} was scored on; "
+            f"the split settings give other test tokens than {run.decompose_path} was scored on; "
             "pass the run's split settings"
         )
     sub = subsample(splits, cfg.max_tokens, seed)
@@ -106,7 +107,7 @@ def encoder_error_analysis(
         "fvu_nonlinear_drop_mean": float(np.mean([e["fvu_nonlinear_drop"] for e in per_sae])),
         "figures": {"encoder_error": FIGURE},
     }
-    encoder_error_figure(result, run_dir / FIGURE)
+    encoder_error_figure(result, run.path / FIGURE)
     return result
 
 
@@ -132,3 +133,39 @@ def encoder_error_figure(result: dict[str, Any], path: str | Path) -> Path:
     ax.legend(frameon=False, fontsize=7)
     ax.grid(alpha=0.3)
     return save_figure(fig, Path(path))
+
+
+def section(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(e['name'])}</td><td>{e['width']:,}</td><td>{e['sae_l0']:.1f} / "
+        f"{e['pursuit_l0']:.1f}</td><td>{e['sae_fvu']:.4f} / {e['pursuit_fvu']:.4f}</td>"
+        f"<td>{e['sae_fvu_nonlinear']:.4f} / {e['pursuit_fvu_nonlinear']:.4f}</td>"
+        f"<td>{e['fvu_nonlinear_drop']:+.4f}</td></tr>"
+        for e in r["per_sae"]
+    )
+    return (
+        f"<p>Each SAE of the scaling fit re-encoded by {esc(str(r['method']))} over its own "
+        f"decoder (L0 {esc(str(r['l0']))}), decomposed with the SAE on the same "
+        f"{r['n_probe_train']:,} + {r['n_probe_test']:,} probe-train/test tokens. The drop in FVU "
+        f"nonlinear is the encoder error (mean {r['fvu_nonlinear_drop_mean']:+.4f}; its band is "
+        f"drawn in the scaling figure).</p><table><tr><th>SAE</th><th>width</th>"
+        f"<th>L0 SAE / pursuit</th><th>FVU SAE / pursuit</th><th>FVU nonlinear SAE / pursuit</th>"
+        f"<th>encoder error</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return encoder_error_analysis(
+        run, cfg.pursuit, split=cfg.split, decompose_cfg=cfg.decompose, seed=cfg.split.seed,
+        progress=progress,
+    )
+
+
+ANALYSIS = Analysis(
+    name="encoder_error",
+    title="Encoder error: pursuit over the SAE's decoder",
+    run=_run,
+    section=section,
+    settings=lambda cfg, results: (cfg.pursuit, cfg.decompose),
+    enabled=lambda cfg: cfg.pursuit.enabled,
+)

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from sae_darkmatter._io import read_json
-from sae_darkmatter.analyses.downstream import error_probe, open_run_sae
-from sae_darkmatter.config import ErrorSAEConfig, to_dict
-from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.config import ErrorSAEConfig, RunConfig, to_dict
+from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.linalg import R2Accumulator
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.markup import esc, figures_html, num
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.saes import SAE, load_sae
 from sae_darkmatter.saes.train import train_grid
 from sae_darkmatter.store import ActivationStore
@@ -171,13 +173,13 @@ def _default_base(decs: list[SavedDecomposition]) -> SavedDecomposition:
     return max(decs, key=lambda d: (d.width, -abs((d.k or 0) - median), -(d.k or 0)))
 
 
-def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None,
+def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | None = None,
                        progress: bool = True) -> dict[str, Any]:
     """Train and score SAEs on e, ê and e − ê of each chosen base SAE; write ``figures/error_saes.png``."""
-    run_dir, cfg = Path(run_dir), cfg or ErrorSAEConfig()
+    run, cfg = RunDir.of(run_dir), cfg or ErrorSAEConfig()
     t0 = time.perf_counter()
-    store = ActivationStore.open(run_dir / "store")
-    decs = load_decompositions(run_dir / "decompose")
+    store = run.store
+    decs = run.decompositions
     names = {d.name: d for d in decs}
     missing = sorted(set(cfg.saes) - set(names))
     if missing:
@@ -196,11 +198,11 @@ def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None
             train_rows.size,
             eval_rows.size,
         )
-        sae = open_run_sae(dec, run_dir)
+        sae = run.open_sae(dec)
         train = error_targets(store, hook, train_rows, sae, dec, chunk_rows=cfg.chunk_rows)
         held_out = error_targets(store, hook, eval_rows, sae, dec, chunk_rows=cfg.chunk_rows)
         grid = train_on_targets(
-            train, held_out, cfg, run_dir / "error_saes" / dec.name, progress=progress
+            train, held_out, cfg, run.error_saes_path / dec.name, progress=progress
         )
         results.append(
             {
@@ -235,7 +237,7 @@ def error_sae_analysis(run_dir: str | Path, *, cfg: ErrorSAEConfig | None = None
     ]
     result = {"bases": results, "table": table, "config": to_dict(cfg)}
     result["figures"] = {
-        "error_saes": str(error_sae_figure(result, run_dir / FIGURE).relative_to(run_dir))
+        "error_saes": str(error_sae_figure(result, run.path / FIGURE).relative_to(run.path))
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -281,3 +283,38 @@ def error_sae_figure(result: dict[str, Any], path: Path) -> Path:
         row[0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def section(r: dict[str, Any], out_dir: Path) -> str:
+    rows = "".join(
+        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        + "".join(f"<td>{num(t[f'fvu_{p}'], '{:.3f}')}</td>" for p in TARGETS)
+        + "".join(f"<td>{num(t[f'dead_{p}'], '{}')}</td>" for p in TARGETS)
+        + "</tr>"
+        for t in r["table"]
+    )
+    tokens = r["bases"][0]["tokens"] if r["bases"] else {}
+    return (
+        f"<p>SAEs trained on the SAE error e, its linear part ê and its nonlinear part e − ê, on "
+        f"tokens the error probe never saw ({tokens.get('train', 0):,} train / "
+        f"{tokens.get('eval', 0):,} held-out tokens, split by context). Held-out FVU of each "
+        f"target and dead latents, compared at matched L0 (– : that L0 is outside the "
+        f"target's sweep):</p>"
+        f"<table><tr><th>base SAE</th><th>width</th><th>L0</th><th>FVU e</th><th>FVU ê</th>"
+        f"<th>FVU e − ê</th><th>dead e</th><th>dead ê</th><th>dead e − ê</th></tr>{rows}</table>"
+        + figures_html(r["figures"], out_dir)
+    )
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return error_sae_analysis(run, cfg=cfg.error_saes, progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="error_saes",
+    title="SAEs trained on each part of the error",
+    run=_run,
+    section=section,
+    settings=lambda cfg, results: (cfg.error_saes,),
+    enabled=lambda cfg: cfg.error_saes.enabled,
+)

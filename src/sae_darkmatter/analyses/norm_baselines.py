@@ -23,20 +23,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from sae_darkmatter.analyses.downstream import open_run_sae  # noqa: E402
-from sae_darkmatter.decompose import SavedDecomposition, load_decompositions  # noqa: E402
-from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq  # noqa: E402
-from sae_darkmatter.report.figures import save_figure  # noqa: E402
-from sae_darkmatter.saes import latent_rows  # noqa: E402
-from sae_darkmatter.store import ActivationStore  # noqa: E402
+from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.config import RunConfig
+from sae_darkmatter.decompose import SavedDecomposition
+from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
+from sae_darkmatter.markup import esc, figures_html
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
+from sae_darkmatter.saes import latent_rows
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +193,14 @@ def _feature_predictions(
 
 
 def norm_baselines(
-    decompose_dir: str | Path, store: ActivationStore, *, hook: str | None = None, seed: int = 0
+    decompose_dir: Decompositions, store: ActivationStore, *, hook: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Held-out R² of each SAE's ‖e‖² from every baseline (see the module docstring).
 
     Returns ``{sae_name: {baseline: r2}}`` plus ``"baselines"`` (names in order) and
     ``"n_fit"`` / ``"n_score"`` (token counts of the halves, from the first SAE).
     """
-    decomps = load_decompositions(decompose_dir)
+    decomps = decompositions_of(decompose_dir)
     hook = _resolve_hook(store, decomps, hook)
     tokens_all, positions_all = store.column("tokens"), store.column("position")
     result: dict[str, Any] = {"baselines": list(BASELINES)}
@@ -263,14 +262,14 @@ def baseline_figure(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def violin_figure(
-    decompose_dir: str | Path, path: str | Path, *, max_points: int = 20000, seed: int = 0
+    decompose_dir: Decompositions, path: str | Path, *, max_points: int = 20000, seed: int = 0
 ) -> Path:
     """Per SAE: violins of actual ‖e‖² and the norm probe's prediction (log10 scale).
 
     Non-positive predictions cannot be drawn on a log scale; they are dropped from the
     predicted violin and counted in the label. The label's R² is over all test tokens.
     """
-    decomps = load_decompositions(decompose_dir)
+    decomps = decompositions_of(decompose_dir)
     rng = np.random.default_rng(seed)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.8 * len(decomps)), 4.4))
     labels, ticks = [], []
@@ -385,8 +384,8 @@ def alignment_figure(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def norm_analysis(
-    decompose_dir: str | Path,
-    store: ActivationStore | str | Path,
+    decompose_dir: RunDir | str | Path,
+    store: RunDir | ActivationStore | str | Path,
     out_dir: str | Path,
     *,
     seed: int = 0,
@@ -398,14 +397,14 @@ def norm_analysis(
     The alignment uses the paper's a* (``reconstruction_norm_probe``) on the widest SAE's
     probe-test rows.
     """
-    decompose_dir = Path(decompose_dir)
-    store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+    run = decompose_dir if isinstance(decompose_dir, RunDir) else RunDir(Path(decompose_dir).parent)
+    store = store_of(store)
     figs = Path(out_dir) / "figures"
     baselines = norm_baselines(decompose_dir, store, seed=seed)
-    decomps = load_decompositions(decompose_dir)
+    decomps = decompositions_of(decompose_dir)
     widest = max(decomps, key=lambda d: d.width)
     hook = _resolve_hook(store, decomps, None)
-    sae = open_run_sae(widest, decompose_dir.parent)  # a folder or a registry spec
+    sae = run.open_sae(widest)  # a folder or a registry spec
     rows = widest.tokens["rows"]
     align = latent_norm_alignment(
         sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook
@@ -421,3 +420,33 @@ def norm_analysis(
         "alignment": {"sae": widest.name, **summary_align},
         "figures": {k: str(v) for k, v in paths.items()},
     }
+
+
+def section(n: dict[str, Any], out_dir: Path) -> str:
+    b = n["baselines"]
+    names = [k for k in b if k not in ("baselines", "n_fit", "n_score")]
+    head = "".join(f"<th>{esc(x)}</th>" for x in b["baselines"])
+    body = "".join(
+        f"<tr><td>{esc(name)}</td>"
+        + "".join(f"<td>{b[name][x]:.3f}</td>" for x in b["baselines"])
+        + "</tr>"
+        for name in names
+    )
+    al = n.get("alignment", {})
+    return (
+        f"<p>Held-out R² of ‖e‖² ({b['n_fit']:,} fit / {b['n_score']:,} scored tokens).</p>"
+        f"<table><tr><th>SAE</th>{head}</tr>{body}</table>"
+        f"<p>Latent mean activation vs norm-probe projection on its decoder direction "
+        f"({esc(str(al.get('sae')))}): Pearson {al.get('pearson') or float('nan'):.3f}, "
+        f"Spearman {al.get('spearman') or float('nan'):.3f} over {al.get('n_latents')} "
+        f"latents.</p>" + figures_html(n["figures"], out_dir)
+    )
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return norm_analysis(run, run, run.path, seed=cfg.split.seed)
+
+
+ANALYSIS = Analysis(
+    name="norms", title="Predicting the error norm: baselines", run=_run, section=section
+)

@@ -23,16 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sae_darkmatter.decompose import load_decompositions  # noqa: E402
-from sae_darkmatter.errors import DarkMatterError  # noqa: E402
-from sae_darkmatter.report.figures import save_figure  # noqa: E402
-from sae_darkmatter.store import ActivationStore  # noqa: E402
+from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.config import RunConfig
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.markup import figures_html
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
+from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +67,13 @@ class PerTokenNorms:
         return table[by]
 
 
-def _open_store(store: ActivationStore | str | Path) -> ActivationStore:
-    return store if isinstance(store, ActivationStore) else ActivationStore.open(store)
-
-
-def per_token_norms(decompose_dir: str | Path) -> PerTokenNorms:
+def per_token_norms(decompose_dir: Decompositions) -> PerTokenNorms:
     """Load ‖e‖, ‖linear‖ and ‖nonlinear‖ per test token for every SAE in ``decompose_dir``.
 
     ``decompose_dir`` is a run's ``decompose/`` folder (a run folder holding one also works).
     All SAEs must share the same test rows; an SAE whose rows differ raises DarkMatterError.
     """
-    folder = Path(decompose_dir)
-    if (folder / "decompose").is_dir():
-        folder = folder / "decompose"
-    decs = load_decompositions(folder)  # sorted by width, then k, then name
+    decs = decompositions_of(decompose_dir)  # sorted by width, then k, then name
     rows = decs[0].tokens["rows"].astype(np.int64)
     for d in decs[1:]:
         if not np.array_equal(d.tokens["rows"], rows):
@@ -241,7 +233,7 @@ def darkest_contexts(
     )
     idx = len(norms.names) - 1 if sae is None else _sae_index(norms, sae)
     values = norms.of(by)[idx]
-    st = _open_store(store)
+    st = store_of(store)
     context = st.column("context")
     ctx_of_test = context[norms.rows]
     ids, inverse, counts = np.unique(ctx_of_test, return_inverse=True, return_counts=True)
@@ -335,7 +327,7 @@ def token_strip_figure(
     ``start`` indexes the test tokens (``norms.rows``); the strip stays inside that token's
     context. By default it starts at the first test token of the context with the most.
     """
-    st = _open_store(store)
+    st = store_of(store)
     ctx = st.column("context")[norms.rows]
     if start is None:
         ids, counts = np.unique(ctx, return_counts=True)
@@ -365,8 +357,8 @@ def token_strip_figure(
 
 
 def per_token_analysis(
-    decompose_dir: str | Path,
-    store: ActivationStore | str | Path,
+    decompose_dir: Decompositions,
+    store: RunDir | ActivationStore | str | Path,
     out_dir: str | Path,
     *,
     tokenizer: Any | None = None,
@@ -378,7 +370,7 @@ def per_token_analysis(
     and, for the widest SAE, the darkest contexts by nonlinear and by linear error (as HTML).
     """
     out = Path(out_dir)
-    st = _open_store(store)
+    st = store_of(store)
     norms = per_token_norms(decompose_dir)
     matrix = predictability_matrix(norms, seed=seed)
     figures = {
@@ -413,3 +405,23 @@ def per_token_analysis(
         "figures": figures,
         "darkest": darkest,
     }
+
+
+def section(p: dict[str, Any], out_dir: Path) -> str:
+    parts = [
+        "<p>Held-out R² of predicting SAE j's per-token ‖e‖ from SAE i's, and the share of "
+        "the remaining variance removed by adding SAE i's ‖nonlinear error‖.</p>"
+        + figures_html(p["figures"], out_dir)
+    ]
+    for kind in ("nonlinear", "linear"):
+        d = p.get("darkest", {}).get(kind)
+        if d and d.get("html"):
+            parts.append(d["html"])  # titled "Contexts with the largest {kind} error"
+    return "".join(parts)
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return per_token_analysis(run, run, run.path, tokenizer=run.tokenizer, seed=cfg.split.seed)
+
+
+ANALYSIS = Analysis(name="per_token", title="Per-token scaling", run=_run, section=section)

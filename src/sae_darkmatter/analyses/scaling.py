@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
+from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.config import RunConfig
+from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.markup import ci_text, esc, figures_html
+from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +104,9 @@ def _point(d: SavedDecomposition) -> SweepPoint:
     )
 
 
-def load_sweep(decompose_dir: str | Path) -> list[SweepPoint]:
-    """All decomposed SAEs in ``decompose_dir`` (one per ``<name>.json``), sorted by (k, width)."""
-    points = [_point(d) for d in load_decompositions(decompose_dir)]
+def load_sweep(decompose_dir: Decompositions) -> list[SweepPoint]:
+    """All decomposed SAEs of a run or ``decompose`` folder (or those given), sorted by (k, width)."""
+    points = [_point(d) for d in decompositions_of(decompose_dir)]
     return sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name))
 
 
@@ -372,7 +376,7 @@ def default_target_l0(points: Sequence[SweepPoint]) -> float:
     return float(np.median([p.l0 for p in by_k[k]]))
 
 
-def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
+def scaling_analysis(decompose_dir: Decompositions, out_dir: str | Path, *,
                      target_l0: float | None = None, n_boot: int = 200,
                      seed: int = 0, encoder_band: float | None = None) -> dict[str, Any]:
     """Run the scaling analysis; writes the two figures under ``out_dir/figures`` only.
@@ -430,3 +434,40 @@ def scaling_analysis(decompose_dir: str | Path, out_dir: str | Path, *,
         ],
         "figures": {"stacked": STACKED_FIGURE, "contours": CONTOUR_FIGURE},
     }
+
+
+def section(s: dict[str, Any], out_dir: Path) -> str:
+    f = s["fit"]
+    rows = "".join(
+        f"<tr><td>{esc(p['name'])}</td><td>{p['width']:,}</td><td>{p['l0']:.1f}</td>"
+        f"<td>{100 * p['l0_rel_distance']:.0f} %</td></tr>"
+        for p in s["selected"]
+    )
+    return (
+        f"<p>At target L0 ≈ {s['target_l0']:.1f}: FVU(W) = c + a·W<sup>−m</sup> with "
+        f"c = {ci_text(f['c'], f['c_ci'])}, a = {ci_text(f['a'], f['a_ci'])}, "
+        f"m = {ci_text(f['m'], f['m_ci'])}; mean FVU nonlinear = "
+        f"{ci_text(s['fvu_nonlinear_mean'], s['fvu_nonlinear_mean_ci'])} "
+        f"(95 % bootstrap intervals over held-out tokens, {f['n_boot']} resamples).</p>"
+        f"<table><tr><th>SAE used</th><th>width</th><th>L0</th><th>L0 off target</th></tr>"
+        f"{rows}</table>" + figures_html(s["figures"], out_dir)
+    )
+
+
+def _band(results: Results) -> float | None:
+    """The encoder-error band (mean drop of FVU nonlinear under pursuit), where it ran."""
+    return results.get("encoder_error", {}).get("fvu_nonlinear_drop_mean")
+
+
+def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
+    return scaling_analysis(run, run.path, seed=cfg.split.seed, encoder_band=_band(results))
+
+
+ANALYSIS = Analysis(
+    name="scaling",
+    title="Scaling with width",
+    run=_run,
+    section=section,
+    settings=lambda cfg, results: (_band(results),),
+    needs=("encoder_error",),
+)

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from sae_darkmatter import __version__
+from sae_darkmatter import __version__, layout
 from sae_darkmatter._io import atomic_path, read_json, require_folder, write_json
-from sae_darkmatter.decompose import load_decompositions
 from sae_darkmatter.report import figures
 from sae_darkmatter.report.sections import analyses_html
+from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of
 
 _SCATTER_POINTS = 4000  # held-out tokens drawn per SAE in the norm-prediction scatter
 _COLUMNS = [
@@ -37,16 +37,25 @@ def display_name(model: str | None) -> str:
     return str(model)
 
 
-def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``."""
-    decompose_dir, out_dir = Path(decompose_dir), Path(out_dir)
+def write_report(decompose_dir: Decompositions, out_dir: str | Path | None = None) -> Path:
+    """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``.
+
+    ``decompose_dir`` is a run (``RunDir``: ``out_dir`` defaults to its folder), a run or
+    ``decompose`` folder, or the decompositions themselves; the analyses' results are read from
+    ``out_dir/analyses.json`` where it exists.
+    """
+    if out_dir is None:
+        if not isinstance(decompose_dir, RunDir):
+            raise TypeError("write_report: give out_dir, or a RunDir as the first argument")
+        out_dir = decompose_dir.path
+    out_dir = Path(out_dir)
     require_folder(out_dir, "the report")
-    decs = sorted(load_decompositions(decompose_dir), key=lambda d: (d.k or 0, d.width, d.name))
+    decs = sorted(decompositions_of(decompose_dir), key=lambda d: (d.k or 0, d.width, d.name))
     results = [d.info for d in decs]
     flat = [{"name": r["name"], "architecture": r.get("sae", {}).get("architecture"),
              "k": r.get("sae", {}).get("k"), **r["metrics"], "provenance": r.get("sae", {})}
             for r in results]
-    fig_dir = out_dir / "figures"
+    fig_dir = out_dir / layout.FIGURES
     ks = sorted({d.k for d in decs if d.k is not None})
     middle_k = ks[len(ks) // 2] if ks else None
     samples = []
@@ -63,7 +72,7 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
         ),
         "r2_vs_width": figures.r2_vs_width(flat, fig_dir / "r2_vs_width.png"),
     }
-    analyses_path = out_dir / "analyses.json"
+    analyses_path = out_dir / layout.ANALYSES
     analyses = read_json(analyses_path) if analyses_path.exists() else {}
     metrics = {
         "sae_darkmatter_version": __version__,
@@ -76,8 +85,8 @@ def write_report(decompose_dir: str | Path, out_dir: str | Path) -> Path:
         "figures": {k: str(p.relative_to(out_dir)) for k, p in figs.items()},
         "analyses": {k: _strip_html(v) for k, v in analyses.items()},
     }
-    write_json(out_dir / "metrics.json", metrics)
-    page = out_dir / "report.html"
+    write_json(out_dir / layout.METRICS, metrics)
+    page = out_dir / layout.REPORT
     with atomic_path(page) as tmp:
         tmp.write_text(_html(metrics, analyses, out_dir))
     return page

@@ -6,20 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
-from sae_darkmatter._io import atomic_path
-
-
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from sae_darkmatter.plotting import plt, save_figure
 
 
 def _by_k(results: Sequence[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:

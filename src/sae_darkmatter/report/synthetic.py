@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from sae_darkmatter._io import atomic_path, write_json
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.plotting import plt, save_figure
 
 
 def _line_figure(results: dict[str, Any], path: Path) -> Path:

@@ -1,0 +1,32 @@
+"""Small HTML pieces shared by the report and each analysis's report section."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+esc = html.escape
+
+
+def _rel(path: str, out_dir: Path) -> str:
+    p = Path(path)
+    return str(p.relative_to(out_dir)) if p.is_absolute() and p.is_relative_to(out_dir) else str(p)
+
+
+def figures_html(paths: dict[str, str], out_dir: Path) -> str:
+    """<figure> tags for figure paths (made relative to the report folder)."""
+    return "".join(
+        f'<figure><img src="{esc(_rel(p, out_dir))}" alt="{esc(k)}"></figure>'
+        for k, p in paths.items()
+    )
+
+
+def ci_text(value: float, ci: Any) -> str:
+    """``value [low, high]`` with 4 significant digits."""
+    return f"{value:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def num(value: Any, fmt: str) -> str:
+    """A formatted number, or a dash where there is none (e.g. an L0 outside a sweep)."""
+    return "–" if value is None else fmt.format(value)
