@@ -39,10 +39,10 @@ from sae_darkmatter.autointerp import (
     resolve_sae,
     summarize,
 )
+from sae_darkmatter.autointerp.choose import RunData
 from sae_darkmatter.autointerp.client import cache_key
 from sae_darkmatter.autointerp.run import (
     LATENTS_FILE,
-    _RunData,
     batches,
     detect,
     explain,
@@ -51,6 +51,7 @@ from sae_darkmatter.autointerp.scoring import latent_balanced_accuracy
 from sae_darkmatter.config import ErrorSAEConfig, SAETrainConfig
 from sae_darkmatter.errors import ConfigError, DarkMatterError
 from sae_darkmatter.models import embedded_gguf_path
+from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes import load_sae
 from sae_darkmatter.store import ActivationStore
 from test_downstream import make_run
@@ -182,7 +183,7 @@ def tokenizer(smollm2_tokenizer):
 
 
 def _collect(run_dir: Path, cfg: AutoInterpConfig, tokenizer, spec: str = "topk-w64-k8", sae=None):
-    data = _RunData(run_dir, cfg, tokenizer)
+    data = RunData(RunDir(run_dir), cfg, tokenizer)
     choice = resolve_sae(run_dir, spec)
     sae = sae if sae is not None else load_sae(choice.spec).eval()
     windows = data.windows(data.hook_of(choice, HOOK))
@@ -274,7 +275,7 @@ def test_error_saes_see_the_error_parts(run_dir, tokenizer):
     cfg = AutoInterpConfig(
         n_latents=2, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=2, window=8
     )
-    data = _RunData(run_dir, cfg, tokenizer)
+    data = RunData(RunDir(run_dir), cfg, tokenizer)
     base = load_sae(run_dir / "saes" / "topk-w64-k8").eval()
     store = ActivationStore.open(run_dir / "store")
     rows = data.windows(HOOK).rows[:50]
@@ -608,7 +609,7 @@ def test_cli_command(run_dir, first_run, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from sae_darkmatter.autointerp.cli import register
+    from sae_darkmatter.cli.autointerp import register
 
     cfg, result, _ = first_run
     app = typer.Typer()

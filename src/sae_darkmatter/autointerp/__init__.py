@@ -20,7 +20,8 @@ _WHERE = {
     "Example": "examples", "ExampleSet": "examples", "LatentExamples": "examples",
     "collect_examples": "examples", "make_windows": "examples",
     "parse_detection": "prompts", "parse_explanation": "prompts",
-    "SAEChoice": "run", "autointerp_run": "run", "default_saes": "run", "resolve_sae": "run",
+    "SAEChoice": "choose", "autointerp_run": "run", "default_saes": "choose",
+    "resolve_sae": "choose",
     "latent_counts": "scoring", "summarize": "scoring",
 }
 __all__ = list(_WHERE)

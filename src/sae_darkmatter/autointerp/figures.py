@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from sae_darkmatter.report.figures import plt, save_figure
+from sae_darkmatter.plotting import plt, save_figure
 
 COLOURS = {"x": "#6a994e", "error": "black", "linear": "#e8a33d", "nonlinear": "#2a6f97"}
 NAMES = {"x": "x", "error": "e", "linear": "ê (linear)", "nonlinear": "e − ê (nonlinear)"}

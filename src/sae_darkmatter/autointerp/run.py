@@ -14,10 +14,8 @@ refreshes ``metrics.json`` / ``report.html``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,192 +28,32 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from sae_darkmatter import layout
 from sae_darkmatter._io import read_json, write_json
-from sae_darkmatter.analyses.downstream import open_run_sae
-from sae_darkmatter.analyses.error_saes import TARGETS, error_targets
 from sae_darkmatter.autointerp import prompts
+from sae_darkmatter.autointerp.choose import RunData, SAEChoice, default_saes, resolve_sae
 from sae_darkmatter.autointerp.client import ChatClient, safe_url
 from sae_darkmatter.autointerp.config import AutoInterpConfig
 from sae_darkmatter.autointerp.examples import (
     Example,
     ExampleSet,
     LatentExamples,
-    PartsFn,
-    Windows,
     collect_examples,
-    make_windows,
 )
 from sae_darkmatter.autointerp.figures import detection_figure
 from sae_darkmatter.autointerp.scoring import latent_balanced_accuracy, latent_counts, summarize
-from sae_darkmatter.config import ModelConfig, RunConfig, TokenFilter, from_dict, to_dict
-from sae_darkmatter.decompose import SavedDecomposition, check_sae, load_decompositions
+from sae_darkmatter.config import to_dict
+from sae_darkmatter.decompose import check_sae
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.models import load_tokenizer
+from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes.formats import open_sae
-from sae_darkmatter.saes.io import CFG_FILENAME
-from sae_darkmatter.saes.registry import REGISTRY_PREFIX
-from sae_darkmatter.splits import select_rows
-from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 RESULT_KEY = "autointerp"
-LATENTS_FILE = "autointerp/latents.json"
-FIGURE = "figures/autointerp.png"
+LATENTS_FILE = f"{layout.AUTOINTERP}/latents.json"
+FIGURE = f"{layout.FIGURES}/autointerp.png"
 Key = tuple[str, int]  # (SAE label, latent)
-
-
-@dataclass(frozen=True)
-class SAEChoice:
-    """An SAE to interpret: its spec for ``open_sae``, its input and (for error SAEs) its base."""
-
-    label: str
-    spec: str
-    input: str = "x"
-    base: str | None = None
-
-
-def _error_meta(folder: Path, run_dir: Path) -> tuple[str, str] | None:
-    """(base SAE, target) of an error SAE folder: from its place in the run, else its cfg.json."""
-    try:
-        base, target, _ = folder.resolve().relative_to((run_dir / "error_saes").resolve()).parts
-        if target in TARGETS:
-            return base, target
-    except ValueError:
-        pass
-    meta = (
-        read_json(folder / CFG_FILENAME).get("metadata", {})
-        if (folder / CFG_FILENAME).is_file()
-        else {}
-    )
-    if meta.get("error_target") in TARGETS and meta.get("base_sae"):
-        return str(meta["base_sae"]), str(meta["error_target"])
-    return None
-
-
-def resolve_sae(run_dir: Path, spec: str) -> SAEChoice:
-    """An SAE by registry spec, path, or name in the run (``saes/<name>``, ``error_saes/<...>``)."""
-    if spec.startswith(REGISTRY_PREFIX):
-        return SAEChoice(spec[len(REGISTRY_PREFIX):], spec)
-    candidates = [
-        Path(spec),
-        run_dir / spec,
-        run_dir / "saes" / spec,
-        run_dir / "error_saes" / spec,
-    ]
-    folder = next((p for p in candidates if p.is_dir()), None)
-    if folder is None:
-        raise DarkMatterError(f"no SAE {spec!r}: not a folder, nor one under {run_dir}/saes or "
-                              f"{run_dir}/error_saes, nor '{REGISTRY_PREFIX}<release>/<id>'")
-    meta = _error_meta(folder, run_dir)
-    if meta:
-        return SAEChoice(f"{meta[0]}/{meta[1]}/{folder.name}", str(folder), meta[1], meta[0])
-    return SAEChoice(folder.name, str(folder))
-
-
-def _k(folder: Path) -> int | None:
-    cfg = read_json(folder / CFG_FILENAME) if (folder / CFG_FILENAME).is_file() else {}
-    return cfg.get("k")
-
-
-def default_saes(run_dir: Path) -> list[str]:
-    """The first base SAE with error SAEs, and its error SAEs of one width and k (all three targets).
-
-    Among the names present for e, ê and e − ê: the one with the base SAE's k, else the middle
-    one. Without error SAEs: the widest SAE of the run at the median k.
-    """
-    bases = sorted(p for p in (run_dir / "error_saes").glob("*") if p.is_dir())
-    decs = {d.name: d for d in load_decompositions(run_dir / "decompose")}
-    for base in bases:
-        names = set.intersection(
-            *({p.name for p in (base / t).glob("*") if p.is_dir()} for t in TARGETS)
-        )
-        if not names or base.name not in decs:
-            continue
-        ordered = sorted(names, key=lambda n: (_k(base / "error" / n) or 0, n))
-        pick = next((n for n in ordered if _k(base / "error" / n) == decs[base.name].k),
-                    ordered[len(ordered) // 2])
-        return [decs[base.name].info["sae"]["path"], *(str(base / t / pick) for t in TARGETS)]
-    if not decs:
-        raise DarkMatterError(
-            f"no decompositions in {run_dir / 'decompose'}; give SAEs with --saes"
-        )
-    ks = [d.k for d in decs.values() if d.k is not None]
-    median = float(np.median(ks)) if ks else 0.0
-    best = max(decs.values(), key=lambda d: (d.width, -abs((d.k or 0) - median), d.name))
-    return [best.info["sae"]["path"]]
-
-
-class _RunData:
-    """What the SAEs share: the store, its decompositions, windows per hook, the tokenizer."""
-
-    def __init__(self, run_dir: Path, cfg: AutoInterpConfig, tokenizer: Any | None):
-        self.run_dir, self.cfg = run_dir, cfg
-        self.store = ActivationStore.open(run_dir / "store")
-        config_file = run_dir / "run_config.json"
-        run_cfg = (
-            from_dict(RunConfig, read_json(config_file)) if config_file.is_file() else RunConfig()
-        )
-        self.filter: TokenFilter = run_cfg.split.filter
-        decompose = run_dir / "decompose"
-        self.decs = (
-            {d.name: d for d in load_decompositions(decompose)} if decompose.is_dir() else {}
-        )
-        self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer(run_cfg)
-        self._windows: dict[str, Windows] = {}
-
-    def _tokenizer(self, run_cfg: RunConfig) -> Any:
-        name = (
-            self.store.meta.get("config", {}).get("model", {}).get("name")
-            or run_cfg.harvest.model.name
-        )
-        model: ModelConfig = dataclasses.replace(run_cfg.harvest.model, name=name)
-        return load_tokenizer(model)
-
-    def windows(self, hook: str) -> Windows:
-        if hook not in self._windows:
-            rows = select_rows(
-                self.store, self.filter, self.store.meta.get("special_token_ids", []), hook=hook
-            ).rows
-            self._windows[hook] = make_windows(
-                self.store,
-                rows,
-                window=min(self.cfg.window, self.store.context_length),
-                explain_fraction=self.cfg.explain_fraction,
-                seed=self.cfg.seed,
-            )
-        return self._windows[hook]
-
-    def base(self, name: str) -> SavedDecomposition:
-        if name not in self.decs:
-            raise DarkMatterError(
-                f"error SAE of {name!r}, but {self.run_dir / 'decompose'} has no decomposition "
-                f"of it (have {sorted(self.decs)})"
-            )
-        return self.decs[name]
-
-    def hook_of(self, choice: SAEChoice, hook_hint: str | None) -> str:
-        """The stored hook an SAE reads: its base's for error SAEs, else the one its metadata
-        names, else the decompositions', else the store's first."""
-        if choice.input != "x":
-            return self.base(str(choice.base)).info["metrics"]["hook"]
-        hooks = [
-            h for h in (hook_hint, *(d.info["metrics"]["hook"] for d in self.decs.values())) if h
-        ]
-        return next((h for h in hooks if h in self.store.hooks), next(iter(self.store.hooks)))
-
-    def parts(self, hook: str, base: str | None) -> PartsFn:
-        """SAE inputs for sorted store rows: ``{"x"}``, or the error parts of ``base`` (e, ê, e − ê)."""
-        if base is None:
-            return lambda rows: {"x": self.store.gather(hook, rows)}
-        dec = self.base(base)
-        base_sae = open_run_sae(dec, self.run_dir)
-        return lambda rows: error_targets(
-            self.store, hook, rows, base_sae, dec, chunk_rows=self.cfg.chunk_rows
-        )
-
-
-# ---------------------------------------------------------------------------- the LLM steps
 
 
 def explain(client: ChatClient, cfg: AutoInterpConfig, latent: LatentExamples) -> str | None:
@@ -352,7 +190,7 @@ def _settings(cfg: AutoInterpConfig) -> dict[str, Any]:
     return {**to_dict(cfg), "base_url": safe_url(cfg.base_url)}
 
 
-def _collect_all(data: _RunData, choices: list[SAEChoice], cfg: AutoInterpConfig,
+def _collect_all(data: RunData, choices: list[SAEChoice], cfg: AutoInterpConfig,
                  bar: Progress) -> tuple[dict[str, ExampleSet], dict[str, str]]:
     """Examples of every chosen SAE (SAEs computed from the same inputs together), and their hooks."""
     loaded = {c.label: open_sae(c.spec) for c in choices}
@@ -417,20 +255,20 @@ def autointerp_run(run_dir: str | Path, cfg: AutoInterpConfig, *, tokenizer: Any
     """
     from sae_darkmatter.report import write_report
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     t0 = time.perf_counter()
     client = ChatClient(
         cfg.base_url,
         cfg.model,
-        cache_dir=cfg.cache_dir or run_dir / "autointerp" / "cache",
+        cache_dir=cfg.cache_dir or run.autointerp_path / "cache",
         api_key_env=cfg.api_key_env,
         concurrency=cfg.concurrency,
         max_retries=cfg.max_retries,
         timeout_s=cfg.timeout_s,
         connect_timeout_s=cfg.connect_timeout_s,
     )
-    data = _RunData(run_dir, cfg, tokenizer)
-    choices = [resolve_sae(run_dir, s) for s in (cfg.saes or default_saes(run_dir))]
+    data = RunData(run, cfg, tokenizer)
+    choices = [resolve_sae(run.path, s) for s in (cfg.saes or default_saes(run))]
     if len({c.label for c in choices}) < len(choices):
         raise DarkMatterError(f"two SAEs share a label: {[c.label for c in choices]}")
     with _bar(progress) as bar:
@@ -444,7 +282,7 @@ def autointerp_run(run_dir: str | Path, cfg: AutoInterpConfig, *, tokenizer: Any
             c, sets[c.label], hooks[c.label], explanations, verdicts, cfg
         )
         summaries.append(summary)
-    write_json(run_dir / LATENTS_FILE, {"model": cfg.model, "saes": records})
+    write_json(run.path / LATENTS_FILE, {"model": cfg.model, "saes": records})
     sent = client.requests_sent
     result: dict[str, Any] = {
         "model": cfg.model,
@@ -460,20 +298,20 @@ def autointerp_run(run_dir: str | Path, cfg: AutoInterpConfig, *, tokenizer: Any
         "settings": _settings(cfg),
     }
     result["figures"] = {
-        "autointerp": str(detection_figure(result, run_dir / FIGURE).relative_to(run_dir))
+        "autointerp": str(detection_figure(result, run.path / FIGURE).relative_to(run.path))
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    _save(run_dir, result, write_report)
+    _save(run, result, write_report)
     return result
 
 
-def _save(run_dir: Path, result: dict[str, Any], write_report: Any) -> None:
+def _save(run: RunDir, result: dict[str, Any], write_report: Any) -> None:
     """Merge the result into ``analyses.json``; refresh metrics.json and report.html if possible."""
-    path = run_dir / "analyses.json"
+    path = run.analyses_path
     analyses = read_json(path) if path.is_file() else {}
     analyses[RESULT_KEY] = result
     write_json(path, analyses)
     try:
-        write_report(run_dir / "decompose", run_dir)
+        write_report(run)
     except DarkMatterError as err:
         log.warning("report not refreshed: %s", err)

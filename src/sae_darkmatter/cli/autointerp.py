@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sae_darkmatter.cli.common import given, main
+
 
 def _ci(block: dict[str, Any]) -> str:
     v, (lo, hi) = block["value"], block["ci"]
@@ -121,7 +123,6 @@ def register(app: typer.Typer) -> None:
         """Auto-interpretability: an LLM explains sampled latents; a judge LLM's detection accuracy scores them."""
         from rich.console import Console
 
-        from sae_darkmatter import cli
         from sae_darkmatter.autointerp.config import AutoInterpConfig
         from sae_darkmatter.autointerp.run import autointerp_run
 
@@ -136,7 +137,7 @@ def register(app: typer.Typer) -> None:
                 api_key_env=api_key_env,
                 saes=specs,
             )
-            cfg = cli._set(
+            cfg = given(
                 cfg,
                 n_latents=n_latents,
                 n_per_quantile=n_per_quantile,
@@ -161,4 +162,4 @@ def register(app: typer.Typer) -> None:
             out.print(f"requests: {req['sent']} sent, {req['from_cache']} answered from the cache")
             out.print(f"report: {run_dir / 'report.html'}")
 
-        cli._main(body, one_process=True)
+        main(body, one_process=True)
