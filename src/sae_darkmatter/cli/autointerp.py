@@ -60,17 +60,19 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="Model name the chat endpoint serves (explainer and judge).")
         ] = "",
         base_url: Annotated[
-            str,
+            str | None,
             typer.Option(
-                help="OpenAI-compatible API base URL, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp), https://openrouter.ai/api/v1."
+                help="OpenAI-compatible API base URL (default: a local server at "
+                "http://127.0.0.1:8000/v1: vLLM, llama.cpp), e.g. https://openrouter.ai/api/v1."
             ),
-        ] = "http://127.0.0.1:8000/v1",
+        ] = None,
         api_key_env: Annotated[
-            str,
+            str | None,
             typer.Option(
-                help="Name of the environment variable holding the API key (the key itself is never stored)."
+                help="Name of the environment variable holding the API key (default "
+                "OPENAI_API_KEY; the key itself is never stored)."
             ),
-        ] = "OPENAI_API_KEY",
+        ] = None,
         saes: Annotated[
             list[str] | None,
             typer.Option(
@@ -130,15 +132,11 @@ def register(app: typer.Typer) -> None:
             for noisy in ("openai", "httpx2", "httpcore"):
                 logging.getLogger(noisy).setLevel(logging.WARNING)
             specs = tuple(s.strip() for item in saes or () for s in item.split(",") if s.strip())
-            cfg = dataclasses.replace(
-                AutoInterpConfig(),
-                model=model,
-                base_url=base_url,
-                api_key_env=api_key_env,
-                saes=specs,
-            )
+            cfg = dataclasses.replace(AutoInterpConfig(), model=model, saes=specs)
             cfg = given(
                 cfg,
+                base_url=base_url,
+                api_key_env=api_key_env,
                 n_latents=n_latents,
                 n_per_quantile=n_per_quantile,
                 n_quantiles=n_quantiles,
