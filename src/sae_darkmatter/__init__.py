@@ -8,6 +8,7 @@ Stages, each usable alone (see README):
     train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu, one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
     stream_decompose(HarvestConfig, saes)   -> the decomposition straight from the LM, no store
+    RunDir(out)                             -> one run folder: store, splits, decompositions, SAEs
     run_analyses(run_dir, cfg=RunConfig)    -> encoder error (pursuit), scaling, per-token, norms,
                                                cross-layer, error SAEs, downstream CE
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
@@ -81,7 +82,8 @@ _EXPORTS = {
     "stream": ["StreamResult", "stream_decompose"],
     "pipeline": ["decompose_saes", "run", "train_saes"],
     "presets": ["paper_protocol", "quick"],
-    "analyses": ["run_analyses"],
+    "run_dir": ["RunDir"],
+    "analyses": ["Analysis", "run_analyses"],
     "analyses.encoder_error": ["encoder_error_analysis"],
     "analyses.cross_layer": ["cross_layer_analysis"],
     "analyses.downstream": ["downstream_analysis"],
