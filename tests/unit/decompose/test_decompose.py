@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import sparse_code_store
 from sae_darkmatter.config import DecomposeConfig, SplitConfig, TokenFilter
 from sae_darkmatter.decompose import decompose, decompose_many
 from sae_darkmatter.errors import ShapeMismatchError
 from sae_darkmatter.saes import TopKSAE
 from sae_darkmatter.splits import make_splits
-from sae_darkmatter.store import ActivationStore
 
 D, WIDTH, K = 16, 64, 4
 
@@ -19,24 +19,9 @@ D, WIDTH, K = 16, 64, 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A store of sparse-plus-dense synthetic activations with a large mean, and a random SAE."""
-    rng = np.random.default_rng(0)
-    dirs = rng.normal(size=(48, D))
-    st = ActivationStore.create_or_resume(
-        tmp_path_factory.mktemp("d") / "store",
-        hooks={"resid_post.1": D},
-        context_length=16,
-        meta={},
+    st, dirs = sparse_code_store(
+        tmp_path_factory.mktemp("d") / "store", d=D, n_ctx=400, per_append=50, mean=20.0, meta={}
     )
-    for start in range(0, 400, 50):
-        n = 50 * 16
-        codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.1)
-        x = 20.0 + codes @ dirs + 0.3 * rng.normal(size=(n, D))
-        st.append(
-            context_start=start,
-            acts={"resid_post.1": x.reshape(50, 16, D).astype(np.float32)},
-            tokens=rng.integers(5, 100, size=(50, 16)),
-            loss=None,
-        )
     sae = TopKSAE(D, WIDTH, K, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # a crude but sensible dictionary: decoder rows from data directions
         sae.W_dec.copy_(torch.from_numpy(np.tile(dirs, (2, 1))[:WIDTH] / 3).float())

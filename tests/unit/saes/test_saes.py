@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SRC
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import (
     SAE,
@@ -32,19 +33,6 @@ def _random_topk(d_in: int = 48, d_sae: int = 192, k: int = 8, seed: int = 0, **
         sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
         sae.b_dec.copy_(torch.randn(d_in, generator=gen))
     return sae
-
-
-def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x64, e = x.double(), (x - x_hat).double()
-    return float(e.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
-
-
-@pytest.fixture(scope="module")
-def sae_lens():
-    """The real library (a dev dependency): a missing install must fail, not skip."""
-    import sae_lens
-
-    return sae_lens
 
 
 # --------------------------------------------------------------------------- TopK math
@@ -312,11 +300,10 @@ def test_loading_saes_does_not_import_the_trainer():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     code = ("import sys; from sae_darkmatter.saes import SAE, load_sae; "
             "assert 'sae_darkmatter.saes.train' not in sys.modules; "
             "from sae_darkmatter.saes import train_sae; "
             "assert 'sae_darkmatter.saes.train' in sys.modules")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from helpers import PicklePayload
 from sae_darkmatter import integrity
 from sae_darkmatter.config import (
     CorpusConfig,
@@ -128,16 +129,6 @@ def test_foreign_damaged_sae_is_reported_not_deleted(tmp_path):
                           ["cfg.json", "checksums.json", "sae_weights.safetensors"])
 
 
-class _Payload:
-    """Unpickling this calls open(marker, "w"): code execution, if a loader allowed it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 @pytest.mark.parametrize("damage", ["pickle", "truncated"])
 def test_bad_training_checkpoint_is_never_run_and_training_restarts(tmp_path, caplog, damage):
     """A checkpoint.pt holding a code-running pickle, or cut short, is ignored with a warning;
@@ -151,7 +142,7 @@ def test_bad_training_checkpoint_is_never_run_and_training_restarts(tmp_path, ca
     folder.mkdir(parents=True)
     marker = tmp_path / "pwned"
     if damage == "pickle":
-        torch.save({"fingerprint": "x", "extra": _Payload(marker)}, folder / "checkpoint.pt")
+        torch.save({"fingerprint": "x", "extra": PicklePayload(marker)}, folder / "checkpoint.pt")
     else:
         torch.save({"model": {"w": torch.zeros(1000)}}, folder / "checkpoint.pt")
         data = (folder / "checkpoint.pt").read_bytes()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import PNG_MAGIC
 from sae_darkmatter.analyses.cross_layer import (
     FIGURE,
     cross_layer,
@@ -202,7 +203,7 @@ def test_run_folder(tiny, tmp_path):
     assert res["best"]["fvu_nonlinear_after"] == pytest.approx(
         ref["best"]["fvu_nonlinear_after"], rel=1e-6
     )
-    assert (run / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / FIGURE).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_single_hook_store_is_refused(tiny_model_dir, tmp_path):

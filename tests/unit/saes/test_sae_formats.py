@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import PicklePayload, flip_byte
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, save_sae
 from sae_darkmatter.saes.formats import LoadedSAE, detect_format, open_sae
@@ -29,21 +30,6 @@ def _x(n: int = 400, seed: int = 1) -> torch.Tensor:
 
 def _randn(*shape: int, gen: torch.Generator, scale: float = 0.3) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * scale
-
-
-@pytest.fixture(scope="module")
-def sparsify():
-    """The real library (a dev dependency): a missing install must fail, not skip."""
-    import sparsify
-
-    return sparsify
-
-
-@pytest.fixture(scope="module")
-def sae_lens():
-    import sae_lens
-
-    return sae_lens
 
 
 # --------------------------------------------------------------------------- sparsify
@@ -321,21 +307,11 @@ def test_dictionary_learning_bad_input(tmp_path):
         open_sae(tmp_path / "d")
 
 
-class _Payload:
-    """Unpickling this calls open(marker, "w"): code execution, if a loader allows it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickle_payload_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     state = {**_dl_case("AutoEncoder", torch.Generator().manual_seed(9))[0]}
     folder = _write_dl(tmp_path / "evil", "AutoEncoder", state)
-    torch.save({**state, "extra": _Payload(marker)}, folder / "ae.pt")
+    torch.save({**state, "extra": PicklePayload(marker)}, folder / "ae.pt")
 
     with pytest.raises(
         DarkMatterError, match=r"evil/ae\.pt: refused to load: .*GLOBAL io\.open was not an allowed"
@@ -357,12 +333,6 @@ def test_loaded_sae_is_frozen(tmp_path):
 # --------------------------------------------------------------------------- damaged files
 
 
-def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
-    data = bytearray(path.read_bytes())
-    data[-offset_from_end] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _truncate(path: Path, keep: float = 0.6) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -378,7 +348,7 @@ def test_damaged_own_folder_names_the_file(tmp_path):
     open_sae(tmp_path / "a")  # intact: loads
 
     weights = tmp_path / "a" / "sae_weights.safetensors"
-    _flip_byte(weights)
+    flip_byte(weights, 100)
     from safetensors.torch import load_file
 
     load_file(weights)  # the flip is invisible to the file format itself...

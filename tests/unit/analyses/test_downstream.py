@@ -1,4 +1,5 @@
-"""Splicing interventions into a tiny random Llama: exactness against plain-transformers references."""
+"""Splicing interventions into a tiny random Llama: exactness against plain-transformers
+references."""
 
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig
 
+from helpers import PNG_MAGIC, make_run
 from sae_darkmatter import (
-    CorpusConfig,
-    HarvestConfig,
     ModelConfig,
-    SAETrainConfig,
     SplitConfig,
 )
-from sae_darkmatter._io import write_json
 from sae_darkmatter.analyses.downstream import (
     PER_TOKEN_FILE,
     downstream_analysis,
@@ -30,52 +28,14 @@ from sae_darkmatter.analyses.splice import (
     interventions,
     random_directions,
 )
-from sae_darkmatter.config import DecomposeConfig, DownstreamConfig
-from sae_darkmatter.decompose import decompose_many, load_decompositions
+from sae_darkmatter.config import DownstreamConfig
+from sae_darkmatter.decompose import load_decompositions
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.harvest import harvest
 from sae_darkmatter.linalg import LinearProbe
 from sae_darkmatter.models import LoadedModel, load_model
-from sae_darkmatter.saes import TopKSAE, load_sae, train_sae
-from sae_darkmatter.splits import make_splits
+from sae_darkmatter.saes import TopKSAE, load_sae
 
 HOOKS = ("resid_post.2", "mlp_out.1", "attn_out.3")
-
-
-def make_run(model_dir: Path, out: Path, hook: str, *, n_contexts: int = 48, length: int = 32,
-             widths: tuple[int, ...] = (64, 128), ks: tuple[int, ...] = (8,)) -> Path:
-    """A tiny run folder as the pipeline lays it out: store (with loss), SAEs, decompositions."""
-    store = harvest(HarvestConfig(model=ModelConfig(name=str(model_dir)),
-                                  corpus=CorpusConfig(n_contexts=n_contexts, context_length=length),
-                                  hooks=(hook,), batch_size=16, contexts_per_shard=16),
-                    out / "store", progress=False)
-    splits = make_splits(store, SplitConfig(), hook=hook)
-    x = store.gather(hook, splits.sae_train)
-    train_cfg = SAETrainConfig(widths=widths, ks=ks, train_tokens=3000, batch_size=256)
-    saes = {}
-    for k in ks:
-        for width in widths:
-            name = f"topk-w{width}-k{k}"
-            saes[name] = train_sae(x, width=width, k=k, cfg=train_cfg, out_dir=out / "saes" / name,
-                                   progress=False)
-    outputs = decompose_many(store, saes, splits, DecomposeConfig(), hook=hook, progress=False)
-    for name, res in outputs.items():
-        res.save(out / "decompose" / f"{name}.safetensors")
-        write_json(
-            out / "decompose" / f"{name}.json",
-            {
-                "name": name,
-                "sae": {
-                    "path": str(out / "saes" / name),
-                    "architecture": "topk",
-                    "k": saes[name].k,
-                },
-                "data": splits.summary(),
-                "metrics": res.metrics.to_dict(),
-                "probe_file": f"{name}.safetensors",
-            },
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +171,7 @@ def test_shares_and_intervals_are_consistent(spliced_run):
 def test_figures_written(spliced_run):
     _, out, result, _ = spliced_run
     for rel in result["figures"].values():
-        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / rel).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_random_controls_have_exact_norms():
@@ -355,7 +315,8 @@ def test_splicer_on_other_families(family):
 
 @pytest.mark.slow
 def test_smollm2_clean_loss_equals_harvest(tmp_path):
-    """The embedded SmolLM2 (float32, as harvested): clean CE equals the stored loss, identity is exact."""
+    """The embedded SmolLM2 (float32, as harvested): clean CE equals the stored loss, identity is
+    exact."""
     out = make_run(
         Path("smollm2"),
         tmp_path,

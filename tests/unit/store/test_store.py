@@ -19,6 +19,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file as torch_load_file
 
+from helpers import flip_byte
 from sae_darkmatter.errors import (
     CorruptStoreError,
     DarkMatterError,
@@ -48,7 +49,8 @@ def make_batch(rng: np.random.Generator, b: int, with_loss: bool = True) -> dict
 def fill(
     path: Path, dtype: str = "float32", batches: list[int] = BATCHES
 ) -> tuple[ActivationStore, list[dict]]:
-    """Append ``batches`` (the second without loss; one as torch tensors) and return what was written."""
+    """Append ``batches`` (the second without loss; one as torch tensors) and return what was
+    written."""
     rng = np.random.default_rng(0)
     store = ActivationStore.create_or_resume(
         path, hooks=HOOKS, context_length=T, meta=META, dtype=dtype
@@ -230,19 +232,12 @@ def test_resume_checks_settings(tmp_path):
         )
 
 
-def flip_byte(path: Path, offset_from_end: int = 10) -> None:
-    data = bytearray(path.read_bytes())
-    data[-offset_from_end] ^= 0xFF
-    path.write_bytes(bytes(data))
-    st = path.stat()  # corruption happens later than the write: make sure the mtime says so
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-
-
 def test_corrupt_shard_detected_by_verify_and_on_read(tmp_path):
     path = tmp_path / "s"
     fill(path)
     ActivationStore.open(path).verify()
-    flip_byte(path / "shard_000002.safetensors")
+    # corruption happens later than the write: make sure the mtime says so
+    flip_byte(path / "shard_000002.safetensors", 10, later_mtime=True)
     with pytest.raises(CorruptStoreError, match="shard_000002.safetensors"):
         ActivationStore.open(path).verify()
     reader = ActivationStore.open(path)

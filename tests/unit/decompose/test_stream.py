@@ -7,10 +7,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from helpers import BIN, offline_env, run_ok
 from sae_darkmatter.cli import app
 from sae_darkmatter.config import (
     CorpusConfig,
@@ -44,7 +43,6 @@ from sae_darkmatter.saes import TopKSAE, save_sae, train_sae
 from sae_darkmatter.splits import Selection, Splits
 from sae_darkmatter.stream import split_contexts, stream_decompose
 
-BIN = Path(sys.executable).parent
 HOOK = "resid_post.2"
 runner = CliRunner()
 
@@ -234,10 +232,6 @@ ARGS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _cli(sae_dirs: list[Path], out: Path) -> list[str]:
     return [
         str(BIN / "darkmatter"),
@@ -249,14 +243,6 @@ def _cli(sae_dirs: list[Path], out: Path) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(
-        cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
-
-
 def _results(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
@@ -265,7 +251,7 @@ def _results(out: Path) -> dict[str, dict]:
 def alone(sae_dirs, tmp_path_factory) -> Path:
     """An uninterrupted `darkmatter stream` in its own process."""
     out = tmp_path_factory.mktemp("alone")
-    _run(_cli(sae_dirs, out / "out"), out)
+    run_ok(_cli(sae_dirs, out / "out"), out, 300)
     return out / "out"
 
 
@@ -296,7 +282,7 @@ def test_cli_end_to_end(sae_dirs, alone, tmp_path):
 def test_sigkill_then_rerun_gives_identical_results(sae_dirs, alone, tmp_path):
     out = tmp_path / "out"
     ckpt = out / "checkpoint" / "stream.rank0-of-1.safetensors"
-    proc = subprocess.Popen(_cli(sae_dirs, out), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(_cli(sae_dirs, out), cwd=tmp_path, env=offline_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -307,7 +293,7 @@ def test_sigkill_then_rerun_gives_identical_results(sae_dirs, alone, tmp_path):
     with safe_open(str(ckpt), framework="pt") as fh:
         done = json.loads(fh.metadata()["progress"])["done"]
     assert 0 < sum(done) < 96  # stopped part-way (48 + 48 batches of one context)
-    log = _run(_cli(sae_dirs, out), tmp_path)
+    log = run_ok(_cli(sae_dirs, out), tmp_path, 300)
     assert "resuming" in log
     resumed, ref = _results(out), _results(alone)
     assert resumed.keys() == ref.keys() == {"topk-w128-k8", "topk-w256-k16"}
@@ -323,7 +309,7 @@ def test_changed_settings_replace_the_checkpoint(sae_dirs, alone, tmp_path):
     (out / "checkpoint" / theirs.name).write_bytes(theirs.read_bytes())
     cmd = _cli(sae_dirs, out)
     cmd[cmd.index("1.3")] = "1.4"
-    log = _run(cmd, tmp_path)
+    log = run_ok(cmd, tmp_path, 300)
     assert "other settings" in log and "resuming" not in log
     assert (
         _results(out)["topk-w128-k8"]["norm_threshold"]
@@ -333,9 +319,10 @@ def test_changed_settings_replace_the_checkpoint(sae_dirs, alone, tmp_path):
 
 def test_two_torchrun_ranks_equal_one_process(sae_dirs, alone, tmp_path):
     out = tmp_path / "two"
-    _run(
+    run_ok(
         [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", *_cli(sae_dirs, out)],
         tmp_path,
+        300,
     )
     assert sorted(p.name for p in (out / "checkpoint").glob("*.safetensors")) == [
         "stream.rank0-of-2.safetensors", "stream.rank1-of-2.safetensors"]
@@ -375,7 +362,8 @@ def test_smollm2_agrees_with_the_store_path(tmp_path):
     x = store.gather("resid_post.15", np.arange(store.n_rows))
     norms = x.norm(dim=1).numpy()
     rules = (pos >= 1) & ~np.isin(tok, special_token_ids(lm.tokenizer))
-    # an SAE trained quickly on these tokens (the test is about the arithmetic, not held-out SAE quality)
+    # an SAE trained quickly on these tokens (the test is about the arithmetic, not held-out SAE
+    # quality)
     sae = train_sae(x[np.flatnonzero(rules & (norms < 5 * np.median(norms)))], width=1152, k=32,
                     cfg=SAETrainConfig(train_tokens=30_000, batch_size=512, device="cpu"),
                     out_dir=tmp_path / "sae", progress=False)

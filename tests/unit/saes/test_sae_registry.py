@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import cached_hub_repo as _cached_repo
+from helpers import cached_hub_repo
 from sae_darkmatter.errors import (
     CorruptSAEError,
     DarkMatterError,
@@ -20,14 +20,6 @@ from sae_darkmatter.saes.formats import open_sae
 from sae_darkmatter.saes.registry import hf_model_id, parse_spec, translate_hook
 
 RTOL = ATOL = 1e-5  # float32, same ops up to summation order (see test_sae_formats.py)
-
-
-@pytest.fixture(scope="module")
-def sae_lens():
-    """The real library (a dev dependency): a missing install must fail, not skip."""
-    import sae_lens
-
-    return sae_lens
 
 
 def _random_sae_lens(sae_lens, arch: str, seed: int, **cfg):
@@ -135,7 +127,7 @@ def test_offline_not_cached_fails_fast(sae_lens, hub_cache):
 ])
 def test_offline_load_from_hub_cache(sae_lens, hub_cache, arch, cfg, ours):
     theirs = _random_sae_lens(sae_lens, arch, seed=len(arch), **cfg)
-    theirs.save_model(_cached_repo(hub_cache, "acme/tiny-saes") / "layer_3" / "res")
+    theirs.save_model(cached_hub_repo(hub_cache, "acme/tiny-saes") / "layer_3" / "res")
 
     loaded = open_sae("saelens:acme/tiny-saes/layer_3/res")
     via_sae_lens = sae_lens.SAE.from_pretrained("acme/tiny-saes", "layer_3/res")
@@ -162,7 +154,7 @@ def test_offline_norm_scaling_factor_passes_through(sae_lens, hub_cache):
     """Outside the registry SAELens knows no factor: ours asks for it, then folds it."""
     theirs = _random_sae_lens(sae_lens, "standard", seed=9,
                               normalize_activations="expected_average_only_in")
-    theirs.save_model(_cached_repo(hub_cache, "acme/scaled") / "sae")
+    theirs.save_model(cached_hub_repo(hub_cache, "acme/scaled") / "sae")
     with pytest.raises(DarkMatterError, match="needs the activation scaling factor"):
         open_sae("saelens:acme/scaled/sae")
     s = 0.25
@@ -174,7 +166,7 @@ def test_offline_norm_scaling_factor_passes_through(sae_lens, hub_cache):
 
 def test_damaged_hub_cache_file_names_the_sae(sae_lens, hub_cache):
     theirs = _random_sae_lens(sae_lens, "standard", seed=5)
-    folder = _cached_repo(hub_cache, "acme/broken-saes") / "layer_1"
+    folder = cached_hub_repo(hub_cache, "acme/broken-saes") / "layer_1"
     theirs.save_model(folder)
     weights = folder / "sae_weights.safetensors"
     data = weights.read_bytes()

@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from scipy.optimize import curve_fit
 
+from helpers import PNG_MAGIC
 from sae_darkmatter.analyses.scaling import (
     PowerLawFit,
     contour_figure,
@@ -32,7 +33,6 @@ WIDTHS = (256, 512, 1024, 2048, 4096, 8192)
 KS = (16, 32, 64)
 C, A, M = 0.1, 2.0, 0.5
 NONLINEAR = 0.05
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def true_fvu(width: float, k: int) -> float:
@@ -167,7 +167,8 @@ def test_fit_scaling_needs_three_widths(tmp_path):
 
 def test_fit_recovers_known_law(big_fit):
     # Tolerances: with 20k tokens the bootstrap SE is ~0.0013 for c, ~0.013 for m and ~6 % for a,
-    # so these bounds are about 4 SE (observed across data seeds 0-2: |Δc| <= 0.0023, |Δm| <= 0.019).
+    # so these bounds are about 4 SE (observed across data seeds 0-2: |Δc| <= 0.0023,
+    # |Δm| <= 0.019).
     fit = big_fit
     assert abs(fit.c - C) < 0.005
     assert abs(fit.m - M) < 0.05

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import PNG_MAGIC
 from sae_darkmatter.analyses.norm_baselines import (
     BASELINES,
     alignment_figure,
@@ -26,7 +27,6 @@ from sae_darkmatter.saes import TopKSAE, load_sae, save_sae
 from sae_darkmatter.store import ActivationStore
 
 D, T, N_CTX, VOCAB = 8, 16, 50, 12
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _write_decomposition(
@@ -215,14 +215,15 @@ def test_reconstruction_norm_probe_matches_numpy_lstsq(run):
 
 
 def test_figures_and_analysis(run, result, tmp_path):
-    assert baseline_figure(result, tmp_path / "b.png").read_bytes()[:8] == PNG
-    assert violin_figure(run["dec"], tmp_path / "v.png", max_points=200).read_bytes()[:8] == PNG
+    assert baseline_figure(result, tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
+    violin = violin_figure(run["dec"], tmp_path / "v.png", max_points=200)
+    assert violin.read_bytes()[:8] == PNG_MAGIC
     summary = norm_analysis(run["dec"], run["store"], tmp_path / "out", seed=3)
     json.dumps(summary)
     assert summary["baselines"]["lin"] == result["lin"]
     assert summary["alignment"]["sae"] == "norm"  # the widest
     for name in ("norm_baselines", "norm_violins", "norm_alignment"):
-        assert (tmp_path / "out" / "figures" / f"{name}.png").read_bytes()[:8] == PNG
+        assert (tmp_path / "out" / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     align = {
         "mean_activation": [1.0, 2.0],
         "projection": [0.5, 1.0],
@@ -230,4 +231,4 @@ def test_figures_and_analysis(run, result, tmp_path):
         "spearman": None,
         "n_latents": 2,
     }
-    assert alignment_figure(align, tmp_path / "a.png").read_bytes()[:8] == PNG
+    assert alignment_figure(align, tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC

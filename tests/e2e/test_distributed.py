@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +18,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from helpers import BIN, offline_env, run_ok
 from sae_darkmatter import distributed
 from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import DarkMatterError
-
-BIN = Path(sys.executable).parent
 
 CONFIG = """
 [harvest]
@@ -46,21 +43,15 @@ chunk_rows = 256
 """
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """The same `darkmatter run` once alone and once on two torchrun ranks."""
     root = tmp_path_factory.mktemp("dist")
     (root / "run.toml").write_text(CONFIG.format(model=tiny_model_dir))
     args = ["run", "--config", "run.toml"]
-    _run([str(BIN / "darkmatter"), *args, "-o", "alone"], root)
-    _run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", str(BIN / "darkmatter"),
-          *args, "-o", "two"], root)
+    run_ok([str(BIN / "darkmatter"), *args, "-o", "alone"], root, 900)
+    run_ok([str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python",
+            str(BIN / "darkmatter"), *args, "-o", "two"], root, 900)
     return root / "alone", root / "two"
 
 
@@ -132,8 +123,9 @@ def test_killed_distributed_harvest_resumes_to_the_same_store(tiny_model_dir, tm
         "-o",
         str(out),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     t = time.time()
     while len(list(out.glob("shard_*.safetensors"))) < 6:
         assert proc.poll() is None and time.time() - t < 300, "the harvest ended before the kill"
@@ -142,8 +134,8 @@ def test_killed_distributed_harvest_resumes_to_the_same_store(tiny_model_dir, tm
     proc.wait()
     before = json.loads((out / "manifest.json").read_text())["committed_contexts"]
     assert before < 480
-    _run(cmd, tmp_path)
-    _run([str(BIN / "darkmatter"), *cmd[5:-1], str(tmp_path / "ref")], tmp_path)
+    run_ok(cmd, tmp_path, 900)
+    run_ok([str(BIN / "darkmatter"), *cmd[5:-1], str(tmp_path / "ref")], tmp_path, 900)
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (out, tmp_path / "ref"))
     assert a["shards"] == b["shards"] and a["committed_contexts"] == 480
     assert not list(out.glob("*.staged.json")) and not list(out.glob(".*.tmp"))

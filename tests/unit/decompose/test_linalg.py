@@ -16,7 +16,8 @@ D_IN, D_OUT, N = 64, 32, 5000
 
 
 def offset_data(n: int = N, seed: int = 0, mean: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-    """float32 X with a large mean offset (100, std ~1) and strongly correlated columns; Y linear + noise."""
+    """float32 X with a large mean offset (100, std ~1) and strongly correlated columns; Y linear
+    + noise."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, D_IN))
     mix = np.eye(D_IN) + 0.8 * rng.standard_normal((D_IN, D_IN)) / np.sqrt(D_IN)
@@ -40,7 +41,8 @@ def fit(x: np.ndarray, y: np.ndarray, chunks: list[int] | None = None, **kw) -> 
 
 
 def pred_err(probe: LinearProbe, ref: LinearProbe, x: np.ndarray) -> float:
-    """Prediction error of ``probe`` against ``ref``, relative to the spread of ref's predictions."""
+    """Prediction error of ``probe`` against ``ref``, relative to the spread of ref's
+    predictions."""
     want = ref.predict(torch.from_numpy(x).double())
     got = probe.predict(torch.from_numpy(x).double())
     return float((got - want).norm() / (want - want.mean(0)).norm())

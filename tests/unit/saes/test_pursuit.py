@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import direction_sae, sparse_code_store
 from sae_darkmatter.config import DecomposeConfig, SplitConfig, TokenFilter
 from sae_darkmatter.decompose import decompose_many
 from sae_darkmatter.saes import SAE, TopKSAE
@@ -19,7 +20,6 @@ from sae_darkmatter.saes.pursuit import (
     pursue,
 )
 from sae_darkmatter.splits import make_splits
-from sae_darkmatter.store import ActivationStore
 
 F64 = torch.float64
 
@@ -215,27 +215,9 @@ def test_pursuit_sae_protocol_and_matched_l0():
 
 
 def synthetic_store(path, d=16, n_ctx=240, seed=0):
-    rng = np.random.default_rng(seed)
-    dirs = rng.normal(size=(48, d))
-    st = ActivationStore.create_or_resume(path, hooks={"resid_post.1": d}, context_length=16,
-                                          meta={"model_name": "synthetic"})
-    for start in range(0, n_ctx, 60):
-        n = 60 * 16
-        codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.1)
-        x = 5.0 + codes @ dirs + 0.3 * rng.normal(size=(n, d))
-        st.append(
-            context_start=start,
-            acts={"resid_post.1": x.reshape(60, 16, d).astype(np.float32)},
-            tokens=rng.integers(5, 100, size=(60, 16)),
-            loss=None,
-        )
-    sae = TopKSAE(d, 64, 4, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.from_numpy(np.tile(dirs, (2, 1))[:64]).float())
-        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_dec.fill_(5.0)
-    return st, sae
+    st, dirs = sparse_code_store(path, d=d, n_ctx=n_ctx, per_append=60, mean=5.0,
+                                 meta={"model_name": "synthetic"}, seed=seed)
+    return st, direction_sae(dirs, 64, 4, seed=1, mean=5.0)
 
 
 SPLIT = SplitConfig(filter=TokenFilter(skip_positions=1, max_norm_ratio=None))

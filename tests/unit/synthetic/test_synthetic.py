@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import PNG_MAGIC
 from sae_darkmatter.config import from_dict, to_dict
 from sae_darkmatter.errors import ConfigValueError, DarkMatterError
 from sae_darkmatter.saes import TopKSAE, save_sae
@@ -208,7 +209,7 @@ def test_run_synthetic_writes_the_report(tmp_path):
     for name in ("synthetic_lines", "synthetic_heatmaps_in_sample", "synthetic_heatmaps_held_out",
                  "synthetic_fit_modes"):
         png = tmp_path / "figures" / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_cli_synthetic_writes_its_report(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import cached_hub_repo
+from helpers import cached_hub_repo
 from sae_darkmatter.adopt import adopt_sae_metadata
 from sae_darkmatter.config import CorpusConfig, HarvestConfig, ModelConfig, RunConfig
 from sae_darkmatter.harvest import harvest

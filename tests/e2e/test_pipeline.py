@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from helpers import PNG_MAGIC
 from sae_darkmatter import (
     ActivationStore,
     CorpusConfig,
@@ -57,7 +58,7 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     # + error SAEs + 2 downstream
     assert len(images) == 15
     for src in images:
-        assert (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+        assert (out / src).read_bytes()[:8] == PNG_MAGIC, src
     assert "Contexts with the largest nonlinear error" in page
     analyses = metrics["analyses"]
     assert set(analyses) == {"encoder_error", "scaling", "per_token", "norms", "cross_layer",
@@ -197,12 +198,13 @@ def test_run_with_our_sae_folder_takes_model_and_hook_from_its_metadata(tiny_run
 
 
 def test_run_with_registry_sae_from_local_hub_cache(tiny_model_dir, hub_cache, tmp_path):
-    """`saelens:<repo>/<id>` through sae_lens's own loader, offline, from a real hub-cache layout."""
+    """`saelens:<repo>/<id>` through sae_lens's own loader, offline, from a real hub-cache
+    layout."""
     import torch
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
 
-    from conftest import cached_hub_repo
+    from helpers import cached_hub_repo
 
     cls, cfg_cls = get_sae_class("jumprelu")
     meta = SAEMetadata(model_name=str(tiny_model_dir), hook_name="blocks.3.hook_resid_pre")

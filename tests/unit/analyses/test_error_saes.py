@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_run
 from sae_darkmatter import SAETrainConfig, SplitConfig
 from sae_darkmatter.analyses.error_saes import (
     TARGETS,
@@ -21,7 +22,6 @@ from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.saes import TopKSAE, load_sae
 from sae_darkmatter.splits import make_splits
 from sae_darkmatter.store import ActivationStore
-from test_downstream import make_run
 
 HOOK = "resid_post.2"
 CFG = ErrorSAEConfig(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from helpers import PNG_MAGIC
 from sae_darkmatter._io import write_json
 from sae_darkmatter.analyses.per_token import (
     darkest_contexts,
@@ -24,7 +25,6 @@ from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.store import ActivationStore
 
 T, N_CTX = 16, 256
-PNG = b"\x89PNG\r\n\x1a\n"
 # (name, width, k); written in an order that differs from the sorted one on purpose.
 SAES = [("wide", 256, 8), ("narrow", 32, 8), ("mid_k4", 64, 4), ("mid_k8", 64, 8)]
 SORTED = ["narrow", "mid_k4", "mid_k8", "wide"]
@@ -271,18 +271,18 @@ def test_figures_and_full_analysis(informative, store, tmp_path):
     norms = per_token_norms(folder)
     res = predictability_matrix(norms)
     p = matrix_figure(res, tmp_path / "m.png")
-    assert p.read_bytes()[:8] == PNG
+    assert p.read_bytes()[:8] == PNG_MAGIC
     p = token_strip_figure(
         norms, store, tmp_path / "s.png", start=10, length=20, tokenizer=_CharTokenizer()
     )
-    assert p.read_bytes()[:8] == PNG
+    assert p.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(DarkMatterError, match="start"):
         token_strip_figure(norms, store, tmp_path / "x.png", start=norms.rows.size)
 
     summary = per_token_analysis(folder, store.path, tmp_path / "out", seed=0)
     json.dumps(summary, allow_nan=False)
     for name in ("per_token_matrix.png", "per_token_strip.png"):
-        assert (tmp_path / "out" / "figures" / name).read_bytes()[:8] == PNG
+        assert (tmp_path / "out" / "figures" / name).read_bytes()[:8] == PNG_MAGIC
     assert summary["names"] == SORTED and summary["n_test"] == norms.rows.size
     assert summary["predictability"]["r2"] == res["r2"]
     assert summary["darkest"]["nonlinear"]["contexts"][0]["context"] == DARK_NL

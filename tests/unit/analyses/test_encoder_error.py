@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import direction_sae, sparse_code_store
 from sae_darkmatter.analyses.encoder_error import encoder_error_analysis, subsample
 from sae_darkmatter.config import (
     DecomposeConfig,
@@ -17,7 +18,7 @@ from sae_darkmatter.config import (
 )
 from sae_darkmatter.errors import ConfigError, DarkMatterError
 from sae_darkmatter.pipeline import decompose_saes
-from sae_darkmatter.saes import TopKSAE, save_sae
+from sae_darkmatter.saes import save_sae
 from sae_darkmatter.saes.pursuit import PursuitSAE
 from sae_darkmatter.splits import make_splits
 from sae_darkmatter.store import ActivationStore
@@ -33,25 +34,11 @@ HOOK = "resid_post.1"
 def run_dir(tmp_path_factory):
     """A store of sparse codes on 48 directions and two crude TopK SAEs on those directions."""
     out = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(0)
-    d = 16
-    dirs = rng.normal(size=(48, d))
-    st = ActivationStore.create_or_resume(out / "store", hooks={HOOK: d}, context_length=16,
-                                          meta={"model_name": "synthetic"})
-    for start in range(0, 160, 40):
-        n = 40 * 16
-        codes = rng.exponential(size=(n, 48)) * (rng.random((n, 48)) < 0.1)
-        x = 5.0 + codes @ dirs + 0.3 * rng.normal(size=(n, d))
-        st.append(context_start=start, acts={HOOK: x.reshape(40, 16, d).astype(np.float32)},
-                  tokens=rng.integers(5, 100, size=(40, 16)), loss=None)
+    st, dirs = sparse_code_store(out / "store", d=16, n_ctx=160, per_append=40, mean=5.0,
+                                 meta={"model_name": "synthetic"})
     folders = []
     for width in (32, 64):
-        sae = TopKSAE(d, width, 4, generator=torch.Generator().manual_seed(width))
-        with torch.no_grad():
-            sae.W_dec.copy_(torch.from_numpy(np.tile(dirs, (2, 1))[:width]).float())
-            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-            sae.W_enc.copy_(sae.W_dec.T)
-            sae.b_dec.fill_(5.0)
+        sae = direction_sae(dirs, width, 4, seed=width, mean=5.0)
         folders.append(out / "saes" / f"topk-w{width}-k4")
         save_sae(sae, folders[-1], metadata={"hook_name": HOOK})
     decompose_saes(st, make_splits(st, SPLIT), folders, DEC, out / "decompose", progress=False)
