@@ -1,5 +1,5 @@
-"""SAE training: sparse kernels and losses (against dense autograd and sae_lens), each
-architecture's quality on synthetic data, one-pass grids, resume after SIGKILL, config errors."""
+"""SAE training: each architecture's quality on synthetic data, one-pass grids, resume after
+SIGKILL, names and config errors (the kernels and losses are in test_train_kernels.py)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,22 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import SRC, float64_fvu, training_sae
 from sae_darkmatter.config import SAETrainConfig, from_dict
 from sae_darkmatter.errors import ConfigError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import JumpReLUSAE, ReLUSAE, load_sae, save_sae, train_sae
 from sae_darkmatter.saes.archs import ARCHITECTURES
-from sae_darkmatter.saes.archs.base import total_variance
-from sae_darkmatter.saes.archs.topk import AUXK_COEF
 from sae_darkmatter.saes.train import sae_folder_name, train_grid
 from sae_darkmatter.saes.train_data import BatchStream
-from sae_darkmatter.saes.train_kernels import Codes, gather_pre, sparse_decode
 
 # float32 reconstructions that differ only in summation order (embedding_bag vs dense matmul)
 RTOL, ATOL = 1e-5, 1e-5
 COEF_FIELD = {"topk": "ks", "batchtopk": "ks", "relu": "l1_coefficients",
               "jumprelu": "l0_coefficients"}
-
-
-@pytest.fixture(scope="module")
-def sae_lens():
-    """The real library (a dev dependency): a missing install must fail, not skip."""
-    import sae_lens
-
-    return sae_lens
-
-
-def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x64, e = x.double(), (x - x_hat).double()
-    return float(e.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
 
 
 def _sparse_data(n: int, d: int = 32, m: int = 64, k: int = 4, seed: int = 0):
@@ -52,131 +36,6 @@ def _sparse_data(n: int, d: int = 32, m: int = 64, k: int = 4, seed: int = 0):
     idx = torch.rand(n, m, generator=gen).argsort(1)[:, :k]
     z = torch.zeros(n, m).scatter_(1, idx, torch.rand(n, k, generator=gen) * 2 + 0.5)
     return z @ dirs * 7 + 3, dirs
-
-
-def _trainer(arch: str, d_in: int = 20, width: int = 50, sparsity: float = 5, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed + 1)
-    sae = ARCHITECTURES[arch].trainer(d_in, width, sparsity,
-                                      b_dec=torch.randn(d_in, generator=gen), seed=seed)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.randn(width, generator=gen) * 0.3)
-        if arch == "jumprelu":
-            sae.threshold.copy_(torch.rand(width, generator=gen) * 0.5)
-    return sae
-
-
-def _sae_lens_state(sae) -> dict[str, torch.Tensor]:
-    """Our training SAE's tensors under SAELens's names (it holds ``W_enc.T`` as ``W_enc_t``)."""
-    state = {n: p.detach().clone() for n, p in sae.named_parameters()}
-    state["W_enc"] = state.pop("W_enc_t").T.contiguous()
-    return state
-
-
-def _grads(sae, xb, dead, progress=1.0):
-    sae.zero_grad()
-    fw = sae(xb)
-    sae.loss(fw, total_variance(xb), dead, progress).backward()
-    return fw, {n: p.grad.clone() for n, p in sae.named_parameters()}
-
-
-# --------------------------------------------------------------------------- kernels and losses
-
-
-def test_sparse_kernels_equal_dense_products():
-    gen = torch.Generator().manual_seed(0)
-    xc, w_rows = torch.randn(6, 5, generator=gen), torch.randn(9, 5, generator=gen)
-    b_enc, w_dec = torch.randn(9, generator=gen), torch.randn(9, 5, generator=gen)
-    mask = torch.rand(6, 9, generator=gen) < 0.3
-    mask[2] = False  # an empty row
-    codes = Codes.from_mask(mask)
-    assert codes.offsets.tolist() == (mask.sum(1).cumsum(0) - mask.sum(1)).tolist()
-    weights = torch.randn(6, 5, generator=gen)
-
-    leaves = [t.clone().requires_grad_() for t in (xc, w_rows, b_enc, w_dec)]
-    pre = torch.addmm(leaves[2], leaves[0], leaves[1].T)
-    out = sparse_decode(gather_pre(*leaves[:3], pre.detach(), codes) ** 2, codes, leaves[3])
-    (out * weights).sum().backward()
-    ref_leaves = [t.clone().requires_grad_() for t in (xc, w_rows, b_enc, w_dec)]
-    ref_pre = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
-    ref = (ref_pre**2 * mask) @ ref_leaves[3]
-    (ref * weights).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_topk_gradients_equal_dense_autograd():
-    sae = _trainer("topk")
-    xb = torch.randn(40, 20)
-    dead = torch.arange(50) % 3 == 0
-    _, sparse_grads = _grads(sae, xb, dead)
-
-    # dense reference: the same loss written with plain autograd ops
-    sae.zero_grad()
-    pre = (xb - sae.b_dec) @ sae.W_enc_t.T + sae.b_enc
-    top = pre.topk(5, dim=1)
-    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-    residual = xb - (z @ sae.W_dec + sae.b_dec)
-    fvu = residual.pow(2).sum() / (xb - xb.mean(0)).pow(2).sum()
-    k_aux = min(10, int(dead.sum()))
-    aux = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
-    z_aux = torch.zeros_like(pre).scatter(1, aux.indices, aux.values)
-    r = residual.detach()
-    auxk = (z_aux @ sae.W_dec - r).pow(2).sum() / (r - r.mean(0)).pow(2).sum()
-    (fvu + AUXK_COEF * auxk).backward()
-    for name, p in sae.named_parameters():
-        torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_batchtopk_selects_like_sae_lens(sae_lens):
-    ours = _trainer("batchtopk", sparsity=4)
-    cfg = sae_lens.BatchTopKTrainingSAEConfig(d_in=20, d_sae=50, k=4, decoder_init_norm=None)
-    theirs = sae_lens.BatchTopKTrainingSAE(cfg)
-    theirs.load_state_dict(_sae_lens_state(ours) | {"topk_threshold": theirs.topk_threshold},
-                           strict=True)
-    xb = torch.randn(30, 20)
-    fw = ours(xb)
-    dense = torch.zeros(30, 50).index_put_((fw.codes.rows, fw.codes.cols), fw.values.detach())
-    with torch.no_grad():
-        expected = theirs.encode(xb)
-    assert torch.equal(dense > 0, expected > 0)  # the same k * n latents
-    torch.testing.assert_close(dense, expected, rtol=1e-6, atol=1e-6)
-    assert fw.codes.cols.numel() == 4 * 30
-
-
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-@pytest.mark.parametrize("dense", [False, True])
-def test_penalised_gradients_equal_sae_lens(arch, dense, sae_lens):
-    """Loss and gradients (L1 with decoder norms / L0 with straight-through estimators) match
-    SAELens's training SAEs, through our sparse kernels and through the dense path."""
-    ours = _trainer(arch)
-    ours.dense_above = 1.0 if not dense else 0.0
-    coef = 0.7
-    if arch == "relu":
-        cfg = sae_lens.StandardTrainingSAEConfig(d_in=20, d_sae=50, l1_coefficient=coef,
-                                                 decoder_init_norm=None)
-        theirs, key = sae_lens.StandardTrainingSAE(cfg), "l1"
-    else:
-        cfg = sae_lens.JumpReLUTrainingSAEConfig(d_in=20, d_sae=50, l0_coefficient=coef,
-                                                 jumprelu_bandwidth=0.05,
-                                                 decoder_init_norm=None)
-        theirs, key = sae_lens.JumpReLUTrainingSAE(cfg), "l0"
-    ours.sparsity = coef
-    theirs.load_state_dict(_sae_lens_state(ours))
-    xb = torch.randn(200, 20) * 3
-    fw, grads = _grads(ours, xb, torch.zeros(50, dtype=torch.bool))
-    assert (fw.codes is None) == dense
-    from sae_lens.saes.sae import TrainStepInput
-
-    out = theirs.training_forward_pass(TrainStepInput(xb, {key: coef}, None, 0, False))
-    out.loss.backward()
-    ours_loss = ours.loss(ours(xb), total_variance(xb), torch.zeros(50, dtype=torch.bool), 1.0)
-    torch.testing.assert_close(ours_loss, out.loss.detach(), rtol=1e-5, atol=1e-5)
-    if arch == "jumprelu":
-        assert grads["threshold"].abs().sum() > 0  # some pre-activations lie in the band
-    grads["W_enc"] = grads.pop("W_enc_t").T
-    for name, p in theirs.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- training quality
@@ -204,12 +63,14 @@ def test_topk_training_recovers_sparse_structure(tmp_path, sae_lens):
 
     saved = load_sae(tmp_path)
     with torch.no_grad():
-        fvu = _fvu(x, saved(x))
+        fvu = float64_fvu(x, saved(x))
     assert fvu < 0.1
     # the scale is folded: raw-space FVU of the saved SAE matches the scaled-space training FVU
     assert abs(fvu - info["last_batch_fvu"]) < 0.02
     with torch.no_grad():
-        assert info["final_train_fvu"] == pytest.approx(_fvu(x[:16384], saved(x[:16384])), rel=1e-5)
+        assert info["final_train_fvu"] == pytest.approx(
+            float64_fvu(x[:16384], saved(x[:16384])), rel=1e-5
+        )
     # most true directions are found by some decoder row
     cos = (dirs @ (saved.W_dec / saved.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
     assert (cos > 0.9).float().mean() > 0.8
@@ -246,8 +107,8 @@ def test_each_architecture_trains_and_loads_in_sae_lens(arch, tmp_path, sae_lens
     assert isinstance(saved, ReLUSAE if arch == "relu" else JumpReLUSAE)
     with torch.no_grad():
         z = saved.encode(x)
-        fvu, l0 = _fvu(x, saved.decode(z)), float((z > 0).sum(1).float().mean())
-        assert info["final_train_fvu"] == pytest.approx(_fvu(x, saved(x)), rel=1e-5)
+        fvu, l0 = float64_fvu(x, saved.decode(z)), float((z > 0).sum(1).float().mean())
+        assert info["final_train_fvu"] == pytest.approx(float64_fvu(x, saved(x)), rel=1e-5)
     assert fvu < max_fvu and l0 < max_l0
     assert info["final_train_l0"] == pytest.approx(l0, rel=1e-6)
     cos = (dirs @ (saved.W_dec / saved.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
@@ -336,7 +197,7 @@ def test_killed_grid_resumes_bit_identically(tmp_path, caplog):
     cfg = SAETrainConfig(architecture="batchtopk", widths=(64, 96), ks=(3, 4),
                          train_tokens=64 * steps, batch_size=64, checkpoint_every=1000)
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(killed), str(torch.get_num_threads()),
          str(tmp_path / "x.pt"), str(64 * steps)], env=env)
@@ -376,7 +237,7 @@ def test_registry_matches_the_config_and_exports_its_classes(tmp_path):
     assert tuple(ARCHITECTURES) == SAETrainConfig.ARCHITECTURES
     for name, arch in ARCHITECTURES.items():
         assert SAETrainConfig(architecture=name).sparsity_field() == arch.sparsity_field
-        sae = _trainer(name, sparsity=5).export(2.0)
+        sae = training_sae(name, sparsity=5).export(2.0)
         assert type(sae) is arch.sae_class
         save_sae(sae, tmp_path / name, metadata={})
         cfg = json.loads((tmp_path / name / "cfg.json").read_text())

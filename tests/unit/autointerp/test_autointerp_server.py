@@ -1,5 +1,5 @@
-"""Auto-interpretability: parsing, scoring arithmetic, example collection, and the whole protocol
-against a real OpenAI-compatible server (llama.cpp's, serving the embedded SmolLM2 GGUF).
+"""Auto-interpretability: the whole protocol against a real OpenAI-compatible server
+(llama.cpp's, serving the embedded SmolLM2 GGUF).
 
 The 135M judge answers poorly; these tests check the protocol, the cache, the failure paths and
 the arithmetic, never the quality of explanations.
@@ -21,25 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from sae_darkmatter._io import write_json
-from sae_darkmatter.analyses.error_saes import error_sae_analysis
+from helpers import AUTOINTERP_HOOK as HOOK
+from helpers import collect_examples_of, make_run
 from sae_darkmatter.autointerp import (
     AutoInterpConfig,
     ChatClient,
     EndpointError,
     autointerp_run,
-    collect_examples,
-    default_saes,
     latent_counts,
-    parse_detection,
-    parse_explanation,
     prompts,
-    resolve_sae,
     summarize,
 )
-from sae_darkmatter.autointerp.choose import RunData
 from sae_darkmatter.autointerp.client import cache_key
 from sae_darkmatter.autointerp.run import (
     LATENTS_FILE,
@@ -47,16 +40,8 @@ from sae_darkmatter.autointerp.run import (
     detect,
     explain,
 )
-from sae_darkmatter.autointerp.scoring import latent_balanced_accuracy
-from sae_darkmatter.config import ErrorSAEConfig, SAETrainConfig
-from sae_darkmatter.errors import ConfigError, DarkMatterError
 from sae_darkmatter.models import embedded_gguf_path
-from sae_darkmatter.run_dir import RunDir
-from sae_darkmatter.saes import load_sae
-from sae_darkmatter.store import ActivationStore
-from test_downstream import make_run
 
-HOOK = "resid_post.2"
 KEY_ENV = "DM_AUTOINTERP_TEST_KEY"
 KEY = "sk-darkmatter-fake-5e1b7c93d04a"  # distinctive: grepped for in every file and log
 # Small and fast: 1 latent per SAE, 2 quantiles, 8-token windows, short answers.
@@ -77,223 +62,6 @@ FAST = {
     "max_retries": 1,
     "timeout_s": 60.0,
 }
-
-
-# ---------------------------------------------------------------------------- parsing
-
-
-@pytest.mark.parametrize(("text", "n", "expected"), [
-    ("[1, 3]", 4, [True, False, True, False]),
-    ("The matching snippets are:\n[2]", 3, [False, True, False]),
-    ("[1, 0, 0, 1]", 4, [True, False, False, True]),  # one 0/1 per snippet
-    ("[1, 1, 1]", 3, [True, True, True]),  # n values, a repeat: a 0/1 vector
-    ("[]", 3, [False, False, False]),
-    ("1, 3 and 4", 4, [True, False, True, True]),
-    ("3", 3, [False, False, True]),
-    ("1: yes\n2: no\n3: Yes", 3, [True, False, True]),
-    ("Snippet 1 - no\nSnippet 2 - yes", 2, [False, True]),
-    ("None of them.", 2, [False, False]),
-    ("[7]", 4, None),  # out of range
-    ("1: yes\n2: no", 3, None),  # yes/no for only some snippets
-    ("The output of", 3, None),
-    ("", 3, None),
-])
-def test_parse_detection(text, n, expected):
-    assert parse_detection(text, n) == expected
-
-
-def test_parse_explanation():
-    assert parse_explanation("Explanation: the keyword return.\nMore text") == "the keyword return."
-    assert parse_explanation('  "Python keywords" ') == "Python keywords"
-    assert parse_explanation("Sure! explanation:\n\n  closing brackets") == "closing brackets"
-    assert parse_explanation("ok") is None and parse_explanation("") is None
-    assert (
-        parse_explanation('{"explanation": "Python keywords"}') == "Python keywords"
-    )  # constrained
-    assert parse_detection('{"matches": [2, 3]}', 3) == [False, True, True]
-
-
-# ---------------------------------------------------------------------------- scoring
-
-
-def test_scoring_against_hand_computed_counts():
-    # latent A: Q1 yes+no, Q2 yes, negatives no+yes; latent B: Q1 yes, Q2 yes, negative no
-    a = latent_counts([(1, True), (1, False), (2, True), (0, False), (0, True)], 2)
-    b = latent_counts([(1, True), (2, True), (0, False)], 2)
-    assert a[0].tolist() == [1, 1, 1] and a[1].tolist() == [2, 2, 1]
-    s = summarize(np.stack([a[0], b[0]]), np.stack([a[1], b[1]]), n_boot=500, seed=1)
-    assert [q["accuracy"] for q in s["quantiles"]] == pytest.approx([2 / 3, 1.0])
-    assert (s["quantiles"][0]["correct"], s["quantiles"][0]["total"]) == (2, 3)
-    assert s["negatives"]["accuracy"] == pytest.approx(2 / 3)
-    assert s["recall"]["value"] == pytest.approx(4 / 5)
-    assert s["specificity"]["value"] == pytest.approx(2 / 3)
-    assert s["balanced_accuracy"]["value"] == pytest.approx((4 / 5 + 2 / 3) / 2)
-    p, n = 2 / 3, 3
-    half = 1.96 * np.sqrt(p * (1 - p) / n)
-    assert s["negatives"]["ci_normal"] == pytest.approx([p - half, 1.0])  # clipped at 1
-    for block in (s["recall"], s["specificity"], s["balanced_accuracy"]):
-        assert block["ci"][0] <= block["value"] <= block["ci"][1]
-    # resampling latents: recall is 2/3 (A alone), 4/5 (mixed) or 1 (B alone)
-    assert s["recall"]["ci"][0] == pytest.approx(2 / 3) and s["recall"]["ci"][1] == pytest.approx(
-        1.0
-    )
-    assert latent_balanced_accuracy(*a) == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert summarize(np.stack([a[0], b[0]]), np.stack([a[1], b[1]]), n_boot=500, seed=1) == s
-
-
-def test_scoring_edge_cases():
-    c, t = latent_counts([(1, True), (2, False)], 2)  # no negatives: specificity undefined
-    s = summarize(np.stack([c, c]), np.stack([t, t]), n_boot=100)
-    assert s["specificity"]["value"] is None and s["balanced_accuracy"]["value"] is None
-    assert s["recall"]["ci"] == [0.5, 0.5]  # identical latents: no spread
-    empty = summarize(np.zeros((0, 3), int), np.zeros((0, 3), int), n_boot=50)
-    assert empty["n_latents"] == 0 and empty["recall"]["value"] is None
-    with pytest.raises(ValueError):
-        latent_counts([(3, True)], 2)
-
-
-def test_config_is_validated():
-    with pytest.raises(ConfigError, match="explain_fraction"):
-        AutoInterpConfig(explain_fraction=1.0)
-    with pytest.raises(ConfigError, match="pool"):
-        AutoInterpConfig(pool=5)
-
-
-# ---------------------------------------------------------------------------- a tiny run
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny run (store, base SAE, decomposition) with error SAEs on e, ê and e − ê."""
-    out = make_run(
-        tiny_model_dir, tmp_path_factory.mktemp("run"), HOOK, n_contexts=48, widths=(64,)
-    )
-    cfg = ErrorSAEConfig(
-        train=SAETrainConfig(widths=(32,), ks=(4,), train_tokens=1500, batch_size=256)
-    )
-    write_json(
-        out / "analyses.json", {"error_saes": error_sae_analysis(out, cfg=cfg, progress=False)}
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_tokenizer):
-    return smollm2_tokenizer
-
-
-def _collect(run_dir: Path, cfg: AutoInterpConfig, tokenizer, spec: str = "topk-w64-k8", sae=None):
-    data = RunData(RunDir(run_dir), cfg, tokenizer)
-    choice = resolve_sae(run_dir, spec)
-    sae = sae if sae is not None else load_sae(choice.spec).eval()
-    windows = data.windows(data.hook_of(choice, HOOK))
-    found = collect_examples(
-        [(sae, choice.input)], data.parts(HOOK, choice.base), windows, cfg, tokenizer
-    )
-    return found[0], windows, sae
-
-
-def test_examples_by_quantile_negatives_and_highlights(run_dir, tokenizer):
-    cfg = AutoInterpConfig(
-        n_latents=4, n_quantiles=3, n_per_quantile=2, n_negatives=3, n_explain=3, window=8
-    )
-    ex, windows, sae = _collect(run_dir, cfg, tokenizer)
-    assert len(ex.latents) == 4 and ex.n_eligible == 4
-    store = ActivationStore.open(run_dir / "store")
-    context = store.column("context")
-    checked = 0
-    for le in ex.latents:
-        for e in le.explain + le.scored:
-            # the window's activations, recomputed from the stored x of its kept rows
-            kept = windows.rows[slice(*windows.bounds(e.window))]
-            with torch.inference_mode():
-                acts = sae.encode(store.gather(HOOK, kept))[:, le.latent].numpy()
-            assert float(acts.max()) == pytest.approx(e.activation, abs=1e-5)
-            all_rows, _ = windows.token_ids(e.window)
-            active = np.isin(all_rows, kept[acts > 0]).astype(int)
-            runs = int(np.count_nonzero(np.diff(np.concatenate([[0], active])) == 1))
-            if "<" not in e.text and ">" not in e.text:  # markers are unambiguous in this text
-                assert e.highlighted.count("<<") == e.highlighted.count(">>") == runs
-                assert e.text == e.highlighted.replace("<<", "").replace(">>", "")
-                checked += 1
-        neg = [e for e in le.scored if e.quantile == 0]
-        pos = [e for e in le.scored if e.quantile > 0]
-        assert all(e.activation == 0 and "<<" not in e.highlighted for e in neg)
-        assert len(neg) == min(3, cfg.n_negatives) and len(pos) == 6
-        by_q = {q: [e.activation for e in pos if e.quantile == q] for q in (1, 2, 3)}
-        assert max(by_q[1]) <= min(by_q[2]) and max(by_q[2]) <= min(
-            by_q[3]
-        )  # equal-count quantiles
-        acts = [e.activation for e in le.explain]
-        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
-        # explanation and scoring windows come from disjoint contexts
-        assert not _contexts(windows, context, le.explain) & _contexts(windows, context, le.scored)
-        assert all(windows.explain[e.window] for e in le.explain)
-        assert not any(windows.explain[e.window] for e in le.scored)
-    assert checked > 10
-
-
-def _contexts(windows, context: np.ndarray, examples) -> set[int]:
-    return set(context[windows.rows[[windows.bounds(e.window)[0] for e in examples]]].tolist())
-
-
-def test_examples_do_not_depend_on_chunking_and_follow_the_seed(run_dir, tokenizer):
-    cfg = AutoInterpConfig(
-        n_latents=3, n_quantiles=2, n_per_quantile=2, n_negatives=2, n_explain=2, window=8
-    )
-    a = _collect(run_dir, cfg, tokenizer)[0]
-    b = _collect(run_dir, dataclasses.replace(cfg, chunk_rows=40), tokenizer)[0]
-    assert a == b
-    c = _collect(run_dir, dataclasses.replace(cfg, seed=5), tokenizer)[0]
-    assert [le.latent for le in c.latents] != [le.latent for le in a.latents]
-
-
-def test_dead_latents_are_skipped(run_dir, tokenizer):
-    sae = load_sae(run_dir / "saes" / "topk-w64-k8").eval()
-    dead = torch.arange(0, 64, 2)
-    with torch.no_grad():
-        sae.b_enc[dead] = -1e6  # never among the top k
-    cfg = AutoInterpConfig(
-        n_latents=64, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=1, window=8
-    )
-    ex = _collect(run_dir, cfg, tokenizer, sae=sae)[0]
-    assert ex.n_dead >= dead.numel()
-    assert ex.n_dead + ex.n_rare + ex.n_eligible == 64
-    assert len(ex.latents) == ex.n_eligible and not {le.latent for le in ex.latents} & set(
-        dead.tolist()
-    )
-
-
-def test_error_saes_see_the_error_parts(run_dir, tokenizer):
-    specs = default_saes(run_dir)
-    choices = [resolve_sae(run_dir, s) for s in specs]
-    assert [c.input for c in choices] == ["x", "error", "linear", "nonlinear"]
-    assert {c.base for c in choices[1:]} == {"topk-w64-k8"}
-    assert len({Path(c.spec).name for c in choices[1:]}) == 1  # one width and k
-    with pytest.raises(DarkMatterError, match="no SAE"):
-        resolve_sae(run_dir, "no-such-sae")
-    cfg = AutoInterpConfig(
-        n_latents=2, n_quantiles=2, n_per_quantile=1, n_negatives=1, n_explain=2, window=8
-    )
-    data = RunData(RunDir(run_dir), cfg, tokenizer)
-    base = load_sae(run_dir / "saes" / "topk-w64-k8").eval()
-    store = ActivationStore.open(run_dir / "store")
-    rows = data.windows(HOOK).rows[:50]
-    x = store.gather(HOOK, rows)
-    parts = data.parts(HOOK, "topk-w64-k8")(rows)
-    torch.testing.assert_close(data.parts(HOOK, None)(rows)["x"], x)
-    with torch.inference_mode():
-        torch.testing.assert_close(parts["error"], x - base(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        parts["linear"] + parts["nonlinear"], parts["error"], rtol=1e-5, atol=1e-5
-    )
-    # the three error SAEs collected together (inputs computed once) = each collected alone
-    members = [(load_sae(c.spec).eval(), c.input) for c in choices[1:]]
-    together = collect_examples(
-        members, data.parts(HOOK, "topk-w64-k8"), data.windows(HOOK), cfg, tokenizer
-    )
-    alone = [_collect(run_dir, cfg, tokenizer, spec=c.spec)[0] for c in choices[1:]]
-    assert together == alone and all(len(ex.latents) == 2 for ex in alone)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -449,7 +217,8 @@ def test_api_key_is_sent_but_never_written(run_dir, first_run, tmp_path, server,
     written = [p for root in (run_dir, tmp_path) for p in root.rglob("*") if p.is_file()]
     assert len(written) > 10
     assert not [p for p in written if KEY.encode() in p.read_bytes()]
-    # the server requires the key: without it the client is refused, with a message naming the variable
+    # the server requires the key: without it the client is refused, with a message naming the
+    # variable
     client = ChatClient(
         server, "smollm2", cache_dir=tmp_path / "other", api_key_env="DM_UNSET_VARIABLE"
     )
@@ -493,7 +262,7 @@ def test_scores_match_recorded_verdicts(run_dir, tmp_path, tokenizer):
         saes=("topk-w64-k8",),
         **{**FAST, "n_latents": 3, "n_per_quantile": 2, "n_negatives": 3, "batch_size": 4},
     )
-    ex = _collect(run_dir, cfg, tokenizer)[0]
+    ex = collect_examples_of(HOOK, run_dir, cfg, tokenizer)[0]
     rng = np.random.default_rng(0)
     counts, unparsable = [], 0
     for le in ex.latents:
@@ -544,7 +313,7 @@ def test_scores_match_recorded_verdicts(run_dir, tmp_path, tokenizer):
 
 def test_unparsable_answers_are_retried_once_then_excluded(run_dir, server, tmp_path, tokenizer):
     cfg = AutoInterpConfig(base_url=server, cache_dir=str(tmp_path), **FAST)
-    ex = _collect(run_dir, cfg, tokenizer)[0]
+    ex = collect_examples_of(HOOK, run_dir, cfg, tokenizer)[0]
     latent = ex.latents[0]
     batch = list(latent.scored[:2])
     first = prompts.detection_messages("digits", [e.text for e in batch])

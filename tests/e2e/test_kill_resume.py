@@ -205,7 +205,8 @@ class Runner:
 
 @contextlib.contextmanager
 def runner_in(base: Path, config: Path, name: str) -> Iterator[Runner]:
-    """A Runner on ``base/run``, which must be free; afterwards the folder moves to ``base/name``."""
+    """A Runner on ``base/run``, which must be free; afterwards the folder moves to
+    ``base/name``."""
     r = Runner(base, config, base / f"{name}.log")
     assert not r.run_dir.exists()
     try:
@@ -227,7 +228,8 @@ def _scrub(data: Any) -> Any:
 
 
 def snapshot(run: Path) -> dict[str, Any]:
-    """Every file of a run folder: JSON without timings, the report without its date, else a hash."""
+    """Every file of a run folder: JSON without timings, the report without its date, else a
+    hash."""
     out: dict[str, Any] = {}
     for path in sorted(p for p in run.rglob("*") if p.is_file()):
         rel = str(path.relative_to(run))
@@ -245,7 +247,8 @@ def snapshot(run: Path) -> dict[str, Any]:
 def assert_same_results(run: Path, reference: dict[str, Any]) -> None:
     got = snapshot(run)
     assert sorted(got) == sorted(reference), (
-        f"extra files {sorted(set(got) - set(reference))}, missing {sorted(set(reference) - set(got))}"
+        f"extra files {sorted(set(got) - set(reference))}, "
+        f"missing {sorted(set(reference) - set(got))}"
     )
     differ = [k for k in reference if got[k] != reference[k]]
     assert not differ, f"differ from the uninterrupted run: {differ}"
@@ -416,45 +419,3 @@ def test_killed_at_random_moments_resumes_to_identical_results(reference, seed):
         reference, f"chain_random{seed}", [lambda r, d=d: r.kill_after(d) for d in delays]
     )
     assert r.kills, "no random kill landed before the run finished"
-
-
-def test_second_run_in_a_folder_is_refused_until_the_first_dies(tmp_path):
-    """The run lock: held by a live process it refuses a second run; SIGKILL frees it."""
-    from sae_darkmatter import HarvestConfig, ModelConfig, RunConfig, run
-    from sae_darkmatter.errors import DarkMatterError
-    from sae_darkmatter.pipeline import RUN_LOCK_FILE, run_lock
-
-    hold = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
-            "lock.acquire(); print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / RUN_LOCK_FILE)],
-                              stdout=subprocess.PIPE, text=True)
-    # were the lock not honoured, this run would stop at once on its missing model
-    cfg = RunConfig(harvest=HarvestConfig(model=ModelConfig(name=str(tmp_path / "no-model"))))
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(DarkMatterError, match="another process is running the pipeline"):
-            run(cfg, tmp_path, progress=False)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_LOCK_FILE]  # nothing touched
-    finally:
-        holder.kill()
-        holder.wait()
-    with run_lock(tmp_path):  # the kernel dropped the dead holder's lock
-        pass
-
-
-def test_stale_temps_are_removed_outside_the_store(tmp_path):
-    from sae_darkmatter.pipeline import remove_stale_temps
-
-    stale = [tmp_path / ".metrics.json.ab12cd.tmp", tmp_path / "figures" / ".x.png.q1w2e3.tmp",
-             tmp_path / "saes" / "topk-w64-k8" / ".checkpoint.pt.zz.tmp"]
-    kept = [tmp_path / "metrics.json", tmp_path / "figures" / "x.png", tmp_path / "notes.tmp",
-            tmp_path / "store" / ".shard_000001.safetensors.abc.tmp"]  # the store's own business
-    for path in stale + kept:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("x")
-    half_saved_sae = tmp_path / "saes" / ".topk-w96-k8.4242.0badf00d.tmp"
-    half_saved_sae.mkdir()
-    (half_saved_sae / "sae_weights.safetensors").write_text("partial")
-    removed = remove_stale_temps(tmp_path)
-    assert sorted(removed) == sorted(stale + [half_saved_sae])
-    assert all(p.exists() for p in kept) and not any(p.exists() for p in removed)
