@@ -7,7 +7,7 @@ imported on first use, so code that only loads and runs SAEs never imports the t
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -16,6 +16,9 @@ from sae_darkmatter.saes.archs.jumprelu import JumpReLUSAE
 from sae_darkmatter.saes.archs.relu import ReLUSAE
 from sae_darkmatter.saes.io import load_sae, load_sae_config, save_sae
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE, latent_rows
+
+if TYPE_CHECKING:
+    from sae_darkmatter.saes.train import default_lr, sae_folder_name, train_grid, train_sae
 
 _TRAINING = ("default_lr", "sae_folder_name", "train_grid", "train_sae")
 
@@ -40,6 +43,10 @@ class SAE(Protocol):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction ``x_hat``; the SAE error is ``x - x_hat``."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)``, as ``nn.Module`` calls it."""
         ...
 
 

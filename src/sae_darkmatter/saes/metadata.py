@@ -27,7 +27,7 @@ def trained_with(cfg: dict[str, Any]) -> dict[str, Any]:
     meta = cfg.get("metadata") or {}
     out: dict[str, Any] = {}
     for key in KEYS:
-        value = meta.get(key, cfg.get(key))
+        value: Any = meta.get(key, cfg.get(key))
         if key == "seqpos_slice":
             value = _positions(value)
         if value is None or value == {} or (key == "exclude_special_tokens" and value is False):
@@ -38,7 +38,9 @@ def trained_with(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_config_training(run_cfg: dict[str, Any]) -> dict[str, Any]:
     """``context_size`` and ``dataset_path`` from a sparsify or dictionary_learning run config."""
-    buffer = run_cfg.get("buffer") if isinstance(run_cfg.get("buffer"), dict) else {}
+    buffer = run_cfg.get("buffer")
+    if not isinstance(buffer, dict):
+        buffer = {}
     out: dict[str, Any] = {}
     ctx_len = run_cfg.get("ctx_len", buffer.get("ctx_len"))
     if isinstance(ctx_len, int) and ctx_len > 0:
@@ -53,8 +55,9 @@ def _positions(value: Any) -> list[int | None] | None:
     """``[start, stop, step]`` of a seqpos slice, None when it keeps every position."""
     if not isinstance(value, (list, tuple)) or not value:
         return None
+    items: list[Any] = list(value)
     start, stop, step = (
-        (list(value) + [None, None, None])[:3] if len(value) > 1 else (None, value[0], None)
+        (items + [None, None, None])[:3] if len(items) > 1 else (None, items[0], None)
     )
     if not start and stop is None and step in (None, 1):
         return None

@@ -69,16 +69,16 @@ class _GatherPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(xc, w_rows, b_enc, pre, rows, cols, offsets):  # type: ignore[override]
+    def forward(xc, w_rows, b_enc, pre, rows, cols, offsets):
         return pre[rows, cols]
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         xc, w_rows, _, _, rows, cols, offsets = inputs
         ctx.save_for_backward(xc, w_rows, rows, cols, offsets)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         xc, w_rows, rows, cols, offsets = ctx.saved_tensors
         grad_xc = F.embedding_bag(cols, w_rows, offsets, per_sample_weights=grad, mode="sum")
         grad_w = scatter_rows(cols, rows, grad, xc, w_rows.shape[0])
@@ -91,15 +91,15 @@ class _DensePre(torch.autograd.Function):
     """Identity on the precomputed dense pre-activations, with the encoder's dense backward."""
 
     @staticmethod
-    def forward(xc, w_rows, b_enc, pre):  # type: ignore[override]
+    def forward(xc, w_rows, b_enc, pre):
         return pre.view_as(pre)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1])
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         xc, w_rows = ctx.saved_tensors
         return grad @ w_rows, grad.T @ xc, grad.sum(0), None
 
@@ -111,15 +111,15 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(values, rows, cols, offsets, w_dec):  # type: ignore[override]
+    def forward(values, rows, cols, offsets, w_dec):
         return F.embedding_bag(cols, w_dec, offsets, per_sample_weights=values, mode="sum")
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         values, rows, cols, offsets, w_dec = ctx.saved_tensors
         with torch.enable_grad():
             v = values.detach().requires_grad_()

@@ -146,6 +146,7 @@ class TrainingSAE(nn.Module):
         """Constrain gradients (called between backward and the optimizer step)."""
         if self.unit_norm_decoder:
             w, g = self.W_dec, self.W_dec.grad
+            assert g is not None  # called after backward
             g -= (g * w).sum(1, keepdim=True) * w
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)

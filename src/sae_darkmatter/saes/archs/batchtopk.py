@@ -25,6 +25,9 @@ THRESHOLD_EMA = 0.05  # SAELens's topk_threshold_lr is 0.01, for runs 100x longe
 
 
 class BatchTopKTrainer(TopKTrainer):
+    threshold_ema: torch.Tensor  # buffers, registered in __init__
+    threshold_updates: torch.Tensor
+
     def __init__(self, d_in: int, width: int, sparsity: float, *, b_dec: torch.Tensor,
                  seed: int) -> None:
         super().__init__(d_in, width, sparsity, b_dec=b_dec, seed=seed)

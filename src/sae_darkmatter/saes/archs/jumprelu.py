@@ -70,16 +70,16 @@ class _JumpReLU(torch.autograd.Function):
     """``p * H(p - theta)``; d/dtheta by the straight-through estimator ``-(theta/eps) K``."""
 
     @staticmethod
-    def forward(p, theta, eps):  # type: ignore[override]
+    def forward(p, theta, eps):
         return p * (p > theta).to(p.dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         p, theta, ctx.eps = inputs
         ctx.save_for_backward(p, theta)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         p, theta = ctx.saved_tensors
         grad_theta = -(theta / ctx.eps) * _rectangle((p - theta) / ctx.eps) * grad
         return (p > theta).to(grad.dtype) * grad, grad_theta, None
@@ -89,16 +89,16 @@ class _Step(torch.autograd.Function):
     """``H(p - theta)``; d/dtheta by the straight-through estimator ``-(1/eps) K``, none to p."""
 
     @staticmethod
-    def forward(p, theta, eps):  # type: ignore[override]
+    def forward(p, theta, eps):
         return (p > theta).to(p.dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         p, theta, ctx.eps = inputs
         ctx.save_for_backward(p, theta)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         p, theta = ctx.saved_tensors
         return None, -_rectangle((p - theta) / ctx.eps) * grad / ctx.eps, None
 

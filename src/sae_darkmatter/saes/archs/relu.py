@@ -55,9 +55,9 @@ class ReLUTrainer(TrainingSAE):
         norms = self.W_dec.detach().norm(dim=1).clamp_min(1e-12)
         sae = self._fill(ReLUSAE(self.W_dec.shape[1], self.width), scale)
         with torch.no_grad():  # relu(n * a) = n * relu(a): unit-norm rows, same outputs
-            sae.W_enc *= norms
-            sae.b_enc *= norms
-            sae.W_dec /= norms[:, None]
+            sae.W_enc.mul_(norms)
+            sae.b_enc.mul_(norms)
+            sae.W_dec.div_(norms[:, None])
         return sae
 
 

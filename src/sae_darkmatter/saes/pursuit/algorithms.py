@@ -191,6 +191,7 @@ def _batch(
             vals[:m, : t + 1] = _gp_step(r, g, idx[:m, : t + 1], vals[:m, : t + 1],
                                          filled[:m, : t + 1], W, nonnegative)
         else:
+            assert omp is not None
             vals[:m, : t + 1] = omp.solve(t, m)
     return vals, idx
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,9 @@ from sae_darkmatter.saes.pursuit.algorithms import (
     SparseCode,
     pursue,
 )
+
+if TYPE_CHECKING:
+    from sae_darkmatter.saes import SAE
 
 
 class PursuitSAE(nn.Module):
@@ -42,15 +45,21 @@ class PursuitSAE(nn.Module):
         self.nonnegative = method != "omp" if nonnegative is None else nonnegative
         if method == "omp" and self.nonnegative:
             raise ValueError("orthogonal matching pursuit supports nonnegative=False only")
-        self.sae, self.method, self.l0, self.batch_size = sae, method, l0, batch_size
+        self.sae = sae
+        self.method: Method = method
+        self.l0: int | Literal["match"] = l0
+        self.batch_size = batch_size
 
     @property
     def d_in(self) -> int:
-        return self.sae.W_dec.shape[1]
+        return self._W_dec().shape[1]
 
     @property
     def d_sae(self) -> int:
-        return self.sae.W_dec.shape[0]
+        return self._W_dec().shape[0]
+
+    def _W_dec(self) -> Tensor:
+        return cast(Tensor, self.sae.W_dec)
 
     def _b_dec(self) -> Tensor | None:
         return getattr(self.sae, "b_dec", None)
@@ -59,11 +68,11 @@ class PursuitSAE(nn.Module):
         """Atoms per token: the wrapped SAE's L0 on each token, or the fixed ``l0``."""
         if self.l0 == "match":
             with torch.no_grad():
-                return (self.sae.encode(x) != 0).sum(dim=1)
+                return (cast("SAE", self.sae).encode(x) != 0).sum(dim=1)
         return torch.full((x.shape[0],), self.l0, dtype=torch.int64, device=x.device)
 
     def encode_sparse(self, x: Tensor) -> SparseCode:
-        return pursue(x, self.sae.W_dec, self._b_dec(), self.target_l0(x), method=self.method,
+        return pursue(x, self._W_dec(), self._b_dec(), self.target_l0(x), method=self.method,
                       nonnegative=self.nonnegative, batch_size=self.batch_size)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -72,12 +81,13 @@ class PursuitSAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """``z @ W_dec + b_dec`` (the objective the pursuit minimises)."""
-        out = z.to(self.sae.W_dec.dtype) @ self.sae.W_dec
+        W_dec = self._W_dec()
+        out = z.to(W_dec.dtype) @ W_dec
         b = self._b_dec()
         return out if b is None else out + b
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.encode_sparse(x).decode(self.sae.W_dec, self._b_dec())
+        return self.encode_sparse(x).decode(self._W_dec(), self._b_dec())
 
     def extra_repr(self) -> str:
         return f"method={self.method}, l0={self.l0}, nonnegative={self.nonnegative}"
