@@ -27,7 +27,7 @@ from sae_darkmatter.decompose import SavedDecomposition, load_decompositions
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.linalg import LinearProbe
 from sae_darkmatter.models import load_tokenizer
-from sae_darkmatter.saes import SAE
+from sae_darkmatter.saes import AffineSAE
 from sae_darkmatter.saes.formats import open_sae
 from sae_darkmatter.splits import Splits, make_splits
 from sae_darkmatter.store import ActivationStore
@@ -149,7 +149,7 @@ class RunDir:
             log.warning("token texts unavailable (%s); showing token ids", err)
             return None
 
-    def open_sae(self, d: SavedDecomposition, device: torch.device | str = "cpu") -> SAE:
+    def open_sae(self, d: SavedDecomposition, device: torch.device | str = "cpu") -> AffineSAE:
         """The SAE a decomposition names (a folder, relative to the run if need be, or a spec)."""
         spec = str(d.info["sae"]["path"])
         if not Path(spec).exists() and (self.path / spec).exists():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def rule_mask(
     tokens: Callable[[], np.ndarray],
     context_length: int,
     filt: TokenFilter,
-    special_ids: Sequence[int] = (),
+    special_ids: Sequence[int] | np.ndarray = (),
 ) -> tuple[np.ndarray, int, int]:
     """Tokens passing ``filt``'s position and special-token rules, and how many each excluded.
 
@@ -99,7 +100,9 @@ def kept_window(filt: TokenFilter, context_length: int) -> tuple[int, int]:
 
 def norm_outliers(norms: np.ndarray, filt: TokenFilter, median: float) -> np.ndarray:
     """Which ``norms`` exceed ``filt.max_norm_ratio`` (not None) times ``median``."""
-    return norms > filt.max_norm_ratio * median
+    ratio = filt.max_norm_ratio
+    assert ratio is not None
+    return norms > ratio * median
 
 
 def select_rows(
@@ -154,7 +157,7 @@ def make_splits(
             f"probe_train_fraction must be strictly between 0 and 1, got {cfg.probe_train_fraction}"
         )
     if special_ids is None:
-        special_ids = store.meta.get("special_token_ids", [])
+        special_ids = cast(list[int], store.meta.get("special_token_ids", []))
     sel = select_rows(store, cfg.filter, special_ids, hook=hook)
     rng = np.random.default_rng(cfg.seed)
 

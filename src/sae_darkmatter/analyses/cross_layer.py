@@ -29,7 +29,7 @@ from sae_darkmatter._io import read_json, resolve_device
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import CrossLayerConfig, RunConfig, SplitConfig
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
-from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
+from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
 from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir
@@ -47,7 +47,7 @@ def default_predictors(target: str, sources: Sequence[str]) -> dict[str, tuple[s
     A set with both the target's reconstruction and x is left out: it predicts e exactly.
     """
     x = f"act:{target}"
-    sets = {h: (f"recon:{h}",) for h in sources}
+    sets: dict[str, tuple[str, ...]] = {h: (f"recon:{h}",) for h in sources}
     if len(sources) > 1:
         sets["all SAE outputs"] = tuple(f"recon:{h}" for h in sources)
     others = [h for h in sources if h != target]
@@ -124,12 +124,11 @@ def cross_layer(
             for name, feats in sets.items()
         }
 
-    def split_error(acts: dict[str, torch.Tensor], probe: LinearProbe | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def split_error(acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = acts[target]
         with torch.inference_mode():
             x_hat = saes[target](x).to(x.dtype)
-        return x_hat, x - x_hat, None if probe is None else probe.predict(x)
+        return x_hat, x - x_hat
 
     n_train, n_test = splits.probe_train.size, splits.probe_test.size
     with Progress(disable=not progress, transient=True) as bar:
@@ -139,14 +138,15 @@ def cross_layer(
         # Pass 1: the linear error probe ê = [x, 1]·W of the target SAE.
         fit = StreamingLstsq(d, d, device=device)
         for acts in chunks(splits.probe_train):
-            fit.update(acts[target], split_error(acts, None)[1])
+            fit.update(acts[target], split_error(acts)[1])
             bar.update(task, advance=acts[target].shape[0])
         probe = fit.solve(cfg.ridge)
         # Pass 2: one least-squares system per predictor set, targets [e, ê]; e − ê's map is
         # their difference (least squares is linear in the targets).
         fits: dict[str, StreamingLstsq] = {}
         for acts in chunks(splits.probe_train):
-            x_hat, e, e_hat = split_error(acts, probe)
+            x_hat, e = split_error(acts)
+            e_hat = probe.predict(acts[target])
             for name, feats in features(acts, x_hat).items():
                 fits.setdefault(name, StreamingLstsq(feats.shape[1], 2 * d, device=device))
                 fits[name].update(feats, torch.cat([e, e_hat], 1))
@@ -159,7 +159,8 @@ def cross_layer(
         }
         for acts in chunks(splits.probe_test):
             x = acts[target]
-            x_hat, e, e_hat = split_error(acts, probe)
+            x_hat, e = split_error(acts)
+            e_hat = probe.predict(x)
             base[0].update(x, x_hat)
             base[1].update(x, x_hat + e_hat)
             for name, feats in features(acts, x_hat).items():

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -49,6 +49,9 @@ from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +208,8 @@ def downstream_analysis(
     mean_rows = (
         splits.sae_train if splits.sae_train.size else splits.probe_train
     )  # pretrained SAEs: no SAE split
-    mean = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows)) / mean_rows.size
+    total = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows))
+    mean = cast("torch.Tensor", total) / mean_rows.size
     saes = {d.name: (run.open_sae(d, lm.device), error_probe(d)) for d in decs}
     log.info(
         "splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d",

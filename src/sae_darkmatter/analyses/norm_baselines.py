@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -34,8 +34,11 @@ from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
 from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
-from sae_darkmatter.saes import latent_rows
+from sae_darkmatter.saes import AffineSAE, latent_rows
 from sae_darkmatter.store import ActivationStore
+
+if TYPE_CHECKING:
+    from matplotlib.collections import PolyCollection
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +285,9 @@ def violin_figure(
         n_bad = int((p <= 0).sum())
         data = [np.log10(v[v > 0]) if (v > 0).any() else np.zeros(1) for v in (a, p)]
         parts = ax.violinplot(data, positions=[3 * i, 3 * i + 1], showmedians=True, widths=0.9)
-        for body, color in zip(parts["bodies"], ("#4c72b0", "#dd8452"), strict=True):
+        # matplotlib's stubs type "bodies" as one Collection; it is a list of them.
+        bodies = cast("list[PolyCollection]", parts["bodies"])
+        for body, color in zip(bodies, ("#4c72b0", "#dd8452"), strict=True):
             body.set_facecolor(color)
         ticks.append(3 * i + 0.5)
         labels.append(f"{dec.name}\nR²={r2:.3f}" + (f"\n({n_bad} pred ≤ 0)" if n_bad else ""))
@@ -297,7 +302,7 @@ def violin_figure(
 
 @torch.no_grad()
 def reconstruction_norm_probe(
-    sae: torch.nn.Module,
+    sae: AffineSAE,
     store: ActivationStore,
     rows: np.ndarray,
     *,
@@ -323,7 +328,7 @@ def reconstruction_norm_probe(
 
 
 def latent_norm_alignment(
-    sae: torch.nn.Module,
+    sae: AffineSAE,
     norm_probe_weight: torch.Tensor | np.ndarray,
     store: ActivationStore,
     rows: np.ndarray,
@@ -357,9 +362,12 @@ def latent_norm_alignment(
     mean_act = (total / count.clamp_min(1)).numpy()[keep]
     projection = proj.numpy()[keep]
     enough = int(keep.sum()) >= 3
+    # scipy's stubs leave the results' fields unsolved type variables: they are floats.
+    pearson = float(cast(float, stats.pearsonr(mean_act, projection)[0])) if enough else None
+    spearman = float(cast(float, stats.spearmanr(mean_act, projection)[0])) if enough else None
     return {
-        "pearson": float(stats.pearsonr(mean_act, projection)[0]) if enough else None,
-        "spearman": float(stats.spearmanr(mean_act, projection)[0]) if enough else None,
+        "pearson": pearson,
+        "spearman": spearman,
         "n_latents": int(keep.sum()),
         "n_rows": int(len(rows)),
         "latent_index": np.flatnonzero(keep).tolist(),

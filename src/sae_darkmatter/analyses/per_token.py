@@ -256,7 +256,7 @@ def darkest_contexts(
             "sae": norms.names[idx],
             "by": by,
             "tokens": [
-                {"text": _token_text(tokens[r], tokenizer), "position": int(position[r]),
+                {"text": _token_text(int(tokens[r]), tokenizer), "position": int(position[r]),
                  "value": value_of_row.get(int(r))}
                 for r in rows
             ],

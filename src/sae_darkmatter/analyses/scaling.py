@@ -185,8 +185,10 @@ def fit_power_law(widths: Sequence[float] | np.ndarray,
     b0 = max(float(y[0]) - c0, 1e-9)
     best = None
     for m0 in (0.5, 0.1, 1.0, 2.0):
-        res = least_squares(residuals, x0=[c0, b0, m0], jac=jacobian, bounds=(0.0, np.inf),
-                            method="trf", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+        # scipy's stubs type ``jac`` as a string; it also takes a callable.
+        res = least_squares(residuals, x0=[c0, b0, m0], jac=jacobian,  # pyright: ignore[reportArgumentType]
+                            bounds=(0.0, np.inf), method="trf", xtol=1e-14, ftol=1e-14,
+                            gtol=1e-14, max_nfev=2000)
         if best is None or res.cost < best.cost:
             best = res
     c, b, m = (float(v) for v in best.x)

@@ -246,11 +246,11 @@ def bootstrap_intervals(
         w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
         s_err, s_nl, s_xc = w @ err, w @ nl, w @ xc
         mean = (w @ err) / n
-        draws["fvu"].append(s_err / s_xc)
-        draws["fvu_nonlinear"].append(s_nl / s_xc)
-        draws["fvu_linear"].append((s_err - s_nl) / s_xc)
-        draws["linear_share"].append(1 - s_nl / s_err)
-        draws["r2_error_norm"].append(1 - (w @ (err - pred) ** 2) / (w @ (err - mean) ** 2))
+        draws["fvu"].append(float(s_err / s_xc))
+        draws["fvu_nonlinear"].append(float(s_nl / s_xc))
+        draws["fvu_linear"].append(float((s_err - s_nl) / s_xc))
+        draws["linear_share"].append(float(1 - s_nl / s_err))
+        draws["r2_error_norm"].append(float(1 - (w @ (err - pred) ** 2) / (w @ (err - mean) ** 2)))
     return {
         k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()
     }

@@ -230,7 +230,8 @@ def _fingerprint(harvest: HarvestConfig, packing: Packing, hook: str, split: Spl
     Devices are left out (a job may resume on another device), and so are settings a stream
     does not use (``sae_train_fraction``, loss, shard size).
     """
-    odd = [n for n, s in saes.items() if not isinstance(s, torch.nn.Module)]
+    modules = {n: s for n, s in saes.items() if isinstance(s, torch.nn.Module)}
+    odd = [n for n in saes if n not in modules]
     if odd:
         raise DarkMatterError(
             f"checkpoints need torch.nn.Module SAEs (their weights are fingerprinted); "
@@ -240,7 +241,7 @@ def _fingerprint(harvest: HarvestConfig, packing: Packing, hook: str, split: Spl
     return fingerprint(
         STREAM_VERSION, corpus_fingerprint(harvest.corpus), model, harvest.batch_size, hook,
         split.filter, split.probe_train_fraction, split.seed, cfg.bias, cfg.ridge, cfg.chunk_rows,
-        [[n, weights_digest(s)] for n, s in saes.items()], n_contexts, calibration_tokens,
+        [[n, weights_digest(s)] for n, s in modules.items()], n_contexts, calibration_tokens,
         distributed.rank(), distributed.world_size(), *filter(None, [packing.cache_key()]),
     )
 

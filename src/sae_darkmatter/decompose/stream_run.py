@@ -61,7 +61,7 @@ class StreamState:
         self.fit = probe_system(cfg, n_saes, d, device)
         self.scores = [HeldOutScores(d, n_groups, device=device) for _ in range(n_saes)]
         self.done = [0, 0]
-        self.counts = dict.fromkeys(COUNTS, 0)
+        self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self.median: float | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -185,8 +185,10 @@ class StreamRun:
         """Fix the norm threshold: rank 0 measures the median (``_calibrate``), all take it."""
         if self.state.median is None and distributed.is_main():
             self.state.median, self.cache = _calibrate(self, n_tokens)
-        self.state.median = distributed.broadcast(self.state.median)
-        self.threshold = self.filter.max_norm_ratio * self.state.median
+        median = self.state.median = distributed.broadcast(self.state.median)
+        ratio = self.filter.max_norm_ratio
+        assert ratio is not None, "calibrate runs only under a norm rule"
+        self.threshold = ratio * median
 
     def batch(self, phase: int, i: int) -> Batch:
         """The kept tokens of this rank's batch ``i`` of ``phase`` (counted in the state)."""

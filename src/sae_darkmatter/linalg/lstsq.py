@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,7 +57,7 @@ class StreamingLstsq:
         self.d_in, self.d_out, self.bias = d_in, d_out, bias
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
-        z = dict(dtype=F64, device=self.device)
+        z: dict[str, Any] = dict(dtype=F64, device=self.device)
         self._n = torch.zeros((), dtype=torch.int64, device=self.device)
         self.sum_x = torch.zeros(d_in, **z)
         self.sum_y = torch.zeros(d_out, **z)
@@ -143,7 +144,7 @@ class StreamingLstsq:
                 raise ShapeMismatchError(
                     f"{key} has shape {tuple(state[key].shape)}, expected {shape}"
                 )
-        z = dict(dtype=F64, device=self.device)
+        z: dict[str, Any] = dict(dtype=F64, device=self.device)
         state = {k: v.to(device=self.device) for k, v in state.items()}
         shift_x = shift_from_state(state["shift_x"], self.device)
         shift_y = shift_from_state(state["shift_y"], self.device)
@@ -165,6 +166,7 @@ class StreamingLstsq:
         """
         n = float(self.n)
         sx, sy = self.shift_x, self.shift_y
+        assert sx is not None and sy is not None, "the references are set with the first rows"
         mean_u, mean_v = self.sum_x / n, self.sum_y / n
         if self.bias:
             a = self.sum_xx - torch.outer(self.sum_x, mean_u)

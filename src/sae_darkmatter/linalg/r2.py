@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ class R2Accumulator:
             raise ValueError(f"d must be positive, got {d}")
         self.d = d
         self.device = torch.device(device)
-        z = dict(dtype=F64, device=self.device)
+        z: dict[str, Any] = dict(dtype=F64, device=self.device)
         self._n = torch.zeros((), dtype=torch.int64, device=self.device)
         self.sse_dim = torch.zeros(d, **z)
         self.sum_dy = torch.zeros(d, **z)
@@ -101,7 +102,7 @@ class R2Accumulator:
             raise ShapeMismatchError(
                 f"sse has shape {tuple(state['sse'].shape)}, expected ({self.d},)"
             )
-        z = dict(dtype=F64, device=self.device)
+        z: dict[str, Any] = dict(dtype=F64, device=self.device)
         self._n = state["n"].to(dtype=torch.int64, device=self.device).clone()
         self.sse_dim = state["sse"].to(**z).clone()
         self.sum_dy = state["sum_dy"].to(**z).clone()
