@@ -69,7 +69,8 @@ def _model_and_hook(cfg: RunConfig, loaded: Mapping[str, LoadedSAE]) -> RunConfi
     h = cfg.harvest
     model, hooks = h.model, h.hooks
     if model.name == AUTO_NAME:
-        named = {p.provenance.get("model") for p in loaded.values()} - {None}
+        models = (p.provenance.get("model") for p in loaded.values())
+        named = {m for m in models if m is not None}
         if len(named) > 1:
             raise DarkMatterError(
                 f"the SAEs name different models {sorted(named)}; set harvest.model.name (--model)"
@@ -78,7 +79,8 @@ def _model_and_hook(cfg: RunConfig, loaded: Mapping[str, LoadedSAE]) -> RunConfi
             model = dataclasses.replace(model, name=named.pop())
             log.info("model %s, as named by the SAE metadata", model.name)
     if not hooks:
-        named = {p.provenance.get("hook_name") for p in loaded.values()} - {None}
+        hook_names = (p.provenance.get("hook_name") for p in loaded.values())
+        named = {n for n in hook_names if n is not None}
         if len(named) > 1:
             raise DarkMatterError(
                 f"the SAEs were trained on different hooks {sorted(named)}; analyse one hook "

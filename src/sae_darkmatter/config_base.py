@@ -16,7 +16,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sae_darkmatter.errors import ConfigError, ConfigValueError
 
@@ -44,8 +44,9 @@ class _Checked:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if f.name not in self.SELF_TYPED and not _has_type(value, f.type):
-                raise ConfigValueError(self.PATH, f.name, _type_error(value, f.type))
+            annotation = cast(str, f.type)  # a string: the modules postpone annotations
+            if f.name not in self.SELF_TYPED and not _has_type(value, annotation):
+                raise ConfigValueError(self.PATH, f.name, _type_error(value, annotation))
         self._check()
 
     def _check(self) -> None:

@@ -145,7 +145,7 @@ def harvest(
         "with_loss": cfg.with_loss,
         **packing.summary(),
     }
-    settings = dict(hooks={h: hook_dim(lm.model, h) for h in hooks},
+    settings: dict[str, Any] = dict(hooks={h: hook_dim(lm.model, h) for h in hooks},
                     context_length=int(contexts.shape[1]), meta=meta)
     with distributed.main_first():  # rank 0 creates or resumes (and holds the writer lock)
         store = (ActivationStore.create_or_resume(path, **settings) if distributed.is_main()

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -119,9 +120,10 @@ def _ensure_gguf_cache(gguf: Path) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
-    model.hf_quantizer = None
+    # (torch's Module.__setattr__ stub admits only tensors and modules)
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
@@ -225,7 +227,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise _unavailable(cfg, exc, resolved, "model") from exc
     device = resolve_device(cfg.device)
-    model = model.to(device).eval().requires_grad_(False)
+    # transformers wraps PreTrainedModel.to in a decorator whose signature pyright misreads
+    model = model.to(device).eval().requires_grad_(False)  # pyright: ignore[reportArgumentType]
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -251,7 +254,7 @@ def _is_decoder_layer(module: nn.Module) -> bool:
     return _child(module, _ATTN_NAMES) is not None and _child(module, _MLP_NAMES) is not None
 
 
-def _is_layer_list(module: nn.Module, n_layers: int | None) -> bool:
+def _is_layer_list(module: nn.Module, n_layers: int | None) -> TypeGuard[nn.ModuleList]:
     return (
         isinstance(module, nn.ModuleList)
         and len(module) > 0
@@ -279,7 +282,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return _LAYERS[model]
 
 
-def _unwrap(model: PreTrainedModel | LoadedModel) -> nn.Module:
+def _unwrap(model: PreTrainedModel | LoadedModel) -> PreTrainedModel:
     return model.model if isinstance(model, LoadedModel) else model
 
 
@@ -294,7 +297,7 @@ def logits_batch(lm: LoadedModel, context_length: int, wanted: int) -> int:
     return max(1, min(wanted, LOGITS_BUDGET // (context_length * vocab)))
 
 
-def _d_model(model: nn.Module) -> int:
+def _d_model(model: PreTrainedModel) -> int:
     config = model.config.get_text_config()
     return int(config.hidden_size)
 
@@ -371,8 +374,11 @@ def hook_module(model: PreTrainedModel | LoadedModel, name: str) -> nn.Module:
         return layer
     sandwich = isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module)
     if kind == "attn_out":
-        return layer.post_attention_layernorm if sandwich else _child(layer, _ATTN_NAMES)
-    return layer.post_feedforward_layernorm if sandwich else _child(layer, _MLP_NAMES)
+        child = layer.post_attention_layernorm if sandwich else _child(layer, _ATTN_NAMES)
+    else:
+        child = layer.post_feedforward_layernorm if sandwich else _child(layer, _MLP_NAMES)
+    assert isinstance(child, nn.Module)  # _decoder_layers keeps layers with both children
+    return child
 
 
 # ---------------------------------------------------------------------------- forward
@@ -397,7 +403,7 @@ def forward_capture(
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: object, output: object) -> None:
-            out = output[0] if isinstance(output, tuple) else output
+            out = cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
             captured[name] = out.detach().to(torch.float32, copy=True)
             if not with_loss and len(captured) == len(hooks):
                 raise _StopForward
@@ -416,6 +422,7 @@ def forward_capture(
             except _StopForward:
                 out = None
             if with_loss:
+                assert out is not None  # the forward stops early only without the loss
                 loss = _token_loss(out.logits, ids)
     finally:
         for h in handles:

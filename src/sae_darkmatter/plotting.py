@@ -6,6 +6,7 @@ Every figure of the package is drawn with ``plt`` from here and saved with ``sav
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,10 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from sae_darkmatter._io import atomic_path  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["plt", "save_figure"]
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write ``fig`` to ``path`` as PNG through a temp file, then close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")

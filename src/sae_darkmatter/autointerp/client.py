@@ -24,11 +24,14 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from sae_darkmatter._io import read_json, write_json
 from sae_darkmatter.errors import DarkMatterError
+
+if TYPE_CHECKING:
+    from openai import APIStatusError
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +117,10 @@ class ChatClient:
     def _fail(self, err: Exception) -> EndpointError:
         """An ``EndpointError`` for an openai exception, saying what to check."""
         openai = _openai()
+        status = cast("APIStatusError", err)  # read only in the branches where it is one
         if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
             return EndpointError(
-                f"{self.url} rejected the API key (HTTP {err.status_code}); check the "
+                f"{self.url} rejected the API key (HTTP {status.status_code}); check the "
                 f"environment variable {self.api_key_env}"
             )
         if isinstance(err, openai.APITimeoutError):
@@ -136,8 +140,8 @@ class ChatClient:
             )
         if isinstance(err, openai.APIStatusError):
             return EndpointError(
-                f"{self.url} answered HTTP {err.status_code} for model {self.model!r}: "
-                f"{str(err.message)[:300]}"
+                f"{self.url} answered HTTP {status.status_code} for model {self.model!r}: "
+                f"{str(status.message)[:300]}"
             )
         return EndpointError(f"request to {self.url} failed: {type(err).__name__}")
 

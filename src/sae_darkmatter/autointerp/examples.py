@@ -280,7 +280,7 @@ def token_activations(members: Sequence[Member], parts: PartsFn, windows: Window
     out: list[dict[int, np.ndarray]] = [{} for _ in members]
     if not chosen.size:
         return out
-    sizes = [np.subtract(*windows.bounds(w)[::-1]) for w in chosen]
+    sizes = [np.subtract(b[1], b[0]) for b in map(windows.bounds, chosen)]
     sub = Windows(
         rows=np.concatenate([windows.rows[slice(*windows.bounds(w))] for w in chosen]),
         starts=np.cumsum([0, *sizes[:-1]]),
@@ -315,7 +315,9 @@ def render(windows: Windows, w: int, acts: np.ndarray, tokenizer: Any) -> tuple[
         text = tokenizer.decode(ids[a:b].tolist())
         plain.append(text)
         if active[a]:
-            lead = re.match(r"\s*", text).end()
+            space = re.match(r"\s*", text)
+            assert space is not None  # \s* matches every string
+            lead = space.end()
             text = f"{text[:lead]}<<{text[lead:]}>>"
         marked.append(text)
 

@@ -14,9 +14,10 @@ NAMES = {"x": "x", "error": "e", "linear": "ê (linear)", "nonlinear": "e − ê
 
 
 def _err(value: float | None, ci: list[float | None]) -> tuple[float, float]:
-    if value is None or None in ci:
+    lo, hi = ci
+    if value is None or lo is None or hi is None:
         return 0.0, 0.0
-    return max(value - ci[0], 0.0), max(ci[1] - value, 0.0)
+    return max(value - lo, 0.0), max(hi - value, 0.0)
 
 
 def _nan(v: float | None) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from typing import cast
 
 Messages = list[dict[str, str]]
 
@@ -102,7 +103,7 @@ def parse_explanation(text: str | None, *, max_chars: int = 300) -> str | None:
     except json.JSONDecodeError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("explanation"), str):
-        text = data["explanation"]
+        text = cast(str, data["explanation"])
     parts = re.split(r"explanation\s*:", text, flags=re.IGNORECASE)
     tail = parts[-1] if len(parts) > 1 else text
     line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")

@@ -104,7 +104,9 @@ def summarize(
     }
 
 
-def latent_balanced_accuracy(correct: Sequence[int], total: Sequence[int]) -> float | None:
+def latent_balanced_accuracy(
+    correct: Sequence[int] | np.ndarray, total: Sequence[int] | np.ndarray
+) -> float | None:
     """One latent's balanced accuracy (None without activating or without negative snippets)."""
     stats = _stats(np.asarray(correct)[None], np.asarray(total)[None])
     return _value(stats["balanced"])

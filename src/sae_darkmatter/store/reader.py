@@ -242,7 +242,8 @@ class StoreReader:
 
 def _read_into(file: Path, offset: int, dest: np.ndarray, name: str) -> None:
     """Fill ``dest`` with the bytes of ``file`` from ``offset`` on (unbuffered reads)."""
-    buf = memoryview(dest).cast("B")
+    # numpy's stubs give ndarray the buffer protocol only from Python 3.12 on
+    buf = memoryview(dest).cast("B")  # pyright: ignore[reportArgumentType]
     with open(file, "rb", buffering=0) as fh:
         fh.seek(offset)
         done = 0
