@@ -106,7 +106,8 @@ def main() -> None:
         ]
     tokens = args.n_contexts * args.context_length
     print(
-        f"{args.model} {hook}: {tokens:,} tokens, {cores} cores; times include start-up and model load"
+        f"{args.model} {hook}: {tokens:,} tokens, {cores} cores; "
+        "times include start-up and model load"
     )
     for label, (h, dcmp) in times.items():
         print(

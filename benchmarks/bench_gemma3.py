@@ -79,8 +79,9 @@ def main() -> None:
                 np.nanmean(cross_entropy(lm, ids, batch=2 * 1024 // length)[:, start:-1])
             )
         print(
-            f"   {length:5,d}-token contexts, positions >= {start:3d}: <bos> first {ce['auto']:.3f} "
-            f"nats, without {ce[False]:.3f} nats: {ce[False] / ce['auto']:.2f}x"
+            f"   {length:5,d}-token contexts, positions >= {start:3d}: "
+            f"<bos> first {ce['auto']:.3f} nats, without {ce[False]:.3f} nats: "
+            f"{ce[False] / ce['auto']:.2f}x"
         )
 
     ids = torch.from_numpy(

@@ -158,13 +158,15 @@ def main() -> None:
             print(f"  done {method}: {rows[-1]['seconds']:.1f} s", flush=True)
     ref = next((r for r in rows if r["method"] == "lstsq-gels"), None)
     print(
-        f"\n{'method':<15}{'time s':>9}{'GFLOP/s':>9}{'peak GB':>9}{'R² pooled':>11}{'R² mean-dim':>13}"
+        f"\n{'method':<15}{'time s':>9}{'GFLOP/s':>9}{'peak GB':>9}"
+        f"{'R² pooled':>11}{'R² mean-dim':>13}"
         f"{'time/gels':>11}{'mem/gels':>10}"
     )
     for r in rows:
         if r["method"].startswith("gemm"):
             print(
-                f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}   (GEMMs only: the achievable limit)"
+                f"{r['method']:<15}{r['seconds']:>9.1f}{r['gflops']:>9.1f}"
+                "   (GEMMs only: the achievable limit)"
             )
             continue
         ratios = ("", "")
@@ -178,8 +180,9 @@ def main() -> None:
         ours, limit = by.get(f"streaming-f{bits}"), by.get(f"gemm-f{bits}")
         if ours and limit:
             print(
-                f"streaming-f{bits} runs at {limit['seconds'] / ours['seconds']:.2f} of this machine's "
-                f"float{bits} GEMM rate for the same products ({ours['gflops']:.1f} of {limit['gflops']:.1f} GFLOP/s)"
+                f"streaming-f{bits} runs at {limit['seconds'] / ours['seconds']:.2f} of this "
+                f"machine's float{bits} GEMM rate for the same products "
+                f"({ours['gflops']:.1f} of {limit['gflops']:.1f} GFLOP/s)"
             )
 
 

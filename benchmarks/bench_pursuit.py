@@ -107,7 +107,8 @@ def main() -> None:
         n = x.shape[0]
         print(
             f"{name:>16} {w.shape[0]:>6} | {n / t_ours:>13,.0f} {n / t_dense:>14,.0f} "
-            f"{t_dense / t_ours:>5.2f}x {diff:>9.2e} {same:>9.3f} | {n / t_mp:>9,.0f} {n / t_omp:>9,.0f}"
+            f"{t_dense / t_ours:>5.2f}x {diff:>9.2e} {same:>9.3f} | {n / t_mp:>9,.0f} "
+            f"{n / t_omp:>9,.0f}"
         )
 
 

@@ -12,7 +12,8 @@ them) in a temp folder, plus the same matrix as an .npy, then times (page cache 
 Each read touches every shard, so small shards cost per-shard overhead: compare
 ``--shard-contexts 16`` (4.7 MB shards) with ``--shard-contexts 128`` (38 MB).
 
-Run: ``python benchmarks/bench_store.py [--mb 200] [--dtype float32|bfloat16] [--shard-contexts 16]``.
+Run:
+``python benchmarks/bench_store.py [--mb 200] [--dtype float32|bfloat16] [--shard-contexts 16]``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def main() -> None:
         half = np.sort(shuffled)
         batches = [rng.integers(0, n, 4096) for _ in range(20)]
         print(
-            f"{n:,} rows x {D} ({nbytes / 1e6:.0f} MB as float32), {len(list(store.path.glob('shard_*')))} shards, dtype {args.dtype}"
+            f"{n:,} rows x {D} ({nbytes / 1e6:.0f} MB as float32), "
+            f"{len(list(store.path.glob('shard_*')))} shards, dtype {args.dtype}"
         )
 
         base = timed(lambda: np.load(npy))

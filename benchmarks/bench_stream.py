@@ -15,7 +15,8 @@ case: wall time after the model is loaded, tokens per second, peak anonymous mem
 above the value once the model is loaded, and the store's size on disk. Stream memory should
 not change with N; the store's disk use grows linearly.
 
-Run: ``python benchmarks/bench_stream.py [--model smollm2] [--n 32] [--scale 10]`` (~7 min on 2 cores)
+Run: ``python benchmarks/bench_stream.py [--model smollm2] [--n 32] [--scale 10]``
+(~7 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -144,11 +145,13 @@ def main() -> None:
             rows.append(best | {"peak_mb": max(r["peak_mb"] for r in results)})
     first = rows[0]
     print(
-        f"model {args.model}, hook {first['hook']}, SAE TopK W = 8·d, k = 32, batch {args.batch_size}, "
-        f"{first['threads']} threads, fastest of {args.repeat} run(s) per case"
+        f"model {args.model}, hook {first['hook']}, SAE TopK W = 8·d, k = 32, "
+        f"batch {args.batch_size}, {first['threads']} threads, "
+        f"fastest of {args.repeat} run(s) per case"
     )
     print(
-        f"{'path':<8}{'contexts':>9}{'tokens':>9}{'time s':>9}{'tok/s':>8}{'peak anon MB':>14}{'store MB':>10}"
+        f"{'path':<8}{'contexts':>9}{'tokens':>9}{'time s':>9}{'tok/s':>8}"
+        f"{'peak anon MB':>14}{'store MB':>10}"
     )
     for r in rows:
         print(f"{r['case']:<8}{r['contexts']:>9,}{r['tokens']:>9,}{r['seconds']:>9.1f}"

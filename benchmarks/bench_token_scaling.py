@@ -1,16 +1,16 @@
 """Time and peak memory of the decomposition as the token count grows 10x and 100x.
 
-For N = n, 10n, 100n tokens (default n = 20,000), each in its own subprocess (clean peak RSS):
-write an activation store of residual-like float32 activations (d = 576, SmolLM2's width; mean
-offset and power-law covariance as in ``bench_lstsq.py``), then run ``decompose_many`` for one TopK SAE (W = 4,096, k = 32,
-random weights scaled to the data) over the evaluation split: the streaming probe fit in float64,
-then every held-out statistic. Reported per N: wall time of the decomposition, time per token,
-peak anonymous memory (``RssAnon``, sampled every 10 ms: file pages that reads map or cache
-are the kernel's to drop and would make RSS track the store size) above the value before it
-started, and both as ratios to the smallest N. The alternative
-named for comparison is the in-memory approach (all of X and e as float32 matrices, as the paper's
-scripts do), whose size 2·N·d·4 bytes is printed beside ours: ours should stay flat where it grows
-with N, and our time should grow linearly.
+For N = n, 10n, 100n tokens (default n = 20,000), each in its own subprocess (clean peak RSS): write
+an activation store of residual-like float32 activations (d = 576, SmolLM2's width; mean offset and
+power-law covariance as in ``bench_lstsq.py``), then run ``decompose_many`` for one TopK SAE
+(W = 4,096, k = 32, random weights scaled to the data) over the evaluation split: the streaming
+probe fit in float64, then every held-out statistic. Reported per N: wall time of the decomposition,
+time per token, peak anonymous memory (``RssAnon``, sampled every 10 ms: file pages that reads map
+or cache are the kernel's to drop and would make RSS track the store size) above the value before it
+started, and both as ratios to the smallest N. The alternative named for comparison is the in-memory
+approach (all of X and e as float32 matrices, as the paper's scripts do), whose size 2·N·d·4 bytes
+is printed beside ours: ours should stay flat where it grows with N, and our time should grow
+linearly.
 
 Run: ``python benchmarks/bench_token_scaling.py [--n 20000] [--factors 1,10,100]``
 (100x = 2M tokens writes a 4.6 GB store to a temp folder and takes several minutes).
@@ -109,8 +109,10 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(
-            f"N = {r['n']:>9,}: decompose {r['seconds']:7.1f} s ({r['seconds'] / r['n'] * 1e6:6.1f} us/token), "
-            f"peak anon. memory +{r['rss_mb']:6.0f} MB (in-memory X and e: {2 * r['n'] * D * 4 / 2**20:7.0f} MB), "
+            f"N = {r['n']:>9,}: decompose {r['seconds']:7.1f} s "
+            f"({r['seconds'] / r['n'] * 1e6:6.1f} us/token), "
+            f"peak anon. memory +{r['rss_mb']:6.0f} MB (in-memory X and e: "
+            f"{2 * r['n'] * D * 4 / 2**20:7.0f} MB), "
             f"FVU {r['fvu']:.3f}",
             flush=True,
         )

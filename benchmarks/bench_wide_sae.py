@@ -103,8 +103,8 @@ def main() -> None:
             results[case] = json.loads(done.stdout.strip().splitlines()[-1])
     dense_mb = args.chunk_rows * args.width * 4 / 2**20
     print(
-        f"decompose, W = {args.width:,}, d = {D}, {args.tokens:,} tokens, chunks of {args.chunk_rows:,} "
-        f"rows (dense latents of a chunk: {dense_mb:,.0f} MB)"
+        f"decompose, W = {args.width:,}, d = {D}, {args.tokens:,} tokens, "
+        f"chunks of {args.chunk_rows:,} rows (dense latents of a chunk: {dense_mb:,.0f} MB)"
     )
     for case, label in (
         ("blocks", "ours: latent_rows at a time"),
