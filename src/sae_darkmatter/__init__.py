@@ -5,7 +5,8 @@ Stages, each usable alone (see README):
     harvest(HarvestConfig, path)            -> ActivationStore
     make_splits(store, SplitConfig)         -> Splits (SAE-train / probe-train / probe-test rows)
     open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
-    train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu, one pass)
+    train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu,
+                                               one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
     stream_decompose(HarvestConfig, saes)   -> the decomposition straight from the LM, no store
     RunDir(out)                             -> one run folder: store, splits, decompositions, SAEs

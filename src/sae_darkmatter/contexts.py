@@ -108,8 +108,8 @@ def packing_for(cfg: CorpusConfig, tokenizer: Any, *, model: str = "the model") 
         separator = bos if cfg.separator == "bos" else eos
         if separator is None:
             raise DarkMatterError(
-                f"harvest.corpus.separator = {cfg.separator!r}, but the tokenizer of {model} has no "
-                f'{cfg.separator.upper()} token; choose another separator or "none"'
+                f"harvest.corpus.separator = {cfg.separator!r}, but the tokenizer of {model} "
+                f'has no {cfg.separator.upper()} token; choose another separator or "none"'
             )
     return Packing(int(bos) if prepend else None, None if separator is None else int(separator),
                    stream=False)

@@ -140,7 +140,8 @@ def share(n: int) -> slice:
 
 
 def owns(index: int) -> bool:
-    """Round-robin ownership of numbered work items (shards, SAEs): item ``i`` is rank ``i % w``'s."""
+    """Round-robin ownership of numbered work items (shards, SAEs): item ``i`` is rank
+    ``i % w``'s."""
     return index % world_size() == rank()
 
 
@@ -163,7 +164,8 @@ def broadcast(obj: Any) -> Any:
 
 
 def merged(acc: M) -> M:
-    """``acc`` with every rank's rows: the ranks' accumulators merged in rank order (same on all)."""
+    """``acc`` with every rank's rows: the ranks' accumulators merged in rank order (same on
+    all)."""
     if not _active():
         return acc
     states = gather({k: v.cpu() for k, v in acc.state_dict().items()})

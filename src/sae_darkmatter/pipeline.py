@@ -56,7 +56,8 @@ def train_saes(
     hook: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Train ``cfg``'s width × sparsity grid on the SAE-training split, in one pass over the data."""
+    """Train ``cfg``'s width × sparsity grid on the SAE-training split, in one pass over the
+    data."""
     hook = hook or next(iter(store.hooks))
     if splits.sae_train.size == 0:
         raise DarkMatterError("the SAE-training split is empty (split.sae_train_fraction = 0)")
@@ -93,7 +94,8 @@ def _train_source_saes(
 
 
 def sae_label(spec: str | Path) -> str:
-    """A file-name-safe name for an SAE spec: the folder name, or ``release__id`` from a registry."""
+    """A file-name-safe name for an SAE spec: the folder name, or ``release__id`` from a
+    registry."""
     text = str(spec)
     if text.startswith(REGISTRY_PREFIX):
         text = text[len(REGISTRY_PREFIX):]

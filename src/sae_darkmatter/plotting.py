@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt  # after choosing the backend
 
-from sae_darkmatter._io import atomic_path  # noqa: E402
+from sae_darkmatter._io import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

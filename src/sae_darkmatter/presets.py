@@ -21,7 +21,8 @@ PAPER_PROBE_TRAIN_TOKENS = 150_000
 
 
 def quick(cfg: RunConfig) -> RunConfig:
-    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (~3 min on a CPU)."""
+    """The ``--quick`` preset: the same pipeline on ~5x less data and smaller SAEs (~3 min on a
+    CPU)."""
     h = cfg.harvest
     corpus = dataclasses.replace(h.corpus, n_contexts=320)
     return dataclasses.replace(

@@ -1,4 +1,5 @@
-"""Analyses: each reads a run (store, SAEs, decompositions) and returns JSON-able results plus figures.
+"""Analyses: each reads a run (store, SAEs, decompositions) and returns JSON-able results plus
+figures.
 
 ``run_analyses(run)`` runs all of them on a finished run and writes ``analyses.json``; the
 report stage adds their sections to ``report.html`` and ``metrics.json``. Each analysis is one

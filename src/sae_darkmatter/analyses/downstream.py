@@ -126,7 +126,8 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
 
 
 def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The sweep's two slices: SAEs of the k with most widths (by width), of the width with most ks (by L0).
+    """The sweep's two slices: SAEs of the k with most widths (by width), of the width with most ks
+    (by L0).
 
     Ties: the k nearest the median k, the largest width. Items need "width", "k" and "l0".
     """
@@ -165,7 +166,8 @@ def select_saes(decs: list[SavedDecomposition], cfg: DownstreamConfig) -> list[S
 
 
 def store_contexts(store: ActivationStore) -> np.ndarray:
-    """Token ids ``[n_contexts, T]`` of every stored context (row ``c·T + t`` is position t of c)."""
+    """Token ids ``[n_contexts, T]`` of every stored context (row ``c·T + t`` is
+    position t of c)."""
     t = store.context_length
     tokens, context, position = (store.column(c) for c in ("tokens", "context", "position"))
     n = tokens.size // t

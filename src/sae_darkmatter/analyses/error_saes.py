@@ -46,7 +46,8 @@ FIGURE = "figures/error_saes.png"
 
 def split_by_context(rows: np.ndarray, contexts: np.ndarray, fraction: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``rows`` (with their ``contexts``) into (train, eval) rows by a seeded context split."""
+    """Split ``rows`` (with their ``contexts``) into (train, eval) rows by a seeded context
+    split."""
     ids = np.unique(contexts)
     if ids.size < 2 or not 0.0 < fraction < 1.0:
         raise DarkMatterError(f"need >= 2 contexts and 0 < train_fraction < 1 (have {ids.size} "
@@ -66,7 +67,8 @@ def error_targets(
     *,
     chunk_rows: int = 8192,
 ) -> dict[str, torch.Tensor]:
-    """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 ``[len(rows), d]`` (rows sorted)."""
+    """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 ``[len(rows), d]`` (rows
+    sorted)."""
     probe = error_probe(dec)
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in TARGETS}
     with torch.inference_mode():
@@ -79,7 +81,8 @@ def error_targets(
 
 
 def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192) -> dict[str, Any]:
-    """Held-out FVU of ``sae`` on ``y``, its residual over the error's total variance, L0, dead latents."""
+    """Held-out FVU of ``sae`` on ``y``, its residual over the error's total variance, L0, dead
+    latents."""
     acc = R2Accumulator(y.shape[1])
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     active = 0
@@ -175,7 +178,8 @@ def _default_base(decs: list[SavedDecomposition]) -> SavedDecomposition:
 
 def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | None = None,
                        progress: bool = True) -> dict[str, Any]:
-    """Train and score SAEs on e, ê and e − ê of each chosen base SAE; write ``figures/error_saes.png``."""
+    """Train and score SAEs on e, ê and e − ê of each chosen base SAE; write
+    ``figures/error_saes.png``."""
     run, cfg = RunDir.of(run_dir), cfg or ErrorSAEConfig()
     t0 = time.perf_counter()
     store = run.store
@@ -213,8 +217,8 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
                 "tokens": {
                     "train": int(train_rows.size),
                     "eval": int(eval_rows.size),
-                    "source": "probe-test tokens of the decomposition (never seen by the error probe), "
-                    "split by context",
+                    "source": "probe-test tokens of the decomposition "
+                    "(never seen by the error probe), split by context",
                 },
                 "target_variance": {
                     t: _total_var(held_out[t]) / max(eval_rows.size, 1) for t in TARGETS
@@ -244,7 +248,8 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
 
 
 def error_sae_figure(result: dict[str, Any], path: Path) -> Path:
-    """Per base SAE, against L0: held-out FVU of each target, residual over the error's variance, dead latents."""
+    """Per base SAE, against L0: held-out FVU of each target, residual over the error's variance,
+    dead latents."""
     bases = result["bases"]
     metrics = (
         ("fvu", "held-out FVU of its own target"),

@@ -60,7 +60,8 @@ _CHUNK_ROWS = 8192
 
 
 def fit_mask(n: int, seed: int) -> np.ndarray:
-    """Boolean [n]: the seeded random half (floor(n/2) rows) used for fitting; the rest is scored."""
+    """Boolean [n]: the seeded random half (floor(n/2) rows) used for fitting; the rest is
+    scored."""
     perm = np.random.default_rng(seed).permutation(n)
     mask = np.zeros(n, dtype=bool)
     mask[perm[: n // 2]] = True

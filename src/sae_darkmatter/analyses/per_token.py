@@ -131,7 +131,8 @@ def predictability_matrix(
     n_fit = int(round(n * train_fraction))
     if not 0.0 < train_fraction < 1.0 or n_fit < 3 or n - n_fit < 3:
         raise DarkMatterError(
-            f"need at least 3 fit and 3 score tokens (have {n} test tokens, train_fraction={train_fraction})"
+            f"need at least 3 fit and 3 score tokens (have {n} test tokens, "
+            f"train_fraction={train_fraction})"
         )
     perm = np.random.default_rng(seed).permutation(n)
     fit, score = perm[:n_fit], perm[n_fit:]
@@ -162,7 +163,8 @@ def _as_array(nested: list[list[float | None]]) -> np.ndarray:
 
 
 def matrix_figure(result: dict[str, Any], path: str | Path) -> Path:
-    """Two heatmaps: held-out R² of ‖e_j‖ from ‖e_i‖, and % improvement from adding ‖nonlinear_i‖."""
+    """Two heatmaps: held-out R² of ‖e_j‖ from ‖e_i‖, and % improvement from adding
+    ‖nonlinear_i‖."""
     names = result["names"]
     m = len(names)
     panels = [
@@ -303,8 +305,10 @@ def darkest_html(contexts: Sequence[dict[str, Any]], *, title: str) -> str:
                 )
             spans.append(f'<span style="{style}" title="{html.escape(tip)}">{text}</span>')
         parts.append(
-            f'<div style="margin:0.6em 0"><div style="font-size:0.8em;color:#555">{html.escape(head)}</div>'
-            f'<div style="white-space:pre-wrap;font-family:monospace;line-height:1.6">{"".join(spans)}</div></div>'
+            '<div style="margin:0.6em 0">'
+            f'<div style="font-size:0.8em;color:#555">{html.escape(head)}</div>'
+            '<div style="white-space:pre-wrap;font-family:monospace;line-height:1.6">'
+            f'{"".join(spans)}</div></div>'
         )
     parts.append("</section>")
     return "\n".join(parts)

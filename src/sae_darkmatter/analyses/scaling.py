@@ -105,7 +105,8 @@ def _point(d: SavedDecomposition) -> SweepPoint:
 
 
 def load_sweep(decompose_dir: Decompositions) -> list[SweepPoint]:
-    """All decomposed SAEs of a run or ``decompose`` folder (or those given), sorted by (k, width)."""
+    """All decomposed SAEs of a run or ``decompose`` folder (or those given), sorted by
+    (k, width)."""
     points = [_point(d) for d in decompositions_of(decompose_dir)]
     return sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name))
 

@@ -42,7 +42,8 @@ class SAEChoice:
 def _error_meta(folder: Path, run_dir: Path) -> tuple[str, str] | None:
     """(base SAE, target) of an error SAE folder: from its place in the run, else its cfg.json."""
     try:
-        base, target, _ = folder.resolve().relative_to(RunDir(run_dir).error_saes_path.resolve()).parts
+        error_saes = RunDir(run_dir).error_saes_path.resolve()
+        base, target, _ = folder.resolve().relative_to(error_saes).parts
         if target in TARGETS:
             return base, target
     except ValueError:
@@ -81,7 +82,8 @@ def _k(folder: Path) -> int | None:
 
 
 def default_saes(run: RunDir | str | Path) -> list[str]:
-    """The first base SAE with error SAEs, and its error SAEs of one width and k (all three targets).
+    """The first base SAE with error SAEs, and its error SAEs of one width and k (all three
+    targets).
 
     Among the names present for e, ê and e − ê: the one with the base SAE's k, else the middle
     one. Without error SAEs: the widest SAE of the run at the median k.
@@ -153,7 +155,8 @@ class RunData:
         return next((h for h in hooks if h in self.store.hooks), next(iter(self.store.hooks)))
 
     def parts(self, hook: str, base: str | None) -> PartsFn:
-        """SAE inputs for sorted store rows: ``{"x"}``, or the error parts of ``base`` (e, ê, e − ê)."""
+        """SAE inputs for sorted store rows: ``{"x"}``, or the error parts of ``base`` (e, ê,
+        e − ê)."""
         if base is None:
             return lambda rows: {"x": self.store.gather(hook, rows)}
         dec = self.base(base)

@@ -41,7 +41,8 @@ NO_KEY = "no-key"  # sent when the variable is unset: local servers accept any k
 
 
 class EndpointError(DarkMatterError):
-    """The chat endpoint cannot be reached, rejects the key, or keeps failing; says what to check."""
+    """The chat endpoint cannot be reached, rejects the key, or keeps failing; says what to
+    check."""
 
 
 def safe_url(url: str) -> str:
@@ -58,7 +59,8 @@ def _openai() -> Any:
         import openai
     except ImportError:
         raise DarkMatterError(
-            "auto-interpretability needs the openai package: pip install 'sae-darkmatter[autointerp]'"
+            "auto-interpretability needs the openai package: pip install "
+            "'sae-darkmatter[autointerp]'"
         ) from None
     return openai
 
@@ -146,7 +148,8 @@ class ChatClient:
         return EndpointError(f"request to {self.url} failed: {type(err).__name__}")
 
     def check(self) -> None:
-        """One quick ``GET /models`` (no retries): fails fast with ``EndpointError`` when unreachable."""
+        """One quick ``GET /models`` (no retries): fails fast with ``EndpointError`` when
+        unreachable."""
         openai = _openai()
         try:
             self._client.with_options(

@@ -1,4 +1,5 @@
-"""The detection figure: accuracy per activation quantile and on negatives, and balanced accuracy, per SAE."""
+"""The detection figure: accuracy per activation quantile and on negatives, and balanced accuracy,
+per SAE."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _nan(v: float | None) -> float:
 
 
 def detection_figure(result: dict[str, Any], path: Path) -> Path:
-    """Left: pooled accuracy on negatives ("not") and per quantile (1 weakest); right: balanced accuracy.
+    """Left: pooled accuracy on negatives ("not") and per quantile (1 weakest); right: balanced
+    accuracy.
 
     Error bars: 95 % bootstrap intervals over latents.
     """

@@ -9,9 +9,10 @@ Detection answers are parsed, in this order (the first rule that applies wins):
 3. bare numbers, ``"1, 3 and 4"``, or ``"none"``.
 
 A constrained (JSON) answer ``{"matches": [1, 3]}`` is read by rule 1; an explanation answer
-``{"explanation": "..."}`` by its key. Numbers outside 1..n make an answer unparsable. An unparsable answer is retried once with a
-correction message appended (a different request, so the cache keeps both); if that fails too
-the batch is recorded as unparsable and left out of the accuracies (and counted).
+``{"explanation": "..."}`` by its key. Numbers outside 1..n make an answer unparsable. An
+unparsable answer is retried once with a correction message appended (a different request, so
+the cache keeps both); if that fails too the batch is recorded as unparsable and left out of the
+accuracies (and counted).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ DETECT_SCHEMA = {
 
 
 def response_format(kind: str, schema: dict, name: str) -> dict | None:
-    """The chat API's ``response_format`` that constrains answers to ``schema`` (None: ``"text"``)."""
+    """The chat API's ``response_format`` that constrains answers to ``schema`` (None:
+    ``"text"``)."""
     if kind == "json_schema":
         return {
             "type": "json_schema",

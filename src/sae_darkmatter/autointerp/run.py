@@ -77,7 +77,8 @@ def explain(client: ChatClient, cfg: AutoInterpConfig, latent: LatentExamples) -
 def detect(
     client: ChatClient, cfg: AutoInterpConfig, explanation: str, batch: list[Example]
 ) -> list[bool] | None:
-    """The judge's verdict per snippet of ``batch``; one corrective retry; None if still unparsable."""
+    """The judge's verdict per snippet of ``batch``; one corrective retry; None if still
+    unparsable."""
     messages = prompts.detection_messages(explanation, [e.text for e in batch])
     params = {
         "max_tokens": cfg.detect_max_tokens,
@@ -186,13 +187,15 @@ def _score_sae(choice: SAEChoice, ex: ExampleSet, hook: str, explanations: dict[
 
 
 def _settings(cfg: AutoInterpConfig) -> dict[str, Any]:
-    """The config as stored: the URL without credentials; the key's variable name, never its value."""
+    """The config as stored: the URL without credentials; the key's variable name, never its
+    value."""
     return {**to_dict(cfg), "base_url": safe_url(cfg.base_url)}
 
 
 def _collect_all(data: RunData, choices: list[SAEChoice], cfg: AutoInterpConfig,
                  bar: Progress) -> tuple[dict[str, ExampleSet], dict[str, str]]:
-    """Examples of every chosen SAE (SAEs computed from the same inputs together), and their hooks."""
+    """Examples of every chosen SAE (SAEs computed from the same inputs together), and their
+    hooks."""
     loaded = {c.label: open_sae(c.spec) for c in choices}
     hooks: dict[str, str] = {}
     groups: dict[tuple[str, str | None], list[SAEChoice]] = {}

@@ -77,7 +77,9 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option(
                 "--saes",
-                help="SAEs, repeatable or comma-separated: names under saes/ or error_saes/, folders, or saelens:<release>/<id> (default: the run's error SAEs of one width/k and their base SAE).",
+                help="SAEs, repeatable or comma-separated: names under saes/ or error_saes/, "
+                     "folders, or saelens:<release>/<id> (default: the run's error SAEs of one "
+                     "width/k and their base SAE).",
             ),
         ] = None,
         n_latents: Annotated[int | None, typer.Option(help="Latents sampled per SAE.")] = None,
@@ -111,7 +113,8 @@ def register(app: typer.Typer) -> None:
         response_format: Annotated[
             str | None,
             typer.Option(
-                help="Constrain answers to JSON: 'json_schema' (OpenAI, vLLM, OpenRouter), 'json_object' (llama.cpp server) or 'text' (default)."
+                help="Constrain answers to JSON: 'json_schema' (OpenAI, vLLM, OpenRouter), "
+                     "'json_object' (llama.cpp server) or 'text' (default)."
             ),
         ] = None,
         cache_dir: Annotated[
@@ -122,7 +125,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Seed for latent sampling, context split and snippet order."),
         ] = None,
     ) -> None:
-        """Auto-interpretability: an LLM explains sampled latents; a judge LLM's detection accuracy scores them."""
+        """Auto-interpretability: an LLM explains sampled latents; a judge LLM's detection \
+accuracy scores them."""
         from rich.console import Console
 
         from sae_darkmatter.autointerp.config import AutoInterpConfig

@@ -34,14 +34,16 @@ console = Console(stderr=True)
 Model = Annotated[
     str | None,
     typer.Option(
-        help="'smollm2' (embedded), HF model id, local folder or .gguf file (default: the one --sae names, else smollm2)."
+        help="'smollm2' (embedded), HF model id, local folder or .gguf file (default: the one "
+             "--sae names, else smollm2)."
     ),
 ]
 SaeSpecs = Annotated[
     list[str] | None,
     typer.Option(
         "--sae",
-        help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder.",
+        help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / "
+             "dictionary_learning folder.",
     ),
 ]
 Corpus = Annotated[
@@ -67,7 +69,8 @@ Ks = Annotated[
     str | None,
     typer.Option(
         "--k",
-        help="Comma-separated sparsities: k (active latents per token) for topk/batchtopk, e.g. 16,32,64; the L1 (relu) or L0 (jumprelu) coefficients otherwise.",
+        help="Comma-separated sparsities: k (active latents per token) for topk/batchtopk, e.g. "
+             "16,32,64; the L1 (relu) or L0 (jumprelu) coefficients otherwise.",
     ),
 ]
 Arch = Annotated[
@@ -86,19 +89,22 @@ Skip = Annotated[
 MaxNorm = Annotated[
     float | None,
     typer.Option(
-        help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 keeps all."
+        help="Exclude tokens whose norm exceeds this multiple of the median (attention sinks); 0 "
+             "keeps all."
     ),
 ]
 Dtype = Annotated[
     str | None,
     typer.Option(
-        help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are float64)."
+        help="LM dtype: float32, bfloat16, float16 (SAEs run in their stored dtype; statistics are "
+             "float64)."
     ),
 ]
 PrependBos = Annotated[
     str | None,
     typer.Option(
-        help="Start every context with the BOS token: auto (when the model's tokenizer adds one), true or false."
+        help="Start every context with the BOS token: auto (when the model's tokenizer adds one), "
+             "true or false."
     ),
 ]
 ConfigFile = Annotated[

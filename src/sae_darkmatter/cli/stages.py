@@ -1,4 +1,5 @@
-"""The pipeline's commands: ``run`` it whole, or each stage alone (``harvest`` ... ``report``, ``stream``)."""
+"""The pipeline's commands: ``run`` it whole, or each stage alone (``harvest`` ... ``report``,
+``stream``)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def run(
     protocol: Annotated[
         str,
         typer.Option(
-            help="'paper': Engels et al.'s protocol (1,024-token contexts, positions 200..1022, 150k probe-train tokens; README); other flags still apply."
+            help="'paper': Engels et al.'s protocol (1,024-token contexts, positions 200..1022, "
+                 "150k probe-train tokens; README); other flags still apply."
         ),
     ] = "default",
     config: ConfigFile = None,
@@ -71,7 +73,8 @@ def run(
     hook: Annotated[
         str | None,
         typer.Option(
-            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer)."
+            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle "
+                 "layer)."
         ),
     ] = None,
     corpus: Corpus = None,
@@ -89,7 +92,8 @@ def run(
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
-    """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their error -> report."""
+    """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their \
+error -> report."""
     from sae_darkmatter import pipeline, presets
 
     def body() -> None:
@@ -160,7 +164,8 @@ def harvest_cmd(
             base,
             model=given(base.model, name=model, dtype=dtype, device=device),
             corpus=given(base.corpus, source=corpus, n_contexts=n_contexts,
-                        context_length=context_length, seed=seed, prepend_bos=bos_value(prepend_bos)),
+                         context_length=context_length, seed=seed,
+                         prepend_bos=bos_value(prepend_bos)),
             hooks=tuple(hook) if hook else None,
             batch_size=batch_size,
             contexts_per_shard=contexts_per_shard,
@@ -196,15 +201,16 @@ def train(
     seed: Seed = None,
     device: Device = None,
 ) -> None:
-    """Train a width × sparsity grid of SAEs in one pass over a store's SAE-training split (SAELens format)."""
+    """Train a width × sparsity grid of SAEs in one pass over a store's SAE-training split \
+(SAELens format)."""
     from sae_darkmatter.pipeline import train_saes
     from sae_darkmatter.splits import make_splits
     from sae_darkmatter.store import ActivationStore
 
     def body() -> None:
         split = split_config(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = grid_config(SAETrainConfig(), architecture, widths, k, train_tokens=train_tokens, lr=lr,
-                    batch_size=batch_size, seed=seed, device=device)
+        cfg = grid_config(SAETrainConfig(), architecture, widths, k, train_tokens=train_tokens,
+                          lr=lr, batch_size=batch_size, seed=seed, device=device)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
         table = Table(
@@ -227,7 +233,8 @@ def decompose_cmd(
     sae: Annotated[
         list[str],
         typer.Option(
-            help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder."
+            help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / "
+                 "dictionary_learning folder."
         ),
     ],
     store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path(
@@ -330,7 +337,8 @@ def stream_cmd(
     sae: Annotated[
         list[str],
         typer.Option(
-            help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / dictionary_learning folder."
+            help="Pretrained SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify "
+                 "/ dictionary_learning folder."
         ),
     ],
     out: Annotated[
@@ -345,7 +353,8 @@ def stream_cmd(
     hook: Annotated[
         str | None,
         typer.Option(
-            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle layer)."
+            help="Hook point, e.g. resid_post.15 (default: the one --sae names, else the middle "
+                 "layer)."
         ),
     ] = None,
     corpus: Corpus = None,
@@ -360,7 +369,8 @@ def stream_cmd(
     seed: Seed = None,
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints.")] = 25,
 ) -> None:
-    """Decompose pretrained SAEs' error straight from the LM: no activation store, memory independent of the token count."""
+    """Decompose pretrained SAEs' error straight from the LM: no activation store, memory \
+independent of the token count."""
     from sae_darkmatter.adopt import adopt_sae_metadata
     from sae_darkmatter.pipeline import open_saes
     from sae_darkmatter.stream import stream_decompose
@@ -400,8 +410,8 @@ def stream_cmd(
         first = next(iter(results.values()))
         show(sae_summary({"model": first.model, "hook": first.metrics.hook, "saes": rows}))
         show(
-            f"{first.data['probe_train_tokens']:,} probe-train and {first.data['probe_test_tokens']:,} "
-            f"held-out tokens; results in {out}"
+            f"{first.data['probe_train_tokens']:,} probe-train and "
+            f"{first.data['probe_test_tokens']:,} held-out tokens; results in {out}"
         )
 
     main(body)

@@ -31,11 +31,13 @@ def verify(
         bool,
         typer.Option(
             "--repair",
-            help="Re-harvest bad store shards; remove damaged SAEs this run trained (rerun to retrain).",
+            help="Re-harvest bad store shards; remove damaged SAEs this run trained (rerun to "
+                 "retrain).",
         ),
     ] = False,
 ) -> None:
-    """Check every store shard (sha256) and SAE file of a run; with --repair, redo what is damaged."""
+    """Check every store shard (sha256) and SAE file of a run; with --repair, redo what is \
+damaged."""
     from sae_darkmatter import integrity
 
     def body() -> None:
@@ -120,7 +122,8 @@ def info(
     def body() -> None:
         c = Console()
         c.print(
-            f"sae-darkmatter {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}"
+            f"sae-darkmatter {__version__}, torch {torch.__version__}, python "
+            f"{sys.version.split()[0]}"
         )
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         c.print(f"GPUs: {', '.join(f'cuda:{i} {n}' for i, n in enumerate(gpus)) or 'none'}; "
@@ -141,7 +144,8 @@ def info(
                    else "no BOS prepended")
             c.print(
                 f"store {store}: {st.n_rows:,} tokens, {st.committed_contexts:,} contexts of "
-                f"{st.context_length:,} ({bos}), hooks {st.hooks}, model {st.meta.get('model_name')}"
+                f"{st.context_length:,} ({bos}), hooks {st.hooks}, model "
+                f"{st.meta.get('model_name')}"
             )
 
     main(body, one_process=True)

@@ -123,7 +123,7 @@ def load_decompositions(decompose_dir: str | Path) -> list[SavedDecomposition]:
         if not probe.is_file():
             raise DarkMatterError(f"{path} names {probe}, which does not exist; rerun decompose")
         with safe_open(str(probe), framework="np") as fh:
-            missing = [k for k in TOKEN_ARRAYS if f"test.{k}" not in fh.keys()]  # noqa: SIM118
+            missing = [k for k in TOKEN_ARRAYS if f"test.{k}" not in fh.keys()]
             if missing:
                 raise DarkMatterError(
                     f"{probe} lacks the per-token arrays {missing} (an older version wrote it); "

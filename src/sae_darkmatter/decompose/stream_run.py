@@ -85,7 +85,7 @@ class StreamState:
                     log.warning("checkpoint %s was made with other settings or SAE weights: "
                                 "starting over (it will be replaced)", path)
                     return False
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
             progress = json.loads(meta["progress"])
             self.fit.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("fit.")})
             for i, s in enumerate(self.scores):

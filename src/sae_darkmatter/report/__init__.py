@@ -180,24 +180,28 @@ def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>SAE dark matter report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 4px 10px; border-bottom: 1px solid #ddd; \
+text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }}
 figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
 </style></head><body>
 <h1>SAE dark matter</h1>
-<p>Model <code title="{esc(str(m["model"]))}">{esc(display_name(m["model"]))}</code>, hook <code>{esc(m["hook"])}</code>;
+<p>Model <code title="{esc(str(m["model"]))}">{esc(display_name(m["model"]))}</code>, \
+hook <code>{esc(m["hook"])}</code>;
 sae-darkmatter {esc(m["sae_darkmatter_version"])}, {esc(m["created"])}.</p>
 <h2>Metrics (held-out tokens)</h2>
 <table><tr>{head}</tr>{body}</table>
 <p>Brackets: 95 % intervals (bootstrap over held-out tokens; a 16-group jackknife for the
-mean per-dimension R²). SAE error <code>e = x − x̂</code>. A least-squares probe <code>ê = [x, 1]·W</code> is fit on
+mean per-dimension R²). SAE error <code>e = x − x̂</code>. A least-squares probe \
+<code>ê = [x, 1]·W</code> is fit on
 probe-train tokens; all numbers are scored on disjoint probe-test tokens. FVU = Σ‖e‖²/Σ‖x − x̄‖²;
 FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU nonlinear; linear share =
 1 − Σ‖e − ê‖²/Σ‖e‖²; R² e (mean dim) is the mean over dimensions of the per-dimension R² of ê;
 R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
 <h2>SAEs: where they come from</h2>
 <table><tr><th>SAE</th><th>library</th><th>source</th><th>architecture</th><th>width</th><th>L0</th>
-<th>stored dtype</th><th>trained on</th><th>trained with</th></tr>{_provenance_rows(m["saes"])}</table>
+<th>stored dtype</th><th>trained on</th><th>trained with</th></tr>\
+{_provenance_rows(m["saes"])}</table>
 <h2>Data</h2><ul>{data}</ul>
 <h2>Figures</h2>{figs}
 {analyses_html(analyses, out_dir)}

@@ -1,4 +1,5 @@
-"""The report's analysis sections: each registered analysis renders its own; autointerp's is here."""
+"""The report's analysis sections: each registered analysis renders its own; autointerp's is
+here."""
 
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ def _autointerp(r: dict[str, Any], out_dir: Path) -> str:
     st, req = r["settings"], r["requests"]
     return (
         f"<p>An LLM (<code>{esc(str(r['model']))}</code>) explained each sampled latent from its "
-        f"{st['n_explain']} top windows ({st['window']} tokens) in explanation contexts; the same model then "
-        f"judged which held-out snippets from other contexts activate it: {st['n_per_quantile']} per activation "
-        f"quantile (Q1 weakest … Q{st['n_quantiles']} strongest) and {st['n_negatives']} silent ones per latent. "
-        f"Balanced accuracy = (recall on activating snippets + specificity on silent ones) / 2; 95 % bootstrap "
+        f"{st['n_explain']} top windows ({st['window']} tokens) in explanation contexts; "
+        "the same model then judged which held-out snippets from other contexts activate it: "
+        f"{st['n_per_quantile']} per activation quantile (Q1 weakest … Q{st['n_quantiles']} "
+        f"strongest) and {st['n_negatives']} silent ones per latent. Balanced accuracy = "
+        "(recall on activating snippets + specificity on silent ones) / 2; 95 % bootstrap "
         f"intervals over latents. Unparsable answers were retried once, then left out (counted). "
         f"{req['sent']} requests sent, {req['from_cache']} answered from the cache.</p>"
         f"<table><tr><th>SAE</th><th>input</th><th>latents scored</th><th>dead / too rare</th>"

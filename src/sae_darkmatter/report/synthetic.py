@@ -101,7 +101,8 @@ def write_synthetic_report(results: dict[str, Any], out_dir: str | Path) -> Path
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic dark matter</title>",
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:"
-        "collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}</style></head><body>",
+        "collapse}td,th{border:1px solid #ccc;"
+        "padding:4px 10px;text-align:right}</style></head><body>",
         "<h1>Synthetic activations with known ground truth</h1>",
         f"<p>Config: <code>{html.escape(str(results['config']))}</code></p>",
         "<p>FVU is pooled with per-dimension means (the paper's synthetic script subtracted one "

@@ -75,8 +75,9 @@ def open_sae(
 ) -> LoadedSAE:
     """Load an SAE from the SAELens registry or a folder of any supported format.
 
-    ``device`` may be ``"auto"`` (CUDA when present). ``norm_scaling_factor`` only applies to SAELens SAEs trained with
-    ``normalize_activations="expected_average_only_in"`` (folded into the weights).
+    ``device`` may be ``"auto"`` (CUDA when present). ``norm_scaling_factor`` only applies to
+    SAELens SAEs trained with ``normalize_activations="expected_average_only_in"`` (folded into
+    the weights).
     """
     text = str(spec)
     if text.startswith(registry.REGISTRY_PREFIX):

@@ -155,7 +155,8 @@ def load_sae(
     *,
     norm_scaling_factor: float | None = None,
 ) -> AffineSAE:
-    """Load a SAELens folder into a float32 ``TopKSAE``, ``ReLUSAE``, ``JumpReLUSAE`` or ``GatedSAE``.
+    """Load a SAELens folder into a float32 ``TopKSAE``, ``ReLUSAE``, ``JumpReLUSAE`` or
+    ``GatedSAE``.
 
     Supported: architectures ``topk`` / ``standard`` / ``jumprelu`` / ``gated``;
     ``apply_b_dec_to_input``; TopK ``rescale_acts_by_decoder_norm`` (folded into the weights,
@@ -289,7 +290,8 @@ def read_json_file(path: Path) -> dict[str, Any]:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, after its checksum (if recorded); damage names the file."""
+    """All tensors of a safetensors file, after its checksum (if recorded); damage names the
+    file."""
     verify_checksum(path)
     try:
         return load_file(path)
@@ -306,7 +308,7 @@ def safetensors_dtype(path: str | Path, name: str) -> str | None:
     Reads the header only; None when the file has no tensor of that name.
     """
     with safe_open(str(path), framework="pt") as f:
-        if name not in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+        if name not in f.keys():  # safe_open is not a mapping
             return None
         code = f.get_slice(name).get_dtype()
     return _SAFETENSORS_DTYPES.get(code, code.lower())

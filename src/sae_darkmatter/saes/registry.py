@@ -229,7 +229,7 @@ def _tensor_shapes_from_files() -> Iterator[None]:
 
     def from_file(repo_id: str, filename: str) -> dict[str, list[int]]:
         with safe_open(hf_hub_download(repo_id, filename), "pt") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
 
     loaders.get_safetensors_tensor_shapes = from_file
     try:

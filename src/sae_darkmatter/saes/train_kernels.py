@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Codes:
-    """Selected latents of an ``[n_rows, width]`` batch: entry j is latent ``cols[j]`` of row ``rows[j]``.
+    """Selected latents of an ``[n_rows, width]`` batch: entry j is latent ``cols[j]`` of row
+    ``rows[j]``.
 
     ``offsets[r]`` is where row r's entries start (``embedding_bag`` offsets; rows may be empty).
     """
@@ -53,7 +54,8 @@ def scatter_rows(
     out_idx: torch.Tensor, in_idx: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
     n_out: int,
 ) -> torch.Tensor:
-    """``out[out_idx[j]] += weights[j] * dense[in_idx[j]]``: one sparse-dense product ``[n_out, d]``."""
+    """``out[out_idx[j]] += weights[j] * dense[in_idx[j]]``: one sparse-dense product
+    ``[n_out, d]``."""
     coo = torch.sparse_coo_tensor(torch.stack([out_idx, in_idx]), weights, (n_out, dense.shape[0]),
                                   check_invariants=False)
     return torch.sparse.mm(coo, dense)

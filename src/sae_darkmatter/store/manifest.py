@@ -152,7 +152,8 @@ def load_manifest(path: Path) -> dict[str, Any]:
         m = read_json(file)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise ValueError(
-                f"format {m.get('format')!r} version {m.get('version')!r}, expected {FORMAT!r} {VERSION}"
+                f"format {m.get('format')!r} version {m.get('version')!r}, expected {FORMAT!r} "
+                f"{VERSION}"
             )
         rows = contexts = 0
         for s in m["shards"]:
@@ -174,6 +175,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
             raise ValueError("bad dtype, hooks or meta")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CorruptStoreError(
-            f"{file} is not a valid activation-store manifest ({e}); delete {path} and harvest again"
+            f"{file} is not a valid activation-store manifest ({e}); delete {path} and harvest "
+            "again"
         ) from None
     return m

@@ -37,7 +37,8 @@ class StoreReader:
 
     @classmethod
     def open(cls, path: str | Path, *, verify_reads: bool = True) -> Self:
-        """Open an existing store for reading; a missing or invalid manifest raises CorruptStoreError."""
+        """Open an existing store for reading; a missing or invalid manifest raises
+        CorruptStoreError."""
         path = Path(path)
         return cls(path, load_manifest(path), verify_reads=verify_reads)
 
@@ -98,25 +99,29 @@ class StoreReader:
     # ----------------------------------------------------------------- integrity
 
     def check(self) -> list[ShardProblem]:
-        """Every shard's problem (missing, wrong size, bad header, sha256 mismatch); ``[]`` when sound.
+        """Every shard's problem (missing, wrong size, bad header, sha256 mismatch); ``[]`` when
+        sound.
 
         Unlike :meth:`verify` this never raises for a bad shard, so all of them are reported.
         """
         return check_shards(self.path, self._manifest)
 
     def verify(self) -> None:
-        """Recompute every shard's sha256; any bad shard raises CorruptStoreError naming all of them."""
+        """Recompute every shard's sha256; any bad shard raises CorruptStoreError naming all of
+        them."""
         problems = self.check()
         if problems:
             raise CorruptStoreError(
-                f"{len(problems)} of {len(self._shards)} shards of the store at {self.path} are bad: "
+                f"{len(problems)} of {len(self._shards)} shards of the store at {self.path} "
+                "are bad: "
                 + "; ".join(p.reason for p in problems)
             )
 
     # ----------------------------------------------------------------- reading
 
     def column(self, name: str) -> np.ndarray:
-        """A whole per-row column across shards: ``"tokens"``, ``"position"``, ``"context"`` or ``"loss"``."""
+        """A whole per-row column across shards: ``"tokens"``, ``"position"``, ``"context"`` or
+        ``"loss"``."""
         if name not in COLUMNS:
             raise DarkMatterError(
                 f"unknown column {name!r}; columns are {', '.join(COLUMNS)} "
@@ -131,7 +136,8 @@ class StoreReader:
     def iter_chunks(
         self, hook: str, rows: np.ndarray | None = None, chunk_rows: int = 8192
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield ``(global row indices, float32 [m, d])`` in ascending row order, ``m <= chunk_rows``.
+        """Yield ``(global row indices, float32 [m, d])`` in ascending row order,
+        ``m <= chunk_rows``.
 
         ``rows`` (sorted, unique global indices) restricts the rows read. Chunks are full except
         the last and may span shards; only one shard is read at a time.
@@ -170,7 +176,8 @@ class StoreReader:
                     yield out_rows, out
 
     def gather(self, hook: str, rows: np.ndarray) -> torch.Tensor:
-        """Float32 ``[len(rows), d]`` for the given global rows, in the given order (repeats allowed)."""
+        """Float32 ``[len(rows), d]`` for the given global rows, in the given order (repeats
+        allowed)."""
         d = self.d(hook)
         idx = self._check_rows(rows, ascending=False)
         order = np.argsort(idx, kind="stable")
@@ -192,7 +199,8 @@ class StoreReader:
         return out
 
     def _copy_rows(self, i: int, hook: str, local: np.ndarray, out: torch.Tensor) -> None:
-        """Copy rows ``local`` (ascending, repeats allowed) of ``hook`` in shard ``i`` into float32 ``out``.
+        """Copy rows ``local`` (ascending, repeats allowed) of ``hook`` in shard ``i`` into float32
+        ``out``.
 
         A contiguous range is read with one ``readinto`` (no page faults on a mapping), scattered
         rows are picked from a memory map.
@@ -208,7 +216,8 @@ class StoreReader:
             out.copy_(torch.from_numpy(dest).view(torch.bfloat16))
 
     def _read_range(self, i: int, name: str, first: int, dest: np.ndarray) -> None:
-        """Read ``len(dest)`` rows of tensor ``name`` in shard ``i``, from row ``first``, into ``dest``."""
+        """Read ``len(dest)`` rows of tensor ``name`` in shard ``i``, from row ``first``, into
+        ``dest``."""
         begin, _ = self._layout(i)[name]
         offset = begin + first * (dest.nbytes // len(dest))
         _read_into(self.path / self._shards[i]["file"], offset, dest, name)
@@ -251,7 +260,8 @@ def _read_into(file: Path, offset: int, dest: np.ndarray, name: str) -> None:
             got = fh.readinto(buf[done:])
             if not got:
                 raise CorruptStoreError(
-                    f"shard {fh.name} ended early while reading {name!r}; {repair_hint(Path(fh.name))}"
+                    f"shard {fh.name} ended early while reading {name!r}; "
+                    f"{repair_hint(Path(fh.name))}"
                 )
             done += got
 

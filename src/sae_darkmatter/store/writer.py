@@ -84,7 +84,8 @@ class ActivationStore(StoreReader):
         dtype: str = "float32",
         verify_reads: bool = True,
     ) -> ActivationStore:
-        """Open ``path`` for appending: a new (empty) store, or an existing one with identical settings.
+        """Open ``path`` for appending: a new (empty) store, or an existing one with identical
+        settings.
 
         An existing store whose hooks, context length, dtype or metadata differ raises
         :class:`DarkMatterError` naming the differing keys. Files left by a crash (shards the
@@ -131,19 +132,22 @@ class ActivationStore(StoreReader):
         self, *, context_start: int, acts: Batch, tokens: torch.Tensor | np.ndarray,
         loss: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Commit one batch of contexts: ``acts[hook]`` is ``[B, T, d]``, tokens and loss ``[B, T]``.
+        """Commit one batch of contexts: ``acts[hook]`` is ``[B, T, d]``, tokens and loss
+        ``[B, T]``.
 
         ``context_start`` must equal :attr:`committed_contexts` (appends are contiguous, so a
         resumed harvest cannot skip or repeat contexts). The batch becomes one shard.
         """
         if not self._writable:
             raise DarkMatterError(
-                f"the store at {self.path} was opened read-only; use ActivationStore.create_or_resume to append"
+                f"the store at {self.path} was opened read-only; use "
+                "ActivationStore.create_or_resume to append"
             )
         if context_start != self.committed_contexts:
             raise DarkMatterError(
                 f"append at context {context_start} is not contiguous: the store at {self.path} "
-                f"has {self.committed_contexts} committed contexts, so the next append must start there"
+                f"has {self.committed_contexts} committed contexts, so the next append must start "
+                "there"
             )
         tensors = _batch_tensors(self, context_start, acts, tokens, loss)
         n_ctx = tensors["tokens"].shape[0] // self.context_length
@@ -163,7 +167,8 @@ class ActivationStore(StoreReader):
         """
         if not self._writable:
             raise DarkMatterError(
-                f"the store at {self.path} was opened read-only; use ActivationStore.create_or_resume to repair it"
+                f"the store at {self.path} was opened read-only; use "
+                "ActivationStore.create_or_resume to repair it"
             )
         entry = self._shards[index]
         start, stop = entry["contexts"]
@@ -235,7 +240,8 @@ class ActivationStore(StoreReader):
     def _commit_shard(
         self, index: int, tensors: dict[str, torch.Tensor], start: int, n_ctx: int
     ) -> dict:
-        """Write shard ``index`` (the next one, or one to replace), then record it in the manifest."""
+        """Write shard ``index`` (the next one, or one to replace), then record it in the
+        manifest."""
         entry = self._write_entry(index, tensors, start, n_ctx)
         self._record([entry], at=index)
         return entry

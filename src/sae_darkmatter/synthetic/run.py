@@ -27,7 +27,7 @@ from sae_darkmatter.synthetic.evaluate import (
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered by an SAE latent above this cosine
 
 
-def _progress(enabled: bool):  # noqa: ANN202 (rich type is internal)
+def _progress(enabled: bool):  # unannotated: rich's type is internal
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
