@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae_darkmatter import layout
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.saes.formats import open_sae
 from sae_darkmatter.saes.io import CFG_FILENAME, TRAINING_FILENAME, WEIGHTS_FILENAME
@@ -20,7 +21,7 @@ from sae_darkmatter.store import MANIFEST, ActivationStore
 
 log = logging.getLogger(__name__)
 
-SAE_FOLDERS = ("saes", "error_saes")  # where a run keeps the SAEs it trained
+SAE_FOLDERS = layout.SAE_FOLDERS  # where a run keeps the SAEs it trained
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Damage:
 def store_path(path: str | Path) -> Path | None:
     """The store in ``path``: the folder itself if it is a store, else its ``store/`` (if any)."""
     path = Path(path)
-    for candidate in (path, path / "store"):
+    for candidate in (path, path / layout.STORE):
         if (candidate / MANIFEST).is_file():
             return candidate
     return None

@@ -6,7 +6,7 @@ Each stage is skipped when its output exists and was made from the same inputs a
 interrupted stages resume. Every output is written to a temp file and renamed into place, so a
 run killed at any moment (SIGKILL included) leaves only finished outputs and temp files, which
 the next run deletes; rerunning it gives the results of an uninterrupted run
-(tests/test_kill_resume.py). ``out/.run.lock`` keeps a second run out of the folder meanwhile.
+(tests/e2e/test_kill_resume.py). ``out/.run.lock`` keeps a second run out of the folder meanwhile.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from sae_darkmatter import distributed, layout
+from sae_darkmatter import distributed
 from sae_darkmatter._io import read_json, require_folder, write_json
 from sae_darkmatter.adopt import adopt_sae_metadata, warn_store_differences
 from sae_darkmatter.analyses import run_analyses
@@ -42,8 +42,6 @@ from sae_darkmatter.store import ActivationStore
 log = logging.getLogger(__name__)
 
 
-RUN_CONFIG_FILE = layout.RUN_CONFIG
-RUN_LOCK_FILE = layout.RUN_LOCK
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
 
 
@@ -177,18 +175,6 @@ def decompose_saes(
             })
         distributed.barrier()
     return [read_json(out_dir / f"{name}.json") for name in loaded]
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold the run folder's lock meanwhile (``RunDir.lock``)."""
-    with RunDir(out).lock():
-        yield
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete the temp files a killed run left in ``out`` (``RunDir.remove_stale_temps``)."""
-    return RunDir(out).remove_stale_temps()
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from sae_darkmatter.saes import SAE
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
 
-FIGURE = "figures/cross_layer.png"
+FIGURE = RunDir.figure_key("cross_layer")
 TARGETS = ("error", "linear", "nonlinear")  # e, ê, e − ê
 
 

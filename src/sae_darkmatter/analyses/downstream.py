@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from sae_darkmatter import layout
 from sae_darkmatter._io import atomic_path
+from sae_darkmatter.analyses.downstream_figures import ce_figure, panels, shares_figure
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
 from sae_darkmatter.config import DownstreamConfig, ModelConfig, RunConfig, SplitConfig, from_dict
@@ -45,7 +46,6 @@ from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError, HookError
 from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.models import LoadedModel, load_model, logits_batch
-from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 
 PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
 PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/per_token.safetensors"
-SHARES_FIGURE = "figures/downstream_shares.png"
-CE_FIGURE = "figures/downstream_ce.png"
+SHARES_FIGURE = RunDir.figure_key("downstream_shares")
+CE_FIGURE = RunDir.figure_key("downstream_ce")
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -122,27 +122,6 @@ def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: 
                     "nonlinear": _stat(1 - share["linear"]),
                 },
             }
-    return out
-
-
-def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The sweep's two slices: SAEs of the k with most widths (by width), of the width with most ks
-    (by L0).
-
-    Ties: the k nearest the median k, the largest width. Items need "width", "k" and "l0".
-    """
-    ks = [s["k"] for s in saes if s["k"] is not None]
-    median = float(np.median(ks)) if ks else 0.0
-    by_k: dict[Any, list[dict[str, Any]]] = {}
-    by_w: dict[int, list[dict[str, Any]]] = {}
-    for s in saes:
-        by_k.setdefault(s["k"], []).append(s)
-        by_w.setdefault(s["width"], []).append(s)
-    k = max(by_k, key=lambda k: (len(by_k[k]), -abs((k or 0) - median)))
-    w = max(by_w, key=lambda w: (len(by_w[w]), w))
-    out = [(f"k = {k}, by width", sorted(by_k[k], key=lambda s: s["width"]))]
-    if len(by_w[w]) > 1:
-        out.append((f"width = {w:,}, by L0", sorted(by_w[w], key=lambda s: s["l0"])))
     return out
 
 
@@ -345,63 +324,6 @@ def _check(
 
 
 # ---------------------------------------------------------------------------- figures
-
-
-def shares_figure(result: dict[str, Any], path: Path) -> Path:
-    """Bars: CE gap closed by the linear / nonlinear part (95 % CI); markers: FVU gap closed."""
-    slices = panels(result["saes"])
-    fig, axes = plt.subplots(1, len(slices), figsize=(5.2 * len(slices), 3.9), squeeze=False)
-    for ax, (title, rows), by in zip(axes[0], slices, ("width", "l0")):
-        pos = np.arange(len(rows))
-        for j, (part, colour) in enumerate((("linear", "#e8a33d"), ("nonlinear", "#2a6f97"))):
-            stat = [r["ce_gap_closed"][f"sae+{part}"] for r in rows]
-            mean = np.array([s["mean"] for s in stat])
-            err = np.abs(np.array([s["ci"] for s in stat]).T - mean)
-            ax.bar(pos + (j - 0.5) * 0.38, mean, 0.38, yerr=err, color=colour, capsize=3,
-                   label=f"CE gap closed by {part} error")
-            ax.plot(pos + (j - 0.5) * 0.38, [r["fvu_gap_closed"][part]["mean"] for r in rows], "D",
-                    color="black", ms=4, label="FVU gap closed" if j == 0 else None)
-        labels = [f"{r['width']:,}" if by == "width" else f"{r['l0']:.0f}" for r in rows]
-        ax.set_xticks(pos, labels)
-        ax.set_xlabel("SAE width" if by == "width" else "L0")
-        ax.set_title(title, fontsize=10)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("share of the SAE's gap closed")
-    axes[0][0].legend(frameon=False, fontsize=7)
-    fig.suptitle(
-        f"Splicing x̂ + error part at {result['hook']} ({result['tokens']['contexts']} contexts)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def ce_figure(result: dict[str, Any], path: Path) -> Path:
-    """CE increase over the clean model per intervention and SAE; ablations as horizontal lines."""
-    saes = sorted(result["saes"], key=lambda s: (s["k"] or 0, s["width"]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(saes) + 3), 4.2))
-    pos = np.arange(len(saes))
-    for key, colour in zip(PER_SAE, plt.cm.tab10(np.arange(len(PER_SAE)))):
-        ax.plot(
-            pos, [s["ce_increase"][key]["mean"] for s in saes], "o", color=colour, label=key, ms=5
-        )
-    for key, ls in (("zero", ":"), ("mean", "--")):
-        ax.axhline(
-            result["shared"][key]["ce_increase"]["mean"],
-            color="grey",
-            ls=ls,
-            label=f"{key} ablation",
-        )
-    ax.set_yscale("symlog", linthresh=1e-3)
-    lowest = min(s["ce_increase"][key]["mean"] for s in saes for key in PER_SAE)
-    ax.set_ylim(bottom=min(0.0, 1.5 * lowest))
-    ax.set_xticks(pos, [s["name"] for s in saes], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("CE − clean CE (nats/token)")
-    ax.set_title(f"Downstream loss of splices at {result['hook']}", fontsize=10)
-    ax.legend(frameon=False, fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
 
 
 def section(r: dict[str, Any], out_dir: Path) -> str:

@@ -31,7 +31,7 @@ from sae_darkmatter.splits import Splits
 
 log = logging.getLogger(__name__)
 
-FIGURE = "figures/encoder_error.png"
+FIGURE = RunDir.figure_key("encoder_error")
 _METRICS = ("l0", "fvu", "fvu_nonlinear", "linear_share")
 
 

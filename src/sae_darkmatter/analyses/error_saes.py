@@ -38,7 +38,7 @@ from sae_darkmatter.store import ActivationStore
 log = logging.getLogger(__name__)
 
 TARGETS = ("error", "linear", "nonlinear")
-FIGURE = "figures/error_saes.png"
+FIGURE = RunDir.figure_key("error_saes")
 
 
 

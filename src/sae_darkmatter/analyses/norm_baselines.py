@@ -21,24 +21,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 from scipy import stats
 
+from sae_darkmatter.analyses.norm_figures import alignment_figure, baseline_figure, violin_figure
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import RunConfig
 from sae_darkmatter.decompose import SavedDecomposition
-from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
+from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq, r2_score
 from sae_darkmatter.markup import esc, figures_html
-from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
 from sae_darkmatter.saes import AffineSAE, latent_rows
 from sae_darkmatter.store import ActivationStore
-
-if TYPE_CHECKING:
-    from matplotlib.collections import PolyCollection
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +75,6 @@ def _resolve_hook(
 
 
 # ----------------------------------------------------------------------------- small OLS
-
-
-def r2_score(y: np.ndarray, y_hat: np.ndarray) -> float:
-    """1 − Σ(y − ŷ)² / Σ(y − ȳ)² in float64 (ȳ the mean of these rows); NaN for constant y."""
-    y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
-    sst = float(np.square(y - y.mean()).sum())
-    return 1.0 - float(np.square(y - y_hat).sum()) / sst if sst > 0 else float("nan")
 
 
 def _group_codes(groups: np.ndarray, fit: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
@@ -247,57 +237,6 @@ def norm_baselines(
 # ----------------------------------------------------------------------------- figures
 
 
-def baseline_figure(result: dict[str, Any], path: str | Path) -> Path:
-    """Grouped bars: held-out R² of ‖e‖² per baseline (groups) and SAE (bars)."""
-    names = result["baselines"]
-    saes = [k for k, v in result.items() if isinstance(v, dict)]
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(names)), 4.2))
-    width = 0.8 / max(len(saes), 1)
-    pos = np.arange(len(names))
-    for i, sae in enumerate(saes):
-        vals = np.array([result[sae][b] for b in names], dtype=float)
-        ax.bar(pos + (i - (len(saes) - 1) / 2) * width, np.nan_to_num(vals), width, label=sae)
-    ax.set_xticks(pos, names, rotation=25, ha="right")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("held-out R² of ‖e‖²")
-    ax.set_title("Predicting the SAE error norm: x vs baselines (all with bias)")
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return save_figure(fig, Path(path))
-
-
-def violin_figure(
-    decompose_dir: Decompositions, path: str | Path, *, max_points: int = 20000, seed: int = 0
-) -> Path:
-    """Per SAE: violins of actual ‖e‖² and the norm probe's prediction (log10 scale).
-
-    Non-positive predictions cannot be drawn on a log scale; they are dropped from the
-    predicted violin and counted in the label. The label's R² is over all test tokens.
-    """
-    decomps = decompositions_of(decompose_dir)
-    rng = np.random.default_rng(seed)
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.8 * len(decomps)), 4.4))
-    labels, ticks = [], []
-    for i, dec in enumerate(decomps):
-        actual = dec.tokens["err_sq"].astype(np.float64)
-        pred = dec.tokens["err_sq_pred"].astype(np.float64)
-        r2 = r2_score(actual, pred)
-        idx = rng.choice(len(actual), min(max_points, len(actual)), replace=False)
-        a, p = actual[idx], pred[idx]
-        n_bad = int((p <= 0).sum())
-        data = [np.log10(v[v > 0]) if (v > 0).any() else np.zeros(1) for v in (a, p)]
-        parts = ax.violinplot(data, positions=[3 * i, 3 * i + 1], showmedians=True, widths=0.9)
-        # matplotlib's stubs type "bodies" as one Collection; it is a list of them.
-        bodies = cast("list[PolyCollection]", parts["bodies"])
-        for body, color in zip(bodies, ("#4c72b0", "#dd8452"), strict=True):
-            body.set_facecolor(color)
-        ticks.append(3 * i + 0.5)
-        labels.append(f"{dec.name}\nR²={r2:.3f}" + (f"\n({n_bad} pred ≤ 0)" if n_bad else ""))
-    ax.set_xticks(ticks, labels, fontsize=8)
-    ax.set_ylabel("log10 ‖e‖²")
-    ax.set_title("‖e‖² per token: actual (blue) vs predicted from x (orange), held-out")
-    return save_figure(fig, Path(path))
-
-
 # ----------------------------------------------------------------------------- Fig. 14
 
 
@@ -377,18 +316,6 @@ def latent_norm_alignment(
     }
 
 
-def alignment_figure(result: dict[str, Any], path: str | Path) -> Path:
-    """Scatter of each latent's mean activation when active vs the norm probe's a*·d_i."""
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    ax.scatter(result["mean_activation"], result["projection"], s=4, alpha=0.4, color="#4c72b0")
-    ax.set_xlabel("mean activation when active")
-    ax.set_ylabel("a*·d_i (norm probe onto unit decoder row)")
-    r, rho = result["pearson"], result["spearman"]
-    corr = "n/a" if r is None else f"Pearson {r:.3f}, Spearman {rho:.3f}"
-    ax.set_title(f"Why ‖e‖² is linear in x: {result['n_latents']} latents ({corr})", fontsize=9)
-    return save_figure(fig, Path(path))
-
-
 # ----------------------------------------------------------------------------- all together
 
 
@@ -408,7 +335,7 @@ def norm_analysis(
     """
     run = decompose_dir if isinstance(decompose_dir, RunDir) else RunDir(Path(decompose_dir).parent)
     store = store_of(store)
-    figs = Path(out_dir) / "figures"
+    out = Path(out_dir)
     baselines = norm_baselines(decompose_dir, store, seed=seed)
     decomps = decompositions_of(decompose_dir)
     widest = max(decomps, key=lambda d: d.width)
@@ -419,9 +346,9 @@ def norm_analysis(
         sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook
     )
     paths = {
-        "baselines": baseline_figure(baselines, figs / "norm_baselines.png"),
-        "violins": violin_figure(decompose_dir, figs / "norm_violins.png", seed=seed),
-        "alignment": alignment_figure(align, figs / "norm_alignment.png"),
+        "baselines": baseline_figure(baselines, out / RunDir.figure_key("norm_baselines")),
+        "violins": violin_figure(decompose_dir, out / RunDir.figure_key("norm_violins"), seed=seed),
+        "alignment": alignment_figure(align, out / RunDir.figure_key("norm_alignment")),
     }
     summary_align = {k: align[k] for k in ("pearson", "spearman", "n_latents", "n_rows")}
     return {

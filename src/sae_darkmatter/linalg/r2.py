@@ -1,10 +1,12 @@
-"""Held-out fit scores: ``R2Accumulator`` (streaming SSE and SST in float64) and ``fvu``."""
+"""Held-out fit scores: ``R2Accumulator`` (streaming SSE and SST in float64), ``fvu`` and
+``r2_score`` (R² of in-memory arrays)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,3 +154,10 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
     acc = R2Accumulator(d, device=x.device)
     acc.update(x.reshape(-1, d), x_hat.reshape(-1, d))
     return acc.fvu()
+
+
+def r2_score(y: np.ndarray, y_hat: np.ndarray) -> float:
+    """1 − Σ(y − ŷ)² / Σ(y − ȳ)² in float64 (ȳ the mean of these rows); NaN for constant y."""
+    y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
+    sst = float(np.square(y - y.mean()).sum())
+    return 1.0 - float(np.square(y - y_hat).sum()) / sst if sst > 0 else float("nan")
