@@ -316,7 +316,7 @@ def test_dequantization_temps_of_killed_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from sae_darkmatter.models import _remove_dead_temps
+    from sae_darkmatter.embedded import _remove_dead_temps
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # its pid is no longer alive
