@@ -109,7 +109,7 @@ app()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "120"}
 ENV.pop("DM_TEST_KILL_AT", None)
-TIMING_KEYS = {"seconds", "seconds_splice", "seconds_per_context", "tokens_per_second",
+TIMING_KEYS = {"seconds", "seconds_splice", "seconds_per_context", "tokens_per_second", "reused",
                "timings_s", "created"}
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
 RUN_TIMEOUT = 300

@@ -99,7 +99,7 @@ def run_analyses(
         key = fingerprint(VERSION, name, cfg.split, *analysis.settings(cfg, so_far), inputs)
         if _reusable(previous.get(name), key, run.path):
             log.info("analysis %s: inputs unchanged, reusing its result", name)
-            results[name] = previous[name]
+            results[name] = {**previous[name], "reused": True}
             continue
         t = time.perf_counter()
         try:

@@ -40,6 +40,7 @@ from sae_darkmatter.cli.common import (
     sae_summary,
     show,
     split_config,
+    timings_summary,
 )
 from sae_darkmatter.config import (
     DecomposeConfig,
@@ -125,6 +126,7 @@ error -> report."""
         metrics = pipeline.run(cfg, out)
         if metrics:  # {} on the ranks other than 0 under torchrun
             show(sae_summary(metrics))
+            show(timings_summary(metrics))
             show(f"report: {out / 'report.html'}")
 
     main(body)
