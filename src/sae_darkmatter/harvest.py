@@ -4,7 +4,8 @@ Work is committed one shard (``contexts_per_shard`` contexts) at a time, so an i
 harvest loses at most the shard in flight; rerunning the same command resumes after the last
 committed shard and yields exactly the store an uninterrupted run would (the shard and batch
 boundaries do not depend on where the run stopped). A complete store whose settings match is
-returned without loading the model.
+returned without loading the model; so is one that also holds the per-token loss when none was
+asked for, while a store without it is never reused for a harvest that asks for it.
 """
 
 from __future__ import annotations
@@ -69,17 +70,35 @@ def harvest_summary(store: ActivationStore) -> dict[str, Any]:
 def finished_store(
     path: str | Path, cfg: HarvestConfig, packing: Packing
 ) -> ActivationStore | None:
-    """The store at ``path`` if it is complete and was made with the same settings."""
+    """The store at ``path`` if it is complete and was made with the same settings.
+
+    A complete store that also holds the per-token loss, asked for without it, is returned too
+    (the loss is extra; its activations are the same harvest's). The reverse, and an unfinished
+    store harvested with the other ``with_loss`` choice, raise a :class:`DarkMatterError` that
+    says so: a store without loss is never passed off as one with it, and an unfinished store
+    is never resumed with the other choice.
+    """
     if not (Path(path) / "manifest.json").exists():
         return None
     store = ActivationStore.open(path)
     meta = store.meta
-    if (
-        meta.get("harvest_fingerprint") == harvest_fingerprint(cfg, packing)
-        and store.committed_contexts == meta.get("n_contexts")
-    ):
+    complete = store.committed_contexts == meta.get("n_contexts")
+    if meta.get("harvest_fingerprint") == harvest_fingerprint(cfg, packing):
+        return store if complete else None
+    other = dataclasses.replace(cfg, with_loss=not cfg.with_loss)
+    if meta.get("harvest_fingerprint") != harvest_fingerprint(other, packing):
+        return None  # other settings differ too: the store's writer names them
+    if complete and not cfg.with_loss:
+        log.info("harvest: %s also holds the per-token loss (not asked for); reusing it", path)
         return store
-    return None
+    held, flag = ("with", "--loss") if other.with_loss else ("without", "--no-loss")
+    raise DarkMatterError(
+        f"the activation store at {path} was harvested {held} the per-token loss "
+        f"(harvest.with_loss = {str(other.with_loss).lower()}) and this run asks "
+        f"{'for it' if cfg.with_loss else 'for none'}: rerun with {flag} to "
+        f"{'use' if complete else 'finish'} it, or delete {path} to harvest again"
+        + (" (downstream recomputes the loss of the contexts it splices)" if cfg.with_loss else "")
+    )
 
 
 def prepare(cfg: HarvestConfig, lm: LoadedModel | None = None) -> tuple[HarvestConfig, Packing]:
