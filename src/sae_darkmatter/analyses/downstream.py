@@ -21,7 +21,9 @@ with percentile bootstrap CIs over contexts.
 The splice is exact, not an approximation: the decoder layers before the hook replay their
 clean outputs (so only the layers from the hook on run again) and the hook module returns the
 replacement; the identity splice reproduces the clean logits bit for bit, and the clean loss is
-checked against the loss the harvest stored.
+checked against a reference: the loss the harvest stored, or, for a store harvested without it
+(the default), the loss of the model's plain forward pass on the chosen contexts, whose
+activations at the hook must then equal the stored ones (so the model is the one harvested).
 """
 
 from __future__ import annotations
@@ -31,27 +33,24 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
 from sae_darkmatter import layout
 from sae_darkmatter._io import atomic_path
-from sae_darkmatter.analyses.downstream_figures import ce_figure, panels, shares_figure
+from sae_darkmatter.analyses.downstream_figures import ce_figure, panels, section, shares_figure
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
 from sae_darkmatter.config import DownstreamConfig, ModelConfig, RunConfig, SplitConfig, from_dict
 from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError, HookError
-from sae_darkmatter.markup import esc, figures_html
-from sae_darkmatter.models import LoadedModel, load_model, logits_batch
+from sae_darkmatter.models import LoadedModel, forward_capture, load_model, logits_batch
 from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,13 @@ PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
 PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/per_token.safetensors"
 SHARES_FIGURE = RunDir.figure_key("downstream_shares")
 CE_FIGURE = RunDir.figure_key("downstream_ce")
+# Max relative per-token distance ‖x − x_stored‖ / ‖x_stored‖ between the hook activations of the
+# recomputed forward and the store's. Rounding stays far below it: on CPU another batch
+# composition gives bit-identical SmolLM2 layer-15 activations in float32 and bfloat16, and a
+# bfloat16 store of float32 activations is off by 0.0025 at most (8 significant bits; GPU kernels
+# chosen by batch shape may add about that much again). Another model's activations are unrelated
+# (~1; independent directions give √2).
+ACTIVATION_TOLERANCE = 0.1
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -169,8 +175,10 @@ def downstream_analysis(
     """Splice every chosen SAE of ``run_dir`` into the LM; write per-token values and figures.
 
     ``lm`` defaults to the harvest's model (from the store's metadata); ``split`` must be the
-    run's split config (checked against the decompositions' test rows). Writes
-    ``downstream/per_token.safetensors`` and ``figures/downstream_{shares,ce}.png``.
+    run's split config (checked against the decompositions' test rows). The clean CE is checked
+    against ``reference_loss`` (the stored loss, or the plain forward's for a store without it).
+    Writes ``downstream/per_token.safetensors`` (``reference_loss`` beside the CE/KL arrays, its
+    source in the file's metadata) and ``figures/downstream_{shares,ce}.png``.
     """
     run, cfg, split = RunDir.of(run_dir), cfg or DownstreamConfig(), split or SplitConfig()
     t0 = time.perf_counter()
@@ -186,6 +194,9 @@ def downstream_analysis(
     tokens = store_contexts(store)
     chosen, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
     lm = lm or load_model(from_dict(ModelConfig, store.meta["config"]["model"]))
+    t1 = time.perf_counter()
+    reference, check = reference_loss(store, lm, hook, tokens, chosen, cfg.batch_size)
+    seconds_reference = time.perf_counter() - t1
     mean_rows = (
         splits.sae_train if splits.sae_train.size else splits.probe_train
     )  # pretrained SAEs: no SAE split
@@ -204,16 +215,16 @@ def downstream_analysis(
     per_token = splice_contexts(lm, hook, tokens[chosen], chosen, spliced, saes, mean,
                                 batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     seconds = time.perf_counter() - t1
-    stored = store.column("loss").reshape(tokens.shape)[chosen]
-    check = _check(per_token, stored, cfg.loss_tolerance)
+    check |= _check(per_token, reference, cfg.loss_tolerance, check["reference"])
     per_token |= {
-        "stored_loss": stored,
+        "reference_loss": reference,  # what the clean CE was checked against (see "reference")
         "contexts": chosen,
         "spliced": spliced,
         "averaged": averaged,
     }
     with atomic_path(run.path / PER_TOKEN_FILE) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp))
+        save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp),
+                  metadata={"reference": check["reference"]})
     summary = summarize(per_token, averaged, list(saes), n_boot=cfg.n_boot, seed=cfg.seed)
     rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
     result = {
@@ -247,6 +258,7 @@ def downstream_analysis(
         ],
         "per_token_file": PER_TOKEN_FILE,
         "seconds_splice": round(seconds, 2),
+        "seconds_reference": round(seconds_reference, 2),
         "seconds_per_context": round(seconds / max(chosen.size, 1), 3),
     }
     result["table"] = table(result)
@@ -296,70 +308,71 @@ def _choose(splits: Splits, shape: tuple[int, int], split: SplitConfig,
     return chosen.astype(np.int64), spliced, averaged
 
 
-def _check(
-    per_token: Mapping[str, np.ndarray], stored: np.ndarray, tolerance: float
-) -> dict[str, Any]:
-    """Clean CE vs the stored harvest loss, and the identity splice vs clean (must agree)."""
+def reference_loss(store: ActivationStore, lm: LoadedModel, hook: str, tokens: np.ndarray,
+                   chosen: np.ndarray, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The per-token clean loss ``[n, T]`` of contexts ``chosen`` that the splice's clean CE must
+    equal, and the check's record of it (``"reference"``: ``"stored"`` or ``"recomputed"``).
+
+    A store harvested with the loss gives it. Otherwise (the loss column is NaN) the model runs
+    its plain forward pass (``forward_capture``: none of the splice's hooks) on those contexts,
+    in the splice's batches; its activations at ``hook`` must equal the stored ones within
+    ``ACTIVATION_TOLERANCE``, which checks, before any splice, that ``lm`` is the harvested model
+    (what the stored loss checks otherwise).
+    """
+    stored = store.column("loss").reshape(tokens.shape)[chosen]
+    if np.isfinite(stored).any():  # the harvest stores every loss but the last position's
+        return stored, {"reference": "stored"}
+    ids = torch.from_numpy(tokens[chosen].astype(np.int64))
+    batch = logits_batch(lm, ids.shape[1], batch_size)
+    log.info("the store holds no per-token loss: the clean loss of %d contexts from the model's "
+             "plain forward pass", ids.shape[0])
+    losses, acts = [], []
+    for lo in range(0, ids.shape[0], batch):
+        x, loss = forward_capture(lm, ids[lo : lo + batch], [hook], with_loss=True)
+        acts.append(x[hook].double())
+        losses.append(cast("torch.Tensor", loss))
+    x = torch.cat(acts)
+    rows = (chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])).ravel()
+    x_stored = store.gather(hook, rows).double().reshape(x.shape)
+    rel = ((x - x_stored).norm(dim=-1) / x_stored.norm(dim=-1).clamp_min(1e-30)).max().item()
+    if not rel <= ACTIVATION_TOLERANCE:  # also NaN
+        raise DarkMatterError(
+            f"the model's activations at {hook} differ from the stored ones by up to {rel:.3g} "
+            "(relative to their norm): the model is not the one harvested (load the model with "
+            "the harvest's ModelConfig)"
+        )
+    check = {"reference": "recomputed", "activations_vs_stored_max_rel": rel,
+             "activation_tolerance": ACTIVATION_TOLERANCE}
+    return torch.cat(losses).numpy(), check
+
+
+def _check(per_token: Mapping[str, np.ndarray], reference: np.ndarray, tolerance: float,
+           source: str) -> dict[str, Any]:
+    """Clean CE vs the reference loss (``source``: stored by the harvest or recomputed by the
+    plain forward), and the identity splice vs clean (must agree)."""
     clean, ident = per_token["clean/ce"], per_token["shared/x/ce"]
-    valid = np.isfinite(stored)
+    valid = np.isfinite(reference)
+    diff = float(np.abs(clean - reference)[valid].max()) if valid.any() else None
     out = {
-        "clean_vs_stored_max_abs": float(np.abs(clean - stored)[valid].max())
-        if valid.any()
-        else None,
+        "clean_vs_reference_max_abs": diff,
         "identity_vs_clean_max_abs": float(np.nanmax(np.abs(ident - clean))),
         "identity_max_kl": float(np.nanmax(np.abs(per_token["shared/x/kl"]))),
         "tolerance": tolerance,
     }
-    if out["clean_vs_stored_max_abs"] is not None and out["clean_vs_stored_max_abs"] > tolerance:
+    if diff is not None and diff > tolerance:
         raise DarkMatterError(
-            f"clean CE differs from the harvest's stored loss by up to "
-            f"{out['clean_vs_stored_max_abs']:.3g} nats: the model or contexts are not "
-            "the ones harvested (load the model with the harvest's ModelConfig)"
+            f"clean CE differs from the harvest's stored loss by up to {diff:.3g} nats: the "
+            "model or contexts are not the ones harvested (load the model with the harvest's "
+            "ModelConfig)" if source == "stored" else
+            f"clean CE of the splice differs from the model's plain forward pass by up to "
+            f"{diff:.3g} nats: the splice's clean pass does not run the model as a plain forward "
+            "does"
         )
     if out["identity_vs_clean_max_abs"] > tolerance:
         raise HookError(
             "the identity splice does not reproduce the clean loss on this architecture"
         )
     return out
-
-
-# ---------------------------------------------------------------------------- figures
-
-
-def section(r: dict[str, Any], out_dir: Path) -> str:
-    def ci(v: float, c: Any) -> str:
-        return f"{v:.2f} <small>[{c[0]:.2f}, {c[1]:.2f}]</small>"
-
-    rows = "".join(
-        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
-        f"<td>{t['ce_increase_sae']:+.3f}</td>"
-        + "".join(
-            f"<td>{ci(t[f'ce_gap_closed_{p}'], t[f'ce_gap_closed_{p}_ci'])}</td>"
-            f"<td>{t[f'fvu_gap_closed_{p}']:.2f}</td>"
-            for p in ("linear", "nonlinear")
-        )
-        + f"<td>{t['ce_gap_closed_sae+random@error']:.2f}</td></tr>"
-        for t in r["table"]
-    )
-    tok, sh = r["tokens"], r["shared"]
-    clean = sh["clean"]["ce"]["mean"]
-    ablations = ", ".join(
-        f"{name} ablation {sh[key]['ce']['mean']:.3f}"
-        for key, name in (("zero", "zero"), ("mean", "mean"))
-        if key in sh
-    )
-    return (
-        f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
-        f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
-        f"{tok['averaged']:,} tokens. Clean CE {clean:.3f} (equal to the harvest's stored loss: "
-        f"max difference {r['check'].get('clean_vs_stored_max_abs') or 0:.1e}); "
-        f"{esc(ablations)}. Share of the CE gap of x̂ closed by adding each error part (95 % "
-        f"bootstrap over contexts) next to the share of the FVU it closes; the last column adds "
-        f"a random vector of ‖e‖ instead.</p>"
-        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>ΔCE x̂</th><th>CE gap closed "
-        f"by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th><th>FVU closed by "
-        f"e − ê</th><th>random ‖e‖</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
-    )
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Figures of the downstream analysis: CE-gap shares against FVU shares, and CE per splice."""
+"""Figures and report section of the downstream analysis: CE-gap shares against FVU shares,
+CE per splice, and the table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from sae_darkmatter.analyses.splice import PER_SAE
+from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.plotting import plt, save_figure
 
 
@@ -87,3 +89,50 @@ def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]
     if len(by_w[w]) > 1:
         out.append((f"width = {w:,}, by L0", sorted(by_w[w], key=lambda s: s["l0"])))
     return out
+
+
+def section(r: dict[str, Any], out_dir: Path) -> str:
+    """The report's HTML: what was spliced, the clean-loss check, the table and the figures."""
+
+    def ci(v: float, c: Any) -> str:
+        return f"{v:.2f} <small>[{c[0]:.2f}, {c[1]:.2f}]</small>"
+
+    rows = "".join(
+        f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        f"<td>{t['ce_increase_sae']:+.3f}</td>"
+        + "".join(
+            f"<td>{ci(t[f'ce_gap_closed_{p}'], t[f'ce_gap_closed_{p}_ci'])}</td>"
+            f"<td>{t[f'fvu_gap_closed_{p}']:.2f}</td>"
+            for p in ("linear", "nonlinear")
+        )
+        + f"<td>{t['ce_gap_closed_sae+random@error']:.2f}</td></tr>"
+        for t in r["table"]
+    )
+    tok, sh, check = r["tokens"], r["shared"], r["check"]
+    clean = sh["clean"]["ce"]["mean"]
+    diff = check.get("clean_vs_reference_max_abs", check.get("clean_vs_stored_max_abs"))
+    against = (
+        "the harvest's stored loss" if check.get("reference", "stored") == "stored"
+        else f"the model's plain forward pass, whose activations at {esc(r['hook'])} equal the "
+        f"stored ones to {check['activations_vs_stored_max_rel']:.1e} (the harvest stored no loss)"
+    )
+    checked = (
+        f"equal to {against}: max difference {diff:.1e}" if diff is not None
+        else "not checked: the harvest stored no loss"  # results from before the recomputation
+    )
+    ablations = ", ".join(
+        f"{name} ablation {sh[key]['ce']['mean']:.3f}"
+        for key, name in (("zero", "zero"), ("mean", "mean"))
+        if key in sh
+    )
+    return (
+        f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
+        f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
+        f"{tok['averaged']:,} tokens. Clean CE {clean:.3f} ({checked}); "
+        f"{esc(ablations)}. Share of the CE gap of x̂ closed by adding each error part (95 % "
+        f"bootstrap over contexts) next to the share of the FVU it closes; the last column adds "
+        f"a random vector of ‖e‖ instead.</p>"
+        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>ΔCE x̂</th><th>CE gap closed "
+        f"by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th><th>FVU closed by "
+        f"e − ê</th><th>random ‖e‖</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+    )
