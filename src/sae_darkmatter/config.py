@@ -92,18 +92,20 @@ class CorpusConfig(_Checked):
 
 @dataclass(frozen=True)
 class HarvestConfig(_Checked):
-    """Run the LM over the corpus and store activations at ``hooks`` (and per-token loss).
+    """Run the LM over the corpus and store activations at ``hooks`` (and, asked, per-token loss).
 
     ``hooks`` empty means the residual stream after the model's middle layer
-    (``resid_post.{n_layers // 2}``). Without ``with_loss`` the forward pass stops after the
-    deepest hooked layer.
+    (``resid_post.{n_layers // 2}``). Without ``with_loss`` (the default) the forward pass stops
+    after the deepest hooked layer: 2.5x the speed on SmolLM2 layer 15 of 30, where the LM head
+    and the upper layers would only serve a stored loss that no analysis needs (downstream
+    computes the clean loss of the contexts it splices).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     hooks: tuple[str, ...] = ()
     batch_size: int = 16
-    with_loss: bool = True
+    with_loss: bool = False
     contexts_per_shard: int = 128
 
     PATH = "harvest"
