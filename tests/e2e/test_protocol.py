@@ -186,6 +186,7 @@ def test_fewer_contexts_per_forward_when_logits_are_large(tiny_model_dir, tmp_pa
         hooks=("resid_post.1",),
         corpus=CorpusConfig(n_contexts=32, context_length=64),
         contexts_per_shard=32,
+        with_loss=True,  # the logits, and so the budget, only with the loss
     )
     whole = harvest_module.harvest(cfg, tmp_path / "a", progress=False)
     calls: list[int] = []

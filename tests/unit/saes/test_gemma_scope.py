@@ -121,7 +121,8 @@ def test_gemma3_270m_needs_its_bos(tmp_path, gemma3_gguf):
     for bos in ("auto", False):
         corpus = CorpusConfig(n_contexts=8, context_length=128, prepend_bos=bos)
         cfg = HarvestConfig(model=ModelConfig(name=str(gemma3_gguf)), corpus=corpus,
-                            hooks=("resid_post.12",), batch_size=8, contexts_per_shard=8)
+                            hooks=("resid_post.12",), batch_size=8, contexts_per_shard=8,
+                            with_loss=True)
         store = harvest(cfg, tmp_path / str(bos), progress=False)
         tokens = store.column("tokens").reshape(8, 128)
         assert bool((tokens[:, 0] == 2).all()) is (bos == "auto")
