@@ -65,7 +65,8 @@ def cached_hub_repo(cache: Path, repo_id: str) -> Path:
 
 def make_run(model_dir: Path, out: Path, hook: str, *, n_contexts: int = 48, length: int = 32,
              widths: tuple[int, ...] = (64, 128), ks: tuple[int, ...] = (8,)) -> Path:
-    """A tiny run folder as the pipeline lays it out: store (with loss), SAEs, decompositions."""
+    """A tiny run folder as the pipeline lays it out: store (no per-token loss,
+    as by default), SAEs, decompositions."""
     store = harvest(HarvestConfig(model=ModelConfig(name=str(model_dir)),
                                   corpus=CorpusConfig(n_contexts=n_contexts, context_length=length),
                                   hooks=(hook,), batch_size=16, contexts_per_shard=16),
