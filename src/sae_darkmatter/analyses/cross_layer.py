@@ -18,6 +18,7 @@ picked on the same held-out tokens, so its remaining share is slightly optimisti
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,20 @@ import torch
 from rich.progress import Progress
 
 from sae_darkmatter._io import read_json, resolve_device
+from sae_darkmatter.analyses.cross_layer_figures import TARGETS, cross_layer_figure, section
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import CrossLayerConfig, RunConfig, SplitConfig
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
-from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq
-from sae_darkmatter.markup import esc, figures_html
-from sae_darkmatter.plotting import plt, save_figure
+from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
+from sae_darkmatter.linalg.blocks import compose, sub_lstsq
 from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes import SAE
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
 
 FIGURE = RunDir.figure_key("cross_layer")
-TARGETS = ("error", "linear", "nonlinear")  # e, ê, e − ê
+BASE = ""  # scores of the target SAE's x̂ and x̂ + ê as reconstructions of x (not a set's)
+Tensors = dict[str, torch.Tensor]  # hook -> [rows, d]
 
 
 def default_predictors(target: str, sources: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -79,6 +81,12 @@ def cross_layer(
 
     ``saes`` maps hook -> SAE and must include ``target``; ``predictors`` defaults to
     ``default_predictors(target, list(saes))``. Rows of all hooks are the same tokens.
+
+    One pass over the probe-train tokens accumulates the float64 least-squares sums of the
+    union U of all sets' features (x included) against e; every fit is a slice of them
+    (``sub_lstsq``): the probe is x -> e, set F's map to e is F -> e, and its map to ê is its
+    map to x composed with the probe (least squares is linear in the targets). A second pass
+    scores on the probe-test tokens. Each SAE runs once per chunk and pass.
     """
     if target not in saes:
         raise DarkMatterError(f"no SAE for the target hook {target!r} (SAEs for {sorted(saes)})")
@@ -86,15 +94,14 @@ def cross_layer(
         name: tuple(feats)
         for name, feats in (predictors or default_predictors(target, list(saes))).items()
     }
-    hooks = list(dict.fromkeys([target, *(_parse(f)[1] for feats in sets.values() for f in feats)]))
-    for feats in sets.values():
-        for kind, hook in map(_parse, feats):
-            if hook not in store.hooks:
-                raise DarkMatterError(
-                    f"hook {hook!r} is not in the store (it has {list(store.hooks)})"
-                )
-            if kind == "recon" and hook not in saes:
-                raise DarkMatterError(f"no SAE for hook {hook!r}, needed by 'recon:{hook}'")
+    x_feat = f"act:{target}"
+    union = list(dict.fromkeys([f for feats in sets.values() for f in feats] + [x_feat]))
+    hooks = list(dict.fromkeys([target, *(_parse(f)[1] for f in union)]))
+    for kind, hook in map(_parse, union):
+        if hook not in store.hooks:
+            raise DarkMatterError(f"hook {hook!r} is not in the store (it has {list(store.hooks)})")
+        if kind == "recon" and hook not in saes:
+            raise DarkMatterError(f"no SAE for hook {hook!r}, needed by 'recon:{hook}'")
     for hook, sae in saes.items():
         if hook in hooks and sae.d_in != store.d(hook):
             raise ShapeMismatchError(
@@ -103,76 +110,112 @@ def cross_layer(
     device = resolve_device(cfg.device)
     saes = {h: s.to(device) if isinstance(s, torch.nn.Module) else s for h, s in saes.items()}
     d = store.d(target)
+    recon_hooks = list(dict.fromkeys([target, *(h for k, h in map(_parse, union) if k == "recon")]))
+    starts = np.cumsum([0] + [store.d(_parse(f)[1]) for f in union]).tolist()
+    cols = {f: range(starts[i], starts[i + 1]) for i, f in enumerate(union)}
 
-    def chunks(rows: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
-        """Aligned chunks of every needed hook (same rows, same chunk boundaries)."""
+    def chunks(rows: np.ndarray) -> Iterator[tuple[Tensors, Tensors]]:
+        """Aligned chunks of every needed hook (same rows and boundaries), with their SAE
+        reconstructions (one forward per hook and chunk)."""
         readers = [store.iter_chunks(h, rows, cfg.chunk_rows) for h in hooks]
         for parts in zip(*readers):
-            yield {h: x.to(device) for h, (_, x) in zip(hooks, parts)}
+            acts = {h: x.to(device) for h, (_, x) in zip(hooks, parts)}
+            with torch.inference_mode():
+                recon = {h: saes[h](acts[h]).to(acts[h].dtype) for h in recon_hooks}
+            yield acts, recon
 
-    def features(acts: dict[str, torch.Tensor], x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
-        recon = {target: x_hat}
-        with torch.inference_mode():
-            for feats in sets.values():
-                for kind, hook in map(_parse, feats):
-                    if kind == "recon" and hook not in recon:
-                        recon[hook] = saes[hook](acts[hook]).to(acts[hook].dtype)
-        return {
-            name: torch.cat(
-                [recon[h] if k == "recon" else acts[h] for k, h in map(_parse, feats)], 1
-            )
-            for name, feats in sets.items()
-        }
-
-    def split_error(acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = acts[target]
-        with torch.inference_mode():
-            x_hat = saes[target](x).to(x.dtype)
-        return x_hat, x - x_hat
+    def features(feats: Sequence[str], acts: Tensors, recon: Tensors) -> torch.Tensor:
+        return torch.cat([recon[h] if k == "recon" else acts[h] for k, h in map(_parse, feats)], 1)
 
     n_train, n_test = splits.probe_train.size, splits.probe_test.size
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(
-            f"cross-layer {target} ({len(sets)} predictor sets)", total=2 * n_train + n_test
+            f"cross-layer {target} ({len(sets)} predictor sets)", total=n_train + n_test
         )
-        # Pass 1: the linear error probe ê = [x, 1]·W of the target SAE.
-        fit = StreamingLstsq(d, d, device=device)
-        for acts in chunks(splits.probe_train):
-            fit.update(acts[target], split_error(acts)[1])
+        # Pass 1: the sums of U -> e (one Gram matrix for every fit).
+        gram = StreamingLstsq(starts[-1], d, device=device)
+        for acts, recon in chunks(splits.probe_train):
+            gram.update(features(union, acts, recon), acts[target] - recon[target])
             bar.update(task, advance=acts[target].shape[0])
-        probe = fit.solve(cfg.ridge)
-        # Pass 2: one least-squares system per predictor set, targets [e, ê]; e − ê's map is
-        # their difference (least squares is linear in the targets).
-        fits: dict[str, StreamingLstsq] = {}
-        for acts in chunks(splits.probe_train):
-            x_hat, e = split_error(acts)
-            e_hat = probe.predict(acts[target])
-            for name, feats in features(acts, x_hat).items():
-                fits.setdefault(name, StreamingLstsq(feats.shape[1], 2 * d, device=device))
-                fits[name].update(feats, torch.cat([e, e_hat], 1))
-            bar.update(task, advance=acts[target].shape[0])
-        maps = {name: f.solve(cfg.ridge) for name, f in fits.items()}
-        # Pass 3: held-out scores.
-        base = [R2Accumulator(d, device=device) for _ in range(2)]  # x ← x̂, x ← x̂ + ê
-        accs = {
-            name: {t: R2Accumulator(d, device=device) for t in (*TARGETS, "after")} for name in sets
+        n_fit, state = gram.n, gram.state_dict()
+        del gram  # its sums and scratch buffers (~0.3 GB at 3,456 columns): the state suffices
+        e_cols = range(starts[-1], starts[-1] + d)
+        probe = sub_lstsq(state, cols[x_feat], e_cols).solve(cfg.ridge)
+        maps = {
+            name: _error_maps(
+                sub_lstsq(state, [c for f in feats for c in cols[f]], [*e_cols, *cols[x_feat]])
+                .solve(cfg.ridge), probe)
+            for name, feats in sets.items()
         }
-        for acts in chunks(splits.probe_test):
-            x = acts[target]
-            x_hat, e = split_error(acts)
+        # Pass 2: held-out scores.
+        scores = _Scores(d, device)
+        for acts, recon in chunks(splits.probe_test):
+            x, x_hat = acts[target], recon[target]
+            e = x - x_hat
             e_hat = probe.predict(x)
-            base[0].update(x, x_hat)
-            base[1].update(x, x_hat + e_hat)
-            for name, feats in features(acts, x_hat).items():
-                pred = maps[name].predict(feats)
+            scores.targets(error=e, linear=e_hat, nonlinear=e - e_hat, after=x)
+            scores.add((BASE, "x̂"), "after", x_hat)
+            scores.add((BASE, "x̂ + ê"), "after", x_hat + e_hat)
+            for name, feats in sets.items():
+                pred = maps[name].predict(features(feats, acts, recon))
                 p_err, p_lin = pred[:, :d], pred[:, d:]
                 p_nl = p_err - p_lin
-                accs[name]["error"].update(e, p_err)
-                accs[name]["linear"].update(e_hat, p_lin)
-                accs[name]["nonlinear"].update(e - e_hat, p_nl)
-                accs[name]["after"].update(x, x_hat + e_hat + p_nl)
+                scores.add((name, "error"), "error", p_err)
+                scores.add((name, "linear"), "linear", p_lin)
+                scores.add((name, "nonlinear"), "nonlinear", p_nl)
+                scores.add((name, "after"), "after", x_hat + e_hat + p_nl)
             bar.update(task, advance=x.shape[0])
-    return _summary(target, list(saes), sets, base, accs, fits, cfg, d)
+    n_features = {name: sum(len(cols[f]) for f in feats) for name, feats in sets.items()}
+    base = [scores.accumulator((BASE, p)) for p in ("x̂", "x̂ + ê")]
+    accs = {name: {t: scores.accumulator((name, t)) for t in (*TARGETS, "after")} for name in sets}
+    return _summary(target, list(saes), sets, base, accs, n_features, n_fit, cfg, d)
+
+
+class _Scores:
+    """Held-out R² of many predictions of the same few targets, as ``R2Accumulator``s.
+
+    Each target's sums (its SST about its mean) are taken once per chunk, by an accumulator fed
+    the target itself; each prediction adds only its float64 per-dimension SSE. (One
+    ``R2Accumulator`` per prediction would redo the target's copies, sums and reference row for
+    every predictor set.)
+    """
+
+    def __init__(self, d: int, device: torch.device) -> None:
+        self.d, self.device = d, device
+        self.sums: dict[str, R2Accumulator] = {}
+        self.sse: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}  # key -> (target, SSE)
+        self._y: Tensors = {}
+
+    def targets(self, **ys: torch.Tensor) -> None:
+        """This chunk's targets by name."""
+        for t, y in ys.items():
+            self.sums.setdefault(t, R2Accumulator(self.d, device=self.device)).update(y, y)
+            self._y[t] = y.to(torch.float64)
+
+    def add(self, key: tuple[str, str], target: str, pred: torch.Tensor) -> None:
+        """Add the SSE of ``pred``, a prediction of this chunk's ``target``, under ``key``."""
+        sse = (self._y[target] - pred.to(torch.float64)).square_().sum(0)
+        if not bool(torch.isfinite(sse).all()):
+            raise DarkMatterError(f"cross_layer: the prediction {key} of {target} is not finite")
+        self.sse[key] = (target, self.sse[key][1] + sse if key in self.sse else sse)
+
+    def accumulator(self, key: tuple[str, str]) -> R2Accumulator:
+        target, sse = self.sse[key]
+        acc = R2Accumulator(self.d, device=self.device)
+        acc.load_state_dict({**self.sums[target].state_dict(), "sse": sse})
+        return acc
+
+
+def _error_maps(fit: LinearProbe, probe: LinearProbe) -> LinearProbe:
+    """A set's map to [e, ê] from its map to [e, x]: the x part composed with the probe."""
+    d = probe.d_out
+    to_x = LinearProbe(fit.weight[:, d:], fit.bias[d:], fit.rank, fit.cond, fit.regularized)
+    lin = compose(to_x, probe)
+    return replace(
+        lin,
+        weight=torch.cat([fit.weight[:, :d], lin.weight], 1),
+        bias=torch.cat([fit.bias[:d], lin.bias]),
+    )
 
 
 def _summary(
@@ -181,7 +224,8 @@ def _summary(
     sets: Mapping[str, tuple[str, ...]],
     base: list[R2Accumulator],
     accs: Mapping[str, Mapping[str, R2Accumulator]],
-    fits: Mapping[str, StreamingLstsq],
+    n_features: Mapping[str, int],
+    n_train: int,
     cfg: CrossLayerConfig,
     d: int,
 ) -> dict[str, Any]:
@@ -192,7 +236,7 @@ def _summary(
         after = acc["after"].fvu()
         rows[name] = {
             "features": list(feats),
-            "n_features": fits[name].d_in,
+            "n_features": n_features[name],
             **{
                 t: {"r2_pooled": acc[t].r2_pooled(), "r2_mean_dim": acc[t].r2_mean_dim()}
                 for t in TARGETS
@@ -205,7 +249,7 @@ def _summary(
         "target": target,
         "sources": sources,
         "d": d,
-        "n_probe_train": fits[best].n,
+        "n_probe_train": n_train,
         "n_probe_test": base[0].n,
         "ridge": cfg.ridge,
         "target_sae": {
@@ -223,57 +267,6 @@ def _summary(
             "nonlinear_remaining": rows[best]["nonlinear_remaining"],
         },
     }
-
-
-def cross_layer_figure(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Four panels of horizontal bars per predictor set: held-out R² of e, ê and e − ê (mean
-    over dimensions; pooled as dots), and the share of FVU_nonlinear left after adding the
-    prediction of e − ê."""
-    names = list(result["predictors"])
-    rows = [result["predictors"][n] for n in names]
-    y = np.arange(len(names))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 0.45 * len(names) + 1.8), sharey=True)
-    titles = {
-        "error": "SAE error e",
-        "linear": "linear part ê",
-        "nonlinear": "nonlinear part e − ê",
-    }
-    for ax, t in zip(axes, TARGETS):
-        mean = np.array([r[t]["r2_mean_dim"] for r in rows], dtype=float)
-        pooled = np.array([r[t]["r2_pooled"] for r in rows], dtype=float)
-        ax.barh(
-            y,
-            mean,
-            color="#5fa55a" if t == "linear" else "#4c4c8c",
-            alpha=0.75,
-            label="mean over dims",
-        )
-        ax.plot(pooled, y, "o", color="black", ms=4, label="pooled")
-        for yi, v, p in zip(y, mean, pooled):
-            ax.annotate(f"{v:.2f}", (np.nanmax([v, p, 0.0]), yi), textcoords="offset points",
-                        xytext=(6, -3), fontsize=7)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_title(f"R² of {titles[t]}", fontsize=9)
-        ax.set_xlim(min(0.0, float(np.nanmin([mean, pooled])) - 0.05), 1.05)
-        ax.grid(axis="x", alpha=0.3)
-    remaining = np.array([r["nonlinear_remaining"] for r in rows], dtype=float)
-    axes[3].barh(y, remaining, color="#b05fa5", alpha=0.75)
-    for yi, v in zip(y, remaining):
-        axes[3].annotate(
-            f"{v:.2f}", (v, yi), textcoords="offset points", xytext=(3, -3), fontsize=7
-        )
-    axes[3].axvline(1.0, color="grey", lw=0.8, ls="--")
-    axes[3].set_title("FVU_nonlinear left after adding the prediction", fontsize=9)
-    axes[3].grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, names, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.suptitle(
-        f"Predicting the {result['target']} SAE error from SAE outputs (held-out)", fontsize=10
-    )
-    fig.tight_layout()
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, frameon=False, fontsize=7, loc="upper left")
-    return save_figure(fig, Path(path))
 
 
 def find_hook_saes(saes_dir: str | Path, hooks: Sequence[str], target: str) -> dict[str, Path]:
@@ -342,27 +335,6 @@ def cross_layer_analysis(
         "saes": {h: str(p) for h, p in dirs.items()},
         "figures": {"cross_layer": FIGURE},
     }
-
-
-def section(r: dict[str, Any], out_dir: Path) -> str:
-    rows = "".join(
-        f"<tr><td>{esc(name)}</td>"
-        + "".join(f"<td>{p[t]['r2_pooled']:.3f}</td>" for t in ("error", "linear", "nonlinear"))
-        + f"<td>{p['nonlinear_remaining']:.3f}</td></tr>"
-        for name, p in r["predictors"].items()
-    )
-    best = r["best"]
-    return (
-        f"<p>Held-out R² (pooled) of predicting the {esc(r['target'])} SAE error e, its linear "
-        f"part ê and its nonlinear part e − ê linearly from other hooks' SAE reconstructions (and "
-        f"x); {r['n_probe_train']:,} fit / {r['n_probe_test']:,} scored tokens. Best set: "
-        f"<code>{esc(best['predictor'])}</code> leaves {100 * best['nonlinear_remaining']:.1f} % "
-        f"of FVU nonlinear ({best['fvu_nonlinear_before']:.4f} → "
-        f"{best['fvu_nonlinear_after']:.4f}; chosen on the scored tokens, so slightly "
-        f"optimistic).</p>"
-        f"<table><tr><th>predictors</th><th>R² e</th><th>R² ê</th><th>R² e − ê</th>"
-        f"<th>nonlinear left</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
-    )
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
