@@ -13,7 +13,10 @@ from sae_darkmatter.linalg.numerics import F64, PREDICT_ROWS, as_2d
 
 log = logging.getLogger(__name__)
 
-_FLOAT32_MAX_COND = 1e6  # above this, float32 chunk GEMMs noticeably move the fit (measured)
+# Above this cond of the scaled XᵀX, float32 block GEMMs move the fit noticeably (measured on
+# residual-like data: held-out FVU by ~1e-7 at 1e6, ~1e-5 at 1e8). StreamingLstsq's float32 mode
+# checks it after its float64 probation rows and warns at the solve.
+FLOAT32_MAX_COND = 1e6
 # Above this (estimated) cond of the scaled XᵀX, eps·cond > 2 %: float64 normal equations no
 # longer give a usable fit. Below it the Cholesky fit matches numpy's lstsq (cross-layer
 # predictors reach cond ~1e12 and agree to 2e-5 in held-out R²), so it is not regularized.
@@ -73,26 +76,40 @@ def solve_normal_equations(
     from float32 GEMMs, which warns above cond 1e6.
     """
     diag = a.diagonal()
+    scale, a_s, chol, cond = _scaled_factor(a, rcond)
+    b_s = b * scale[:, None]
+    if cond <= _CHOLESKY_MAX_COND:
+        weight, rank, regularized = torch.cholesky_solve(b_s, chol), a.shape[0], False
+        if float32_sums and cond > FLOAT32_MAX_COND:
+            log.warning(
+                "cond(XᵀX) ≈ %.1e after centring and scaling: the float32 GEMMs of the sums "
+                "may have changed the fit noticeably; use float64 ones (StreamingLstsq("
+                "gemm_dtype=torch.float64); in a run: decompose.gemm_dtype = \"float64\")", cond)
+    else:
+        weight, rank, cond = _pinv_solve(a_s, b_s, rcond, diag, bias)
+        regularized = True
+    return weight * scale[:, None], rank, cond, regularized
+
+
+def scaled_cond(a: Tensor, rcond: float = 1e-10) -> float:
+    """Estimated condition number of symmetric PSD ``a`` scaled to unit diagonal, as the solve
+    sees it (``inf`` when the Cholesky factorisation fails or a pivot is below ``rcond``)."""
+    return _scaled_factor(a, rcond)[3]
+
+
+def _scaled_factor(a: Tensor, rcond: float) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(scale, a scaled to unit diagonal, its Cholesky factor, its estimated cond)."""
+    diag = a.diagonal()
     scale = torch.where(
         diag > 0, diag.clamp_min(torch.finfo(F64).tiny).rsqrt(), torch.zeros_like(diag)
     )
     a_s = a * torch.outer(scale, scale)
-    b_s = b * scale[:, None]
     chol, info = torch.linalg.cholesky_ex(a_s)
     cond = math.inf
     if int(info) == 0 and float(chol.diagonal().square().min()) >= rcond:
         lam_max, lam_min = _extreme_eigenvalues(a_s, chol)
         cond = lam_max / lam_min if lam_min > 0 else math.inf
-    if cond <= _CHOLESKY_MAX_COND:
-        weight, rank, regularized = torch.cholesky_solve(b_s, chol), a.shape[0], False
-        if float32_sums and cond > _FLOAT32_MAX_COND:
-            log.warning(
-                "cond(XᵀX) ≈ %.1e after centring and scaling: float32 GEMMs may change the "
-                "fit noticeably; use gemm_dtype=torch.float64", cond)
-    else:
-        weight, rank, cond = _pinv_solve(a_s, b_s, rcond, diag, bias)
-        regularized = True
-    return weight * scale[:, None], rank, cond, regularized
+    return scale, a_s, chol, cond
 
 
 def _extreme_eigenvalues(a: Tensor, chol: Tensor, iters: int = 30) -> tuple[float, float]:

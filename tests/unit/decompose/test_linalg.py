@@ -216,7 +216,8 @@ def test_state_size_does_not_depend_on_rows():
     assert sizes[0] == sizes[1]
     assert sizes[0]["sum_xx"] == (D_IN, D_IN) and sizes[0]["sum_xy"] == (D_IN, D_OUT)
     numel = sum(math.prod(s) for s in sizes[0].values())
-    assert numel == (D_IN + 1) * (D_IN + D_OUT) + D_IN + D_OUT + 2  # + shifts, n, bias flag
+    # + shifts, n, bias flag, float32 row count, float32 check
+    assert numel == (D_IN + 1) * (D_IN + D_OUT) + D_IN + D_OUT + 4
 
 
 def test_input_validation():
