@@ -268,18 +268,28 @@ class SAETrainConfig(_Checked):
 
 @dataclass(frozen=True)
 class DecomposeConfig(_Checked):
-    """Error decomposition of one SAE on one hook (linear vs nonlinear error)."""
+    """Error decomposition of one SAE on one hook (linear vs nonlinear error).
+
+    ``gemm_dtype``: the dtype of the probe fit's block products (sums always add in float64).
+    ``"float32"`` is ~2x faster on CPU and gave the same held-out metrics as ``"float64"`` to
+    1e-6 on SmolLM2 activations; it sums its first 8·d rows in float64 and stays in float64
+    (with a warning) if they are ill-conditioned (``StreamingLstsq``).
+    """
 
     bias: bool = True
     ridge: float = 0.0
     chunk_rows: int = 8192
     device: str = "auto"
+    gemm_dtype: str = "float32"
 
     PATH = "decompose"
+    GEMM_DTYPES = ("float32", "float64")
 
     def _check(self) -> None:
         self._need("ridge", math.isfinite(self.ridge) and self.ridge >= 0, "a finite number >= 0")
         self._need("chunk_rows", self.chunk_rows >= 1, ">= 1")
+        self._need("gemm_dtype", self.gemm_dtype in self.GEMM_DTYPES,
+                   f"one of {list(self.GEMM_DTYPES)}")
         _need_device(self)
 
 

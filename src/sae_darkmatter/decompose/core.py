@@ -37,7 +37,8 @@ def chunk_size(cfg: DecomposeConfig, n_saes: int, d: int) -> int:
 def probe_system(cfg: DecomposeConfig, n_saes: int, d: int, device: torch.device) -> StreamingLstsq:
     """The joint least-squares system of ``n_saes`` SAEs' probes (targets:
     ``SAEErrors.probe_targets``)."""
-    return StreamingLstsq(d, n_saes * (d + 1), bias=cfg.bias, device=device)
+    return StreamingLstsq(d, n_saes * (d + 1), bias=cfg.bias, device=device,
+                          gemm_dtype=getattr(torch, cfg.gemm_dtype))
 
 
 def split_probes(

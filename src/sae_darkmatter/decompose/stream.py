@@ -241,6 +241,7 @@ def _fingerprint(harvest: HarvestConfig, packing: Packing, hook: str, split: Spl
     return fingerprint(
         STREAM_VERSION, corpus_fingerprint(harvest.corpus), model, harvest.batch_size, hook,
         split.filter, split.probe_train_fraction, split.seed, cfg.bias, cfg.ridge, cfg.chunk_rows,
+        cfg.gemm_dtype,
         [[n, weights_digest(s)] for n, s in modules.items()], n_contexts, calibration_tokens,
         distributed.rank(), distributed.world_size(), *filter(None, [packing.cache_key()]),
     )

@@ -333,14 +333,16 @@ def test_two_torchrun_ranks_equal_one_process(sae_dirs, alone, tmp_path):
         assert two[name]["median_norm"] == one[name]["median_norm"]  # rank 0 calibrates, broadcasts
         for key, value in one[name]["metrics"].items():
             if isinstance(value, float):
-                # the same rows in two shares: float64 sums merged in another order (~1e-15);
-                # 1e-9 would still catch a lost or doubled batch
-                assert two[name]["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+                # the same rows in two shares: sums merged in another order, and rank 1's first
+                # 8·d rows are its own float64 probation where one process used float32 products
+                # (decompose.gemm_dtype): up to ~2e-7 apart (r2_error_norm of an overfit probe);
+                # 1e-6 still catches a lost or doubled batch
+                assert two[name]["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
             elif key != "ci":
                 assert two[name]["metrics"][key] == value, key
         ci_two, ci_one = two[name]["metrics"]["ci"], one[name]["metrics"]["ci"]
         np.testing.assert_allclose(
-            ci_two["r2_error_mean_dim"], ci_one["r2_error_mean_dim"], rtol=1e-9
+            ci_two["r2_error_mean_dim"], ci_one["r2_error_mean_dim"], rtol=1e-6
         )
 
 
