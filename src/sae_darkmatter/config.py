@@ -360,7 +360,7 @@ class DownstreamConfig(_Checked):
     splice_all_after_skip: bool = False
     n_boot: int = 1000
     seed: int = 0
-    loss_tolerance: float = 1e-3  # nats; clean CE vs the harvest's stored loss
+    loss_tolerance: float = 1e-3  # nats; clean CE vs the reference (stored, or plain forward)
 
     PATH = "downstream"
 
