@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -170,13 +170,16 @@ def downstream_analysis(
     lm: LoadedModel | None = None,
     cfg: DownstreamConfig | None = None,
     split: SplitConfig | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Splice every chosen SAE of ``run_dir`` into the LM; write per-token values and figures.
 
-    ``lm`` defaults to the harvest's model (from the store's metadata); ``split`` must be the
-    run's split config (checked against the decompositions' test rows). The clean CE is checked
-    against ``reference_loss`` (the stored loss, or the plain forward's for a store without it).
+    ``lm`` defaults to the harvest's model (from the store's metadata), loaded on ``device``
+    (default: the harvest's; a run harvested on a GPU can be analysed elsewhere); ``split`` must
+    be the run's split config (checked against the decompositions' test rows). The clean CE is
+    checked against ``reference_loss`` (the stored loss, or the plain forward's for a store
+    without it).
     Writes ``downstream/per_token.safetensors`` (``reference_loss`` beside the CE/KL arrays, its
     source in the file's metadata) and ``figures/downstream_{shares,ce}.png``.
     """
@@ -193,7 +196,9 @@ def downstream_analysis(
         )
     tokens = store_contexts(store)
     chosen, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
-    lm = lm or load_model(from_dict(ModelConfig, store.meta["config"]["model"]))
+    if lm is None:
+        harvested = from_dict(ModelConfig, store.meta["config"]["model"])
+        lm = load_model(replace(harvested, device=device or harvested.device))
     t1 = time.perf_counter()
     reference, check = reference_loss(store, lm, hook, tokens, chosen, cfg.batch_size)
     seconds_reference = time.perf_counter() - t1
@@ -376,7 +381,8 @@ def _check(per_token: Mapping[str, np.ndarray], reference: np.ndarray, tolerance
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
-    return downstream_analysis(run, cfg=cfg.downstream, split=cfg.split, progress=progress)
+    return downstream_analysis(run, cfg=cfg.downstream, split=cfg.split,
+                               device=cfg.harvest.model.device, progress=progress)
 
 
 ANALYSIS = Analysis(

@@ -323,3 +323,21 @@ def test_splicer_on_other_families(family):
         assert torch.equal(spliced[:, :2], clean[:, :2]) and not torch.allclose(
             spliced[:, 2:], clean[:, 2:]
         )
+
+
+def test_a_run_harvested_on_a_gpu_is_spliced_on_the_device_asked_for(tiny_model_dir, tmp_path):
+    """The store records the harvest's device ('cuda' here, by editing its manifest); downstream
+    loads the LM where the analysis runs instead, so the run can be analysed on a CPU."""
+    import json
+
+    out = make_run(tiny_model_dir, tmp_path / "run", "resid_post.2", n_contexts=32)
+    manifest = out / "store" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["meta"]["config"]["model"]["device"] = "cuda"
+    manifest.write_text(json.dumps(data))
+    cfg = DownstreamConfig(n_contexts=2, batch_size=2, n_boot=10)
+    if not torch.cuda.is_available():
+        with pytest.raises(DarkMatterError, match="cuda"):
+            downstream_analysis(out, cfg=cfg, progress=False)
+    result = downstream_analysis(out, cfg=cfg, device="cpu", progress=False)
+    assert result["check"]["identity_vs_clean_max_abs"] == 0.0
