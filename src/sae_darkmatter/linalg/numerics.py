@@ -14,9 +14,11 @@ F64 = torch.float64
 # rounding growth). Measured with float32 products, d_in = d_out + 1 = 576, 100k rows in chunks
 # of 8192: 1024 rows 2.6x, 2048 1.6x, 4096 1.1x and 16384 1.2x the time of 8192.
 GEMM_ROWS = 8192
-# Column parts of XᵀX whose upper blocks are multiplied (the rest mirrored): 2 parts cut the
-# block products' time by ~10 %, 3 by ~20 %, 4 no further (float32 and float64, one thread).
-SYMMETRIC_PARTS = 3
+# Column parts of XᵀX whose upper blocks are multiplied (the rest mirrored). With d_out = 577,
+# float32, one thread: 2, 3 or 4 parts took ~0.85x the time of 1 (2,308 outputs: ~0.97x);
+# two threads on a busy machine: 2 parts 1.03-1.07x, 3 parts 1.14-1.19x (smaller products
+# split worse across threads). 2 is the compromise.
+SYMMETRIC_PARTS = 2
 PREDICT_ROWS = 16384  # rows per float64 block in predict / R² updates (bounds float64 copies)
 REFERENCE_ROWS = 4096  # rows whose median becomes the reference (shift) of an accumulator
 
