@@ -23,6 +23,8 @@ fit (conversion, centring, the solve, bookkeeping) comes to that limit. GFLOP/s 
 Reported: wall time of the fit, peak RSS above the loaded data (ru_maxrss minus RSS before the
 fit), held-out pooled R² and mean per-dimension R² on 50,000 rows, and ratios against
 ``lstsq-gels``. Run: ``python benchmarks/bench_lstsq.py [--n 300000] [--skip-default]``.
+The same comparison on real SmolLM2 activations and the decomposition's own targets (the
+errors of trained SAEs): ``bench_fit.py``.
 """
 
 from __future__ import annotations
