@@ -166,10 +166,8 @@ def _train(
             continue
         sae = arch.trainer(x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
         sae.to(device)
-        # foreach: the same arithmetic as the per-tensor loop, bit for bit, in a few multi-tensor
-        # kernels (the per-tensor loop, torch's CPU default, was ~10 % of a step; fused differs)
-        opt = torch.optim.Adam(sae.param_groups(), lr=lr, foreach=True)
-        member = Member(out_dir, key, lr, sae, opt, torch.zeros(width, dtype=torch.int64))
+        member = Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
+                        torch.zeros(width, dtype=torch.int64))
         maybe_resume(member)
         member.since_fired = member.since_fired.to(device)
         members.append(member)
