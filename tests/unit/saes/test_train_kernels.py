@@ -124,4 +124,3 @@ def test_penalised_gradients_equal_sae_lens(arch, dense, sae_lens):
     grads["W_enc"] = grads.pop("W_enc_t").T
     for name, p in theirs.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5)
-
