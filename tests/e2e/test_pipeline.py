@@ -128,8 +128,10 @@ def test_rerun_reuses_every_stage(tiny_run, tiny_model_dir):
     assert weights.stat().st_mtime_ns == stamp
     assert [s["fvu"] for s in again["saes"]] == [s["fvu"] for s in first["saes"]]
     assert again["timings_s"]["harvest"] < 5 and again["timings_s"]["train"] < 5
-    # every analysis is reused, not recomputed
-    assert again["analyses"] == first["analyses"]
+    # every analysis is reused, not recomputed, and says so
+    assert all(a.get("reused") for a in again["analyses"].values())
+    assert {k: {kk: vv for kk, vv in a.items() if kk != "reused"}
+            for k, a in again["analyses"].items()} == first["analyses"]
     assert again["timings_s"]["analyses"] < 5
 
 
