@@ -3,8 +3,8 @@
 A batch's selected latents are flat ``(row, col)`` pairs (``Codes``), rows ascending, so one
 representation serves TopK (k per row), BatchTopK (a variable number per row) and the active
 sets of ReLU / JumpReLU SAEs. Forward and backward passes touch only the selected encoder
-columns and decoder rows: decoding is an ``embedding_bag`` and weight gradients are one
-sparse-dense product each, instead of dense ``[n, d_in] x [d_in, d_sae]`` products
+columns and decoder rows: decoding is an ``embedding_bag``, and so is each weight gradient
+(over the entries sorted by latent), instead of dense ``[n, d_in] x [d_in, d_sae]`` products
 (measurements.md: 2.8-3.9x faster for TopK at W >= 8192).
 """
 
@@ -54,11 +54,16 @@ def scatter_rows(
     out_idx: torch.Tensor, in_idx: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
     n_out: int,
 ) -> torch.Tensor:
-    """``out[out_idx[j]] += weights[j] * dense[in_idx[j]]``: one sparse-dense product
-    ``[n_out, d]``."""
-    coo = torch.sparse_coo_tensor(torch.stack([out_idx, in_idx]), weights, (n_out, dense.shape[0]),
-                                  check_invariants=False)
-    return torch.sparse.mm(coo, dense)
+    """``out[out_idx[j]] += weights[j] * dense[in_idx[j]]``, ``[n_out, d]``.
+
+    The entries are sorted by ``out_idx`` (stable) and summed per output row by one
+    ``embedding_bag``: the same sums in the same order as the coalesced sparse-dense product
+    ``torch.sparse.mm`` would compute (bit-identical), 2-3x faster on CPU.
+    """
+    order = torch.argsort(out_idx, stable=True)
+    counts = torch.bincount(out_idx, minlength=n_out)
+    return F.embedding_bag(in_idx[order], dense, counts.cumsum(0) - counts,
+                           per_sample_weights=weights[order], mode="sum")
 
 
 class _GatherPre(torch.autograd.Function):

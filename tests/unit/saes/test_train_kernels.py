@@ -9,7 +9,7 @@ import torch
 from helpers import training_sae
 from sae_darkmatter.saes.archs.base import total_variance
 from sae_darkmatter.saes.archs.topk import AUXK_COEF
-from sae_darkmatter.saes.train_kernels import Codes, gather_pre, sparse_decode
+from sae_darkmatter.saes.train_kernels import Codes, gather_pre, scatter_rows, sparse_decode
 
 
 def _sae_lens_state(sae) -> dict[str, torch.Tensor]:
@@ -50,6 +50,22 @@ def test_sparse_kernels_equal_dense_products():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_rows_equals_the_coalesced_sparse_product_bit_for_bit():
+    """The weight-gradient kernel sums what ``torch.sparse.mm`` of the coalesced COO matrix sums,
+    in the same order: equal to the last bit, with repeated pairs and never-selected rows."""
+    gen = torch.Generator().manual_seed(1)
+    n_out, n_in, nnz = 300, 200, 5000
+    out_idx = torch.randint(0, n_out - 20, (nnz,), generator=gen)  # the last 20 rows stay empty
+    in_idx = torch.randint(0, n_in, (nnz,), generator=gen)
+    weights, dense = torch.randn(nnz, generator=gen), torch.randn(n_in, 48, generator=gen)
+    coo = torch.sparse_coo_tensor(torch.stack([out_idx, in_idx]), weights, (n_out, n_in))
+    ours = scatter_rows(out_idx, in_idx, weights, dense, n_out)
+    assert torch.equal(ours, torch.sparse.mm(coo, dense))
+    assert not ours[-20:].any()
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(scatter_rows(empty, empty, torch.zeros(0), dense, 7), torch.zeros(7, 48))
 
 
 def test_topk_gradients_equal_dense_autograd():
