@@ -60,7 +60,8 @@ def test_scatter_rows_equals_the_coalesced_sparse_product_bit_for_bit():
     out_idx = torch.randint(0, n_out - 20, (nnz,), generator=gen)  # the last 20 rows stay empty
     in_idx = torch.randint(0, n_in, (nnz,), generator=gen)
     weights, dense = torch.randn(nnz, generator=gen), torch.randn(n_in, 48, generator=gen)
-    coo = torch.sparse_coo_tensor(torch.stack([out_idx, in_idx]), weights, (n_out, n_in))
+    coo = torch.sparse_coo_tensor(torch.stack([out_idx, in_idx]), weights, (n_out, n_in),
+                                  check_invariants=True)
     ours = scatter_rows(out_idx, in_idx, weights, dense, n_out)
     assert torch.equal(ours, torch.sparse.mm(coo, dense))
     assert not ours[-20:].any()
