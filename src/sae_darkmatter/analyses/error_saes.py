@@ -32,6 +32,7 @@ from sae_darkmatter.markup import esc, figures_html, num
 from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.saes import SAE, load_sae
+from sae_darkmatter.saes.latents import encode_decode
 from sae_darkmatter.saes.train import train_grid
 from sae_darkmatter.store import ActivationStore
 
@@ -88,10 +89,10 @@ def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192
     active = 0
     with torch.inference_mode():
         for chunk in y.split(chunk_rows):
-            z = sae.encode(chunk)
-            acc.update(chunk, sae.decode(z))
-            fired |= (z != 0).any(0)
-            active += int((z != 0).sum())
+            y_hat, latents = encode_decode(sae, chunk)
+            acc.update(chunk, y_hat)
+            fired |= latents.fired()
+            active += int(latents.l0().sum())
     return {"fvu": acc.fvu(), "unexplained_over_error_var": acc.sse() / error_sst,
             "l0": active / max(y.shape[0], 1), "dead": int((~fired).sum()),
             "dead_fraction": float((~fired).float().mean())}

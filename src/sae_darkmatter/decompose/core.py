@@ -22,6 +22,7 @@ from sae_darkmatter.decompose.checks import Locate, require_finite_at
 from sae_darkmatter.decompose.results import Decomposition
 from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
 from sae_darkmatter.saes import SAE, latent_rows
+from sae_darkmatter.saes.latents import encode_decode
 
 _TARGET_BUDGET = 1 << 24  # floats per chunk of stacked probe targets (~64 MB in float32)
 JACKKNIFE_GROUPS = 16  # token groups for the jackknife interval of the mean per-dim R²
@@ -81,15 +82,16 @@ class SAEErrors:
         self, name: str, x: torch.Tensor, locate: Locate
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x̂, e, L0)`` of rows ``x``, encoded ``latent_rows`` at a time: a 1M-wide SAE's
-        dense latents of a whole chunk would take tens of GB."""
+        dense latents of a whole chunk would take tens of GB (TopK SAEs form none:
+        ``encode_decode``)."""
         sae, dtype = self.saes[name], self.dtypes[name]
         step = latent_rows(sae.d_sae)
         parts, l0 = [], []
         with torch.inference_mode():
             for block in x.split(step):
-                z = sae.encode(block if dtype is None else block.to(dtype))
-                parts.append(sae.decode(z).to(x.dtype))
-                l0.append((z != 0).sum(dim=1))
+                x_hat, latents = encode_decode(sae, block if dtype is None else block.to(dtype))
+                parts.append(x_hat.to(x.dtype))
+                l0.append(latents.l0())
         x_hat = parts[0] if len(parts) == 1 else torch.cat(parts)
         require_finite_at(x_hat, locate, what=f"SAE {name!r} reconstructions of hook {self.hook!r}",
                           advice=_sae_advice(dtype))

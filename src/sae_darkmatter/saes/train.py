@@ -40,7 +40,8 @@ from sae_darkmatter.linalg import R2Accumulator
 from sae_darkmatter.saes.archs import ARCHITECTURES
 from sae_darkmatter.saes.archs.base import total_variance
 from sae_darkmatter.saes.io import TRAINING_FILENAME, load_sae, save_sae
-from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+from sae_darkmatter.saes.latents import encode_decode
+from sae_darkmatter.saes.topk import AffineSAE
 from sae_darkmatter.saes.train_data import BatchStream, column_mean, data_summary
 from sae_darkmatter.saes.train_state import (
     Member,
@@ -315,14 +316,9 @@ def _score(sae: AffineSAE, x: torch.Tensor) -> tuple[float, float, float]:
     xs = x[:EVAL_ROWS].to(torch.float32)
     acc, active = R2Accumulator(xs.shape[1]), 0
     for chunk in xs.split(4096):
-        if isinstance(sae, TopKSAE):
-            values, indices = sae.encode_topk(chunk)
-            x_hat = sae.decode_topk(values, indices)
-        else:
-            z = sae.encode(chunk)
-            values, x_hat = z, sae.decode(z)
+        x_hat, latents = encode_decode(sae, chunk)
         acc.update(chunk, x_hat)
-        active += int((values > 0).sum())
+        active += int(latents.l0().sum())
     return acc.fvu(), float(acc.sse_dim.sum()) / xs.numel(), active / xs.shape[0]
 
 

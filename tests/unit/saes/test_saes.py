@@ -20,6 +20,7 @@ from sae_darkmatter.saes import (
     load_sae_config,
     save_sae,
 )
+from sae_darkmatter.saes.latents import encode_decode
 
 # float32 reconstructions that differ only in summation order (embedding_bag vs dense matmul):
 # each output sums k products of size ~|z|*|W_dec|, so the difference is a few ulps of that sum.
@@ -73,6 +74,24 @@ def test_decode_topk_equals_dense_decode():
         sparse = sae.decode_topk(*sae.encode_topk(x))
         torch.testing.assert_close(sparse, dense, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(sae(x), dense, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_encode_decode_equals_the_dense_path(kind):
+    """``encode_decode`` (sparse for TopK) gives the dense path's x̂, L0 and fired latents."""
+    sae = _random_topk() if kind == "topk" else ReLUSAE(48, 192)
+    if kind == "topk":
+        with torch.no_grad():  # some selected pre-activations negative: ReLU zeroes them
+            sae.b_enc.sub_(1.8)
+    x = torch.randn(100, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat, latents = encode_decode(sae, x)
+    torch.testing.assert_close(x_hat, sae.decode(z), rtol=RTOL, atol=ATOL)
+    assert (latents.indices is None) == (kind != "topk")
+    assert torch.equal(latents.l0(), (z != 0).sum(1))
+    assert torch.equal(latents.fired(), (z != 0).any(0))
+    assert 0 < int(latents.l0().min()) and (kind != "topk" or int(latents.l0().min()) < sae.k)
 
 
 def test_protocol_and_properties():
