@@ -38,6 +38,13 @@ PROBATION_ROWS_PER_DIM = 8
 _PENDING, _FLOAT32, _FLOAT64 = 0, 1, 2  # gemm_check: probation, float32 confirmed, fell back
 
 
+def tf32_matmuls(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may run in TF32: CUDA with TF32 allowed by any of
+    torch's switches (``allow_tf32``, ``set_float32_matmul_precision("high")``, the
+    ``fp32_precision`` settings; ``torch.backends.cuda.matmul.fp32_precision`` reflects all)."""
+    return device.type == "cuda" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 class StreamingLstsq:
     """Least squares Y ≈ [X, 1] W accumulated over chunks in float64.
 
@@ -56,7 +63,8 @@ class StreamingLstsq:
     warns and stays in float64 for good (``fell_back``; a stream cannot be re-read, so this
     check comes first); and ``solve`` warns, naming the setting, if the cond of all rows
     exceeds 1e6 while some were summed in float32 (the data changed after the check).
-    On CUDA keep TF32 off (``torch.backends.cuda.matmul.allow_tf32``) for float32 mode.
+    On CUDA with TF32 matmuls allowed (``tf32_matmuls``) float32 mode warns and uses float64
+    GEMMs: TF32's 10-bit mantissa would cost ~3 decimal digits of XᵀX.
     """
 
     ADDITIVE_KEYS = ("n", "sum_x", "sum_y", "sum_xx", "sum_xy", "n_float32")
@@ -181,6 +189,14 @@ class StreamingLstsq:
         first ``n`` rows give a system with cond <= 1e6, else warn and use float64 from now."""
         if not bool(torch.isfinite(acc).all()):
             return  # update refuses this chunk
+        if tf32_matmuls(self.device):
+            self._check = _FLOAT64
+            log.warning(
+                "TF32 matmuls are allowed on %s (torch.backends.cuda.matmul.fp32_precision = "
+                "\"tf32\"): summing XᵀX with float64 GEMMs instead of float32 ones (set it to "
+                "\"ieee\" for the faster float32 GEMMs)", self.device,
+            )
+            return
         d = self.d_in
         sum_x, sum_xx = self.sum_x + acc[0, 1 : 1 + d], self.sum_xx + acc[1:, 1 : 1 + d]
         cond = scaled_cond(self._system(float(n), sum_x, sum_xx))

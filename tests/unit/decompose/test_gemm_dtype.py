@@ -25,7 +25,8 @@ from sae_darkmatter.decompose import decompose_many
 from sae_darkmatter.decompose.core import probe_system
 from sae_darkmatter.errors import ConfigValueError
 from sae_darkmatter.harvest import harvest
-from sae_darkmatter.linalg import StreamingLstsq
+from sae_darkmatter.linalg import StreamingLstsq, lstsq
+from sae_darkmatter.linalg.lstsq import tf32_matmuls
 from sae_darkmatter.pipeline import decompose_saes
 from sae_darkmatter.saes import save_sae, train_sae
 from sae_darkmatter.splits import make_splits
@@ -97,6 +98,30 @@ def test_ill_conditioned_rows_make_float32_mode_fall_back_to_float64(caplog):
     assert "float32" not in caplog.text
     torch.testing.assert_close(got.weight, _fit(x, y, torch.float64).solve().weight,
                                rtol=1e-6, atol=0)
+
+
+def test_tf32_is_seen_through_every_switch_and_only_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not tf32_matmuls(cuda) and not tf32_matmuls(cpu)  # torch's default: IEEE float32
+    try:
+        torch.set_float32_matmul_precision("high")  # the legacy switch, as many scripts set it
+        assert tf32_matmuls(cuda) and not tf32_matmuls(cpu)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    assert not tf32_matmuls(cuda)
+
+
+def test_float32_mode_uses_float64_gemms_where_tf32_would_run(caplog, monkeypatch):
+    """A GPU with TF32 on: the same fallback as ill-conditioned rows, naming the switch (the
+    device check itself is tested above; here a CPU stands in for the CUDA device)."""
+    monkeypatch.setattr(lstsq, "tf32_matmuls", lambda device: True)
+    x, y = _data(6000)
+    with caplog.at_level(logging.WARNING):
+        fast = _fit(x, y, torch.float32)
+    assert fast.fell_back and int(fast.state_dict()["n_float32"]) == 0
+    assert "TF32 matmuls are allowed" in caplog.text and '"ieee"' in caplog.text
+    torch.testing.assert_close(fast.solve().weight, _fit(x, y, torch.float64).solve().weight,
+                               rtol=1e-10, atol=0)  # float64 sums in other blocks: rounding
 
 
 def test_rows_that_turn_ill_conditioned_after_the_check_make_the_solve_warn(caplog):
