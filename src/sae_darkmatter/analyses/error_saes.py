@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_darkmatter._io import read_json
+from sae_darkmatter._io import read_json, resolve_device
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import ErrorSAEConfig, RunConfig, to_dict
 from sae_darkmatter.decompose import SavedDecomposition
@@ -67,31 +67,34 @@ def error_targets(
     dec: SavedDecomposition,
     *,
     chunk_rows: int = 8192,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, torch.Tensor]:
-    """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 ``[len(rows), d]`` (rows
-    sorted)."""
+    """``{"error": e, "linear": ê, "nonlinear": e − ê}`` as float32 CPU tensors
+    ``[len(rows), d]`` (rows sorted), computed on ``device`` (where ``sae`` is)."""
     probe = error_probe(dec)
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in TARGETS}
     with torch.inference_mode():
         for _, x in store.iter_chunks(hook, rows, chunk_rows):
+            x = x.to(device)
             e = x - sae.forward(x)
             lin = probe.predict(x)
             for key, value in zip(TARGETS, (e, lin, e - lin)):
-                parts[key].append(value.clone())
+                parts[key].append(value.to("cpu", copy=True))  # chunks may share a buffer
     return {k: torch.cat(v) if v else torch.zeros(0, store.d(hook)) for k, v in parts.items()}
 
 
-def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192) -> dict[str, Any]:
-    """Held-out FVU of ``sae`` on ``y``, its residual over the error's total variance, L0, dead
-    latents."""
+def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192,
+          device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Held-out FVU of ``sae`` (on ``device``) on ``y``, its residual over the error's total
+    variance, L0, dead latents."""
     acc = R2Accumulator(y.shape[1])
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     active = 0
     with torch.inference_mode():
         for chunk in y.split(chunk_rows):
-            y_hat, latents = encode_decode(sae, chunk)
+            y_hat, latents = encode_decode(sae, chunk.to(device))
             acc.update(chunk, y_hat)
-            fired |= latents.fired()
+            fired |= latents.fired().cpu()
             active += int(latents.l0().sum())
     return {"fvu": acc.fvu(), "unexplained_over_error_var": acc.sse() / error_sst,
             "l0": active / max(y.shape[0], 1), "dead": int((~fired).sum()),
@@ -111,6 +114,7 @@ def train_on_targets(
     out_dir: Path,
     *,
     progress: bool = True,
+    device: torch.device = torch.device("cpu"),
 ) -> list[dict[str, Any]]:
     """Train the ``cfg.train`` grid on each target; one row of held-out scores per SAE.
 
@@ -131,7 +135,8 @@ def train_on_targets(
                     "width": width,
                     "sparsity": sparsity,
                     "path": str(folder),
-                    **score(load_sae(folder).eval(), held_out[target], error_sst),
+                    **score(load_sae(folder).to(device).eval(), held_out[target], error_sst,
+                            device=device),
                     "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction"),
                 }
             )
@@ -182,6 +187,7 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
     """Train and score SAEs on e, ê and e − ê of each chosen base SAE; write
     ``figures/error_saes.png``."""
     run, cfg = RunDir.of(run_dir), cfg or ErrorSAEConfig()
+    device = resolve_device(cfg.train.device)  # the error SAEs' device: their inputs too
     t0 = time.perf_counter()
     store = run.store
     decs = run.decompositions
@@ -203,11 +209,14 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
             train_rows.size,
             eval_rows.size,
         )
-        sae = run.open_sae(dec)
-        train = error_targets(store, hook, train_rows, sae, dec, chunk_rows=cfg.chunk_rows)
-        held_out = error_targets(store, hook, eval_rows, sae, dec, chunk_rows=cfg.chunk_rows)
+        sae = run.open_sae(dec, device)
+        train, held_out = (
+            error_targets(store, hook, r, sae, dec, chunk_rows=cfg.chunk_rows, device=device)
+            for r in (train_rows, eval_rows)
+        )
         grid = train_on_targets(
-            train, held_out, cfg, run.error_saes_path / dec.name, progress=progress
+            train, held_out, cfg, run.error_saes_path / dec.name, progress=progress,
+            device=device,
         )
         results.append(
             {

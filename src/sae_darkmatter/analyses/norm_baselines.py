@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from sae_darkmatter._io import resolve_device
 from sae_darkmatter.analyses.norm_figures import alignment_figure, baseline_figure, violin_figure
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import RunConfig
@@ -325,8 +326,10 @@ def norm_analysis(
     out_dir: str | Path,
     *,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Baselines, violins and (for the widest SAE) latent/norm-probe alignment, with figures.
+    """Baselines, violins and (for the widest SAE, run on ``device``) latent/norm-probe
+    alignment, with figures.
 
     Writes ``figures/norm_baselines.png``, ``figures/norm_violins.png`` and
     ``figures/norm_alignment.png`` under ``out_dir``; returns a JSON-able summary.
@@ -340,7 +343,7 @@ def norm_analysis(
     decomps = decompositions_of(decompose_dir)
     widest = max(decomps, key=lambda d: d.width)
     hook = _resolve_hook(store, decomps, None)
-    sae = run.open_sae(widest)  # a folder or a registry spec
+    sae = run.open_sae(widest, device)  # a folder or a registry spec
     rows = widest.tokens["rows"]
     align = latent_norm_alignment(
         sae, reconstruction_norm_probe(sae, store, rows, hook=hook), store, rows, hook=hook
@@ -380,7 +383,8 @@ def section(n: dict[str, Any], out_dir: Path) -> str:
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:
-    return norm_analysis(run, run, run.path, seed=cfg.split.seed)
+    return norm_analysis(run, run, run.path, seed=cfg.split.seed,
+                         device=resolve_device(cfg.decompose.device))
 
 
 ANALYSIS = Analysis(
