@@ -19,6 +19,7 @@ from sae_darkmatter.cli.common import (
     CtxLen,
     Device,
     Dtype,
+    GemmDtype,
     Ks,
     Loss,
     MaxNorm,
@@ -91,6 +92,7 @@ def run(
     seed: Seed = None,
     device: Device = None,
     dtype: Dtype = None,
+    gemm_dtype: GemmDtype = None,
 ) -> None:
     """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their \
 error -> report."""
@@ -120,6 +122,7 @@ error -> report."""
             architecture=architecture,
             protocol=protocol,
             prepend_bos=prepend_bos,
+            gemm_dtype=gemm_dtype,
         )
         if quick:
             cfg = presets.quick(cfg)
@@ -253,6 +256,7 @@ def decompose_cmd(
     ] = None,
     seed: Seed = None,
     device: Device = None,
+    gemm_dtype: GemmDtype = None,
 ) -> None:
     """Split each SAE's error into linear and nonlinear parts on held-out tokens."""
     from sae_darkmatter.pipeline import decompose_saes
@@ -261,7 +265,8 @@ def decompose_cmd(
 
     def body() -> None:
         split = split_config(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = given(DecomposeConfig(), ridge=ridge, bias=bias, device=device)
+        cfg = given(DecomposeConfig(), ridge=ridge, bias=bias, device=device,
+                    gemm_dtype=gemm_dtype)
         st = ActivationStore.open(store)
         results = decompose_saes(st, make_splits(st, split, hook=hook), sae, cfg, out, hook=hook)
         show(sae_summary({"model": results[0]["model"], "hook": results[0]["metrics"]["hook"],

@@ -13,6 +13,7 @@ from sae_darkmatter.cli.common import (
     CtxLen,
     Device,
     Dtype,
+    GemmDtype,
     MaxNorm,
     Model,
     NContexts,
@@ -63,6 +64,7 @@ def stream_cmd(
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
+    gemm_dtype: GemmDtype = None,
     checkpoint_every: Annotated[int, typer.Option(help="Batches between checkpoints.")] = 25,
 ) -> None:
     """Decompose pretrained SAEs' error straight from the LM: no activation store, memory \
@@ -88,6 +90,7 @@ independent of the token count."""
                 skip_positions=skip_positions,
                 max_norm_ratio=max_norm_ratio,
                 prepend_bos=prepend_bos,
+                gemm_dtype=gemm_dtype,
             ),
             loaded,
         )

@@ -77,6 +77,16 @@ def test_cli_flags_override_the_file(tmp_path):
     assert cfg.split.filter.max_norm_ratio is None and cfg.split.filter.skip_positions == 4
 
 
+def test_gemm_dtype_flag_reaches_the_decomposition_and_bad_values_are_named():
+    from sae_darkmatter.cli import app
+
+    assert _build_config(None, gemm_dtype="float64").decompose.gemm_dtype == "float64"
+    assert _build_config(None).decompose.gemm_dtype == "float32"  # the default stays
+    for command in (["run"], ["decompose", "--sae", "x"]):
+        res = CliRunner().invoke(app, [*command, "--gemm-dtype", "bf16"])
+        assert res.exit_code != 0 and "gemm_dtype" in res.output and "float64" in res.output
+
+
 def test_cli_run_rejects_bad_widths():
     from sae_darkmatter.cli import app
 
