@@ -94,6 +94,8 @@ def encoder_error_analysis(
         entry: dict[str, Any] = {"name": p.name, "width": p.width, "k": p.k}
         entry |= {f"sae_{m}": float(getattr(own, m)) for m in _METRICS}
         entry |= {f"pursuit_{m}": float(getattr(pur, m)) for m in _METRICS}
+        entry |= {f"{who}_fvu_nonlinear_ci": list(d.ci["fvu_nonlinear"])  # bootstrap, 95 %
+                  for who, d in (("sae", own), ("pursuit", pur)) if "fvu_nonlinear" in d.ci}
         entry["fvu_drop"] = entry["sae_fvu"] - entry["pursuit_fvu"]
         entry["fvu_nonlinear_drop"] = entry["sae_fvu_nonlinear"] - entry["pursuit_fvu_nonlinear"]
         per_sae.append(entry)

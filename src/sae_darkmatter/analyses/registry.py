@@ -51,6 +51,7 @@ class Analysis:
 
 # name -> module under sae_darkmatter.analyses, in report order
 _MODULES = {
+    "paper": "paper",  # reads the others' results (it runs last), shown first
     "scaling": "scaling",
     "per_token": "per_token",
     "norms": "norm_baselines",

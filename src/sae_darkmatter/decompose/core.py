@@ -21,6 +21,7 @@ from sae_darkmatter.config import DecomposeConfig
 from sae_darkmatter.decompose.checks import Locate, require_finite_at
 from sae_darkmatter.decompose.results import Decomposition
 from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
+from sae_darkmatter.linalg.scores import jackknife_interval
 from sae_darkmatter.saes import SAE, latent_rows
 from sae_darkmatter.saes.latents import encode_decode
 
@@ -269,6 +270,4 @@ def _jackknife_interval(groups: list[R2Accumulator], full: float) -> tuple[float
             if i != left_out and other.n:
                 acc.merge(other)
         thetas.append(acc.r2_mean_dim())
-    t = np.asarray(thetas)
-    se = float(np.sqrt((g - 1) / g * np.sum((t - t.mean()) ** 2)))
-    return (full - 1.96 * se, full + 1.96 * se)
+    return jackknife_interval(thetas, full)

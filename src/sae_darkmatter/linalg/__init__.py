@@ -19,7 +19,14 @@ from rank 0) before the first update; ``load_state_dict`` then takes the reduced
 """
 
 from sae_darkmatter.linalg.lstsq import StreamingLstsq
-from sae_darkmatter.linalg.r2 import R2Accumulator, fvu, r2_score
+from sae_darkmatter.linalg.r2 import (
+    R2Accumulator,
+    bootstrap_counts,
+    fvu,
+    percentile_interval,
+    r2_score,
+)
 from sae_darkmatter.linalg.solve import LinearProbe
 
-__all__ = ["LinearProbe", "R2Accumulator", "StreamingLstsq", "fvu", "r2_score"]
+__all__ = ["LinearProbe", "R2Accumulator", "StreamingLstsq", "bootstrap_counts", "fvu",
+           "percentile_interval", "r2_score"]

@@ -161,3 +161,18 @@ def r2_score(y: np.ndarray, y_hat: np.ndarray) -> float:
     y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
     sst = float(np.square(y - y.mean()).sum())
     return 1.0 - float(np.square(y - y_hat).sum()) / sst if sst > 0 else float("nan")
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: Any) -> np.ndarray:
+    """How often each of ``n`` items is drawn in each of ``n_boot`` resamples with replacement,
+    ``[n_boot, n]`` float64: ``counts @ v`` is ``v``'s resampled sums (one draw shared by every
+    statistic, so differences are paired). ``seed`` seeds ``np.random.default_rng``."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]
+                    ).astype(np.float64) if n else np.zeros((n_boot, 0))
+
+
+def percentile_interval(draws: np.ndarray) -> list[float]:
+    """The 95 % percentile interval of bootstrap draws (NaN draws left out)."""
+    return [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))]
+
