@@ -33,10 +33,14 @@ from sae_darkmatter.config import CrossLayerConfig, RunConfig, SplitConfig
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
 from sae_darkmatter.linalg import LinearProbe, R2Accumulator, StreamingLstsq
 from sae_darkmatter.linalg.blocks import compose, sub_lstsq
+from sae_darkmatter.linalg.scores import SharedTargetR2
 from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.saes import SAE
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
+
+JACKKNIFE_GROUPS = 16  # token groups for the jackknife intervals of the mean per-dim R²
+VERSION = 2  # part of the cache key: 2 added the R² intervals
 
 FIGURE = RunDir.figure_key("cross_layer")
 BASE = ""  # scores of the target SAE's x̂ and x̂ + ê as reconstructions of x (not a set's)
@@ -147,13 +151,17 @@ def cross_layer(
                 .solve(cfg.ridge), probe)
             for name, feats in sets.items()
         }
-        # Pass 2: held-out scores.
-        scores = _Scores(d, device)
+        # Pass 2: held-out scores (jackknife groups: a seeded random partition of the tokens).
+        scores = SharedTargetR2(d, device, JACKKNIFE_GROUPS)
+        groups = torch.from_numpy(np.random.default_rng(0).permutation(n_test) % JACKKNIFE_GROUPS)
+        offset = 0
         for acts, recon in chunks(splits.probe_test):
             x, x_hat = acts[target], recon[target]
             e = x - x_hat
             e_hat = probe.predict(x)
-            scores.targets(error=e, linear=e_hat, nonlinear=e - e_hat, after=x)
+            scores.targets(groups[offset : offset + x.shape[0]], error=e, linear=e_hat,
+                           nonlinear=e - e_hat, after=x)
+            offset += x.shape[0]
             scores.add((BASE, "x̂"), "after", x_hat)
             scores.add((BASE, "x̂ + ê"), "after", x_hat + e_hat)
             for name, feats in sets.items():
@@ -168,42 +176,8 @@ def cross_layer(
     n_features = {name: sum(len(cols[f]) for f in feats) for name, feats in sets.items()}
     base = [scores.accumulator((BASE, p)) for p in ("x̂", "x̂ + ê")]
     accs = {name: {t: scores.accumulator((name, t)) for t in (*TARGETS, "after")} for name in sets}
-    return _summary(target, list(saes), sets, base, accs, n_features, n_fit, cfg, d)
-
-
-class _Scores:
-    """Held-out R² of many predictions of the same few targets, as ``R2Accumulator``s.
-
-    Each target's sums (its SST about its mean) are taken once per chunk, by an accumulator fed
-    the target itself; each prediction adds only its float64 per-dimension SSE. (One
-    ``R2Accumulator`` per prediction would redo the target's copies, sums and reference row for
-    every predictor set.)
-    """
-
-    def __init__(self, d: int, device: torch.device) -> None:
-        self.d, self.device = d, device
-        self.sums: dict[str, R2Accumulator] = {}
-        self.sse: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}  # key -> (target, SSE)
-        self._y: Tensors = {}
-
-    def targets(self, **ys: torch.Tensor) -> None:
-        """This chunk's targets by name."""
-        for t, y in ys.items():
-            self.sums.setdefault(t, R2Accumulator(self.d, device=self.device)).update(y, y)
-            self._y[t] = y.to(torch.float64)
-
-    def add(self, key: tuple[str, str], target: str, pred: torch.Tensor) -> None:
-        """Add the SSE of ``pred``, a prediction of this chunk's ``target``, under ``key``."""
-        sse = (self._y[target] - pred.to(torch.float64)).square_().sum(0)
-        if not bool(torch.isfinite(sse).all()):
-            raise DarkMatterError(f"cross_layer: the prediction {key} of {target} is not finite")
-        self.sse[key] = (target, self.sse[key][1] + sse if key in self.sse else sse)
-
-    def accumulator(self, key: tuple[str, str]) -> R2Accumulator:
-        target, sse = self.sse[key]
-        acc = R2Accumulator(self.d, device=self.device)
-        acc.load_state_dict({**self.sums[target].state_dict(), "sse": sse})
-        return acc
+    cis = {name: {t: scores.r2_mean_dim_interval((name, t)) for t in TARGETS} for name in sets}
+    return _summary(target, list(saes), sets, base, accs, cis, n_features, n_fit, cfg, d)
 
 
 def _error_maps(fit: LinearProbe, probe: LinearProbe) -> LinearProbe:
@@ -224,6 +198,7 @@ def _summary(
     sets: Mapping[str, tuple[str, ...]],
     base: list[R2Accumulator],
     accs: Mapping[str, Mapping[str, R2Accumulator]],
+    cis: Mapping[str, Mapping[str, tuple[float, float] | None]],
     n_features: Mapping[str, int],
     n_train: int,
     cfg: CrossLayerConfig,
@@ -238,7 +213,8 @@ def _summary(
             "features": list(feats),
             "n_features": n_features[name],
             **{
-                t: {"r2_pooled": acc[t].r2_pooled(), "r2_mean_dim": acc[t].r2_mean_dim()}
+                t: {"r2_pooled": acc[t].r2_pooled(), "r2_mean_dim": acc[t].r2_mean_dim(),
+                    "ci": _listed(cis[name][t])}
                 for t in TARGETS
             },
             "fvu_nonlinear_after": after,
@@ -267,6 +243,10 @@ def _summary(
             "nonlinear_remaining": rows[best]["nonlinear_remaining"],
         },
     }
+
+
+def _listed(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else list(ci)
 
 
 def find_hook_saes(saes_dir: str | Path, hooks: Sequence[str], target: str) -> dict[str, Path]:
@@ -346,6 +326,6 @@ ANALYSIS = Analysis(
     title="Predicting the error from other hooks' SAEs",
     run=_run,
     section=section,
-    settings=lambda cfg, results: (cfg.cross_layer,),
+    settings=lambda cfg, results: (cfg.cross_layer, VERSION),
     enabled=lambda cfg: cfg.cross_layer.enabled,
 )

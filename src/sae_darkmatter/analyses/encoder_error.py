@@ -163,11 +163,13 @@ def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[
     )
 
 
+VERSION = 2  # part of the cache key: 2 added the FVU-nonlinear intervals
+
 ANALYSIS = Analysis(
     name="encoder_error",
     title="Encoder error: pursuit over the SAE's decoder",
     run=_run,
     section=section,
-    settings=lambda cfg, results: (cfg.pursuit, cfg.decompose),
+    settings=lambda cfg, results: (cfg.pursuit, cfg.decompose, VERSION),
     enabled=lambda cfg: cfg.pursuit.enabled,
 )

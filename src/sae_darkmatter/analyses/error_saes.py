@@ -27,7 +27,7 @@ from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import ErrorSAEConfig, RunConfig, to_dict
 from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError
-from sae_darkmatter.linalg import R2Accumulator
+from sae_darkmatter.linalg import R2Accumulator, bootstrap_counts, percentile_interval
 from sae_darkmatter.markup import esc, figures_html, num
 from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir, error_probe
@@ -39,6 +39,8 @@ from sae_darkmatter.store import ActivationStore
 log = logging.getLogger(__name__)
 
 TARGETS = ("error", "linear", "nonlinear")
+VERSION = 2  # part of the cache key: 2 added the FVU-difference intervals
+N_BOOT = 200  # bootstrap resamples of the held-out tokens for the FVU-difference intervals
 FIGURE = RunDir.figure_key("error_saes")
 
 
@@ -84,21 +86,46 @@ def error_targets(
 
 
 def score(sae: SAE, y: torch.Tensor, error_sst: float, *, chunk_rows: int = 8192,
-          device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+          device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], np.ndarray]:
     """Held-out FVU of ``sae`` (on ``device``) on ``y``, its residual over the error's total
-    variance, L0, dead latents."""
+    variance, L0, dead latents; and each token's squared error ``‖y − ŷ‖²`` (float64)."""
     acc = R2Accumulator(y.shape[1])
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    active = 0
+    active, sse = 0, []
     with torch.inference_mode():
         for chunk in y.split(chunk_rows):
             y_hat, latents = encode_decode(sae, chunk.to(device))
             acc.update(chunk, y_hat)
+            sse.append((chunk.to(device).double() - y_hat.double()).square().sum(1).cpu())
             fired |= latents.fired().cpu()
             active += int(latents.l0().sum())
-    return {"fvu": acc.fvu(), "unexplained_over_error_var": acc.sse() / error_sst,
-            "l0": active / max(y.shape[0], 1), "dead": int((~fired).sum()),
-            "dead_fraction": float((~fired).float().mean())}
+    summary = {"fvu": acc.fvu(), "unexplained_over_error_var": acc.sse() / error_sst,
+               "l0": active / max(y.shape[0], 1), "dead": int((~fired).sum()),
+               "dead_fraction": float((~fired).float().mean())}
+    return summary, (torch.cat(sse) if sse else torch.zeros(0)).numpy()
+
+
+def difference_intervals(matched: list[dict[str, Any]], grid: list[dict[str, Any]],
+                         sse: list[np.ndarray], deviation: dict[str, np.ndarray], *,
+                         n_boot: int = N_BOOT, seed: int = 0) -> None:
+    """Add ``fvu_nonlinear_minus_linear_ci`` to each matched-L0 entry: the paired bootstrap
+    over held-out tokens of FVU(e − ê) − FVU(ê), where both targets have an SAE of the entry's
+    width at exactly its L0 (TopK: the same k); None where one is interpolated.
+
+    ``sse[i]`` is grid row i's per-token squared error, ``deviation[t]`` each token's
+    ``‖y − ȳ‖²`` for target t (ȳ: the full sample's mean, an O(1/n) approximation per draw).
+    """
+    counts = bootstrap_counts(next(iter(deviation.values())).size, n_boot, [seed, 2])
+
+    def draws(target: str, entry: dict[str, Any]) -> np.ndarray | None:
+        i = next((i for i, r in enumerate(grid) if r["target"] == target
+                  and r["width"] == entry["width"] and abs(r["l0"] - entry["l0"]) < 1e-9), None)
+        return None if i is None else (counts @ sse[i]) / (counts @ deviation[target])
+
+    for entry in matched:
+        lin, nonlin = draws("linear", entry), draws("nonlinear", entry)
+        entry["fvu_nonlinear_minus_linear_ci"] = (
+            None if lin is None or nonlin is None else percentile_interval(nonlin - lin))
 
 
 def _total_var(y: torch.Tensor) -> float:
@@ -115,8 +142,9 @@ def train_on_targets(
     *,
     progress: bool = True,
     device: torch.device = torch.device("cpu"),
-) -> list[dict[str, Any]]:
-    """Train the ``cfg.train`` grid on each target; one row of held-out scores per SAE.
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Train the ``cfg.train`` grid on each target; one row of held-out scores per SAE, and
+    each SAE's per-token squared error on the held-out tokens.
 
     ``sparsity`` is the grid's sparsity value (k for TopK SAEs).
     """
@@ -124,23 +152,25 @@ def train_on_targets(
     grid = [
         (s, w) for s in cfg.train.sparsity_values() for w in cfg.train.widths
     ]  # train_grid's order
-    rows = []
+    rows, sse = [], []
     for target in TARGETS:
         folders = train_grid(train[target], cfg.train, out_dir / target, progress=progress,
                              metadata={"error_target": target, "base_sae": out_dir.name})
         for folder, (sparsity, width) in zip(folders, grid):
+            summary, token_sse = score(load_sae(folder).to(device).eval(), held_out[target],
+                                       error_sst, device=device)
+            sse.append(token_sse)
             rows.append(
                 {
                     "target": target,
                     "width": width,
                     "sparsity": sparsity,
                     "path": str(folder),
-                    **score(load_sae(folder).to(device).eval(), held_out[target], error_sst,
-                            device=device),
+                    **summary,
                     "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction"),
                 }
             )
-    return rows
+    return rows, sse
 
 
 def matched_l0(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,10 +244,14 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
             error_targets(store, hook, r, sae, dec, chunk_rows=cfg.chunk_rows, device=device)
             for r in (train_rows, eval_rows)
         )
-        grid = train_on_targets(
+        grid, sse = train_on_targets(
             train, held_out, cfg, run.error_saes_path / dec.name, progress=progress,
             device=device,
         )
+        matched = matched_l0(grid)
+        mean_dev = {t: (held_out[t].double() - held_out[t].double().mean(0)).square().sum(1)
+                    .numpy() for t in TARGETS}
+        difference_intervals(matched, grid, sse, mean_dev, seed=cfg.seed)
         results.append(
             {
                 "sae": dec.name,
@@ -234,7 +268,7 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
                     t: _total_var(held_out[t]) / max(eval_rows.size, 1) for t in TARGETS
                 },
                 "grid": grid,
-                "matched_l0": matched_l0(grid),
+                "matched_l0": matched,
             }
         )
     table = [
@@ -245,6 +279,7 @@ def error_sae_analysis(run_dir: RunDir | str | Path, *, cfg: ErrorSAEConfig | No
             "l0": m["l0"],
             **{f"fvu_{t}": m["fvu"][t] for t in TARGETS},
             **{f"dead_{t}": m["dead"][t] for t in TARGETS},
+            "fvu_nonlinear_minus_linear_ci": m["fvu_nonlinear_minus_linear_ci"],
         }
         for b in results
         for m in b["matched_l0"]
@@ -330,6 +365,6 @@ ANALYSIS = Analysis(
     title="SAEs trained on each part of the error",
     run=_run,
     section=section,
-    settings=lambda cfg, results: (cfg.error_saes,),
+    settings=lambda cfg, results: (cfg.error_saes, VERSION),
     enabled=lambda cfg: cfg.error_saes.enabled,
 )

@@ -29,6 +29,7 @@ from sae_darkmatter.analyses.per_token_figures import matrix_figure, token_strip
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import RunConfig
 from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.linalg import bootstrap_counts, percentile_interval
 from sae_darkmatter.markup import figures_html
 from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
 from sae_darkmatter.store import ActivationStore
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 By = Literal["nonlinear", "linear", "total"]
 # Below this unexplained variance (1 − R²) the % improvement is 0/0 and reported as missing.
 _PERFECT = 1e-9
+N_BOOT = 200  # bootstrap resamples of the score tokens for the R² intervals
+VERSION = 2  # part of the cache key: 2 added the R² intervals
 _VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
 
 
@@ -99,15 +102,27 @@ def per_token_norms(decompose_dir: Decompositions) -> PerTokenNorms:
 # ------------------------------------------------------------------ predictability matrix
 
 
-def _heldout_r2(
+def _heldout_fit(
     features: Sequence[np.ndarray], y: np.ndarray, fit: np.ndarray, score: np.ndarray
-) -> float:
-    """R² on ``score`` of OLS ``y ~ [features, 1]`` fit on ``fit``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals and targets on ``score`` of OLS ``y ~ [features, 1]`` fit on ``fit``."""
     design = np.column_stack([*features, np.ones_like(y)])
     coef, *_ = np.linalg.lstsq(design[fit], y[fit], rcond=None)
-    resid = y[score] - design[score] @ coef
-    total = y[score] - y[score].mean()
+    return y[score] - design[score] @ coef, y[score]
+
+
+def _r2(resid: np.ndarray, y: np.ndarray) -> float:
+    total = y - y.mean()
     return float(1.0 - resid @ resid / (total @ total))
+
+
+def _bootstrap_r2(resid: np.ndarray, y: np.ndarray, counts: np.ndarray) -> list[float]:
+    """95 % percentile interval of the held-out R² over resamples of the score tokens
+    (``counts``: ``bootstrap_counts``; the fit stays fixed)."""
+    n = y.size
+    sst = counts @ (y * y) - (counts @ y) ** 2 / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return percentile_interval(1.0 - (counts @ (resid * resid)) / sst)
 
 
 def _listify(a: np.ndarray) -> list[list[float | None]]:
@@ -116,14 +131,15 @@ def _listify(a: np.ndarray) -> list[list[float | None]]:
 
 
 def predictability_matrix(
-    norms: PerTokenNorms, *, seed: int = 0, train_fraction: float = 0.5
+    norms: PerTokenNorms, *, seed: int = 0, train_fraction: float = 0.5, n_boot: int = N_BOOT
 ) -> dict[str, Any]:
     """Held-out R² of predicting ‖e_j‖ from ‖e_i‖ (and from ‖e_i‖, ‖nonlinear_i‖), i <= j.
 
     Tokens are split by a seeded permutation into a fit part (``train_fraction``) and a score
-    part. ``improvement`` = (R²_nl − R²)/(1 − R²)·100, the % of the unexplained variance that
-    ‖nonlinear_i‖ removes; missing where R² is already ~1 (e.g. the diagonal). Entries below
-    the diagonal are None.
+    part. ``r2_ci``: 95 % bootstrap intervals of ``r2`` over the score tokens (the same
+    ``n_boot`` draws for every pair). ``improvement`` = (R²_nl − R²)/(1 − R²)·100, the % of the
+    unexplained variance that ‖nonlinear_i‖ removes; missing where R² is already ~1 (e.g. the
+    diagonal). Entries below the diagonal are None.
     """
     n = norms.rows.size
     n_fit = int(round(n * train_fraction))
@@ -137,10 +153,15 @@ def predictability_matrix(
     m = len(norms.names)
     r2 = np.full((m, m), np.nan)
     r2_nl = np.full((m, m), np.nan)
+    r2_ci: list[list[list[float] | None]] = [[None] * m for _ in range(m)]
+    counts = bootstrap_counts(score.size, n_boot, [seed, 1])
     for i in range(m):
         for j in range(i, m):
-            r2[i, j] = _heldout_r2([norms.err[i]], norms.err[j], fit, score)
-            r2_nl[i, j] = _heldout_r2([norms.err[i], norms.nonlinear[i]], norms.err[j], fit, score)
+            resid, y = _heldout_fit([norms.err[i]], norms.err[j], fit, score)
+            r2[i, j] = _r2(resid, y)
+            r2_ci[i][j] = _bootstrap_r2(resid, y, counts)
+            r2_nl[i, j] = _r2(*_heldout_fit([norms.err[i], norms.nonlinear[i]], norms.err[j],
+                                            fit, score))
     unexplained = 1.0 - r2
     with np.errstate(invalid="ignore", divide="ignore"):
         improvement = np.where(unexplained > _PERFECT, (r2_nl - r2) / unexplained * 100.0, np.nan)
@@ -148,6 +169,7 @@ def predictability_matrix(
         "names": list(norms.names),
         "widths": list(norms.widths),
         "r2": _listify(r2),
+        "r2_ci": r2_ci,
         "r2_nl": _listify(r2_nl),
         "improvement": _listify(improvement),
         "n_fit": n_fit,
@@ -337,4 +359,5 @@ def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[
     return per_token_analysis(run, run, run.path, tokenizer=run.tokenizer, seed=cfg.split.seed)
 
 
-ANALYSIS = Analysis(name="per_token", title="Per-token scaling", run=_run, section=section)
+ANALYSIS = Analysis(name="per_token", title="Per-token scaling", run=_run, section=section,
+                    settings=lambda cfg, results: (VERSION,))

@@ -215,6 +215,10 @@ def test_matches_three_pass_reference(tiny):
             "twice": ("recon:mlp_out.2", "recon:attn_out.2", "recon:mlp_out.2")}  # singular: pinv
     res = cross_layer(store, saes, TARGET, splits, CFG, predictors=sets, progress=False)
     ref = three_pass_reference(store, saes, splits, sets, CFG)
+    for name, row in res["predictors"].items():  # the jackknife intervals (test_linalg_scores)
+        for t in ("error", "linear", "nonlinear"):
+            low, high = row[t].pop("ci")
+            assert low <= row[t]["r2_mean_dim"] <= high, (name, t)
     assert_close_tree(res, ref, 2e-8)
     assert res["predictors"]["twice"]["n_features"] == 3 * store.d(TARGET)
     best = min(ref["predictors"], key=lambda n: ref["predictors"][n]["fvu_nonlinear_after"])

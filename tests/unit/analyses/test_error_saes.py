@@ -10,6 +10,7 @@ from helpers import make_run
 from sae_darkmatter import SAETrainConfig, SplitConfig
 from sae_darkmatter.analyses.error_saes import (
     TARGETS,
+    difference_intervals,
     error_sae_analysis,
     error_targets,
     matched_l0,
@@ -107,15 +108,41 @@ def test_score_against_numpy():
     torch.manual_seed(0)
     sae = TopKSAE(8, 16, 3, generator=torch.Generator().manual_seed(0))
     y = torch.randn(200, 8) + 2
-    out = score(sae, y, error_sst=10.0, chunk_rows=64)
+    out, token_sse = score(sae, y, error_sst=10.0, chunk_rows=64)
     with torch.no_grad():
         y_hat, z = sae(y).numpy(), sae.encode(y).numpy()
     yn = y.numpy().astype(np.float64)
     sse = ((yn - y_hat) ** 2).sum()
+    np.testing.assert_allclose(token_sse, ((yn - y_hat) ** 2).sum(1), rtol=1e-5)
     assert out["fvu"] == pytest.approx(sse / ((yn - yn.mean(0)) ** 2).sum(), rel=1e-6)
     assert out["unexplained_over_error_var"] == pytest.approx(sse / 10.0, rel=1e-6)
     assert out["l0"] == pytest.approx((z != 0).sum(1).mean())
     assert out["dead"] == int((~(z != 0).any(0)).sum())
+
+
+def test_difference_intervals_are_paired_and_only_where_both_l0s_are_exact():
+    rng = np.random.default_rng(0)
+    n = 3000
+    dev = {t: rng.gamma(2.0, size=n) for t in ("error", "linear", "nonlinear")}
+    # per token, the nonlinear target's SAE leaves 0.6 of the deviation, the linear one 0.5
+    # (plus shared noise: the pairing makes the difference's interval narrow)
+    noise = rng.normal(0, 0.05, n)
+    sse = [dev["linear"] * (0.5 + noise), dev["nonlinear"] * (0.6 + noise),
+           dev["linear"] * 0.4]
+    grid = [{"target": "linear", "width": 64, "l0": 8.0},
+            {"target": "nonlinear", "width": 64, "l0": 8.0},
+            {"target": "linear", "width": 64, "l0": 16.0}]
+    matched = [{"width": 64, "l0": 8.0}, {"width": 64, "l0": 16.0}]
+    difference_intervals(matched, grid, sse, dev, n_boot=300, seed=1)
+    low, high = matched[0]["fvu_nonlinear_minus_linear_ci"]
+    fvu = [s @ np.ones(n) / (dev[r["target"]] @ np.ones(n)) for s, r in zip(sse, grid)]
+    assert low < fvu[1] - fvu[0] < high and 0.05 < low and high < 0.15
+    counts = np.stack([np.bincount(r.integers(0, n, n), minlength=n)
+                       for r in [np.random.default_rng([1, 2])] for _ in range(300)])
+    draws = (counts @ sse[1]) / (counts @ dev["nonlinear"]) - (counts @ sse[0]) / (
+        counts @ dev["linear"])
+    assert [low, high] == pytest.approx(np.percentile(draws, [2.5, 97.5]), abs=1e-12)
+    assert matched[1]["fvu_nonlinear_minus_linear_ci"] is None  # no nonlinear SAE at L0 16
 
 
 def test_matched_l0_interpolates_log_log():

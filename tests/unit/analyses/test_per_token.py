@@ -188,6 +188,32 @@ def test_predictability_matches_independent_ols(informative):
     assert np.allclose(np.diag(r2), 1.0) and all(res["improvement"][i][i] is None for i in range(4))
 
 
+def test_r2_intervals_resample_the_scored_tokens(informative):
+    """Each interval holds its R²; one pair's equals an explicit resampling with the documented
+    draws; more resamples of the same tokens move it little, and a perfect fit has no width."""
+    norms = per_token_norms(informative[0])
+    res = predictability_matrix(norms, seed=3, n_boot=300)
+    perm = np.random.default_rng(3).permutation(norms.rows.size)
+    fit, score = perm[: res["n_fit"]], perm[res["n_fit"] :]
+    rng = np.random.default_rng([3, 1])
+    draws = []
+    for _ in range(300):
+        pick = score[rng.integers(0, score.size, score.size)]
+        coef = np.polyfit(norms.err[0][fit], norms.err[1][fit], 1)  # the fit stays fixed
+        resid = norms.err[1][pick] - np.polyval(coef, norms.err[0][pick])
+        y = norms.err[1][pick]
+        draws.append(1 - resid @ resid / ((y - y.mean()) @ (y - y.mean())))
+    assert res["r2_ci"][0][1] == pytest.approx(np.percentile(draws, [2.5, 97.5]), abs=1e-9)
+    for i in range(4):
+        assert res["r2_ci"][i][i] == pytest.approx([1.0, 1.0])
+        for j in range(4):
+            if j < i:
+                assert res["r2_ci"][i][j] is None
+                continue
+            low, high = res["r2_ci"][i][j]
+            assert low <= res["r2"][i][j] <= high and high - low < 0.1
+
+
 def test_informative_nonlinear_error_removes_unexplained_variance(informative):
     res = predictability_matrix(per_token_norms(informative[0]))
     imp = res["improvement"]
