@@ -99,8 +99,9 @@ def _same_tokens(results: Results, saes: list[dict[str, Any]]) -> list[Item]:
     k_of = dict(zip(r["names"], r["ks"], strict=True))
     p = r["predictability"]
     names, widths, r2 = p["names"], p["widths"], p["r2"]
+    ci = p.get("r2_ci") or [[None] * len(names) for _ in names]
     ks = [k_of.get(n) for n in names]
-    return [Item(f"{names[i]} -> {names[j]}", float(r2[i][j]))
+    return [Item(f"{names[i]} -> {names[j]}", float(r2[i][j]), _ci(ci[i][j]))
             for i in range(len(names)) for j in range(len(names))
             if ks[i] == ks[j] and widths[i] < widths[j] and r2[i][j] is not None]
 
@@ -109,7 +110,8 @@ def _error_saes(results: Results, saes: list[dict[str, Any]]) -> list[Item]:
     """FVU of the SAE trained on e − ê minus that of the one trained on ê, at matched L0."""
     rows = _analysis(results, "error_saes")["table"]
     return [Item(f"{t['sae']}: width {t['width']}, L0 {t['l0']:g}",
-                 float(t["fvu_nonlinear"]) - float(t["fvu_linear"]))
+                 float(t["fvu_nonlinear"]) - float(t["fvu_linear"]),
+                 _ci(t.get("fvu_nonlinear_minus_linear_ci")))
             for t in rows if t.get("fvu_nonlinear") is not None and t.get("fvu_linear") is not None]
 
 

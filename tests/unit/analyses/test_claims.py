@@ -79,7 +79,8 @@ RESULTS = {
     ]},
     "per_token": {"names": ["w512", "w1024", "w512b"], "ks": [32, 32, 64], "predictability": {
         "names": ["w512", "w1024", "w512b"], "widths": [512, 1024, 512],
-        "r2": [[1.0, 0.9, 0.8], [None, 1.0, 0.7], [None, None, 1.0]]}},
+        "r2": [[1.0, 0.9, 0.8], [None, 1.0, 0.7], [None, None, 1.0]],
+        "r2_ci": [[None, [0.88, 0.92], [0.7, 0.9]], [None, None, [0.6, 0.8]], [None] * 3]}},
     "error_saes": {"table": [{"sae": "w4096", "width": 512, "l0": 8.0, "fvu_linear": 0.84,
                               "fvu_nonlinear": 0.85}]},
     "encoder_error": {"per_sae": [{"name": "w512", "sae_fvu_nonlinear": 0.10,
@@ -104,11 +105,14 @@ def test_every_claim_read_from_constructed_results():
     assert flat["verdict"] == DISAGREES
     assert flat["items"][0]["value"] == pytest.approx(0.04 / 0.12)
     assert flat["items"][0]["ci"] == pytest.approx([0.038 / 0.12, 0.042 / 0.12])
-    # same k only (w512 -> w1024), and no interval: inconclusive, saying why
+    # same k only (w512 -> w1024)
     same = rows["same_tokens"]
-    assert [i["name"] for i in same["items"]] == ["w512 -> w1024"]
-    assert same["verdict"] == INCONCLUSIVE and "no interval" in same["detail"]
-    assert rows["error_saes_worse"]["items"][0]["value"] == pytest.approx(0.01)
+    assert [(i["name"], i["ci"]) for i in same["items"]] == [("w512 -> w1024", [0.88, 0.92])]
+    assert same["verdict"] == AGREES
+    # no interval: inconclusive, saying why
+    worse = rows["error_saes_worse"]
+    assert worse["items"][0]["value"] == pytest.approx(0.01)
+    assert worse["verdict"] == INCONCLUSIVE and "no interval" in worse["detail"]
     pursuit = rows["pursuit_slight"]["items"][0]
     assert pursuit["value"] == pytest.approx(0.01) and pursuit["ci"] == pytest.approx([-0.01, 0.03])
     assert rows["pursuit_slight"]["verdict"] == AGREES  # the drop is at most 3 % < 10 %
