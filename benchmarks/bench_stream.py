@@ -42,7 +42,6 @@ def _child(args: argparse.Namespace) -> None:
     """One case in this process; prints one JSON line."""
     import torch
 
-    from sae_darkmatter._io import limit_heap_growth
     from sae_darkmatter.config import (
         CorpusConfig,
         HarvestConfig,
@@ -56,7 +55,6 @@ def _child(args: argparse.Namespace) -> None:
     from sae_darkmatter.splits import make_splits
     from sae_darkmatter.stream import stream_decompose
 
-    limit_heap_growth()  # both paths call it; call it before the baseline so both start alike
     h = HarvestConfig(
         model=ModelConfig(name=args.model),
         corpus=CorpusConfig(n_contexts=args.contexts, context_length=args.context_length),

@@ -14,7 +14,6 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from sae_darkmatter import distributed
-from sae_darkmatter._io import limit_heap_growth
 from sae_darkmatter.config import (
     RunConfig,
     SAETrainConfig,
@@ -220,7 +219,6 @@ def main(fn: Any, *, one_process: bool = False) -> Any:
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    limit_heap_growth()
     try:
         if distributed.init() and not distributed.is_main():
             logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress for all

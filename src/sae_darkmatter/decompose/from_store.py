@@ -15,7 +15,7 @@ import torch
 from rich.progress import Progress
 
 from sae_darkmatter import distributed
-from sae_darkmatter._io import limit_heap_growth, resolve_device
+from sae_darkmatter._io import limited_heap_growth, resolve_device
 from sae_darkmatter.config import DecomposeConfig
 from sae_darkmatter.decompose.checks import Locate, check_sae, require_finite
 from sae_darkmatter.decompose.core import (
@@ -59,7 +59,6 @@ def decompose_many(
     hook = hook or next(iter(store.hooks))
     d = store.d(hook)
     dtypes = {name: check_sae(name, sae, store, hook) for name, sae in saes.items()}
-    limit_heap_growth()  # chunk buffers must not pile up in a fragmented heap over long passes
     device = resolve_device(cfg.device)
     errors = SAEErrors(saes, dtypes, hook, device)
     names = errors.names
@@ -73,7 +72,9 @@ def decompose_many(
     mine = distributed.share(n_test)
     train_rows = splits.probe_train[distributed.share(splits.probe_train.size)]
     test_rows = splits.probe_test[mine]
-    with Progress(disable=not progress or not distributed.is_main(), transient=True) as bar:
+    # chunk buffers must not pile up in a fragmented heap over long passes
+    with limited_heap_growth(), Progress(disable=not progress or not distributed.is_main(),
+                                        transient=True) as bar:
         task = bar.add_task(
             f"decompose {len(names)} SAE(s)", total=train_rows.size + 2 * test_rows.size
         )

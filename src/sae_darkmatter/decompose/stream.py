@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 from sae_darkmatter import distributed
 from sae_darkmatter._io import (
     atomic_path,
-    limit_heap_growth,
+    limited_heap_growth,
     require_folder,
     resolve_device,
     write_json,
@@ -156,7 +156,6 @@ def stream_decompose(
             "cannot be met; use split.probe_train_fraction (or decompose a store)"
         )
     distributed.check_initialized()
-    limit_heap_growth()  # per-batch buffers must not pile up in a fragmented heap
     with distributed.main_first():  # rank 0 fills the model cache, the others read it
         harvest, packing = prepare(harvest, lm)
         lm = lm or load_model(harvest.model)
@@ -182,7 +181,8 @@ def stream_decompose(
     try:
         if split.filter.max_norm_ratio is not None:
             run.calibrate(calibration_tokens)
-        with _progress_bar(progress) as bar:
+        # per-batch buffers must not pile up in a fragmented heap
+        with limited_heap_growth(), _progress_bar(progress) as bar:
             task = bar.add_task(
                 f"{hook}, {len(saes)} SAE(s)", total=run.tokens(), completed=run.tokens(done=True)
             )
