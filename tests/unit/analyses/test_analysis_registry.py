@@ -17,8 +17,8 @@ from sae_darkmatter.report.sections import AUTOINTERP_TITLE, analyses_html
 
 def test_every_name_resolves_to_its_own_record():
     assert ANALYSES == NAMES
-    assert set(NAMES) == {"scaling", "per_token", "norms", "encoder_error", "cross_layer",
-                          "error_saes", "downstream"}
+    assert set(NAMES) == {"paper", "scaling", "per_token", "norms", "encoder_error",
+                          "cross_layer", "error_saes", "downstream"}
     for name in NAMES:
         record = get(name)
         assert record.name == name and record.title and callable(record.section)
@@ -29,6 +29,8 @@ def test_run_order_puts_what_an_analysis_needs_first():
     assert run_order(NAMES)[:2] == ["encoder_error", "scaling"]
     assert sorted(run_order(NAMES)) == sorted(NAMES)
     assert run_order(("scaling",)) == ["scaling"]  # a need that was not asked for is not added
+    order = run_order(NAMES)  # "Against the paper" reads every other result: it runs after them
+    assert all(order.index(n) < order.index("paper") for n in get("paper").needs)
 
 
 def test_unknown_names_are_refused_before_any_work(tmp_path):
