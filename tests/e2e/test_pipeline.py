@@ -24,6 +24,9 @@ from sae_darkmatter import (
     SAETrainConfig,
     run,
 )
+from sae_darkmatter.analyses.claims import VERDICTS
+from sae_darkmatter.analyses.paper import CLAIMS
+from sae_darkmatter.analyses.registry import get
 from sae_darkmatter.cli import app
 from sae_darkmatter.saes.formats import open_sae
 
@@ -61,9 +64,15 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
         assert (out / src).read_bytes()[:8] == PNG_MAGIC, src
     assert "Contexts with the largest nonlinear error" in page
     analyses = metrics["analyses"]
-    assert set(analyses) == {"encoder_error", "scaling", "per_token", "norms", "cross_layer",
-                             "error_saes", "downstream"}
+    assert set(analyses) == {"paper", "encoder_error", "scaling", "per_token", "norms",
+                             "cross_layer", "error_saes", "downstream"}
     assert not any("skipped" in a for a in analyses.values())
+    # every claim is checked on the real run, each with its estimates and a verdict
+    claims = analyses["paper"]["claims"]
+    assert [c["key"] for c in claims] == [c.key for c in CLAIMS]
+    assert all(c["verdict"] in VERDICTS and c["items"] for c in claims), claims
+    assert "Against the paper" in page and page.index("Against the paper") < page.index(
+        get("scaling").title)
     # the encoder-error band (pursuit on the scaling SAEs) reaches the scaling figure
     enc = analyses["encoder_error"]
     assert [e["width"] for e in enc["per_sae"]] == [64, 128, 256]
@@ -150,8 +159,8 @@ def test_stage_commands(tiny_run, tmp_path):
     ).exists()
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
-    assert set(json.loads((out / "analyses.json").read_text())) == {
-        "encoder_error", "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream"}
+    assert set(json.loads((out / "analyses.json").read_text())) == {"paper", "encoder_error",
+        "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream"}
     res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
     assert res.exit_code == 2 and "scaling" in res.output
     res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "batchtopk",
