@@ -171,7 +171,7 @@ def limited_heap_growth() -> Iterator[bool]:
     per-chunk buffers of a long streaming pass come from the heap, which fragments and does not
     shrink, so peak memory grows with the number of chunks (measured: +4.2 GB after 2M tokens of
     decomposition, +0.6 GB with the 1 MiB threshold). Outside such passes that threshold is
-    costly: every large tensor then faults in fresh zeroed pages (the SAE trainer ran 1.6-1.9x
+    costly: every large tensor then faults in fresh zeroed pages (the SAE trainer ran 1.5-2.0x
     slower under it), so on leaving the outermost pass the threshold is set to glibc's own
     steady state (32 MiB, trim threshold 64 MiB). Nests; not thread-safe.
     """
