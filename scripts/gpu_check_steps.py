@@ -220,13 +220,15 @@ def check_same_saes_analyses(f: Family, device: str, tol: Tolerances) -> Row:
     run's, compared value by value (downstream with the LM on the device, too)."""
     cfg = config_for(f, device)
     run_dir = RunDir(f.same)
-    wanted = tuple(n for n in NAMES if n != "downstream" and get(n).enabled(cfg))
+    later = ("downstream", "paper")  # paper reads downstream's result: both after the others
+    wanted = tuple(n for n in NAMES if n not in later and get(n).enabled(cfg))
     t = time.perf_counter()
     results = run_analyses(run_dir, only=wanted, cfg=cfg, progress=False)
     # downstream loads the LM as the store recorded it (on the CPU): give it the device's
     lm = load_model(ModelConfig(name=str(f.model), device=device))
     results["downstream"] = downstream_analysis(run_dir, lm=lm, cfg=cfg.downstream,
                                                 split=cfg.split, progress=False)
+    results["paper"] = get("paper").run(run_dir, cfg, results, False)
     seconds = time.perf_counter() - t
     ref = json.loads((f.cpu / "analyses.json").read_text())
     diff = Diff()

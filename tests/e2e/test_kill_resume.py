@@ -38,6 +38,8 @@ from typing import Any
 
 import pytest
 
+from sae_darkmatter.analyses.registry import NAMES
+
 CONFIG = """
 [harvest]
 hooks = ["resid_post.2"]
@@ -115,7 +117,7 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
 RUN_TIMEOUT = 300
 N_SAES = 3  # the [train] grid
 N_CONTEXTS = 64  # [harvest.corpus]
-N_ANALYSES = 7  # all of them
+N_ANALYSES = len(NAMES)  # all of them
 
 
 @dataclass

@@ -43,8 +43,11 @@ class Item:
     ci: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value,
-                "ci": None if self.ci is None else list(self.ci)}
+        """JSON-able, with non-finite numbers as None (strict JSON)."""
+        def num(v: float) -> float | None:
+            return v if math.isfinite(v) else None
+        return {"name": self.name, "value": num(self.value),
+                "ci": None if self.ci is None else [num(v) for v in self.ci]}
 
 
 def item_verdict(item: Item, region: Region) -> str:

@@ -205,7 +205,8 @@ def check_claims(results: Results, saes: Sequence[dict[str, Any]], cfg: RunConfi
     for c in claims:
         row: dict[str, Any] = {"key": c.key, "claim": c.claim, "paper": c.paper,
                                "source": c.source, "metric": c.metric,
-                               "region": [c.region.low, c.region.high],
+                               "region": [v if math.isfinite(v) else None  # strict JSON
+                                          for v in (c.region.low, c.region.high)],
                                "reading": c.region.text, "differs": c.differs.format(cfg=cfg)}
         try:
             items = c.estimates(results, list(saes))
@@ -238,7 +239,7 @@ def _items_text(row: dict[str, Any]) -> str:
     values = [i["value"] for i in row["items"] if i["value"] is not None]
     if not values:
         return "–"
-    with_ci = [i for i in row["items"] if i["ci"] is not None]
+    with_ci = [i for i in row["items"] if i["ci"] is not None and None not in i["ci"]]
     text = f"{min(values):.3g}" if len(values) == 1 else f"{min(values):.3g} to {max(values):.3g}"
     if len(with_ci) == 1:
         text += f" [{with_ci[0]['ci'][0]:.3g}, {with_ci[0]['ci'][1]:.3g}]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -120,6 +121,8 @@ def test_every_claim_read_from_constructed_results():
     down = rows["ce_proportional"]
     assert down["verdict"] == NOT_RUN and "skipped: no contexts" in down["detail"]
     assert rows["error_saes_worse"]["differs"].endswith("widths (512,), 48,000 tokens each")
+    assert rows["error_saes_worse"]["region"] == [0.0, None]  # an open end: strict JSON
+    json.dumps(list(rows.values()), allow_nan=False)
 
 
 def test_a_claim_whose_analysis_is_absent_says_so():
