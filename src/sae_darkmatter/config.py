@@ -213,6 +213,10 @@ class SAETrainConfig(_Checked):
       sparsify's rule ``2e-4 / sqrt(width / 2**14)`` for topk/batchtopk/jumprelu, 16x for
       relu, tuned for short CPU runs); it decays linearly to 0 over the last 20 % of steps.
     - ``seed`` fixes initialisation and batch order; ``checkpoint_every`` is in steps.
+    - ``until``: ``"tokens"`` trains ``train_tokens``; ``"plateau"`` holds out rows, scores
+      them as training goes and starts the decay once doubling the tokens lowered the held-out
+      FVU by less than ``plateau_tolerance`` (relative), with ``train_tokens`` as the cap
+      (``saes.train_schedule``; penalty warm-ups of relu/jumprelu are fractions of the cap).
     """
 
     architecture: str = "topk"
@@ -226,6 +230,8 @@ class SAETrainConfig(_Checked):
     seed: int = 0
     checkpoint_every: int = 25
     device: str = "auto"
+    until: str = field(default="tokens", metadata={"omit_default": True})
+    plateau_tolerance: float = field(default=0.01, metadata={"omit_default": True})
 
     # architecture -> field of its sparsity axis; ``saes.archs`` checks it has these records
     SPARSITY_FIELDS = {"topk": "ks", "batchtopk": "ks", "relu": "l1_coefficients",
@@ -255,6 +261,9 @@ class SAETrainConfig(_Checked):
         self._need("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
                    "> 0 (or unset for the default)")
         self._need("seed", self.seed >= 0, ">= 0")
+        self._need("until", self.until in ("tokens", "plateau"), "'tokens' or 'plateau'")
+        self._need("plateau_tolerance", 0 < self.plateau_tolerance < 1,
+                   "strictly between 0 and 1 (a relative FVU gain per doubling of tokens)")
         _need_device(self)
 
     def sparsity_field(self) -> str:

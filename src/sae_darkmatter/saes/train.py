@@ -43,6 +43,16 @@ from sae_darkmatter.saes.io import TRAINING_FILENAME, load_sae, save_sae
 from sae_darkmatter.saes.latents import encode_decode
 from sae_darkmatter.saes.topk import AffineSAE
 from sae_darkmatter.saes.train_data import BatchStream, column_mean, data_summary
+from sae_darkmatter.saes.train_schedule import (
+    DECAY_FRACTION,
+    decay_after,
+    doubling_gain,
+    eval_every,
+    heldout_count,
+    heldout_split,
+    lr_factor,
+    plateaued,
+)
 from sae_darkmatter.saes.train_state import (
     Member,
     is_finished,
@@ -53,7 +63,6 @@ from sae_darkmatter.saes.train_state import (
 
 log = logging.getLogger(__name__)
 
-DECAY_FRACTION = 0.2
 MAX_DEAD_AFTER_TOKENS = 1_000_000
 EVAL_ROWS = 16_384  # training rows scored with the final (folded) SAE for training.json
 CURVE_POINTS = 64  # about this many training-curve entries per SAE
@@ -184,51 +193,82 @@ def _fingerprint(cfg: SAETrainConfig, width: int, value: float, lr: float,
     """Cache key of one SAE (for topk the same as before other architectures existed)."""
     arch = ARCHITECTURES[cfg.architecture]
     sparsity = int(value) if arch.counts_latents else float(value)
+    until = ("plateau", cfg.plateau_tolerance) if cfg.until == "plateau" else ()
     return fingerprint(arch.algorithm, width, sparsity, cfg.train_tokens,
-                       cfg.batch_size, lr, cfg.seed, data)
+                       cfg.batch_size, lr, cfg.seed, data, *until)
 
 
 def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: float,
          progress: bool) -> None:
-    """Run every member from its own step to the end on the shared stream of batches."""
-    n_steps = math.ceil(cfg.train_tokens / cfg.batch_size)
-    stream = BatchStream(x.shape[0], cfg.batch_size, cfg.seed)
+    """Run every member from its own step to its end on the shared stream of batches.
+
+    Under ``until = "plateau"`` batches come from the rows outside the held-out ones, which
+    every member is scored on each ``eval_every`` steps until its decay starts.
+    """
+    cap = math.ceil(cfg.train_tokens / cfg.batch_size)
+    plateau = cfg.until == "plateau"
+    train_rows, held_rows = heldout_split(x.shape[0], cfg.seed) if plateau else (None, None)
+    stream = BatchStream(x.shape[0] if train_rows is None else len(train_rows), cfg.batch_size,
+                         cfg.seed)
+    every = eval_every(cap)
     dead_after = dead_after_tokens(cfg)
-    curve_every = max(1, n_steps // CURVE_POINTS)
+    curve_every = max(1, cap // CURVE_POINTS)
     device = members[0].sae.W_dec.device
+    held = None if held_rows is None else x[held_rows].to(device, torch.float32) * scale
+    for m in members:
+        if m.end == 0:  # not resumed: the fixed budget's schedule until a plateau moves it
+            m.end, m.decay_steps = cap, DECAY_FRACTION * cap
     start = min(m.step for m in members)
     label = (f"SAE {members[0].out_dir.name}" if len(members) == 1
              else f"{cfg.architecture} grid ({len(members)} SAEs)")
     t0 = time.perf_counter()
     with _progress_bar(progress) as bar:
-        task = bar.add_task(label, total=n_steps * cfg.batch_size,
+        task = bar.add_task(label, total=cap * cfg.batch_size,
                             completed=start * cfg.batch_size, fvu=math.nan, tps=0.0)
-        for step in range(start, n_steps):
-            xb = x[stream.rows(step)].to(device, torch.float32) * scale
+        step = start
+        while step < max(m.end for m in members):
+            rows = stream.rows(step)
+            xb = x[rows if train_rows is None else train_rows[rows]].to(device, torch.float32)
+            xb = xb * scale
             total_var = total_variance(xb)
-            lr_factor = min(1.0, (n_steps - step) / (DECAY_FRACTION * n_steps))
             for m in members:
-                if m.step != step:  # ahead: its checkpoint was saved later than another's
+                if m.step != step or step >= m.end:  # ahead (a later checkpoint), or done
                     continue
                 t = time.perf_counter()
-                fvu, l0 = _train_step(m, xb, total_var, lr_factor, step / n_steps, dead_after)
-                m.seconds += time.perf_counter() - t
+                fvu, l0 = _train_step(m, xb, total_var, lr_factor(step, m.end, m.decay_steps),
+                                      step / cap, dead_after)
                 m.step, m.last_fvu = step + 1, fvu
-                if m.step % curve_every == 0 or m.step == n_steps:
+                if (held is not None and m.step % every == 0 and m.end == cap
+                        and m.step <= (1 - DECAY_FRACTION) * cap):  # before any decay
+                    _score_heldout(m, held, cfg, cap)
+                m.seconds += time.perf_counter() - t
+                if m.step % curve_every == 0 or m.step == m.end:
                     m.curve.append({"tokens": m.step * cfg.batch_size, "fvu": fvu, "l0": l0,
                                     "dead_fraction": _dead_fraction(m, dead_after)})
-                if m.step % cfg.checkpoint_every == 0 and m.step < n_steps:
+                if m.step % cfg.checkpoint_every == 0 and m.step < m.end:
                     save_checkpoint(m)
-            bar.update(task, completed=(step + 1) * cfg.batch_size,
+            step += 1
+            bar.update(task, total=max(m.end for m in members) * cfg.batch_size,
+                       completed=step * cfg.batch_size,
                        fvu=sum(m.last_fvu for m in members) / len(members),
-                       tps=(step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
+                       tps=(step - start) * cfg.batch_size / (time.perf_counter() - t0))
 
 
-def _train_step(m: Member, xb: torch.Tensor, total_var: torch.Tensor, lr_factor: float,
+@torch.no_grad()
+def _score_heldout(m: Member, held: torch.Tensor, cfg: SAETrainConfig, cap: int) -> None:
+    """Append the held-out FVU; on a plateau, start the decay (``train_schedule``)."""
+    residual = sum(float(m.sae(chunk).residual.pow(2).sum()) for chunk in held.split(4096))
+    m.heldout.append({"tokens": m.step * cfg.batch_size,
+                      "fvu": residual / float(total_variance(held))})
+    if plateaued(m.heldout, cfg.plateau_tolerance):
+        m.end, m.decay_steps = decay_after(m.step, cap)
+
+
+def _train_step(m: Member, xb: torch.Tensor, total_var: torch.Tensor, lr_scale: float,
                 progress: float, dead_after: int) -> tuple[float, float]:
     """One Adam step of one SAE; updates its dead-latent counters; batch FVU and L0."""
     for group in m.opt.param_groups:
-        group["lr"] = m.lr * lr_factor * group.get("lr_scale", 1.0)  # absent in old checkpoints
+        group["lr"] = m.lr * lr_scale * group.get("lr_scale", 1.0)  # absent in old checkpoints
     dead = m.since_fired >= dead_after
     fw = m.sae(xb)
     loss = m.sae.loss(fw, total_var, dead, progress)
@@ -284,10 +324,28 @@ def _finish(m: Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
         "tokens_per_second": tokens / max(m.seconds, 1e-9),
         "device": str(device),
         **m.sae.summary(),
+        "schedule": _schedule_record(m, cfg, x.shape[0]),
         "curve": m.curve,
     })
     remove_checkpoint(m.out_dir)
     return sae
+
+
+def _schedule_record(m: Member, cfg: SAETrainConfig, n_rows: int) -> dict[str, Any]:
+    """How training stopped and how far from its plateau the SAE was when the decay began."""
+    cap = math.ceil(cfg.train_tokens / cfg.batch_size)
+    decay_step = round(m.end - m.decay_steps)
+    decay_start = decay_step * cfg.batch_size
+    if cfg.until == "plateau":
+        gain, source = doubling_gain(m.heldout), "held-out rows"
+        stopped = "plateau" if decay_step < round((1 - DECAY_FRACTION) * cap) else "cap"
+    else:
+        gain, source, stopped = doubling_gain(m.curve, decay_start), "training batches", "tokens"
+    return {"until": cfg.until, "stopped": stopped, "decay_start_tokens": decay_start,
+            "doubling_gain": gain, "doubling_gain_from": source,
+            **({"plateau_tolerance": cfg.plateau_tolerance,
+                "heldout_rows": heldout_count(n_rows), "heldout": m.heldout}
+               if cfg.until == "plateau" else {})}
 
 
 def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int, float]]) -> None:
@@ -298,6 +356,9 @@ def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int,
     if not x.is_floating_point() or x.shape[0] < 1 or x.shape[1] < 1:
         raise DarkMatterError(f"training activations must be a non-empty float tensor, got "
                               f"{x.dtype} of shape {tuple(x.shape)}")
+    if cfg.until == "plateau" and heldout_count(x.shape[0]) < 1:
+        raise DarkMatterError(f"until = 'plateau' holds out a tenth of the training rows and "
+                              f"needs at least 10 of them, got {x.shape[0]}")
     for _, width, value in specs:
         if width < 1:
             raise DarkMatterError(f"SAE width must be >= 1, got {width}")

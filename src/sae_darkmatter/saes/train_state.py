@@ -39,6 +39,9 @@ class Member:
     seconds: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
     last_fvu: float = math.nan
+    end: int = 0  # last step (exclusive); moves earlier when a plateau starts the decay
+    decay_steps: float = 1.0
+    heldout: list[dict[str, float]] = field(default_factory=list)  # until = "plateau" only
 
 
 def is_finished(out_dir: Path, key: str) -> bool:
@@ -58,6 +61,9 @@ def save_checkpoint(m: Member) -> None:
         "optimizer": m.opt.state_dict(),
         "since_fired": m.since_fired.cpu(),
         "curve": m.curve,
+        "end": m.end,
+        "decay_steps": m.decay_steps,
+        "heldout": m.heldout,
     }
     with atomic_path(m.out_dir / CHECKPOINT_FILENAME) as tmp:
         torch.save(blob, tmp)
@@ -97,4 +103,6 @@ def maybe_resume(m: Member) -> None:
     m.opt.load_state_dict(blob["optimizer"])
     m.step, m.seconds, m.since_fired = blob["step"], blob["seconds"], blob["since_fired"]
     m.curve = blob.get("curve", [])
+    m.end, m.decay_steps = blob.get("end", m.end), blob.get("decay_steps", m.decay_steps)
+    m.heldout = blob.get("heldout", [])
     log.info("resuming SAE training from step %d (%s)", m.step, path)

@@ -181,26 +181,30 @@ _CHILD = textwrap.dedent(
     torch.set_num_threads(int(sys.argv[2]))
     x = torch.load(sys.argv[3], weights_only=True)
     cfg = SAETrainConfig(architecture="batchtopk", widths=(64, 96), ks=(3, 4),
-                         train_tokens=int(sys.argv[4]), batch_size=64, checkpoint_every=2)
+                         train_tokens=int(sys.argv[4]), batch_size=64, checkpoint_every=2,
+                         until=sys.argv[5])
     train_grid(x, cfg, sys.argv[1], progress=False)
     """
 )
 
 
-def test_killed_grid_resumes_bit_identically(tmp_path, caplog):
+@pytest.mark.parametrize("until", ["tokens", "plateau"])
+def test_killed_grid_resumes_bit_identically(until, tmp_path, caplog):
     """SIGKILL mid-run, then one SAE loses its checkpoint (as if killed while saving it): the
-    resumed grid restarts that SAE from 0, resumes the others, and ends bit-identical."""
+    resumed grid restarts that SAE from 0, resumes the others, and ends bit-identical (with
+    the same held-out scores and stopping step under a plateau rule)."""
     x, _ = _sparse_data(1000, seed=1)
     torch.save(x, tmp_path / "x.pt")
     steps = 200
     # checkpoint_every is not part of the fingerprint: only the child saves every 2 steps
     cfg = SAETrainConfig(architecture="batchtopk", widths=(64, 96), ks=(3, 4),
-                         train_tokens=64 * steps, batch_size=64, checkpoint_every=1000)
+                         train_tokens=64 * steps, batch_size=64, checkpoint_every=1000,
+                         until=until)
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(killed), str(torch.get_num_threads()),
-         str(tmp_path / "x.pt"), str(64 * steps)], env=env)
+         str(tmp_path / "x.pt"), str(64 * steps), until], env=env)
     try:
         deadline = time.monotonic() + 120
         while len(list(killed.glob("*/checkpoint.pt"))) < 4:
@@ -226,6 +230,7 @@ def test_killed_grid_resumes_bit_identically(tmp_path, caplog):
             assert torch.equal(sa[name], p), (a.name, name)
         ia, ib = (json.loads((p / "training.json").read_text()) for p in (a, b))
         assert ia["curve"] == ib["curve"] and ia["threshold"] == ib["threshold"]
+        assert ia["schedule"] == ib["schedule"] and ia["steps"] == ib["steps"]
 
 
 # --------------------------------------------------------------------------- names and errors
