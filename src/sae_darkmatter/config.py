@@ -266,6 +266,14 @@ class SAETrainConfig(_Checked):
                    "strictly between 0 and 1 (a relative FVU gain per doubling of tokens)")
         _need_device(self)
 
+    @property
+    def budget(self) -> str:
+        """The training length in words, for reports."""
+        if self.until == "plateau":
+            return (f"until a plateau (< {self.plateau_tolerance:.1%} FVU per doubling of "
+                    f"tokens), at most {self.train_tokens:,} tokens")
+        return f"{self.train_tokens:,} tokens"
+
     def sparsity_field(self) -> str:
         """Name of the field holding the grid's sparsity axis for ``architecture``."""
         return self.SPARSITY_FIELDS[self.architecture]

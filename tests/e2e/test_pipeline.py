@@ -63,6 +63,8 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     for src in images:
         assert (out / src).read_bytes()[:8] == PNG_MAGIC, src
     assert "Contexts with the largest nonlinear error" in page
+    # each trained SAE says how far it was from its plateau (12 steps: a curve point per step)
+    assert page.count("% over the last doubling") == len(metrics["saes"])
     analyses = metrics["analyses"]
     assert set(analyses) == {"paper", "encoder_error", "scaling", "per_token", "norms",
                              "cross_layer", "error_saes", "downstream"}
@@ -165,9 +167,14 @@ def test_stage_commands(tiny_run, tmp_path):
     assert res.exit_code == 2 and "scaling" in res.output
     res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "batchtopk",
                               "--widths", "64,96", "--k", "8", "--train-tokens", "2048",
-                              "--batch-size", "512", "-o", str(tmp_path / "saes")])
+                              "--batch-size", "512", "--until", "plateau", "-o",
+                              str(tmp_path / "saes")])
     assert res.exit_code == 0, res.output
+    assert "(cap)" in res.output  # 4 steps: too few held-out scores to call a plateau
     for width in (64, 96):
+        info = json.loads((tmp_path / "saes" / f"batchtopk-w{width}-k8" / "training.json"
+                           ).read_text())
+        assert info["schedule"]["stopped"] == "cap" and len(info["schedule"]["heldout"]) == 3
         cfg = json.loads((tmp_path / "saes" / f"batchtopk-w{width}-k8" / "cfg.json").read_text())
         assert (cfg["architecture"], cfg["d_sae"]) == ("jumprelu", width)  # saved for inference
         prov = open_sae(tmp_path / "saes" / f"batchtopk-w{width}-k8").provenance

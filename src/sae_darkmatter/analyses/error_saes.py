@@ -39,7 +39,7 @@ from sae_darkmatter.store import ActivationStore
 log = logging.getLogger(__name__)
 
 TARGETS = ("error", "linear", "nonlinear")
-VERSION = 2  # part of the cache key: 2 added the FVU-difference intervals
+VERSION = 3  # part of the cache key: 2 added the FVU-difference intervals, 3 the training record
 N_BOOT = 200  # bootstrap resamples of the held-out tokens for the FVU-difference intervals
 FIGURE = RunDir.figure_key("error_saes")
 
@@ -160,6 +160,7 @@ def train_on_targets(
             summary, token_sse = score(load_sae(folder).to(device).eval(), held_out[target],
                                        error_sst, device=device)
             sse.append(token_sse)
+            trained = read_json(folder / "training.json")
             rows.append(
                 {
                     "target": target,
@@ -167,7 +168,10 @@ def train_on_targets(
                     "sparsity": sparsity,
                     "path": str(folder),
                     **summary,
-                    "dead_fraction_train": read_json(folder / "training.json").get("dead_fraction"),
+                    "dead_fraction_train": trained.get("dead_fraction"),
+                    "tokens_seen": trained.get("tokens_seen"),
+                    "training": {k: v for k, v in (trained.get("schedule") or {}).items()
+                                 if k != "heldout"},
                 }
             )
     return rows, sse
@@ -352,8 +356,27 @@ def section(r: dict[str, Any], out_dir: Path) -> str:
         f"target's sweep):</p>"
         f"<table><tr><th>base SAE</th><th>width</th><th>L0</th><th>FVU e</th><th>FVU ê</th>"
         f"<th>FVU e − ê</th><th>dead e</th><th>dead ê</th><th>dead e − ê</th></tr>{rows}</table>"
-        + figures_html(r["figures"], out_dir)
+        + _training_line(r) + figures_html(r["figures"], out_dir)
     )
+
+
+def _training_line(r: dict[str, Any]) -> str:
+    """How long the error SAEs trained and how much their last doubling of tokens still gained."""
+    grid = [g for b in r["bases"] for g in b["grid"] if g.get("training")]
+    if not grid:
+        return ""
+    parts = []
+    for target in TARGETS:
+        gains = [g["training"]["doubling_gain"] for g in grid if g["target"] == target
+                 and g["training"].get("doubling_gain") is not None]
+        if gains:
+            parts.append(f"{esc(target)} {100 * min(gains):.1f}–{100 * max(gains):.1f} %")
+    stopped = sorted({g["training"].get("stopped") for g in grid} - {None})
+    tokens = sorted({g["tokens_seen"] for g in grid if g.get("tokens_seen")})
+    seen = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}–{tokens[-1]:,}"
+    return (f"<p>Training: {seen} tokens each (stopped by: {', '.join(stopped)}); the last "
+            f"doubling of tokens still lowered FVU by {'; '.join(parts) or '–'} (0 %: at the "
+            f"plateau; <code>[error_saes.train] until = \"plateau\"</code> trains to it).</p>")
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class NotRun(Exception):
 
 
 Estimates = Callable[[Results, list[dict[str, Any]]], list[Item]]
-VERSION = 1  # part of the cache key: bump when a claim, its reading or its estimates change
+VERSION = 2  # part of the cache key: bump when a claim, its reading or its estimates change
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,7 @@ CLAIMS: tuple[Claim, ...] = (
           "held-out FVU of the SAE on e − ê minus on ê, matched L0",
           Region(0.0, math.inf, "difference > 0"), _error_saes,
           "paper: Gemma 2 2B layer 12, k=32, 36,864 latents, one pass over RedPajama; ours: "
-          "widths {cfg.error_saes.train.widths}, {cfg.error_saes.train.train_tokens:,} tokens "
-          "each"),
+          "widths {cfg.error_saes.train.widths}, each trained {cfg.error_saes.train.budget}"),
     Claim("ce_proportional", "The nonlinear error costs CE in proportion to its norm",
           "no number in the paper", "Fig. 9 (\"a proportional amount\")",
           "share of the CE gap closed by adding e − ê back, minus its share of ‖e‖²",
@@ -223,7 +222,7 @@ def run_setting(run: RunDir, cfg: RunConfig) -> str:
     """Ours against the paper's setting, in one line."""
     meta = run.store.meta
     trained = ("pretrained SAEs" if cfg.saes else
-               f"{cfg.train.architecture} SAEs trained on {cfg.train.train_tokens:,} tokens each")
+               f"{cfg.train.architecture} SAEs, each trained {cfg.train.budget}")
     return (f"ours: {Path(str(meta.get('model_name'))).name}, "
             f"{run.store.context_length}-token contexts, positions >= "
             f"{cfg.split.filter.skip_positions}, {trained}; paper: {PAPER_SETTING}")

@@ -85,6 +85,12 @@ Arch = Annotated[
 TrainTokens = Annotated[
     int | None, typer.Option(help="Training tokens per SAE (epochs repeat the data).")
 ]
+Until = Annotated[
+    str | None,
+    typer.Option(help="'tokens': train --train-tokens; 'plateau': until a doubling of tokens "
+                      "lowers the held-out FVU by < 1 % ([train] plateau_tolerance), "
+                      "--train-tokens the cap."),
+]
 Seed = Annotated[int | None, typer.Option(help="Seed for corpus shuffling, splits and training.")]
 Skip = Annotated[
     int | None, typer.Option(help="Leading positions of each context excluded from statistics.")
@@ -167,7 +173,7 @@ def build_config(
     config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, dtype=None, widths=None, k=None, train_tokens=None,
     seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
-    protocol="default", prepend_bos=None, gemm_dtype=None,
+    protocol="default", prepend_bos=None, gemm_dtype=None, until=None,
 ) -> RunConfig:
     """The run's config: the TOML file (or defaults), then the protocol's settings, then flags."""
     from sae_darkmatter.presets import protocol as apply_protocol
@@ -185,7 +191,7 @@ def build_config(
     )
     split = split_config(cfg.split, seed, skip_positions, max_norm_ratio)
     train = grid_config(cfg.train, architecture, widths, k, train_tokens=train_tokens, seed=seed,
-                  device=device)
+                  device=device, until=until)
     return given(cfg, harvest=harvest, split=split, train=train,
                 decompose=given(cfg.decompose, device=device, gemm_dtype=gemm_dtype),
                 cross_layer=given(cfg.cross_layer, device=device),

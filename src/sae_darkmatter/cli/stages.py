@@ -30,6 +30,7 @@ from sae_darkmatter.cli.common import (
     Seed,
     Skip,
     TrainTokens,
+    Until,
     Widths,
     app,
     bos_value,
@@ -87,6 +88,7 @@ def run(
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
+    until: Until = None,
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
@@ -123,6 +125,7 @@ error -> report."""
             protocol=protocol,
             prepend_bos=prepend_bos,
             gemm_dtype=gemm_dtype,
+            until=until,
         )
         if quick:
             cfg = presets.quick(cfg)
@@ -196,6 +199,7 @@ def train(
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
+    until: Until = None,
     lr: Annotated[
         float | None, typer.Option(help="Adam learning rate (default: scaled by width).")
     ] = None,
@@ -214,19 +218,22 @@ def train(
     def body() -> None:
         split = split_config(SplitConfig(), seed, skip_positions, max_norm_ratio)
         cfg = grid_config(SAETrainConfig(), architecture, widths, k, train_tokens=train_tokens,
-                          lr=lr, batch_size=batch_size, seed=seed, device=device)
+                          lr=lr, batch_size=batch_size, seed=seed, device=device, until=until)
         st = ActivationStore.open(store)
         dirs = train_saes(st, make_splits(st, split, hook=hook), cfg, out, hook=hook)
         table = Table(
             title=f"SAEs in {out} (scores on up to 16k training rows; curves in training.json)"
         )
-        for col in ("SAE", "FVU", "L0", "dead latents", "tokens", "tok/s"):
+        for col in ("SAE", "FVU", "L0", "dead latents", "tokens", "last doubling", "tok/s"):
             table.add_column(col, justify="right")
         for d in dirs:
             t = json.loads((d / "training.json").read_text())
+            gain = t["schedule"]["doubling_gain"]
             table.add_row(d.name, f"{t['final_train_fvu']:.4f}", f"{t['final_train_l0']:.1f}",
                           f"{t['dead_latents']:,} ({100 * t['dead_fraction']:.1f} %)",
-                          f"{t['tokens_seen']:,}", f"{t['tokens_per_second']:,.0f}")
+                          f"{t['tokens_seen']:,} ({t['schedule']['stopped']})",
+                          "–" if gain is None else f"FVU {-100 * gain:+.1f} %",
+                          f"{t['tokens_per_second']:,.0f}")
         show(table)
 
     main(body)

@@ -119,6 +119,7 @@ def _provenance_rows(saes: list[dict[str, Any]]) -> str:
             p.get("dtype") or "?",
             trained_on or "?",
             _trained_with(p.get("trained_with") or {}),
+            _training_length(p.get("training") or {}),
         ]
         rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
     return "".join(rows)
@@ -137,6 +138,19 @@ def _trained_with(t: dict[str, Any]) -> str:
     if t.get("dataset_path"):
         parts.append(str(t["dataset_path"]))
     return ", ".join(parts) or "?"
+
+
+def _training_length(t: dict[str, Any]) -> str:
+    """Tokens seen and the last doubling's FVU gain of an SAE this tool trained (– otherwise)."""
+    if not t.get("tokens_seen"):
+        return "–"
+    gain = t.get("doubling_gain")
+    text = f"{t['tokens_seen']:,} tokens"
+    if gain is not None:
+        text += f", FVU {-100 * gain:+.1f} % over the last doubling"
+    if t.get("stopped") in ("plateau", "cap"):
+        text += f" ({'plateau' if t['stopped'] == 'plateau' else 'cap reached'})"
+    return text
 
 
 def _harvest_line(h: dict[str, Any]) -> str:
@@ -200,8 +214,12 @@ FVU nonlinear = Σ‖e − ê‖²/Σ‖x − x̄‖²; FVU linear = FVU − FVU
 R² ‖e‖² is the R² of a separate linear prediction of ‖e‖² from x.</p>
 <h2>SAEs: where they come from</h2>
 <table><tr><th>SAE</th><th>library</th><th>source</th><th>architecture</th><th>width</th><th>L0</th>
-<th>stored dtype</th><th>trained on</th><th>trained with</th></tr>\
+<th>stored dtype</th><th>trained on</th><th>trained with</th><th>training length</th></tr>\
 {_provenance_rows(m["saes"])}</table>
+<p>Training length: tokens seen, and how much the last doubling of tokens still lowered the
+FVU (before the learning-rate decay; from held-out rows under <code>until = "plateau"</code>,
+else from the training batches): a few percent or more means the SAE is still far from its
+plateau.</p>
 <h2>Data</h2><ul>{data}</ul>
 <h2>Figures</h2>{figs}
 {analyses_html(analyses, out_dir)}

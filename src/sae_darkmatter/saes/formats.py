@@ -167,7 +167,8 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
             prov["k"] = sparsity.get("value")
         prov["training"] = {
             key: info.get(key) for key in ("sparsity", "tokens_seen", "final_train_fvu")
-        }
+        } | {key: (info.get("schedule") or {}).get(key)
+             for key in ("until", "stopped", "doubling_gain", "doubling_gain_from")}
     return sae, prov
 
 
