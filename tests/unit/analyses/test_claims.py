@@ -19,7 +19,7 @@ from sae_darkmatter.analyses.claims import (
     item_verdict,
 )
 from sae_darkmatter.analyses.paper import CLAIMS, check_claims
-from sae_darkmatter.config import RunConfig
+from sae_darkmatter.config import ErrorSAEConfig, RunConfig, SAETrainConfig
 
 HALF = Region(0.4, 0.6)
 
@@ -120,7 +120,13 @@ def test_every_claim_read_from_constructed_results():
     assert [i["name"] for i in rows["earlier_outputs"]["items"]] == ["mlp_out.15"]
     down = rows["ce_proportional"]
     assert down["verdict"] == NOT_RUN and "skipped: no contexts" in down["detail"]
-    assert rows["error_saes_worse"]["differs"].endswith("widths (512,), 48,000 tokens each")
+    assert rows["error_saes_worse"]["differs"].endswith(
+        "widths (512,), each trained 48,000 tokens")
+    plateau = RunConfig(error_saes=ErrorSAEConfig(train=SAETrainConfig(
+        widths=(512,), until="plateau", plateau_tolerance=0.005, train_tokens=10**6)))
+    assert check_claims(RESULTS, [], plateau)[4]["differs"].endswith(
+        "each trained until a plateau (< 0.5% FVU per doubling of tokens), at most 1,000,000 "
+        "tokens")
     assert rows["error_saes_worse"]["region"] == [0.0, None]  # an open end: strict JSON
     json.dumps(list(rows.values()), allow_nan=False)
 

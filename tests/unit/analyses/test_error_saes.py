@@ -15,6 +15,7 @@ from sae_darkmatter.analyses.error_saes import (
     error_targets,
     matched_l0,
     score,
+    section,
     split_by_context,
 )
 from sae_darkmatter.config import ErrorSAEConfig
@@ -91,6 +92,13 @@ def test_grid_scores_and_matched_l0(result, run_dir):
     for m, ref in zip(base["matched_l0"], [r for r in grid if r["target"] == "error"]):
         assert m["fvu"]["error"] == pytest.approx(ref["fvu"])  # interpolating at its own L0
     assert (run_dir / result["figures"]["error_saes"]).read_bytes()[:4] == b"\x89PNG"
+    # 8 steps each (2000 tokens / 256), all stopped by the fixed budget, gains in the section
+    assert {r["tokens_seen"] for r in grid} == {2048}
+    assert {r["training"]["stopped"] for r in grid} == {"tokens"}
+    page = section(result, run_dir)
+    assert "Training: 2,048 tokens each (stopped by: tokens)" in page
+    gains = [100 * r["training"]["doubling_gain"] for r in grid if r["target"] == "nonlinear"]
+    assert f"nonlinear {min(gains):.1f}–{max(gains):.1f} %" in page
 
 
 def test_rerun_reuses_trained_saes(run_dir, result):
