@@ -31,13 +31,6 @@ from sae_darkmatter.saes.formats import open_sae
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    metrics = run(tiny_run_config(tiny_model_dir), out, progress=False)
-    return out, metrics
-
-
 def test_run_writes_report_metrics_and_figures(tiny_run):
     out, metrics = tiny_run
     import re
