@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 and Gemma 3 tokenizers, a tiny random Llama built from a
-config, an offline hub cache, and the real sae_lens and sparsify libraries.
+config and one whole run on it, an offline hub cache, and the real sae_lens and sparsify
+libraries.
 
 Plain helper functions live in ``helpers.py`` next to this file.
 """
@@ -44,6 +45,17 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """The whole pipeline on the tiny Llama (``tiny_run_config``), once: (run folder, metrics).
+    Tests read it, or write only elsewhere; rerunning into it reuses every stage."""
+    from helpers import tiny_run_config
+    from sae_darkmatter import run
+
+    out = tmp_path_factory.mktemp("run")
+    return out, run(tiny_run_config(tiny_model_dir), out, progress=False)
 
 
 @pytest.fixture

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_darkmatter import CorpusConfig, HarvestConfig, ModelConfig, SAETrainConfig, SplitConfig
+from sae_darkmatter import (
+    CorpusConfig,
+    HarvestConfig,
+    ModelConfig,
+    RunConfig,
+    SAETrainConfig,
+    SplitConfig,
+)
 from sae_darkmatter._io import write_json
 from sae_darkmatter.config import DecomposeConfig
 from sae_darkmatter.decompose import decompose_many
@@ -61,6 +68,18 @@ def cached_hub_repo(cache: Path, repo_id: str) -> Path:
 
 
 # --------------------------------------------------------------------------- runs and stores
+
+
+def tiny_run_config(model_dir: Path) -> RunConfig:
+    """The whole pipeline on a tiny model: 96 contexts of 32 tokens, three TopK SAEs."""
+    return RunConfig(
+        harvest=HarvestConfig(
+            model=ModelConfig(name=str(model_dir)),
+            corpus=CorpusConfig(n_contexts=96, context_length=32),
+            hooks=("resid_post.2",), batch_size=16, contexts_per_shard=32,
+        ),
+        train=SAETrainConfig(widths=(64, 128, 256), ks=(8,), train_tokens=6000, batch_size=512),
+    )
 
 
 def make_run(model_dir: Path, out: Path, hook: str, *, n_contexts: int = 48, length: int = 32,

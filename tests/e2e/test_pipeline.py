@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import PNG_MAGIC
+from helpers import PNG_MAGIC, tiny_run_config
 from sae_darkmatter import (
     ActivationStore,
     CorpusConfig,
     HarvestConfig,
-    ModelConfig,
     RunConfig,
-    SAETrainConfig,
     run,
 )
 from sae_darkmatter.analyses.claims import VERDICTS
@@ -31,24 +29,6 @@ from sae_darkmatter.cli import app
 from sae_darkmatter.saes.formats import open_sae
 
 runner = CliRunner()
-
-
-def tiny_run_config(model_dir: Path) -> RunConfig:
-    return RunConfig(
-        harvest=HarvestConfig(
-            model=ModelConfig(name=str(model_dir)),
-            corpus=CorpusConfig(n_contexts=96, context_length=32),
-            hooks=("resid_post.2",), batch_size=16, contexts_per_shard=32,
-        ),
-        train=SAETrainConfig(widths=(64, 128, 256), ks=(8,), train_tokens=6000, batch_size=512),
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    metrics = run(tiny_run_config(tiny_model_dir), out, progress=False)
-    return out, metrics
 
 
 def test_run_writes_report_metrics_and_figures(tiny_run):
