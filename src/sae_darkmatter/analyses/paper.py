@@ -197,9 +197,10 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def check_claims(results: Results, saes: Sequence[dict[str, Any]], cfg: RunConfig,
+def check_claims(results: Results, saes: Sequence[dict[str, Any]], cfg: RunConfig | None,
                  claims: Sequence[Claim] = CLAIMS) -> list[dict[str, Any]]:
-    """One JSON-able row per claim: paper value, our estimates, verdict, what differs."""
+    """One JSON-able row per claim: paper value, our estimates, verdict, what differs
+    (``cfg`` fills the claims' ``differs`` lines; None for claims that name no setting)."""
     rows = []
     for c in claims:
         row: dict[str, Any] = {"key": c.key, "claim": c.claim, "paper": c.paper,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from sae_darkmatter._io import atomic_path, write_json
+from sae_darkmatter.analyses.paper import section as paper_section
 from sae_darkmatter.plotting import plt, save_figure
 
 
@@ -109,6 +110,8 @@ def write_synthetic_report(results: dict[str, Any], out_dir: str | Path) -> Path
         "global scalar mean). Noise stds are in units of the clean activations' per-coordinate "
         "RMS (the paper used absolute stds 0–4 on Gemma-2-9B).</p>",
     ]
+    if results.get("paper"):
+        parts += ["<h2>Against the paper</h2>", paper_section(results["paper"], out_dir)]
     parts += [_table_html(results["table1"][fit], fit) for fit in results["fits"]]
     diff = results.get("fit_differences") or {}
     if diff:

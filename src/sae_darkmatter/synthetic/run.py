@@ -14,6 +14,7 @@ from sae_darkmatter.config import SAETrainConfig
 from sae_darkmatter.config_base import to_dict
 from sae_darkmatter.report.synthetic import write_synthetic_report
 from sae_darkmatter.saes import train_sae
+from sae_darkmatter.synthetic.claims import check_synthetic
 from sae_darkmatter.synthetic.data import SyntheticConfig, SyntheticData, centred_ss, generate
 from sae_darkmatter.synthetic.evaluate import (
     decomposition,
@@ -160,10 +161,12 @@ def run_synthetic(
     train_check: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Grid + Table 1, the trained-SAE check (on ``check_config(cfg)``) if asked, the report."""
+    """Grid + Table 1 (checked against the paper's pattern), the trained-SAE check (on
+    ``check_config(cfg)``) if asked, the report."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     results = run_grid(cfg, progress=progress)
+    results["paper"] = check_synthetic(results)
     if train_check:
         t1 = time.perf_counter()
         results["trained_sae_check"] = trained_sae_check(

@@ -205,7 +205,10 @@ def test_run_synthetic_writes_the_report(tmp_path):
     saved = json.loads((tmp_path / "synthetic.json").read_text())
     assert saved["table1"] == json.loads(json.dumps(res["table1"]))
     html = (tmp_path / "synthetic.html").read_text()
-    assert html.count("Table 1") == 2 and "figures/synthetic_lines.png" in html
+    assert html.count("<h3>Table 1") == 2 and "figures/synthetic_lines.png" in html
+    assert [c["key"] for c in saved["paper"]["claims"]] == ["synthetic_diagonal",
+                                                            "synthetic_off_diagonal"]
+    assert "Against the paper" in html and "Table 1 diagonal" in html
     for name in ("synthetic_lines", "synthetic_heatmaps_in_sample", "synthetic_heatmaps_held_out",
                  "synthetic_fit_modes"):
         png = tmp_path / "figures" / f"{name}.png"
