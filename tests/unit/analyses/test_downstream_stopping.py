@@ -182,3 +182,15 @@ def test_more_contexts_on_a_tiny_model_equal_a_plain_splice_of_them(tiny_model_d
         n_contexts=4, batch_size=4, max_contexts=12, n_boot=50, target_half_width=1e9))
     assert easy["target"]["met"] is True and len(easy["contexts"]) == 4
 
+
+
+def test_max_contexts_equal_to_n_contexts_splices_exactly_n_contexts():
+    """What a TOML file (no null) writes for "no stopping rule"."""
+    start = _rows(np.random.default_rng(4), 8, {"s": 5.0}, everything=True)  # far above ±0.05
+
+    def splice(lo, hi, chosen):
+        raise AssertionError(f"spliced rows {lo}:{hi}")
+
+    cfg = DownstreamConfig(n_contexts=8, max_contexts=8)
+    pt, used = _more_contexts(start, cfg, np.ones((8, T), bool), {"s": None}, splice)
+    assert used == {"s": 8} and pt["s/sae/ce"].shape == (8, T)
