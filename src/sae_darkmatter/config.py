@@ -353,8 +353,9 @@ class DownstreamConfig(_Checked):
     ± ``target_half_width``, rounds of ``batch_size`` more contexts run x̂, x̂ + ê and
     x̂ + (e − ê) for it, up to ``max_contexts`` in all (the result records each SAE's contexts
     and half-widths, and whether all met the target); ``target_half_width`` unset or
-    ``max_contexts = n_contexts``: exactly ``n_contexts``. ``splice_all_after_skip`` also splices special tokens and norm outliers
-    after ``skip_positions`` (the paper splices every position after 200).
+    ``max_contexts = n_contexts``: exactly ``n_contexts``. ``splice_all_after_skip`` also
+    splices special tokens and norm outliers after ``skip_positions`` (the paper splices every
+    position after 200).
     """
 
     enabled: bool = True
