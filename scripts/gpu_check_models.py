@@ -89,6 +89,7 @@ max_tokens = 1000
 chunk_rows = 1024
 [downstream]
 n_contexts = 4
+max_contexts = 4  # no stopping-rule rounds: CPU and device splice the same contexts
 n_boot = 200
 [error_saes]
 chunk_rows = 1024

@@ -364,13 +364,21 @@ class DownstreamConfig(_Checked):
 
     ``saes``: decomposition names to splice; empty: ``select`` decides, ``"all"`` SAEs of the
     run or ``"cross"``: those of the k with most widths plus those of the width with most ks
-    (the two panels of the figure). ``n_contexts`` evaluation contexts are drawn (seeded) from
-    the contexts outside SAE training. ``splice_all_after_skip`` also splices special tokens
-    and norm outliers after ``skip_positions`` (the paper splices every position after 200).
+    (the two panels of the figure). Evaluation contexts are drawn (seeded order) from the
+    contexts outside SAE training: every intervention runs on the first ``n_contexts``. Then,
+    while an SAE's 95 % interval of the CE gap closed by x̂ + ê or by x̂ + (e − ê) is wider than
+    ± ``target_half_width``, rounds of ``batch_size`` more contexts run x̂, x̂ + ê and
+    x̂ + (e − ê) for it, up to ``max_contexts`` in all (the result records each SAE's contexts
+    and half-widths, and whether all met the target); ``target_half_width`` unset or
+    ``max_contexts = n_contexts``: exactly ``n_contexts``. ``splice_all_after_skip`` also
+    splices special tokens and norm outliers after ``skip_positions`` (the paper splices every
+    position after 200).
     """
 
     enabled: bool = True
     n_contexts: int = 8
+    target_half_width: float | None = field(default=0.05, metadata={"omit_default": True})
+    max_contexts: int = field(default=160, metadata={"omit_default": True})
     batch_size: int = 8
     saes: tuple[str, ...] = ()
     select: str = "cross"
@@ -385,6 +393,11 @@ class DownstreamConfig(_Checked):
         for name in ("n_contexts", "batch_size", "n_boot"):
             self._need(name, getattr(self, name) >= 1, ">= 1")
         self._need("select", self.select in ("all", "cross"), "'all' or 'cross'")
+        target = self.target_half_width
+        self._need("target_half_width", target is None or (math.isfinite(target) and target > 0),
+                   "a finite number > 0, or unset to splice exactly n_contexts")
+        self._need("max_contexts", target is None or self.max_contexts >= self.n_contexts,
+                   f">= n_contexts ({self.n_contexts}) while target_half_width is set")
         self._need("seed", self.seed >= 0, ">= 0")
         self._need(
             "loss_tolerance",

@@ -30,7 +30,8 @@ def quick(cfg: RunConfig) -> RunConfig:
         harvest=dataclasses.replace(h, corpus=corpus),
         train=dataclasses.replace(cfg.train, widths=(128, 256, 512, 1024), train_tokens=100_000),
         pursuit=dataclasses.replace(cfg.pursuit, max_tokens=8_000),
-        downstream=dataclasses.replace(cfg.downstream, n_contexts=4),
+        # every intervention on 4 contexts, x̂, x̂ + ê, x̂ + (e − ê) on up to 8 more (one round)
+        downstream=dataclasses.replace(cfg.downstream, n_contexts=4, max_contexts=12),
         error_saes=dataclasses.replace(
             cfg.error_saes, train=dataclasses.replace(cfg.error_saes.train, train_tokens=24_000)),
     )

@@ -16,7 +16,9 @@ Per token: next-token CE and KL(clean ‖ spliced) over the vocabulary. Averages
 tokens of the chosen contexts except the last position (no next token). "Gap closed" by an
 intervention is (CE(x̂) − CE(i)) / (CE(x̂) − CE(x)); it is reported next to each error part's
 share of Σ‖e‖² and its "FVU gap closed" (1 − Σ‖other part‖²/Σ‖e‖², the paper's "R² recovered"),
-with percentile bootstrap CIs over contexts.
+with percentile bootstrap CIs over contexts (``downstream_stats``). Every intervention runs on
+the first ``n_contexts`` contexts; SAEs whose gap-closed intervals are still wider than the
+target then get more contexts for x̂, x̂ + ê and x̂ + (e − ê) only (``DownstreamConfig``).
 
 The splice is exact, not an approximation: the decoder layers before the hook replay their
 clean outputs (so only the layers from the hook on run again) and the hook module returns the
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +44,7 @@ from safetensors.numpy import save_file
 from sae_darkmatter import layout
 from sae_darkmatter._io import atomic_path
 from sae_darkmatter.analyses.downstream_figures import ce_figure, panels, section, shares_figure
+from sae_darkmatter.analyses.downstream_stats import summarize, unfinished
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
 from sae_darkmatter.config import DownstreamConfig, ModelConfig, RunConfig, SplitConfig, from_dict
@@ -54,7 +57,6 @@ from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-PARTS = ("err_sq", "linear_sq", "nonlinear_sq")
 PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/per_token.safetensors"
 SHARES_FIGURE = RunDir.figure_key("downstream_shares")
 CE_FIGURE = RunDir.figure_key("downstream_ce")
@@ -65,70 +67,7 @@ CE_FIGURE = RunDir.figure_key("downstream_ce")
 # chosen by batch shape may add about that much again). Another model's activations are unrelated
 # (~1; independent directions give √2).
 ACTIVATION_TOLERANCE = 0.1
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def _stat(v: np.ndarray) -> dict[str, Any]:
-    """Row 0 is the point estimate, the rest bootstrap draws: mean and 95 % percentile interval."""
-    return {
-        "mean": float(v[0]),
-        "ci": [float(np.nanpercentile(v[1:], 2.5)), float(np.nanpercentile(v[1:], 97.5))],
-    }
-
-
-def summarize(per_token: Mapping[str, np.ndarray], averaged: np.ndarray, names: list[str], *,
-              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Means with bootstrap CIs over contexts (rows of the ``[n, T]`` arrays).
-
-    CE/KL are averaged over ``averaged`` tokens; squared norms are summed over spliced tokens.
-    """
-    n = averaged.shape[0]
-    w = (
-        np.random.default_rng(seed)
-        .multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-        .astype(np.float64)
-    )
-    w = np.vstack([np.ones(n), w])  # row 0: the sample itself
-
-    def sums(key: str, mask: np.ndarray = averaged) -> np.ndarray:
-        return w @ np.where(mask, per_token[key].astype(np.float64), 0.0).sum(axis=1)
-
-    count, clean = w @ averaged.sum(axis=1), sums("clean/ce")
-
-    def loss_stats(ce: np.ndarray, kl: np.ndarray) -> dict[str, Any]:
-        return {
-            "ce": _stat(ce / count),
-            "ce_increase": _stat((ce - clean) / count),
-            "kl": _stat(kl / count),
-        }
-
-    out: dict[str, Any] = {"shared": {"clean": {"ce": _stat(clean / count)}}, "saes": {}}
-    out["shared"] |= {i: loss_stats(sums(f"shared/{i}/ce"), sums(f"shared/{i}/kl")) for i in SHARED}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for name in names:
-            ce = {i: sums(f"{name}/{i}/ce") for i in PER_SAE}
-            kl = {i: sums(f"{name}/{i}/kl") for i in PER_SAE}
-            stats = {i: loss_stats(ce[i], kl[i]) for i in PER_SAE}
-            sq = {p: sums(f"{name}/{p}", np.isfinite(per_token[f"{name}/{p}"])) for p in PARTS}
-            share = {
-                "linear": sq["linear_sq"] / sq["err_sq"],
-                "nonlinear": sq["nonlinear_sq"] / sq["err_sq"],
-            }
-            out["saes"][name] = {
-                **{key: {i: stats[i][key] for i in PER_SAE} for key in ("ce", "ce_increase", "kl")},
-                "ce_gap_closed": {
-                    i: _stat((ce["sae"] - ce[i]) / (ce["sae"] - clean)) for i in PER_SAE
-                },
-                "kl_gap_closed": {i: _stat((kl["sae"] - kl[i]) / kl["sae"]) for i in PER_SAE},
-                "sq_norm_share": {p: _stat(v) for p, v in share.items()},
-                "fvu_gap_closed": {
-                    "linear": _stat(1 - share["nonlinear"]),
-                    "nonlinear": _stat(1 - share["linear"]),
-                },
-            }
-    return out
+VERSION = 2  # part of the cache key: 2 added the stopping rule, contexts in splice order
 
 
 def select_saes(decs: list[SavedDecomposition], cfg: DownstreamConfig) -> list[SavedDecomposition]:
@@ -177,9 +116,9 @@ def downstream_analysis(
 
     ``lm`` defaults to the harvest's model (from the store's metadata), loaded on ``device``
     (default: the harvest's; a run harvested on a GPU can be analysed elsewhere); ``split`` must
-    be the run's split config (checked against the decompositions' test rows). The clean CE is
-    checked against ``reference_loss`` (the stored loss, or the plain forward's for a store
-    without it).
+    be the run's split config (checked against the decompositions' test rows). The clean CE of
+    the first round is checked against ``reference_loss`` (the stored loss, or the plain
+    forward's for a store without it); ``cfg``'s stopping rule may add contexts after it.
     Writes ``downstream/per_token.safetensors`` (``reference_loss`` beside the CE/KL arrays, its
     source in the file's metadata) and ``figures/downstream_{shares,ce}.png``.
     """
@@ -195,12 +134,13 @@ def downstream_analysis(
             "the decompositions); pass the run's SplitConfig"
         )
     tokens = store_contexts(store)
-    chosen, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
+    order, spliced, averaged = _choose(splits, tokens.shape, split, cfg)
+    first = order[: cfg.n_contexts]
     if lm is None:
         harvested = from_dict(ModelConfig, store.meta["config"]["model"])
         lm = load_model(replace(harvested, device=device or harvested.device))
     t1 = time.perf_counter()
-    reference, check = reference_loss(store, lm, hook, tokens, chosen, cfg.batch_size)
+    reference, check = reference_loss(store, lm, hook, tokens, first, cfg.batch_size)
     seconds_reference = time.perf_counter() - t1
     mean_rows = (
         splits.sae_train if splits.sae_train.size else splits.probe_train
@@ -212,17 +152,26 @@ def downstream_analysis(
         "splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d",
         len(saes),
         hook,
-        chosen.size,
+        first.size,
         len(SHARED) + len(PER_SAE) * len(saes),
         logits_batch(lm, tokens.shape[1], cfg.batch_size),
     )
     t1 = time.perf_counter()
-    per_token = splice_contexts(lm, hook, tokens[chosen], chosen, spliced, saes, mean,
+    per_token = splice_contexts(lm, hook, tokens[first], first, spliced[: first.size], saes, mean,
                                 batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     seconds = time.perf_counter() - t1
     check |= _check(per_token, reference, cfg.loss_tolerance, check["reference"])
+    per_token, used = _more_contexts(per_token, cfg, averaged, saes, lambda lo, hi, chosen: (
+        splice_contexts(lm, hook, tokens[order[lo:hi]], order[lo:hi], spliced[lo:hi], chosen,
+                        mean, batch_size=cfg.batch_size, seed=cfg.seed, everything=False,
+                        progress=progress)))
+    seconds_more = time.perf_counter() - t1 - seconds
+    chosen = order[: max(used.values())]
+    spliced, averaged = spliced[: chosen.size], averaged[: chosen.size]
     per_token |= {
-        "reference_loss": reference,  # what the clean CE was checked against (see "reference")
+        # what the clean CE was checked against (see "reference"): the first round's contexts
+        "reference_loss": np.vstack([reference, np.full((chosen.size - first.size, tokens.shape[1]),
+                                                        np.nan, np.float32)]),
         "contexts": chosen,
         "spliced": spliced,
         "averaged": averaged,
@@ -230,7 +179,8 @@ def downstream_analysis(
     with atomic_path(run.path / PER_TOKEN_FILE) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp),
                   metadata={"reference": check["reference"]})
-    summary = summarize(per_token, averaged, list(saes), n_boot=cfg.n_boot, seed=cfg.seed)
+    summary = summarize(per_token, averaged, list(saes), first=first.size, contexts=used,
+                        n_boot=cfg.n_boot, seed=cfg.seed)
     rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
     result = {
         "hook": hook,
@@ -261,10 +211,12 @@ def downstream_analysis(
             }
             for d in decs
         ],
+        "target": _target(summary, cfg, first.size, order.size),
         "per_token_file": PER_TOKEN_FILE,
-        "seconds_splice": round(seconds, 2),
+        "seconds_splice": round(seconds + seconds_more, 2),
+        "seconds_first_round": round(seconds, 2),
         "seconds_reference": round(seconds_reference, 2),
-        "seconds_per_context": round(seconds / max(chosen.size, 1), 3),
+        "seconds_per_context": round(seconds / max(first.size, 1), 3),  # every intervention
     }
     result["table"] = table(result)
     result["figures"] = {
@@ -276,12 +228,17 @@ def downstream_analysis(
 
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per SAE: CE increase of x̂, then per part the CE gap closed (with CI) next to
-    its FVU gap closed and share of Σ‖e‖², and the CE gap closed by the random controls."""
+    """One flat row per SAE: its contexts, CE increase of x̂, the paired difference of the CE gap
+    closed by the two parts, then per part the CE gap closed (with CI) next to its FVU gap
+    closed and share of Σ‖e‖², and the CE gap closed by the random controls."""
     rows = []
     for s in result["saes"]:
+        diff = s["ce_gap_closed_linear_minus_nonlinear"]
         row = {"sae": s["name"], "width": s["width"], "k": s["k"], "l0": s["l0"],
-               "ce_increase_sae": s["ce_increase"]["sae"]["mean"], "kl_sae": s["kl"]["sae"]["mean"]}
+               "contexts": s["contexts"], "ce_increase_sae": s["ce_increase"]["sae"]["mean"],
+               "kl_sae": s["kl"]["sae"]["mean"],
+               "ce_gap_closed_linear_minus_nonlinear": diff["mean"],
+               "ce_gap_closed_linear_minus_nonlinear_ci": diff["ci"]}
         for part in ("linear", "nonlinear"):
             gap = s["ce_gap_closed"][f"sae+{part}"]
             row |= {f"ce_gap_closed_{part}": gap["mean"], f"ce_gap_closed_{part}_ci": gap["ci"],
@@ -295,22 +252,68 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _choose(splits: Splits, shape: tuple[int, int], split: SplitConfig,
             cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded evaluation contexts (sorted) and their ``[n, T]`` spliced and averaged masks."""
+    """The evaluation contexts in their seeded splice order (as many as ``cfg`` may use) and
+    their ``[n, T]`` spliced and averaged masks."""
     n_ctx, t = shape
     evaluation = np.union1d(splits.probe_train, splits.probe_test)
     pool = np.unique(evaluation // t)
-    if cfg.n_contexts < 1 or cfg.batch_size < 1:
-        raise DarkMatterError("downstream n_contexts and batch_size must be >= 1")
-    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(pool)[: cfg.n_contexts])
+    limit = cfg.n_contexts if cfg.target_half_width is None else cfg.max_contexts
+    order = np.random.default_rng(cfg.seed).permutation(pool)[:limit]
     kept = np.zeros(n_ctx * t, bool)
     kept[evaluation] = True
-    kept = kept.reshape(n_ctx, t)[chosen]
+    kept = kept.reshape(n_ctx, t)[order]
     spliced = kept.copy()
     if cfg.splice_all_after_skip:
         spliced[:, split.filter.kept_positions(t)] = True
     averaged = kept.copy()
     averaged[:, -1] = False
-    return chosen.astype(np.int64), spliced, averaged
+    return order.astype(np.int64), spliced, averaged
+
+
+Splice = Callable[[int, int, Mapping[str, Any]], dict[str, np.ndarray]]
+
+
+def _more_contexts(per_token: dict[str, np.ndarray], cfg: DownstreamConfig, averaged: np.ndarray,
+                   saes: Mapping[str, Any],
+                   splice: Splice) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The stopping rule: after the first round (``per_token``, every intervention), rounds of
+    ``cfg.batch_size`` more contexts run ``MAIN`` for each SAE whose ``TARGETED`` half-widths
+    are not yet all at most ``cfg.target_half_width``, while contexts remain (``averaged`` has
+    a row per context allowed). ``splice(lo, hi, saes)`` splices rows ``lo:hi``. Returns the
+    per-token arrays (NaN where not spliced) and how many leading rows each SAE covers."""
+    first = next(iter(per_token.values())).shape[0]
+    used = {s: first for s in saes}
+    if cfg.target_half_width is None:
+        return per_token, used
+    n, lo = averaged.shape[0], first
+    out = {k: np.vstack([v, np.full((n - first, v.shape[1]), np.nan, v.dtype)])
+           for k, v in per_token.items()}
+    while lo < n:
+        summary = summarize(out, averaged, [s for s, m in used.items() if m == lo], first=first,
+                            contexts=used, n_boot=cfg.n_boot, seed=cfg.seed)
+        todo = unfinished(summary, cfg.target_half_width)
+        if not todo:
+            break
+        hi = min(lo + cfg.batch_size, n)
+        log.info("downstream: %d more contexts for %d SAE(s) above the target half-width",
+                 hi - lo, len(todo))
+        for key, v in splice(lo, hi, {s: saes[s] for s in todo}).items():
+            out[key][lo:hi] = v
+        used |= {s: hi for s in todo}
+        lo = hi
+    return {k: v[: max(used.values())] for k, v in out.items()}, used
+
+
+def _target(summary: Mapping[str, Any], cfg: DownstreamConfig, first: int,
+            allowed: int) -> dict[str, Any]:
+    """What the stopping rule did: its settings, the contexts it could use (``max_contexts`` or
+    fewer in the run), the widest half-width and whether every SAE met the target."""
+    widths = [h for s in summary["saes"].values() for h in s["half_width"].values()]
+    widest = float(np.max(widths)) if widths else float("nan")  # NaN (undefined gap) wins
+    met = None if cfg.target_half_width is None else bool(widest <= cfg.target_half_width)
+    return {"half_width": cfg.target_half_width, "max_contexts": cfg.max_contexts,
+            "first_round": first, "contexts_allowed": allowed, "widest_half_width": widest,
+            "met": met}
 
 
 def reference_loss(store: ActivationStore, lm: LoadedModel, hook: str, tokens: np.ndarray,
@@ -390,6 +393,6 @@ ANALYSIS = Analysis(
     title="Downstream loss of each part of the error",
     run=_run,
     section=section,
-    settings=lambda cfg, results: (cfg.downstream,),
+    settings=lambda cfg, results: (cfg.downstream, VERSION),
     enabled=lambda cfg: cfg.downstream.enabled,
 )

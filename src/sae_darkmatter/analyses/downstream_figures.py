@@ -12,6 +12,8 @@ from sae_darkmatter.analyses.splice import PER_SAE
 from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.plotting import plt, save_figure
 
+DIFF = "ce_gap_closed_linear_minus_nonlinear"
+
 
 def shares_figure(result: dict[str, Any], path: Path) -> Path:
     """Bars: CE gap closed by the linear / nonlinear part (95 % CI); markers: FVU gap closed."""
@@ -99,12 +101,14 @@ def section(r: dict[str, Any], out_dir: Path) -> str:
 
     rows = "".join(
         f"<tr><td>{esc(t['sae'])}</td><td>{t['width']:,}</td><td>{t['l0']:.1f}</td>"
+        f"<td>{t.get('contexts', r['tokens']['contexts'])}</td>"
         f"<td>{t['ce_increase_sae']:+.3f}</td>"
         + "".join(
             f"<td>{ci(t[f'ce_gap_closed_{p}'], t[f'ce_gap_closed_{p}_ci'])}</td>"
             f"<td>{t[f'fvu_gap_closed_{p}']:.2f}</td>"
             for p in ("linear", "nonlinear")
         )
+        + (f"<td>{ci(t[DIFF], t[f'{DIFF}_ci'])}</td>" if DIFF in t else "<td></td>")
         + f"<td>{t['ce_gap_closed_sae+random@error']:.2f}</td></tr>"
         for t in r["table"]
     )
@@ -128,11 +132,25 @@ def section(r: dict[str, Any], out_dir: Path) -> str:
     return (
         f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
         f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
-        f"{tok['averaged']:,} tokens. Clean CE {clean:.3f} ({checked}); "
+        f"{tok['averaged']:,} tokens. {_rule(r)}Clean CE {clean:.3f} ({checked}); "
         f"{esc(ablations)}. Share of the CE gap of x̂ closed by adding each error part (95 % "
-        f"bootstrap over contexts) next to the share of the FVU it closes; the last column adds "
-        f"a random vector of ‖e‖ instead.</p>"
-        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>ΔCE x̂</th><th>CE gap closed "
-        f"by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th><th>FVU closed by "
-        f"e − ê</th><th>random ‖e‖</th></tr>{rows}</table>" + figures_html(r["figures"], out_dir)
+        f"bootstrap over contexts) next to the share of the FVU it closes, and their paired "
+        f"difference; the last column adds a random vector of ‖e‖ instead.</p>"
+        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>contexts</th><th>ΔCE x̂</th>"
+        f"<th>CE gap closed by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th>"
+        f"<th>FVU closed by e − ê</th><th>ê minus e − ê</th><th>random ‖e‖</th></tr>{rows}"
+        f"</table>" + figures_html(r["figures"], out_dir)
     )
+
+
+def _rule(r: dict[str, Any]) -> str:
+    """The stopping rule's outcome in a sentence ('' for results from before it)."""
+    target = r.get("target") or {}
+    if target.get("half_width") is None:
+        return ""
+    met = "every SAE met it" if target["met"] else (
+        f"not met within {target['contexts_allowed']} contexts: widest "
+        f"±{target['widest_half_width']:.3f}")
+    return (f"Every intervention ran on the first {target['first_round']} contexts; SAEs whose "
+            f"gap-closed intervals were wider than ±{target['half_width']} got more contexts for "
+            f"x̂, x̂ + ê and x̂ + (e − ê) ({met}). ")

@@ -182,7 +182,8 @@ CLAIMS: tuple[Claim, ...] = (
           "share of the CE gap closed by adding e − ê back, minus its share of ‖e‖²",
           Region(-0.1, 0.1, "within ±0.1"), _ce_proportional,
           "paper: 300 contexts, positions 200-1022, fp16; ours: "
-          "{cfg.downstream.n_contexts} contexts"),
+          "{cfg.downstream.n_contexts}-{cfg.downstream.max_contexts} contexts (more while an "
+          "interval is wider than ±{cfg.downstream.target_half_width})"),
     Claim("pursuit_slight", "Gradient pursuit over the decoder barely lowers the nonlinear "
           "error", "\"very slight decrease\"; total FVU −3-5 % (second-hand)",
           "Fig. 10a", "relative drop of FVU nonlinear, SAE encoder -> pursuit",

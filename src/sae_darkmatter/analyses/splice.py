@@ -27,6 +27,7 @@ from sae_darkmatter.saes import SAE
 SHARED = ("x", "zero", "mean")
 PER_SAE = ("sae", "sae+linear", "sae+nonlinear", "sae+random@error",
            "sae+linear+random@nonlinear", "sae+nonlinear+random@linear")
+MAIN = PER_SAE[:3]  # x̂, x̂ + ê, x̂ + (e − ê): what the gap closed by each error part needs
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -154,13 +155,16 @@ def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
 
 
 def _replacements(xm: torch.Tensor, mean: torch.Tensor, saes: Mapping[str, tuple[SAE, LinearProbe]],
-                  u: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Replacement values ``[m, d]`` of every intervention, and per-token squared norms ``[m]``."""
-    yield from (("shared/x", xm), ("shared/zero", torch.zeros_like(xm)),
-                ("shared/mean", mean.to(xm).expand_as(xm)))
+                  u: torch.Tensor, everything: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Replacement values ``[m, d]`` of the interventions (``everything``: all, else ``MAIN``),
+    and per-token squared norms ``[m]``."""
+    if everything:
+        yield from (("shared/x", xm), ("shared/zero", torch.zeros_like(xm)),
+                    ("shared/mean", mean.to(xm).expand_as(xm)))
     for name, (sae, probe) in saes.items():
         new, sq = interventions(xm, sae, probe, u)
-        yield from ((f"{name}/{key}", value) for key, value in (sq | new).items())
+        yield from ((f"{name}/{key}", value) for key, value in (sq | new).items()
+                    if everything or key in sq or key in MAIN)
 
 
 def splice_contexts(
@@ -174,13 +178,14 @@ def splice_contexts(
     *,
     batch_size: int = 8,
     seed: int = 0,
+    everything: bool = True,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """CE/KL of every intervention on ``tokens [n, T]`` (global ids ``contexts``), per token.
 
     ``spliced [n, T]`` marks the positions replaced. Returns ``[n, T]`` float32 arrays keyed
     ``"clean/ce"``, ``"shared/<i>/ce|kl"``, ``"<sae>/<i>/ce|kl"`` and ``"<sae>/<part>"`` (parts
-    NaN where not spliced).
+    NaN where not spliced). ``everything=False`` runs only the ``MAIN`` interventions.
     """
     n, t = tokens.shape
     splicer = HookSplicer(lm, hook)
@@ -191,7 +196,7 @@ def splice_contexts(
             value.numpy()
         )
 
-    n_forwards = len(SHARED) + len(PER_SAE) * len(saes)
+    n_forwards = len(SHARED) + len(PER_SAE) * len(saes) if everything else len(MAIN) * len(saes)
     batch_size = logits_batch(lm, t, batch_size)  # clean and spliced logits are held together
     with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():
         task = bar.add_task(f"splice {hook}: {len(saes)} SAE(s)", total=n * n_forwards)
@@ -205,7 +210,7 @@ def splice_contexts(
             clean_ce[:, :-1] = -clean_logp.gather(2, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
             put("clean/ce", lo, clean_ce)
             u = random_directions(contexts[lo : lo + batch_size], t, x.shape[-1], seed).to(x.device)
-            for key, values in _replacements(x[mask], mean, saes, u[mask]):
+            for key, values in _replacements(x[mask], mean, saes, u[mask], everything):
                 if values.ndim == 1:  # a per-token squared norm, NaN where not spliced
                     full = torch.full(mask.shape, float("nan"), device=x.device)
                     full[mask] = values.float()

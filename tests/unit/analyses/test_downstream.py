@@ -18,11 +18,8 @@ from sae_darkmatter import (
     ModelConfig,
     SplitConfig,
 )
-from sae_darkmatter.analyses.downstream import (
-    PER_TOKEN_FILE,
-    downstream_analysis,
-    summarize,
-)
+from sae_darkmatter.analyses.downstream import PER_TOKEN_FILE, downstream_analysis
+from sae_darkmatter.analyses.downstream_stats import summarize
 from sae_darkmatter.analyses.splice import (
     PER_SAE,
     HookSplicer,
@@ -49,7 +46,8 @@ def lm(tiny_model_dir):
 def spliced_run(request, tiny_model_dir, tmp_path_factory, lm):
     """A run harvested the default way, without the per-token loss, and its downstream result."""
     out = make_run(tiny_model_dir, tmp_path_factory.mktemp("run"), request.param)
-    cfg = DownstreamConfig(n_contexts=6, batch_size=4, n_boot=200, select="all")
+    cfg = DownstreamConfig(n_contexts=6, batch_size=4, n_boot=200, select="all",
+                           target_half_width=None)  # every intervention on every context
     result = downstream_analysis(out, lm=lm, cfg=cfg, progress=False)
     return request.param, out, result, load_file(out / PER_TOKEN_FILE)
 
@@ -245,7 +243,7 @@ def test_wrong_split_settings_are_refused(spliced_run, lm):
         downstream_analysis(
             out,
             lm=lm,
-            cfg=DownstreamConfig(n_contexts=1),
+            cfg=DownstreamConfig(n_contexts=1, target_half_width=None),
             split=SplitConfig(seed=7),
             progress=False,
         )
@@ -335,7 +333,7 @@ def test_a_run_harvested_on_a_gpu_is_spliced_on_the_device_asked_for(tiny_model_
     data = json.loads(manifest.read_text())
     data["meta"]["config"]["model"]["device"] = "cuda"
     manifest.write_text(json.dumps(data))
-    cfg = DownstreamConfig(n_contexts=2, batch_size=2, n_boot=10)
+    cfg = DownstreamConfig(n_contexts=2, batch_size=2, n_boot=10, target_half_width=None)
     if not torch.cuda.is_available():
         with pytest.raises(DarkMatterError, match="cuda"):
             downstream_analysis(out, cfg=cfg, progress=False)

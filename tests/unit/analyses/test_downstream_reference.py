@@ -42,7 +42,8 @@ def with_loss_copy(run: Path, out: Path, lm: LoadedModel) -> Path:
 def loss_pair(tiny_model_dir, tmp_path_factory, lm):
     """One run harvested without the loss and its copy harvested with it, each with its
     downstream result and per-token file (same contexts, same SAEs)."""
-    cfg = DownstreamConfig(n_contexts=6, batch_size=4, n_boot=200, select="all")
+    cfg = DownstreamConfig(n_contexts=6, batch_size=4, n_boot=200, select="all",
+                           target_half_width=None)
     without = make_run(tiny_model_dir, tmp_path_factory.mktemp("no-loss"), "resid_post.2")
     with_loss = with_loss_copy(without, tmp_path_factory.mktemp("loss") / "run", lm)
     return {
@@ -85,7 +86,8 @@ def test_another_model_is_refused_with_or_without_stored_loss(loss_pair, lm):
     torch.manual_seed(1)  # same architecture and tokenizer, other random weights
     other = dataclasses.replace(lm, model=AutoModelForCausalLM.from_config(lm.model.config).eval(),
                                 name="other")
-    cfg = DownstreamConfig(n_contexts=2, batch_size=2, n_boot=10, saes=("topk-w64-k8",))
+    cfg = DownstreamConfig(n_contexts=2, batch_size=2, n_boot=10, saes=("topk-w64-k8",),
+                           target_half_width=None)
     with pytest.raises(DarkMatterError, match=r"activations at resid_post\.2 differ"):
         downstream_analysis(loss_pair["recomputed"][0], lm=other, cfg=cfg, progress=False)
     with pytest.raises(DarkMatterError, match="stored loss"):
@@ -107,7 +109,7 @@ def test_smollm2_clean_loss_equals_harvest(tmp_path):
     )
     lm = load_model(ModelConfig(name="smollm2", device="cpu"))
     stored = with_loss_copy(out, tmp_path / "with-loss", lm)
-    cfg = DownstreamConfig(n_contexts=2, n_boot=100)
+    cfg = DownstreamConfig(n_contexts=2, n_boot=100, target_half_width=None)
     result = downstream_analysis(out, lm=lm, cfg=cfg, progress=False)
     check = result["check"]
     assert check["reference"] == "recomputed" and check["clean_vs_reference_max_abs"] < 1e-4
