@@ -158,3 +158,14 @@ def test_bad_sweep_table_names_the_file_and_key(tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["sweep", "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and "nothing to sweep" in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--over", "protocol=default,paper", "--quick"], "--quick cannot be combined"),
+    (["--over", "protocol=default,paper", "--protocol", "paper"], "cannot be combined"),
+    (["--over", "layer=1,2", "--sae", "some/sae"], "changes nothing for pretrained SAEs"),
+])
+def test_conflicting_options_are_refused(tmp_path, args, message):
+    res = runner.invoke(app, ["sweep", *args, "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "out").exists()

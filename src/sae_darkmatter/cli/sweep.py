@@ -11,7 +11,6 @@ from rich.table import Table
 
 from sae_darkmatter.cli.common import (
     Arch,
-    ConfigFile,
     Corpus,
     CtxLen,
     Device,
@@ -42,9 +41,9 @@ def sweep(
     over: Annotated[
         str | None,
         typer.Option(
-            help="axis=v1,v2,...: layer, protocol, train_tokens, context_length, n_contexts or a "
-                 "dotted config path (train.lr=1e-3,3e-3); default: the --config file's [sweep] "
-                 "table."
+            help="The setting and its values, axis=v1,v2,...: layer, protocol, train_tokens, "
+                 "context_length, n_contexts or a dotted config path (train.lr=1e-3,3e-3); "
+                 "default: the --config file's \\[sweep] table."
         ),
     ] = None,
     out: Annotated[
@@ -56,7 +55,11 @@ def sweep(
     protocol: Annotated[
         str, typer.Option(help="Protocol of every run ('default' or 'paper'), as in `run`.")
     ] = "default",
-    config: ConfigFile = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML run config (\\[harvest], \\[train], ... as in `run`), with "
+                          "an optional \\[sweep] table: over = \"layer\", values = \\[5, 10]."),
+    ] = None,
     sae: SaeSpecs = None,
     model: Model = None,
     hook: Annotated[
