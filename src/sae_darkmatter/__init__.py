@@ -15,6 +15,7 @@ Stages, each usable alone (see README):
     write_report(decompose_dir, out_dir)    -> report.html, metrics.json, figures/
     run(RunConfig, out)                     -> all of the above, cached per stage
     paper_protocol(cfg) / quick(cfg)        -> presets: the paper's protocol, less data
+    run_sweep(SweepConfig, RunConfig, out)  -> one run per value of one setting, one report
 
 Under ``torchrun`` call ``sae_darkmatter.distributed.init()`` first: harvest, training and the
 decomposition then share their work across the ranks (``distributed``).
@@ -92,6 +93,7 @@ _EXPORTS = {
     "saes.pursuit": ["PursuitSAE", "pursue"],
     "report": ["write_report"],
     "synthetic": ["SyntheticConfig", "run_synthetic"],
+    "sweep": ["SweepConfig", "run_sweep"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -8,6 +8,15 @@ from typing import Any
 
 esc = html.escape
 
+PAGE_STYLE = """<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+/* a wide table scrolls inside itself, not the page */
+table { border-collapse: collapse; display: block; max-width: 100%; overflow-x: auto; }
+td, th { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
+th:first-child, td:first-child { text-align: left; } img { max-width: 100%; }
+figure { margin: 1.5em 0; } code { background: #f4f4f4; padding: 0 3px; }
+</style>"""  # the look of every report page
+
 
 def _rel(path: str, out_dir: Path) -> str:
     p = Path(path)

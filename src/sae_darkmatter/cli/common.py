@@ -170,15 +170,16 @@ def grid_config(cfg: SAETrainConfig, architecture: str | None, widths: str | Non
 
 
 def build_config(
-    config: Path | None, *, model=None, hook=None, corpus=None, n_contexts=None,
+    config: Path | RunConfig | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, dtype=None, widths=None, k=None, train_tokens=None,
     seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
     protocol="default", prepend_bos=None, gemm_dtype=None, until=None,
 ) -> RunConfig:
-    """The run's config: the TOML file (or defaults), then the protocol's settings, then flags."""
+    """The run's config: the TOML file (or a config read already, or defaults), then the
+    protocol's settings, then flags."""
     from sae_darkmatter.presets import protocol as apply_protocol
 
-    cfg = load_toml(config) if config else RunConfig()
+    cfg = config if isinstance(config, RunConfig) else load_toml(config) if config else RunConfig()
     cfg = apply_protocol(protocol, given(cfg, saes=tuple(saes) if saes else None))
     h = cfg.harvest
     harvest = given(

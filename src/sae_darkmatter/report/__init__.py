@@ -11,6 +11,7 @@ import numpy as np
 
 from sae_darkmatter import __version__, layout
 from sae_darkmatter._io import atomic_path, read_json, require_folder, write_json
+from sae_darkmatter.markup import PAGE_STYLE
 from sae_darkmatter.report import figures
 from sae_darkmatter.report.sections import analyses_html
 from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of
@@ -192,14 +193,7 @@ def _html(m: dict[str, Any], analyses: dict[str, Any], out_dir: Path) -> str:
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>SAE dark matter report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-/* a wide table scrolls inside itself, not the page */
-table {{ border-collapse: collapse; display: block; max-width: 100%; overflow-x: auto; }}
-td, th {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }}
-figure {{ margin: 1.5em 0; }} code {{ background: #f4f4f4; padding: 0 3px; }}
-</style></head><body>
+{PAGE_STYLE}</head><body>
 <h1>SAE dark matter</h1>
 <p>Model <code title="{esc(str(m["model"]))}">{esc(display_name(m["model"]))}</code>, \
 hook <code>{esc(m["hook"])}</code>;
