@@ -26,6 +26,7 @@ from sae_darkmatter.cli.common import (
     Seed,
     Skip,
     TrainTokens,
+    Until,
     Widths,
     app,
     build_config,
@@ -75,6 +76,7 @@ def sweep(
     widths: Widths = None,
     k: Ks = None,
     train_tokens: TrainTokens = None,
+    until: Until = None,
     skip_positions: Skip = None,
     max_norm_ratio: MaxNorm = None,
     seed: Seed = None,
@@ -92,7 +94,7 @@ and resumable like `run`), then write OUT/report.html and OUT/sweep.json compari
         context_length=context_length, loss=loss, device=device, dtype=dtype, widths=widths, k=k,
         train_tokens=train_tokens, seed=seed, skip_positions=skip_positions,
         max_norm_ratio=max_norm_ratio, saes=sae, architecture=architecture,
-        prepend_bos=prepend_bos, gemm_dtype=gemm_dtype,
+        prepend_bos=prepend_bos, gemm_dtype=gemm_dtype, until=until,
     )
 
     def body() -> None:
