@@ -123,10 +123,11 @@ PrependBos = Annotated[
              "true or false."
     ),
 ]
-ConfigFile = Annotated[
+ConfigFile = Annotated[  # brackets escaped: rich reads [name] as markup and drops it
     Path | None,
     typer.Option(
-        "--config", help="TOML file with [harvest], [split], [train], [decompose] tables."
+        "--config", help="TOML file with \\[harvest], \\[split], \\[train], \\[decompose], ... "
+                         "tables."
     ),
 ]
 
