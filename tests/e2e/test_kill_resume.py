@@ -72,6 +72,7 @@ device = "cpu"
 
 [downstream]
 n_contexts = 4
+max_contexts = 8
 batch_size = 4
 n_boot = 100
 
