@@ -15,27 +15,38 @@ the other half. Baselines (regressors besides the bias):
   Frisch–Waugh (demean within position groups, then regress).
 - ``"x + token identity"``: two-stage (not a joint fit): the x-fit's prediction plus the
   per-token-id mean (as in "token identity") of the x-fit's residual on the fit half.
+
+Besides ‖e‖² (the paper's target), ``"x (linear) → ‖e‖"`` fits the norm itself on x: the
+squared norm is heavier-tailed, so the choice of target alone moves the R².
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from sae_darkmatter._io import resolve_device
+from sae_darkmatter.analyses.norm_alignment import (
+    latent_norm_alignment,
+    reconstruction_norm_probe,
+)
 from sae_darkmatter.analyses.norm_figures import alignment_figure, baseline_figure, violin_figure
 from sae_darkmatter.analyses.registry import Analysis, Results
 from sae_darkmatter.config import RunConfig
 from sae_darkmatter.decompose import SavedDecomposition
-from sae_darkmatter.linalg import R2Accumulator, StreamingLstsq, r2_score
+from sae_darkmatter.linalg import (
+    R2Accumulator,
+    StreamingLstsq,
+    bootstrap_counts,
+    percentile_interval,
+    r2_score,
+)
 from sae_darkmatter.markup import esc, figures_html
 from sae_darkmatter.run_dir import Decompositions, RunDir, decompositions_of, store_of
-from sae_darkmatter.saes import AffineSAE, latent_rows
 from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -48,10 +59,12 @@ BASELINES = (
     "token identity",
     "‖x‖ + L0 + position",
     "x + token identity",
+    "x (linear) → ‖e‖",
 )
 TOKEN_MIN_COUNT = 5  # token ids rarer than this in the fit half share one pooled column
-MIN_ACTIVE = 5  # latents active fewer times are left out of the alignment correlations
 _CHUNK_ROWS = 8192
+VERSION = 2  # part of the cache key: 2 added the ‖e‖ target and the x fits' intervals
+N_BOOT = 200  # token resamples for the x fits' 95 % intervals
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -163,6 +176,16 @@ def _x_r2(targets: np.ndarray, pred: np.ndarray, score: np.ndarray) -> np.ndarra
     return acc.r2_per_dim().numpy()
 
 
+def r2_interval(counts: np.ndarray, y: np.ndarray, pred: np.ndarray) -> list[float]:
+    """95 % percentile interval of held-out R² over token resamples (``counts`` [n_boot, n],
+    the scored rows; the fit is held fixed)."""
+    n = len(y)
+    sse = counts @ np.square(y - pred)
+    mean = (counts @ y) / n
+    sst = counts @ np.square(y) - n * np.square(mean)
+    return percentile_interval(1.0 - sse / sst)
+
+
 def _feature_predictions(
     y: np.ndarray,
     x_pred: np.ndarray,
@@ -190,9 +213,10 @@ def _feature_predictions(
 def norm_baselines(
     decompose_dir: Decompositions, store: ActivationStore, *, hook: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Held-out R² of each SAE's ‖e‖² from every baseline (see the module docstring).
+    """Held-out R² of each SAE's ‖e‖² (and ‖e‖) from every baseline (see the module docstring).
 
-    Returns ``{sae_name: {baseline: r2}}`` plus ``"baselines"`` (names in order) and
+    Returns ``{sae_name: {baseline: r2, "intervals": {x baseline: [lo, hi]}}}`` (95 % token
+    bootstrap intervals of the two x fits) plus ``"baselines"`` (names in order) and
     ``"n_fit"`` / ``"n_score"`` (token counts of the halves, from the first SAE).
     """
     decomps = decompositions_of(decompose_dir)
@@ -213,9 +237,12 @@ def norm_baselines(
         score = ~fit
         result.setdefault("n_fit", int(fit.sum()))
         result.setdefault("n_score", int(score.sum()))
-        targets = np.stack([m.tokens["err_sq"].astype(np.float64) for m in members], axis=1)
+        sq = np.stack([m.tokens["err_sq"].astype(np.float64) for m in members], axis=1)
+        targets = np.concatenate([sq, np.sqrt(sq)], axis=1)  # ‖e‖² then ‖e‖, one x pass
         x_pred, x_sq = _stream_x_fit(store, hook, rows, targets, fit)
         x_r2 = _x_r2(targets, x_pred, score)
+        n = len(members)
+        counts = bootstrap_counts(int(score.sum()), N_BOOT, [seed, 3])
         tokens, positions = tokens_all[rows], positions_all[rows]
         norm_feats = np.stack([np.sqrt(x_sq), x_sq], axis=1)
         for j, dec in enumerate(members):
@@ -229,92 +256,14 @@ def norm_baselines(
                 tokens,
                 fit,
             )
-            scores = {"x (linear)": float(x_r2[j])}
+            scores = {"x (linear)": float(x_r2[j]), "x (linear) → ‖e‖": float(x_r2[n + j])}
             scores.update({name: r2_score(y[score], p[score]) for name, p in preds.items()})
             result[dec.name] = {name: scores[name] for name in BASELINES}
+            result[dec.name]["intervals"] = {
+                name: r2_interval(counts, targets[score, col], x_pred[score, col])
+                for name, col in (("x (linear)", j), ("x (linear) → ‖e‖", n + j))
+            }
     return result
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-# ----------------------------------------------------------------------------- Fig. 14
-
-
-@torch.no_grad()
-def reconstruction_norm_probe(
-    sae: AffineSAE,
-    store: ActivationStore,
-    rows: np.ndarray,
-    *,
-    hook: str | None = None,
-    max_rows: int = 20000,
-) -> torch.Tensor:
-    """The paper's a* (Fig. 14): least squares ``‖r‖² ≈ a*·r + b`` with ``r = Sae(x) − b_dec``.
-
-    If every latent fires with a typical magnitude c_i on near-orthogonal directions d_i, then
-    ‖r‖² = Σ w_i² ≈ Σ c_i w_i, which is linear in r with a* = Σ c_i d_i, so a*·d_i ≈ c_i.
-    """
-    hook = hook or next(iter(store.hooks))
-    rows = np.asarray(rows, np.int64)
-    if len(rows) > max_rows:
-        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
-    fit = StreamingLstsq(store.d(hook), 1, bias=True)
-    device = sae.W_dec.device
-    with torch.inference_mode():
-        for _, x in store.iter_chunks(hook, rows, 4096):
-            r = sae(x.to(device)) - sae.b_dec  # forward splits rows by width (latent_rows)
-            fit.update(r, r.square().sum(dim=1, keepdim=True))
-    return fit.solve().weight[:, 0]
-
-
-def latent_norm_alignment(
-    sae: AffineSAE,
-    norm_probe_weight: torch.Tensor | np.ndarray,
-    store: ActivationStore,
-    rows: np.ndarray,
-    *,
-    hook: str | None = None,
-    max_rows: int = 20000,
-) -> dict[str, Any]:
-    """Each latent's mean activation when active vs ``a*·d_i`` (unit-norm decoder row d_i).
-
-    The norm-is-linear argument predicts these agree when ‖·‖² ≈ a*·x with a* = Σ c_i d_i.
-    ``rows`` (sorted) are thinned evenly to at most ``max_rows`` and encoded in chunks.
-    Correlations use latents active >= 5 times; ``None`` when fewer than 3 such latents.
-    """
-    hook = hook or next(iter(store.hooks))
-    rows = np.asarray(rows, np.int64)
-    if len(rows) > max_rows:
-        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
-    w_dec = sae.W_dec.detach().double().cpu()
-    d_sae = w_dec.shape[0]
-    total = torch.zeros(d_sae, dtype=torch.float64)
-    count = torch.zeros(d_sae, dtype=torch.int64)
-    device = sae.W_dec.device
-    with torch.inference_mode():
-        for _, x in store.iter_chunks(hook, rows, min(4096, latent_rows(d_sae))):
-            z = sae.encode(x.to(device)).cpu()
-            total += z.double().sum(0)
-            count += (z > 0).sum(0)
-    a = torch.as_tensor(np.asarray(norm_probe_weight), dtype=torch.float64).reshape(-1)
-    proj = (w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ a
-    keep = (count >= MIN_ACTIVE).numpy()
-    mean_act = (total / count.clamp_min(1)).numpy()[keep]
-    projection = proj.numpy()[keep]
-    enough = int(keep.sum()) >= 3
-    # scipy's stubs leave the results' fields unsolved type variables: they are floats.
-    pearson = float(cast(float, stats.pearsonr(mean_act, projection)[0])) if enough else None
-    spearman = float(cast(float, stats.spearmanr(mean_act, projection)[0])) if enough else None
-    return {
-        "pearson": pearson,
-        "spearman": spearman,
-        "n_latents": int(keep.sum()),
-        "n_rows": int(len(rows)),
-        "latent_index": np.flatnonzero(keep).tolist(),
-        "mean_activation": mean_act.tolist(),
-        "projection": projection.tolist(),
-    }
 
 
 # ----------------------------------------------------------------------------- all together
@@ -365,15 +314,20 @@ def section(n: dict[str, Any], out_dir: Path) -> str:
     b = n["baselines"]
     names = [k for k in b if k not in ("baselines", "n_fit", "n_score")]
     head = "".join(f"<th>{esc(x)}</th>" for x in b["baselines"])
+
+    def cell(name: str, x: str) -> str:
+        ci = b[name].get("intervals", {}).get(x)
+        return f"{b[name][x]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
     body = "".join(
-        f"<tr><td>{esc(name)}</td>"
-        + "".join(f"<td>{b[name][x]:.3f}</td>" for x in b["baselines"])
+        f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{cell(name, x)}</td>" for x in b["baselines"])
         + "</tr>"
         for name in names
     )
     al = n.get("alignment", {})
     return (
-        f"<p>Held-out R² of ‖e‖² ({b['n_fit']:,} fit / {b['n_score']:,} scored tokens).</p>"
+        f"<p>Held-out R² of ‖e‖² (last column: of ‖e‖) ({b['n_fit']:,} fit / "
+        f"{b['n_score']:,} scored tokens).</p>"
         f"<table><tr><th>SAE</th>{head}</tr>{body}</table>"
         f"<p>Latent mean activation vs norm-probe projection on its decoder direction "
         f"({esc(str(al.get('sae')))}): Pearson {al.get('pearson') or float('nan'):.3f}, "
@@ -388,5 +342,6 @@ def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[
 
 
 ANALYSIS = Analysis(
-    name="norms", title="Predicting the error norm: baselines", run=_run, section=section
+    name="norms", title="Predicting the error norm: baselines", run=_run, section=section,
+    settings=lambda cfg, results: (VERSION,),
 )

@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import PNG_MAGIC
+from sae_darkmatter.analyses.norm_alignment import latent_norm_alignment
 from sae_darkmatter.analyses.norm_baselines import (
     BASELINES,
     alignment_figure,
     baseline_figure,
     fit_mask,
     grouped_ols_predict,
-    latent_norm_alignment,
     norm_analysis,
     norm_baselines,
+    r2_interval,
     r2_score,
     violin_figure,
 )
@@ -62,8 +63,9 @@ def _write_decomposition(
 def run(tmp_path_factory):
     """A store with x ~ N(0, I) independent of tokens/positions, and five fake decompositions.
 
-    ``lin``: ‖e‖² = a·x + 5 + noise; ``tok``: depends on the token id only; ``pos``: on the
-    position only; ``mix``: a·x + f(token); ``norm``: ‖x‖².
+    ``lin``: ‖e‖² = a·x + 15 + noise; ``tok``: depends on the token id only; ``pos``: on the
+    position only; ``mix``: a·x + f(token); ``norm``: ‖x‖²; ``root``: ‖e‖ = a·x + 20 + noise.
+    Every target stays positive, as a squared norm does.
     """
     root = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(1)
@@ -82,11 +84,12 @@ def run(tmp_path_factory):
     f_tok, g_pos = rng.uniform(1, 10, VOCAB), rng.uniform(1, 10, T)
     noise = lambda s: s * rng.normal(size=len(rows))  # noqa: E731
     targets = {
-        "lin": xr @ a + 5 + noise(0.1),
+        "lin": xr @ a + 15 + noise(0.1),
         "tok": f_tok[tok] + noise(0.1),
         "pos": g_pos[pos] + noise(0.1),
-        "mix": xr @ a + f_tok[tok] + noise(0.1),
+        "mix": xr @ a + 10 + f_tok[tok] + noise(0.1),
         "norm": np.square(xr).sum(1) + noise(0.1),
+        "root": np.square(xr @ a + 20 + noise(0.1)),
     }
     dec = root / "decompose"
     dec.mkdir()
@@ -127,6 +130,29 @@ def test_x_baseline_matches_numpy_lstsq(run, result):
     assert result["lin"]["x (linear)"] > 0.99
     assert result["baselines"] == list(BASELINES)
     assert result["n_fit"] == 350 and result["n_score"] == 350
+
+
+def test_the_norm_target_is_fit_on_x_like_the_squared_norm(run, result):
+    """"x (linear) → ‖e‖" is the same held-out OLS on sqrt of the stored ‖e‖²; where ‖e‖ (not
+    ‖e‖²) is linear in x, only that target reaches R² ≈ 1."""
+    fit = fit_mask(len(run["rows"]), 3)
+    design = np.column_stack([run["x"].astype(np.float64), np.ones(len(run["rows"]))])
+    for name in ("lin", "root", "norm"):
+        y = np.sqrt(run["targets"][name].astype(np.float32).astype(np.float64))
+        w, *_ = np.linalg.lstsq(design[fit], y[fit], rcond=None)
+        ref = r2_score(y[~fit], design[~fit] @ w)
+        assert result[name]["x (linear) → ‖e‖"] == pytest.approx(ref, abs=1e-9)
+    assert result["root"]["x (linear) → ‖e‖"] > 0.99 > result["root"]["x (linear)"] + 0.001
+
+
+def test_x_fit_intervals_resample_the_scored_tokens(run, result):
+    y = run["targets"]["mix"]
+    pred = y + np.random.default_rng(0).normal(size=len(y))
+    unresampled = np.ones((3, len(y)))  # every "draw" the sample itself: R² exactly
+    assert r2_interval(unresampled, y, pred) == pytest.approx([r2_score(y, pred)] * 2, abs=1e-12)
+    for name in ("lin", "mix", "root"):
+        for base, (lo, hi) in result[name]["intervals"].items():
+            assert lo < result[name][base] < hi and hi - lo < 0.2, (name, base)
 
 
 def test_known_dependences_are_found(result):
@@ -201,7 +227,7 @@ def test_latent_norm_alignment_matches_dense(run):
 
 
 def test_reconstruction_norm_probe_matches_numpy_lstsq(run):
-    from sae_darkmatter.analyses.norm_baselines import reconstruction_norm_probe
+    from sae_darkmatter.analyses.norm_alignment import reconstruction_norm_probe
 
     sae = load_sae(run["root"] / "saes" / "mix")
     rows = run["rows"]
@@ -221,7 +247,7 @@ def test_figures_and_analysis(run, result, tmp_path):
     summary = norm_analysis(run["dec"], run["store"], tmp_path / "out", seed=3)
     json.dumps(summary)
     assert summary["baselines"]["lin"] == result["lin"]
-    assert summary["alignment"]["sae"] == "norm"  # the widest
+    assert summary["alignment"]["sae"] == "root"  # the widest
     for name in ("norm_baselines", "norm_violins", "norm_alignment"):
         assert (tmp_path / "out" / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     align = {
