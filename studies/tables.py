@@ -1,0 +1,136 @@
+"""Print the README's study tables (markdown) from the studies' output folders.
+
+    python studies/tables.py norm  study/norm_r2 study/paper   # study 1: what moves the norm R²
+    python studies/tables.py width study/converged             # study 2: FVU nonlinear vs width
+    python studies/tables.py error study/converged             # study 3: error-SAE learnability
+
+Every number is on held-out tokens, with its 95 % interval: the decomposition's token
+bootstrap for FVU and the probe's R² of ‖e‖²; the norm baselines' token bootstrap for the
+target comparison (x fit on a seeded half of the probe-test tokens, scored on the other half).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sae_darkmatter.analyses.norm_baselines import norm_baselines
+from sae_darkmatter.decompose import SavedDecomposition
+from sae_darkmatter.run_dir import decompositions_of
+from sae_darkmatter.store import ActivationStore
+
+NORM_ROWS = [  # (factor, setting, decomposition folder under the norm_r2 output)
+    ("base", "layer 15, 400k tokens, filter 5×, target ‖e‖²", "layer15"),
+    ("layer", "5", "layer5"), ("layer", "10", "layer10"), ("layer", "20", "layer20"),
+    ("layer", "25", "layer25"),
+    ("training", "100k tokens", "tokens100k"), ("training", "1.6M tokens", "tokens1600k"),
+    ("training", "to a plateau (cap 6.4M)", "plateau"),
+    ("norm filter", "off", "filter0"), ("norm filter", "2× the median", "filter2"),
+]
+
+
+def ci(value: float, interval: Any, digits: int = 3) -> str:
+    if not interval:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def training(dec: SavedDecomposition) -> str:
+    """Tokens seen, how training stopped and the last doubling's FVU gain, from training.json."""
+    path = Path(dec.info["sae"]["path"]) / "training.json"
+    if not path.is_file():
+        return "pretrained"
+    t = json.loads(path.read_text())
+    s = t.get("schedule") or {}
+    gain = s.get("doubling_gain")
+    tail = f", last doubling −{gain:.1%} FVU" if gain is not None else ""
+    return f"{t['tokens_seen'] / 1e6:.2f}M ({s.get('stopped', 'tokens')}{tail})"
+
+
+def norm_row(factor: str, setting: str, folder: Path, store: ActivationStore) -> str:
+    (dec,) = decompositions_of(folder)
+    m = dec.info["metrics"]
+    base = norm_baselines(folder, store)[dec.name]
+    cis = base["intervals"]
+    return (f"| {factor} | {setting} | {m['n_probe_test']:,} | "
+            f"{ci(m['r2_error_norm'], m['ci']['r2_error_norm'])} | "
+            f"{ci(base['x (linear)'], cis['x (linear)'])} | "
+            f"{ci(base['x (linear) → ‖e‖'], cis['x (linear) → ‖e‖'])} | "
+            f"{ci(m['fvu'], m['ci']['fvu'])} | {training(dec)} |")
+
+
+def norm_table(norm_out: Path, paper_run: Path | None) -> list[str]:
+    lines = ["| factor | setting | held-out tokens | R² of ‖e‖² (probe) | x → ‖e‖² (half) "
+             "| x → ‖e‖ (half) | FVU | SAE training |", "|---|---|---|---|---|---|---|---|"]
+    store = ActivationStore.open(norm_out / "store")
+    for factor, setting, name in NORM_ROWS:
+        folder = norm_out / "decompose" / name
+        if folder.is_dir():
+            lines.append(norm_row(factor, setting, folder, store))
+    if paper_run is not None and (paper_run / "decompose").is_dir():
+        lines.append(norm_row("protocol", "paper (1,024-token contexts, positions 200..1022, "
+                              "no filter)", paper_run / "decompose",
+                              ActivationStore.open(paper_run / "store")))
+    return lines
+
+
+def claim(run: Path, key: str) -> str:
+    metrics = json.loads((run / "metrics.json").read_text())
+    row = next(c for c in metrics["analyses"]["paper"]["claims"] if c["key"] == key)
+    return f"{row['verdict']}: {row['detail']}"
+
+
+def width_table(run: Path) -> list[str]:
+    lines = ["| width | SAE training | FVU | FVU linear | FVU nonlinear | linear share |",
+             "|---|---|---|---|---|---|"]
+    for dec in sorted(decompositions_of(run / "decompose"), key=lambda d: d.width):
+        m = dec.info["metrics"]
+        lines.append(f"| {dec.width:,} | {training(dec)} | {ci(m['fvu'], m['ci']['fvu'])} | "
+                     f"{ci(m['fvu_linear'], m['ci']['fvu_linear'])} | "
+                     f"{ci(m['fvu_nonlinear'], m['ci']['fvu_nonlinear'])} | "
+                     f"{ci(m['linear_share'], m['ci']['linear_share'])} |")
+    return [*lines, "", f"Claim check: {claim(run, 'fvu_nonlinear_flat')}"]
+
+
+def error_table(run: Path) -> list[str]:
+    result = json.loads((run / "analyses.json").read_text())["error_saes"]
+    lines = ["| base SAE | k | training (linear / nonlinear error SAE) | FVU on ê | FVU on e − ê "
+             "| difference |", "|---|---|---|---|---|---|"]
+    for base in result["bases"]:
+        for entry in base["matched_l0"]:
+            trained = {g["target"]: g for g in base["grid"] if g["width"] == entry["width"]
+                       and abs(g["l0"] - entry["l0"]) < 1e-9}
+
+            def record(target: str, trained: dict[str, Any] = trained) -> str:
+                g = trained.get(target, {})
+                t = g.get("training") or {}
+                gain = t.get("doubling_gain")
+                return (f"{(g.get('tokens_seen') or 0) / 1e6:.2f}M {t.get('stopped', '?')}"
+                        + (f" (−{gain:.1%})" if gain is not None else ""))
+
+            diff = entry["fvu"]["nonlinear"] - entry["fvu"]["linear"]
+            lines.append(f"| {base['sae']} | {entry['sparsity']} | {record('linear')} / "
+                         f"{record('nonlinear')} | {entry['fvu']['linear']:.3f} | "
+                         f"{entry['fvu']['nonlinear']:.3f} | "
+                         f"{ci(diff, entry.get('fvu_nonlinear_minus_linear_ci'))} |")
+    return [*lines, "", f"Claim check: {claim(run, 'error_saes_worse')}"]
+
+
+def main(argv: list[str]) -> None:
+    kind, *paths = argv
+    folders = [Path(p) for p in paths]
+    if kind == "norm":
+        lines = norm_table(folders[0], folders[1] if len(folders) > 1 else None)
+    elif kind == "width":
+        lines = width_table(folders[0])
+    elif kind == "error":
+        lines = error_table(folders[0])
+    else:
+        raise SystemExit(f"unknown table {kind!r}: norm, width or error")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
