@@ -40,6 +40,8 @@ train_tokens = 4096
 batch_size = 512
 [decompose]
 chunk_rows = 256
+[downstream]
+max_contexts = 16
 """
 
 

@@ -37,7 +37,8 @@ def rows_of(out: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_every_step_passes_on_cpu_and_prints_the_table(tmp_path):
     out = tmp_path / "out"
-    done = gpu_check(out, "--checks", "families,bf16,torchrun,timing", "--timing-contexts", "48")
+    done = gpu_check(out, "--checks", "families,bf16,torchrun,timing", "--n-contexts", "64",
+                     "--timing-contexts", "32")
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     rows = rows_of(out)
     expected = ["environment", "install", "llama run", "llama harvest", "llama train",
@@ -57,7 +58,7 @@ def test_every_step_passes_on_cpu_and_prints_the_table(tmp_path):
     bf16 = rows["llama bf16 vs float32"]["result"]
     assert not bf16.startswith("max |Δ| 0 ") and "× tol" in bf16
     assert rows["llama run"]["cpu_s"] > 0 and rows["llama run"]["device_s"] > 0
-    assert "6,144 tokens with loss" in rows["timing harvest"]["result"]  # 48 x 128
+    assert "4,096 tokens with loss" in rows["timing harvest"]["result"]  # 32 x 128
     group = json.loads((out / "llama" / "torchrun_group.json").read_text())
     assert group["backend"] == "gloo" and group["world_size"] == 1
     for run in ("cpu", "device", "device_bf16", "torchrun"):
@@ -67,7 +68,7 @@ def test_every_step_passes_on_cpu_and_prints_the_table(tmp_path):
 @pytest.mark.slow
 def test_an_impossible_tolerance_fails_the_check(tmp_path):
     out = tmp_path / "out"
-    done = gpu_check(out, "--checks", "bf16", "--tolerance-scale", "0")
+    done = gpu_check(out, "--checks", "bf16", "--tolerance-scale", "0", "--n-contexts", "32")
     assert done.returncode == 1, done.stdout[-5000:] + done.stderr[-3000:]
     rows = rows_of(out)
     assert rows["llama run"]["status"] == "PASS"
