@@ -26,6 +26,7 @@ from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import registry
 from sae_darkmatter.saes.archs import SAE_CLASSES
+from sae_darkmatter.saes.hooks import translate_hook
 from sae_darkmatter.saes.io import (
     CFG_FILENAME,
     TRAINING_FILENAME,
@@ -151,7 +152,7 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
     ours = str(meta.get("written_by", "")).startswith("sae-darkmatter")
     model_name = meta.get("model_name", cfg.get("model_name"))
     original_hook = meta.get("hook_name", cfg.get("hook_name"))
-    hook, note = registry.translate_hook(original_hook)
+    hook, note = translate_hook(original_hook)
     prov = _provenance(
         "sae_darkmatter" if ours else "sae_lens", path, cfg["architecture"], sae,
         safetensors_dtype(path / WEIGHTS_FILENAME, "W_dec"), model_name,
@@ -244,7 +245,7 @@ def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     run_path = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
     run_cfg = read_json_file(run_path) if run_path.is_file() else {}
     model_name = run_cfg.get("model")
-    hook, note = registry.translate_hook(path.name)
+    hook, note = translate_hook(path.name)
     return sae, _provenance(
         "sparsify", path, "topk", sae, safetensors_dtype(path / SPARSIFY_WEIGHTS, "W_dec"),
         model_name, registry.hf_model_id(model_name), hook, path.name, [note] if note else [],
@@ -376,7 +377,7 @@ def _dl_hook(trainer: dict[str, Any]) -> tuple[str | None, str | None]:
     kind, layer = match.group(1), int(match.group(2))
     if kind != "resid_pre":
         return f"{kind}.{layer}", None
-    return registry.translate_hook(f"blocks.{layer}.hook_resid_pre")
+    return translate_hook(f"blocks.{layer}.hook_resid_pre")
 
 
 def _layer_text(trainer: dict[str, Any]) -> str | None:

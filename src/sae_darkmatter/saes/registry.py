@@ -3,13 +3,12 @@
 ``sae_lens`` is an optional extra (``pip install sae-darkmatter[saelens]``) imported only here,
 and only when a registry SAE is opened: it takes ~5 s to import. SAELens downloads (or, with
 ``HF_HUB_OFFLINE=1``, reads from the local Hugging Face cache) and converts the weights; we
-turn its SAE into ours and translate its TransformerLens hook and model names.
+turn its SAE into ours and translate its TransformerLens hook (``hooks``) and model names.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -24,6 +23,7 @@ from sae_darkmatter.errors import (
     DarkMatterError,
     ModelNotAvailableError,
 )
+from sae_darkmatter.saes.hooks import translate_hook
 from sae_darkmatter.saes.io import (
     architecture_name,
     norm_scale,
@@ -35,56 +35,6 @@ from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
 REGISTRY_PREFIX = "saelens:"
 INSTALL_HINT = "pip install sae-darkmatter[saelens]"
-
-_TL_HOOK = re.compile(
-    r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$"
-)
-_OUR_HOOK = re.compile(r"^(resid_post|mlp_out|attn_out)\.\d+$")
-# Hugging Face module paths whose output is read (SAELens's HookedProxyLM, sparsify):
-# "model.layers.12", "layers.10", "h.3.mlp", "gpt_neox.layers.2.attention"
-_HF_MODULE = re.compile(
-    r"^(?:\w+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
-)
-_TL_KIND = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
-
-
-def translate_hook(name: str | None) -> tuple[str | None, str | None]:
-    """Our hook for a TransformerLens hook name or a Hugging Face module path (ours pass
-    through), and a note when none fits exactly.
-
-    ``blocks.L.hook_resid_post`` -> ``resid_post.L``; ``hook_mlp_out`` -> ``mlp_out.L``;
-    ``hook_attn_out`` -> ``attn_out.L``; ``blocks.L.hook_resid_pre`` is the residual stream
-    before layer ``L``, i.e. ``resid_post.{L-1}`` (nothing for ``L = 0``: the embeddings).
-    A module path reads that module's output: ``model.layers.L`` -> ``resid_post.L``,
-    ``model.layers.L.mlp`` -> ``mlp_out.L``, ``...self_attn`` -> ``attn_out.L``.
-    """
-    if name is None:
-        return None, None
-    if _OUR_HOOK.match(name):
-        return name, None
-    match = _TL_HOOK.match(name)
-    if match is None and (module := _HF_MODULE.match(name)):
-        return _module_hook(name, int(module.group(1)), module.group(2))
-    if match is None:
-        if re.match(r"^blocks\.\d+\.attn\.hook_z$", name):
-            return None, (f"{name} is the per-head attention output before W_O; attn_out.L is "
-                          "after W_O, so no hook here matches")
-        return None, f"hook {name!r} has no counterpart among resid_post/mlp_out/attn_out"
-    layer, kind = int(match.group(1)), match.group(2)
-    if kind != "hook_resid_pre":
-        return f"{_TL_KIND[kind]}.{layer}", None
-    if layer == 0:
-        return None, f"{name} is the embedding output; no resid_post/mlp_out/attn_out hook matches"
-    return f"resid_post.{layer - 1}", f"{name} equals resid_post.{layer - 1}"
-
-
-def _module_hook(name: str, layer: int, block: str | None) -> tuple[str, str | None]:
-    if block is None:
-        return f"resid_post.{layer}", None
-    kind = "mlp_out" if block == "mlp" else "attn_out"
-    return f"{kind}.{layer}", (
-        f"{name} is the block's raw output; on models with sandwich norms (Gemma 2/3, OLMo 2) "
-        f"{kind}.{layer} is read after the post-norm instead")
 
 
 def hf_model_id(model_name: str | None) -> str | None:
