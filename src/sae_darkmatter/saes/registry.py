@@ -25,6 +25,7 @@ from sae_darkmatter.errors import (
 )
 from sae_darkmatter.saes.hooks import translate_hook
 from sae_darkmatter.saes.io import (
+    SAELENS_TRANSCODERS,
     architecture_name,
     norm_scale,
     sae_from_saelens,
@@ -32,6 +33,12 @@ from sae_darkmatter.saes.io import (
 )
 from sae_darkmatter.saes.metadata import trained_with
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+from sae_darkmatter.saes.transcoder import (
+    Transcoder,
+    sae_as_transcoder,
+    transcoder_from_saelens,
+    transcoder_provenance,
+)
 
 REGISTRY_PREFIX = "saelens:"
 INSTALL_HINT = "pip install sae-darkmatter[saelens]"
@@ -118,6 +125,41 @@ def load_pretrained(
     Offline (``HF_HUB_OFFLINE=1``) files must already be in the local Hugging Face cache;
     otherwise a ``ModelNotAvailableError`` names the release and id.
     """
+    release, sae_id, cfg, state, raw_cfg = _fetch(spec)
+    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
+    scale = norm_scale(cfg, where, norm_scaling_factor)
+    sae = sae_from_saelens(cfg, state, where=where, scale=scale)
+    return sae.to(resolve_device(str(device))), _provenance(release, sae_id, cfg, sae, raw_cfg)
+
+
+def load_pretrained_transcoder(
+    spec: str, *, device: str | torch.device = "cpu", norm_scaling_factor: float | None = None
+) -> tuple[Transcoder, dict[str, Any]]:
+    """Our transcoder and its provenance for a registry spec naming a SAELens transcoder; an
+    SAE becomes a transcoder from its hook to itself (``norm_scaling_factor`` as for
+    ``load_pretrained``, for SAEs only)."""
+    release, sae_id, cfg, state, raw_cfg = _fetch(spec)
+    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
+    if cfg["architecture"] not in SAELENS_TRANSCODERS:
+        scale = norm_scale(cfg, where, norm_scaling_factor)
+        sae = sae_from_saelens(cfg, state, where=where, scale=scale)
+        tc, prov = sae_as_transcoder(sae, _provenance(release, sae_id, cfg, sae, raw_cfg))
+    else:
+        if norm_scaling_factor is not None:
+            raise DarkMatterError(f"{where}: norm_scaling_factor applies to SAEs, not transcoders")
+        tc = transcoder_from_saelens(cfg, state, where=where)
+        meta = cfg.get("metadata") or {}
+        out = meta.get("hook_name_out", cfg.get("hook_name_out"))
+        prov = transcoder_provenance(_provenance(release, sae_id, cfg, tc.sparse, raw_cfg), tc,
+                                     translate_hook(out), out)
+    return tc.to(resolve_device(str(device))), prov
+
+
+def _fetch(
+    spec: str,
+) -> tuple[str, str, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(release, sae_id, config dict, state dict, raw config)`` of a registry spec, loaded by
+    sae_lens (see ``load_pretrained`` for the errors)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -149,15 +191,7 @@ def load_pretrained(
             f"SAELens SAE {release}/{sae_id}: its cached weights file is damaged ({exc}); "
             f"delete the repo's folder in {constants.HF_HUB_CACHE} and download it again"
         ) from exc
-    cfg = theirs.cfg.to_dict()
-    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
-    scale = norm_scale(cfg, where, norm_scaling_factor)
-    sae = sae_from_saelens(cfg, theirs.state_dict(), where=where, scale=scale)
-    prov = _provenance(release, sae_id, cfg, sae)
-    # Converted releases (Gemma Scope 2) state their training data at the top level of the raw
-    # config; SAELens keeps only its metadata keys on the SAE.
-    prov["trained_with"] = trained_with({**raw_cfg, "metadata": cfg.get("metadata") or {}})
-    return sae.to(resolve_device(str(device))), prov
+    return release, sae_id, theirs.cfg.to_dict(), theirs.state_dict(), raw_cfg
 
 
 @contextmanager
@@ -188,7 +222,9 @@ def _tensor_shapes_from_files() -> Iterator[None]:
         loaders.get_safetensors_tensor_shapes = original
 
 
-def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) -> dict[str, Any]:
+def _provenance(
+    release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE, raw_cfg: dict[str, Any]
+) -> dict[str, Any]:
     """Where a registry SAE came from and what it was trained on, in our names."""
     directory = _directory()
     entry = directory.get(release)
@@ -216,6 +252,9 @@ def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) 
         "hook_name": hook,
         "original_hook_name": original_hook,
         "notes": [note] if note else [],
+        # Converted releases (Gemma Scope 2) state their training data at the top level of the
+        # raw config; SAELens keeps only its metadata keys on the SAE.
+        "trained_with": trained_with({**raw_cfg, "metadata": meta}),
     }
 
 
