@@ -42,8 +42,8 @@ SAELENS_TRANSCODERS = {
     "jumprelu_skip_transcoder": ("jumprelu", True),
 }
 TRANSCODER_HINT = (
-    "load it with sae_darkmatter.open_transcoder (its error is y - y_hat at another hook, "
-    "not x - x_hat)"
+    "its error is y - y_hat (at another hook, or with a skip term), not x - x_hat, which the "
+    "decomposition does not take yet; sae_darkmatter.open_transcoder loads it"
 )
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",

@@ -95,7 +95,8 @@ def test_sparsify_parent_folder_lists_hookpoints(tmp_path, sparsify):
 
 
 @pytest.mark.parametrize(("cfg", "message"), [
-    ({"transcode": True}, "a sparsify transcoder, not a plain SAE: load it with .*open_transcoder"),
+    ({"transcode": True}, "a sparsify transcoder, not a plain SAE: its error is y - y_hat.*"
+                          "open_transcoder"),
     ({"skip_connection": True}, "a sparsify skip connection, not a plain SAE"),
     ({"activation": "groupmax"}, "activation='groupmax' is not supported"),
 ])

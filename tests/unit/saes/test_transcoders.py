@@ -251,3 +251,49 @@ def test_sparsify_sae_opens_as_a_transcoder_to_itself(tmp_path, sparsify):
         torch.testing.assert_close(loaded.transcoder(x), coder(x).sae_out, rtol=RTOL, atol=ATOL)
     with pytest.raises(DarkMatterError, match="applies only to SAELens SAEs"):
         open_transcoder(tmp_path / "layers.2", norm_scaling_factor=2.0)
+
+
+def test_gemma_scope_2_affine_transcoder_offline(hub_cache, monkeypatch, sae_lens):
+    """A Gemma Scope 2 skip ("affine") transcoder in its Hub layout (``params.safetensors``
+    with ``affine_skip_connection`` stored ``[d_in, d_out]``), through the registry's
+    ``gemma_3`` conversion; checked against sae_lens and the documented maths in plain torch:
+    ``y = jumprelu(x @ w_enc + b_enc) @ w_dec + b_dec + x @ affine_skip_connection``."""
+    from huggingface_hub import hf_hub_download
+    from sae_lens.loading import pretrained_sae_loaders
+    from safetensors import safe_open
+
+    sae_id = "transcoder/layer_9_width_16k_l0_small_affine"
+    d, gen = 48, torch.Generator().manual_seed(11)
+    p = {"w_enc": torch.randn(d, D_SAE, generator=gen) * 0.2,
+         "w_dec": torch.randn(D_SAE, d, generator=gen) * 0.2,
+         "b_enc": torch.randn(D_SAE, generator=gen) * 0.1,
+         "b_dec": torch.randn(d, generator=gen) * 0.1,
+         "threshold": torch.rand(D_SAE, generator=gen) * 0.5,
+         "affine_skip_connection": torch.randn(d, d, generator=gen) * 0.2}
+    folder = cached_hub_repo(hub_cache, "google/gemma-scope-2-270m-pt") / sae_id
+    folder.mkdir(parents=True)
+    save_file(p, str(folder / "params.safetensors"))
+    (folder / "config.json").write_text(json.dumps(
+        {"architecture": "jump_relu", "model_name": "gemma-v3-270m-pt", "affine_connection": True}))
+    loaded = open_transcoder(f"saelens:gemma-scope-2-270m-pt-transcoders/{sae_id}")
+
+    def shapes_from_cache(repo_id, filename):
+        with safe_open(hf_hub_download(repo_id, filename), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+    monkeypatch.setattr(pretrained_sae_loaders, "get_safetensors_tensor_shapes", shapes_from_cache)
+    theirs = sae_lens.SAE.from_pretrained("gemma-scope-2-270m-pt-transcoders", sae_id)
+    x = torch.randn(300, d, generator=gen) * 2
+    pre = x @ p["w_enc"] + p["b_enc"]
+    documented = ((pre * (pre > p["threshold"])) @ p["w_dec"] + p["b_dec"]
+                  + x @ p["affine_skip_connection"])
+    with torch.no_grad():
+        assert 0.02 < (loaded.transcoder.encode(x) > 0).float().mean() < 0.98
+        for reference in (theirs(x), documented):
+            torch.testing.assert_close(loaded.transcoder(x), reference, rtol=RTOL, atol=ATOL)
+    prov = loaded.provenance
+    assert (prov["architecture"], prov["loaded_as"], prov["model"]) == (
+        "jumprelu_skip_transcoder", "jumprelu_skip_transcoder", "google/gemma-3-270m")
+    assert (loaded.hook_in, loaded.hook_out) == ("mlp_in.9", "mlp_out.9")
+    assert (prov["original_hook_name"], prov["original_hook_name_out"]) == (
+        "blocks.9.hook_mlp_in", "blocks.9.hook_mlp_out")
