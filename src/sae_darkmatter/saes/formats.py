@@ -210,7 +210,7 @@ def _build(
     return sae
 
 
-def check_shapes(
+def _check_shapes(
     state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where: Path,
     optional: frozenset[str] = frozenset(),
 ) -> None:
@@ -254,7 +254,7 @@ def read_sparsify(path: Path) -> SparsifyFolder:
     state = read_tensors(path / SPARSIFY_WEIGHTS)
     shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in),
               "b_dec": (d_in,)} | ({"W_skip": (d_in, d_in)} if cfg.get("skip_connection") else {})
-    check_shapes(state, shapes, path / SPARSIFY_WEIGHTS)
+    _check_shapes(state, shapes, path / SPARSIFY_WEIGHTS)
     transcode = bool(cfg.get("transcode"))
     sae = _build("topk", {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
                           "W_dec": state["W_dec"], "b_dec": state["b_dec"]}, path,
@@ -339,7 +339,7 @@ def _open_dictionary_learning(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     batch_topk = dict_class in _BATCH_TOPK
     if batch_topk:
         shapes["threshold"] = ()
-    check_shapes(state, shapes, path / DL_WEIGHTS, optional)
+    _check_shapes(state, shapes, path / DL_WEIGHTS, optional)
     tensors = {name: state[t].T if tr else state[t] for t, (name, tr) in names.items()}
     notes = []
     if batch_topk:
