@@ -5,6 +5,7 @@ Stages, each usable alone (see README):
     harvest(HarvestConfig, path)            -> ActivationStore
     make_splits(store, SplitConfig)         -> Splits (SAE-train / probe-train / probe-test rows)
     open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
+    open_transcoder(same)                   -> LoadedTranscoder (transcoder, hooks in and out)
     train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu,
                                                one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
@@ -79,6 +80,8 @@ _EXPORTS = {
         "train_sae",
     ],
     "saes.formats": ["LoadedSAE", "open_sae"],
+    "saes.transcoder": ["Transcoder"],
+    "saes.transcoder_formats": ["LoadedTranscoder", "open_transcoder"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
     "decompose": ["Decomposition", "DecompositionOutput", "decompose", "decompose_many"],
     "stream": ["StreamResult", "stream_decompose"],

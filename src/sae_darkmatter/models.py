@@ -1,7 +1,12 @@
 """Load a language model, name its hook points, and run it with activation capture.
 
 Hook points are ``resid_post.L`` (output of decoder layer ``L``), ``attn_out.L`` and
-``mlp_out.L`` (what the attention and MLP blocks of layer ``L`` add to the residual stream).
+``mlp_out.L`` (what the attention and MLP blocks of layer ``L`` add to the residual stream), and
+``mlp_in.L``: the tensor layer ``L``'s MLP module receives, i.e. the output of the pre-MLP norm
+(``post_attention_layernorm`` in Llama/Qwen/Mistral/NeoX, ``pre_feedforward_layernorm`` in
+Gemma 2/3, ``ln_2`` in GPT-2), the input transcoders read (sparsify, Gemma Scope). It is read
+from the MLP's input with a forward pre-hook, so no norm has to be recomputed or named; it is
+d_model wide like the others, but not a residual-stream quantity (the norm's weight scales it).
 Modules are found by structure, not by class name: the decoder layers are the ``ModuleList``
 whose children all have an attention submodule (``self_attn``/``attn``/``attention``) and an
 ``mlp``. Layers with sandwich norms (Gemma 2/3, OLMo 2: a ``post_feedforward_layernorm``) add
@@ -17,7 +22,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeGuard, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +45,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2"
 AUTO_NAME = "auto"  # ModelConfig default: the SAEs' model when a run names one, else EMBEDDED_NAME
-HOOK_KINDS = ("resid_post", "attn_out", "mlp_out")
+HOOK_KINDS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
+INPUT_KINDS = frozenset({"mlp_in"})  # read from the hook module's input, not its output
 SUPPORTED = (
     "Llama 2/3, Mistral, Qwen2/3, Phi-3, SmolLM2 (model.layers[L].self_attn/.mlp), Gemma 2/3 "
     "(sandwich norms), GPT-2 (transformer.h[L].attn/.mlp), GPT-NeoX "
@@ -272,12 +278,22 @@ def hook_dim(model: PreTrainedModel | LoadedModel, name: str) -> int:
     return _d_model(_unwrap(model))
 
 
+def reads_input(name: str) -> bool:
+    """Whether hook ``name`` is its module's input (``mlp_in``) rather than its output."""
+    return name.rpartition(".")[0] in INPUT_KINDS
+
+
 def hook_module(model: PreTrainedModel | LoadedModel, name: str) -> nn.Module:
-    """The module whose output (first element if a tuple) is hook ``name``."""
+    """The module whose output (first element if a tuple) is hook ``name``; for ``mlp_in``
+    (``reads_input``), the MLP module whose first input it is."""
     kind, index = parse_hook(model, name)
     layer = _decoder_layers(_unwrap(model))[index]
     if kind == "resid_post":
         return layer
+    if kind == "mlp_in":
+        mlp = _child(layer, _MLP_NAMES)
+        assert mlp is not None  # _decoder_layers keeps layers with both children
+        return mlp
     sandwich = isinstance(getattr(layer, "post_feedforward_layernorm", None), nn.Module)
     if kind == "attn_out":
         child = layer.post_attention_layernorm if sandwich else _child(layer, _ATTN_NAMES)
@@ -307,19 +323,31 @@ def forward_capture(
     modules = {name: hook_module(lm.model, name) for name in hooks}
     captured: dict[str, torch.Tensor] = {}
 
+    def keep(name: str, value: torch.Tensor) -> None:
+        captured[name] = value.detach().to(torch.float32, copy=True)
+        if not with_loss and len(captured) == len(hooks):
+            raise _StopForward
+
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: object, output: object) -> None:
-            out = cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
-            captured[name] = out.detach().to(torch.float32, copy=True)
-            if not with_loss and len(captured) == len(hooks):
-                raise _StopForward
+            keep(name, cast(torch.Tensor, output[0] if isinstance(output, tuple) else output))
 
         return hook
+
+    def make_pre_hook(name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            keep(name, module_input(module, args))
+
+        return pre_hook
 
     if not hooks and not with_loss:
         return {}, None
     ids = input_ids.to(lm.device)
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(make_pre_hook(n)) if reads_input(n)
+        else m.register_forward_hook(make_hook(n))
+        for n, m in modules.items()
+    ]
     loss = None
     try:
         with torch.inference_mode():
@@ -337,6 +365,17 @@ def forward_capture(
     if missing:
         raise HookError(f"hooks {missing} produced no output on {type(lm.model).__name__}")
     return {n: captured[n].cpu() for n in hooks}, loss
+
+
+def module_input(module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    """The tensor a module was called with, as a forward pre-hook sees it: its first positional
+    argument (every supported family calls its MLP as ``mlp(hidden_states)``)."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise HookError(
+            f"{type(module).__name__} was not called with a tensor as its first positional "
+            "argument, so its input cannot be read"
+        )
+    return args[0]
 
 
 def _token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,14 @@ from torch import nn
 
 from sae_darkmatter.errors import DarkMatterError, HookError
 from sae_darkmatter.linalg import LinearProbe
-from sae_darkmatter.models import LoadedModel, hook_module, logits_batch, parse_hook
+from sae_darkmatter.models import (
+    LoadedModel,
+    hook_module,
+    logits_batch,
+    module_input,
+    parse_hook,
+    reads_input,
+)
 from sae_darkmatter.saes import SAE
 
 SHARED = ("x", "zero", "mean")
@@ -55,18 +62,20 @@ def _constant_forwards(outputs: Mapping[nn.Module, Any]) -> Iterator[None]:
 
 
 class HookSplicer:
-    """Run an LM clean, then with the output of hook ``hook`` replaced, on the same batch.
+    """Run an LM clean, then with the activations at hook ``hook`` replaced, on the same batch.
 
     ``clean(ids)`` runs the whole model and remembers the outputs of the hook module and of the
     decoder layer before it; ``splice(ids, new)`` then runs the model with the earlier layers
     replaying that output and the hook module returning ``new``, so only the rest is computed.
-    Works for every hook kind ``models`` supports (resid_post, attn_out, mlp_out).
+    At an input hook (``mlp_in``) the hook module is called with ``new`` instead (the rest of
+    its layer runs again). Works for every hook kind ``models`` supports.
     """
 
     def __init__(self, lm: LoadedModel, hook: str) -> None:
         _, layer = parse_hook(lm.model, hook)
         self.lm = lm
         self.module = hook_module(lm.model, hook)
+        self.reads_input = reads_input(hook)
         self.skipped = [hook_module(lm.model, f"resid_post.{i}") for i in range(layer)]
         self._hook_out: Any = None
         self._prev_out: Any = None
@@ -78,7 +87,12 @@ class HookSplicer:
     def clean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hook activations [B, T, d] float32, logits [B, T, V])`` of the clean forward."""
         captured: dict[str, Any] = {}
-        handles = [self.module.register_forward_hook(lambda _m, _a, out: captured.update(hook=out))]
+        handles = [
+            self.module.register_forward_pre_hook(
+                lambda m, args: captured.update(hook=module_input(m, args)))
+            if self.reads_input
+            else self.module.register_forward_hook(lambda _m, _a, out: captured.update(hook=out))
+        ]
         if self.skipped:
             handles.append(self.skipped[-1].register_forward_hook(
                 lambda _m, _a, out: captured.update(prev=out)))
@@ -98,9 +112,18 @@ class HookSplicer:
             raise DarkMatterError(
                 "HookSplicer.splice needs a clean() forward on the same batch first"
             )
-        out = _with_first(self._hook_out, new.to(_first(self._hook_out).dtype))
-        with _constant_forwards({self.module: out} | {m: self._prev_out for m in self.skipped}):
-            return self._logits(ids)
+        new = new.to(_first(self._hook_out).dtype)
+        replay = {m: self._prev_out for m in self.skipped}
+        if not self.reads_input:
+            with _constant_forwards({self.module: _with_first(self._hook_out, new)} | replay):
+                return self._logits(ids)
+        handle = self.module.register_forward_pre_hook(lambda _m, args: (new.to(args[0]),
+                                                                         *args[1:]))
+        try:
+            with _constant_forwards(replay):
+                return self._logits(ids)
+        finally:
+            handle.remove()
 
 
 def ce_kl(logits: torch.Tensor, ids: torch.Tensor,

@@ -146,7 +146,8 @@ def harvest_cmd(
     model: Model = None,
     hook: Annotated[
         list[str] | None,
-        typer.Option(help="Hook point(s), repeatable: resid_post.L, mlp_out.L, attn_out.L."),
+        typer.Option(help="Hook point(s), repeatable: resid_post.L, mlp_out.L, attn_out.L, "
+                          "mlp_in.L."),
     ] = None,
     corpus: Corpus = None,
     n_contexts: NContexts = None,

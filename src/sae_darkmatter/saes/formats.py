@@ -18,7 +18,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,9 +26,11 @@ from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import CorruptSAEError, DarkMatterError, ShapeMismatchError
 from sae_darkmatter.saes import registry
 from sae_darkmatter.saes.archs import SAE_CLASSES
+from sae_darkmatter.saes.hooks import translate_hook
 from sae_darkmatter.saes.io import (
     CFG_FILENAME,
     TRAINING_FILENAME,
+    TRANSCODER_HINT,
     WEIGHTS_FILENAME,
     architecture_name,
     load_sae,
@@ -85,15 +87,7 @@ def open_sae(
             text, device=device, norm_scaling_factor=norm_scaling_factor
         )
         return LoadedSAE(sae, prov)
-    path = Path(text).expanduser().resolve()
-    if path.is_file() and path.name in {WEIGHTS_FILENAME, CFG_FILENAME, SPARSIFY_WEIGHTS,
-                                        DL_WEIGHTS, DL_CONFIG}:
-        path = path.parent
-    if not path.is_dir():
-        raise DarkMatterError(
-            f"no SAE folder at {path}; give a folder, or {registry.REGISTRY_PREFIX}<release>/"
-            "<sae_id> for SAELens's registry"
-        )
+    path = sae_folder(text)
     fmt = detect_format(path)
     if fmt != "sae_lens" and norm_scaling_factor is not None:
         raise DarkMatterError(
@@ -106,6 +100,20 @@ def open_sae(
     else:
         sae, prov = _open_dictionary_learning(path)
     return LoadedSAE(sae.to(resolve_device(str(device))), prov)
+
+
+def sae_folder(spec: str | Path) -> Path:
+    """The absolute folder a spec names (a file of the folder names the folder)."""
+    path = Path(spec).expanduser().resolve()
+    if path.is_file() and path.name in {WEIGHTS_FILENAME, CFG_FILENAME, SPARSIFY_WEIGHTS,
+                                        DL_WEIGHTS, DL_CONFIG}:
+        path = path.parent
+    if not path.is_dir():
+        raise DarkMatterError(
+            f"no SAE folder at {path}; give a folder, or {registry.REGISTRY_PREFIX}<release>/"
+            "<sae_id> for SAELens's registry"
+        )
+    return path
 
 
 def detect_format(path: Path) -> str:
@@ -151,8 +159,8 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
     ours = str(meta.get("written_by", "")).startswith("sae-darkmatter")
     model_name = meta.get("model_name", cfg.get("model_name"))
     original_hook = meta.get("hook_name", cfg.get("hook_name"))
-    hook, note = registry.translate_hook(original_hook)
-    prov = _provenance(
+    hook, note = translate_hook(original_hook)
+    prov = folder_provenance(
         "sae_darkmatter" if ours else "sae_lens", path, cfg["architecture"], sae,
         safetensors_dtype(path / WEIGHTS_FILENAME, "W_dec"), model_name,
         model_name if ours else registry.hf_model_id(model_name), hook, original_hook,
@@ -172,11 +180,12 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
     return sae, prov
 
 
-def _provenance(
+def folder_provenance(
     library: str, path: Path, architecture: str, sae: AffineSAE, dtype: str | None,
     model_name: str | None, model: str | None, hook: str | None, original_hook: str | None,
     notes: list[str], trained: dict[str, Any],
 ) -> dict[str, Any]:
+    """``LoadedSAE.provenance`` of ``sae`` read from the folder ``path``."""
     return {
         "library": library, "source": str(path), "architecture": architecture,
         "loaded_as": architecture_name(sae), "d_in": sae.d_in, "d_sae": sae.d_sae,
@@ -219,37 +228,58 @@ def _check_shapes(
 
 # ----------------------------------------------------------------------------- sparsify
 
-def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
-    """A sparsify ``SparseCoder`` folder: ReLU then top-k (same reconstruction as our TopK).
 
-    Tensors: ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec [d_sae, d_in]``,
-    ``b_dec``; ``b_dec`` is subtracted from the input before encoding.
-    """
+class SparsifyFolder(NamedTuple):
+    """A sparsify ``SparseCoder`` folder read: its TopK part (``b_dec`` subtracted from the
+    input unless it transcodes), ``W_skip [d_in, d_in]`` or None, whether it transcodes (maps
+    its module's input to its output) and the provenance of an SAE on the hookpoint's output."""
+
+    sae: AffineSAE
+    W_skip: torch.Tensor | None
+    transcode: bool
+    provenance: dict[str, Any]
+
+
+def read_sparsify(path: Path) -> SparsifyFolder:
+    """A sparsify folder: ReLU then top-k (the same output as our TopK), plus ``x @ W_skip.T``
+    with a skip connection. Tensors: ``encoder.weight [d_sae, d_in]``, ``encoder.bias``,
+    ``W_dec [d_sae, d_in]``, ``b_dec``, and ``W_skip`` with ``skip_connection``."""
     where = path / CFG_FILENAME
     cfg = read_json_file(where)
-    unsupported = [key for key in ("transcode", "skip_connection") if cfg.get(key)]
-    if unsupported or cfg.get("activation", "topk") != "topk":
-        what = unsupported or [f"activation={cfg.get('activation')!r}"]
-        raise DarkMatterError(
-            f"{where}: sparsify {', '.join(what)} is not supported (only TopK sparse "
-            "autoencoders: transcoders and skip connections do not reconstruct their input)"
-        )
+    if cfg.get("activation", "topk") != "topk":
+        raise DarkMatterError(f"{where}: sparsify activation={cfg.get('activation')!r} is not "
+                              "supported (only topk)")
     d_in = int(cfg["d_in"])
     d_sae = int(cfg.get("num_latents") or d_in * int(cfg["expansion_factor"]))
     state = read_tensors(path / SPARSIFY_WEIGHTS)
-    _check_shapes(state, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
-                          "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, path / SPARSIFY_WEIGHTS)
+    shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in),
+              "b_dec": (d_in,)} | ({"W_skip": (d_in, d_in)} if cfg.get("skip_connection") else {})
+    _check_shapes(state, shapes, path / SPARSIFY_WEIGHTS)
+    transcode = bool(cfg.get("transcode"))
     sae = _build("topk", {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                          "W_dec": state["W_dec"], "b_dec": state["b_dec"]}, path, k=int(cfg["k"]))
+                          "W_dec": state["W_dec"], "b_dec": state["b_dec"]}, path,
+                 k=int(cfg["k"]), apply_b_dec_to_input=not transcode)
     run_path = path.parent / DL_CONFIG  # sparsify's CLI writes its run config (model name) here
     run_cfg = read_json_file(run_path) if run_path.is_file() else {}
     model_name = run_cfg.get("model")
-    hook, note = registry.translate_hook(path.name)
-    return sae, _provenance(
+    hook, note = translate_hook(path.name)
+    prov = folder_provenance(
         "sparsify", path, "topk", sae, safetensors_dtype(path / SPARSIFY_WEIGHTS, "W_dec"),
         model_name, registry.hf_model_id(model_name), hook, path.name, [note] if note else [],
         run_config_training(run_cfg),
     )
+    return SparsifyFolder(sae, state.get("W_skip"), transcode, prov)
+
+
+def _open_sparsify(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
+    """A sparsify SAE folder (transcoders and skip connections are refused with a pointer)."""
+    folder = read_sparsify(path)
+    what = [w for w, on in (("transcoder", folder.transcode),
+                            ("skip connection", folder.W_skip is not None)) if on]
+    if what:
+        raise DarkMatterError(f"{path}: a sparsify {' with a '.join(what)}, not a plain SAE: "
+                              f"{TRANSCODER_HINT}")
+    return folder.sae, folder.provenance
 
 
 # ----------------------------------------------------------------------------- dictionary_learning
@@ -321,7 +351,7 @@ def _open_dictionary_learning(path: Path) -> tuple[AffineSAE, dict[str, Any]]:
     model_name = trainer.get("lm_name")
     hook, note = _dl_hook(trainer)
     w_dec = next(t for t, (name, _) in names.items() if name == "W_dec")
-    return sae, _provenance(
+    return sae, folder_provenance(
         "dictionary_learning", path, dict_class, sae,
         str(state[w_dec].dtype).removeprefix("torch."), model_name,
         registry.hf_model_id(model_name), hook,
@@ -376,7 +406,7 @@ def _dl_hook(trainer: dict[str, Any]) -> tuple[str | None, str | None]:
     kind, layer = match.group(1), int(match.group(2))
     if kind != "resid_pre":
         return f"{kind}.{layer}", None
-    return registry.translate_hook(f"blocks.{layer}.hook_resid_pre")
+    return translate_hook(f"blocks.{layer}.hook_resid_pre")
 
 
 def _layer_text(trainer: dict[str, Any]) -> str | None:

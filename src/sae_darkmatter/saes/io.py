@@ -34,6 +34,18 @@ CHECKSUMS_FILENAME = "checksums.json"  # sha256 of the files we write, checked w
 # handle_config_defaulting in SAELens treats configs without a version >= 6 as the old format.
 SAELENS_FORMAT_VERSION = "6.0.0"
 
+# SAELens's transcoder architectures -> (the architecture of their sparse part, skip connection)
+SAELENS_TRANSCODERS = {
+    "transcoder": ("standard", False),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+TRANSCODER_HINT = (
+    "its error is y - y_hat (at another hook, or with a skip term), not x - x_hat, which the "
+    "decomposition does not take yet; sae_darkmatter.open_transcoder loads it"
+)
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
@@ -184,23 +196,17 @@ def sae_from_saelens(
     """
     cfg = normalize_config(cfg)
     arch = cfg["architecture"]
+    if arch in SAELENS_TRANSCODERS:
+        raise DarkMatterError(f"{where}: a SAELens {arch}, not an SAE: {TRANSCODER_HINT}")
     if arch not in SAE_CLASSES:
         raise DarkMatterError(
             f"{where}: SAE architecture {arch!r} is not supported; "
             f"supported: {sorted(SAE_CLASSES)}"
         )
-    unsupported = [
-        f"{key}={cfg[key]!r}"
-        for key, ok in (("reshape_activations", ("none", "hook_z")),
-                        ("finetuning_scaling_factor", (False,)))
-        if key in cfg and cfg[key] not in ok
-    ]
-    if unsupported:
-        raise DarkMatterError(f"{where}: unsupported SAE setting(s): {', '.join(unsupported)}")
-
+    refuse_settings(cfg, where)
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     cls = SAE_CLASSES[arch]
-    state = _check_weights(state, where, cls, d_in, d_sae)
+    state = check_weights(state, where, cls, d_in, d_sae)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
     sae = cls.for_config(d_in, d_sae, cfg, apply_b_dec_to_input=apply_b_dec)
     cls.adapt_saelens_state(cfg, state)
@@ -210,6 +216,19 @@ def sae_from_saelens(
         state["b_dec"] = state["b_dec"] / scale
     sae.load_state_dict(state)
     return sae
+
+
+def refuse_settings(cfg: dict[str, Any], where: str) -> None:
+    """Refuse SAELens settings no SAE here reproduces (``reshape_activations`` ``hook_z`` is
+    kept: it only says the input was flattened to ``[n, n_heads*d_head]``)."""
+    unsupported = [
+        f"{key}={cfg[key]!r}"
+        for key, ok in (("reshape_activations", ("none", "hook_z")),
+                        ("finetuning_scaling_factor", (False,)))
+        if key in cfg and cfg[key] not in ok
+    ]
+    if unsupported:
+        raise DarkMatterError(f"{where}: unsupported SAE setting(s): {', '.join(unsupported)}")
 
 
 def norm_scale(
@@ -314,24 +333,31 @@ def safetensors_dtype(path: str | Path, name: str) -> str | None:
     return _SAFETENSORS_DTYPES.get(code, code.lower())
 
 
-def _check_weights(
-    state: dict[str, torch.Tensor], where: str, cls: type[AffineSAE], d_in: int, d_sae: int
+def check_weights(
+    state: dict[str, torch.Tensor], where: str, cls: type[AffineSAE], d_in: int, d_sae: int,
+    d_out: int | None = None, extra: dict[str, tuple[int, ...]] | None = None,
+    arch: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SAELens tensors renamed to ours, as float32, checked against the config."""
+    """SAELens tensors renamed to ours, as float32, checked against the config (``d_out``:
+    a transcoder's decoder width; ``extra``: tensors beyond the class's, with their shapes;
+    ``arch``: the architecture named in errors, default the class's)."""
     state = dict(state)
+    stated = f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out is not None else "")
+    d_out = d_in if d_out is None else d_out
+    extra = extra or {}
     ones = state.get("scaling_factor")
     if ones is not None and torch.equal(ones, torch.ones_like(ones)):
         del state["scaling_factor"]  # older SAELens saved a no-op factor; SAELens drops it too
-    ours = ("W_enc", "b_enc", "W_dec", "b_dec", *cls.extra_tensors)
+    ours = ("W_enc", "b_enc", "W_dec", "b_dec", *cls.extra_tensors, *extra)
     names = cls.saelens_names
     expected = {names.get(n, n) for n in ours}
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or extra:
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
         raise DarkMatterError(
-            f"{where}: tensors do not match architecture {cls.saelens_architecture!r}: "
-            f"missing {missing}, unexpected {extra}"
+            f"{where}: tensors do not match architecture {arch or cls.saelens_architecture!r}: "
+            f"missing {missing}, unexpected {unexpected}"
         )
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), **extra}
     out = {}
     for name in ours:
         tensor = state[names.get(name, name)]
@@ -339,7 +365,7 @@ def _check_weights(
         if tuple(tensor.shape) != want:
             raise ShapeMismatchError(
                 f"{where}: {names.get(name, name)} has shape {tuple(tensor.shape)}, "
-                f"the config (d_in={d_in}, d_sae={d_sae}) implies {want}"
+                f"the config ({stated}) implies {want}"
             )
         out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
     return out

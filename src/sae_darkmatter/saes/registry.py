@@ -3,13 +3,12 @@
 ``sae_lens`` is an optional extra (``pip install sae-darkmatter[saelens]``) imported only here,
 and only when a registry SAE is opened: it takes ~5 s to import. SAELens downloads (or, with
 ``HF_HUB_OFFLINE=1``, reads from the local Hugging Face cache) and converts the weights; we
-turn its SAE into ours and translate its TransformerLens hook and model names.
+turn its SAE into ours and translate its TransformerLens hook (``hooks``) and model names.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -24,7 +23,9 @@ from sae_darkmatter.errors import (
     DarkMatterError,
     ModelNotAvailableError,
 )
+from sae_darkmatter.saes.hooks import translate_hook
 from sae_darkmatter.saes.io import (
+    SAELENS_TRANSCODERS,
     architecture_name,
     norm_scale,
     sae_from_saelens,
@@ -32,59 +33,15 @@ from sae_darkmatter.saes.io import (
 )
 from sae_darkmatter.saes.metadata import trained_with
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
+from sae_darkmatter.saes.transcoder import (
+    Transcoder,
+    sae_as_transcoder,
+    transcoder_from_saelens,
+    transcoder_provenance,
+)
 
 REGISTRY_PREFIX = "saelens:"
 INSTALL_HINT = "pip install sae-darkmatter[saelens]"
-
-_TL_HOOK = re.compile(
-    r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out|hook_resid_pre)$"
-)
-_OUR_HOOK = re.compile(r"^(resid_post|mlp_out|attn_out)\.\d+$")
-# Hugging Face module paths whose output is read (SAELens's HookedProxyLM, sparsify):
-# "model.layers.12", "layers.10", "h.3.mlp", "gpt_neox.layers.2.attention"
-_HF_MODULE = re.compile(
-    r"^(?:\w+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
-)
-_TL_KIND = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
-
-
-def translate_hook(name: str | None) -> tuple[str | None, str | None]:
-    """Our hook for a TransformerLens hook name or a Hugging Face module path (ours pass
-    through), and a note when none fits exactly.
-
-    ``blocks.L.hook_resid_post`` -> ``resid_post.L``; ``hook_mlp_out`` -> ``mlp_out.L``;
-    ``hook_attn_out`` -> ``attn_out.L``; ``blocks.L.hook_resid_pre`` is the residual stream
-    before layer ``L``, i.e. ``resid_post.{L-1}`` (nothing for ``L = 0``: the embeddings).
-    A module path reads that module's output: ``model.layers.L`` -> ``resid_post.L``,
-    ``model.layers.L.mlp`` -> ``mlp_out.L``, ``...self_attn`` -> ``attn_out.L``.
-    """
-    if name is None:
-        return None, None
-    if _OUR_HOOK.match(name):
-        return name, None
-    match = _TL_HOOK.match(name)
-    if match is None and (module := _HF_MODULE.match(name)):
-        return _module_hook(name, int(module.group(1)), module.group(2))
-    if match is None:
-        if re.match(r"^blocks\.\d+\.attn\.hook_z$", name):
-            return None, (f"{name} is the per-head attention output before W_O; attn_out.L is "
-                          "after W_O, so no hook here matches")
-        return None, f"hook {name!r} has no counterpart among resid_post/mlp_out/attn_out"
-    layer, kind = int(match.group(1)), match.group(2)
-    if kind != "hook_resid_pre":
-        return f"{_TL_KIND[kind]}.{layer}", None
-    if layer == 0:
-        return None, f"{name} is the embedding output; no resid_post/mlp_out/attn_out hook matches"
-    return f"resid_post.{layer - 1}", f"{name} equals resid_post.{layer - 1}"
-
-
-def _module_hook(name: str, layer: int, block: str | None) -> tuple[str, str | None]:
-    if block is None:
-        return f"resid_post.{layer}", None
-    kind = "mlp_out" if block == "mlp" else "attn_out"
-    return f"{kind}.{layer}", (
-        f"{name} is the block's raw output; on models with sandwich norms (Gemma 2/3, OLMo 2) "
-        f"{kind}.{layer} is read after the post-norm instead")
 
 
 def hf_model_id(model_name: str | None) -> str | None:
@@ -168,6 +125,41 @@ def load_pretrained(
     Offline (``HF_HUB_OFFLINE=1``) files must already be in the local Hugging Face cache;
     otherwise a ``ModelNotAvailableError`` names the release and id.
     """
+    release, sae_id, cfg, state, raw_cfg = _fetch(spec)
+    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
+    scale = norm_scale(cfg, where, norm_scaling_factor)
+    sae = sae_from_saelens(cfg, state, where=where, scale=scale)
+    return sae.to(resolve_device(str(device))), _provenance(release, sae_id, cfg, sae, raw_cfg)
+
+
+def load_pretrained_transcoder(
+    spec: str, *, device: str | torch.device = "cpu", norm_scaling_factor: float | None = None
+) -> tuple[Transcoder, dict[str, Any]]:
+    """Our transcoder and its provenance for a registry spec naming a SAELens transcoder; an
+    SAE becomes a transcoder from its hook to itself (``norm_scaling_factor`` as for
+    ``load_pretrained``, for SAEs only)."""
+    release, sae_id, cfg, state, raw_cfg = _fetch(spec)
+    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
+    if cfg["architecture"] not in SAELENS_TRANSCODERS:
+        scale = norm_scale(cfg, where, norm_scaling_factor)
+        sae = sae_from_saelens(cfg, state, where=where, scale=scale)
+        tc, prov = sae_as_transcoder(sae, _provenance(release, sae_id, cfg, sae, raw_cfg))
+    else:
+        if norm_scaling_factor is not None:
+            raise DarkMatterError(f"{where}: norm_scaling_factor applies to SAEs, not transcoders")
+        tc = transcoder_from_saelens(cfg, state, where=where)
+        meta = cfg.get("metadata") or {}
+        out = meta.get("hook_name_out", cfg.get("hook_name_out"))
+        prov = transcoder_provenance(_provenance(release, sae_id, cfg, tc.sparse, raw_cfg), tc,
+                                     translate_hook(out), out)
+    return tc.to(resolve_device(str(device))), prov
+
+
+def _fetch(
+    spec: str,
+) -> tuple[str, str, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(release, sae_id, config dict, state dict, raw config)`` of a registry spec, loaded by
+    sae_lens (see ``load_pretrained`` for the errors)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -199,15 +191,7 @@ def load_pretrained(
             f"SAELens SAE {release}/{sae_id}: its cached weights file is damaged ({exc}); "
             f"delete the repo's folder in {constants.HF_HUB_CACHE} and download it again"
         ) from exc
-    cfg = theirs.cfg.to_dict()
-    where = f"{REGISTRY_PREFIX}{release}/{sae_id}"
-    scale = norm_scale(cfg, where, norm_scaling_factor)
-    sae = sae_from_saelens(cfg, theirs.state_dict(), where=where, scale=scale)
-    prov = _provenance(release, sae_id, cfg, sae)
-    # Converted releases (Gemma Scope 2) state their training data at the top level of the raw
-    # config; SAELens keeps only its metadata keys on the SAE.
-    prov["trained_with"] = trained_with({**raw_cfg, "metadata": cfg.get("metadata") or {}})
-    return sae.to(resolve_device(str(device))), prov
+    return release, sae_id, theirs.cfg.to_dict(), theirs.state_dict(), raw_cfg
 
 
 @contextmanager
@@ -238,7 +222,9 @@ def _tensor_shapes_from_files() -> Iterator[None]:
         loaders.get_safetensors_tensor_shapes = original
 
 
-def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) -> dict[str, Any]:
+def _provenance(
+    release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE, raw_cfg: dict[str, Any]
+) -> dict[str, Any]:
     """Where a registry SAE came from and what it was trained on, in our names."""
     directory = _directory()
     entry = directory.get(release)
@@ -266,6 +252,9 @@ def _provenance(release: str, sae_id: str, cfg: dict[str, Any], sae: AffineSAE) 
         "hook_name": hook,
         "original_hook_name": original_hook,
         "notes": [note] if note else [],
+        # Converted releases (Gemma Scope 2) state their training data at the top level of the
+        # raw config; SAELens keeps only its metadata keys on the SAE.
+        "trained_with": trained_with({**raw_cfg, "metadata": meta}),
     }
 
 

@@ -1,10 +1,12 @@
 """TopK sparse autoencoder with SAELens's parameter layout and encode order.
 
-Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
-``b_dec [d_in]``. Encoding matches SAELens's ``TopKSAE`` with ``rescale_acts_by_decoder_norm``
-off and ``normalize_activations="none"``: ``pre = (x - b_dec) @ W_enc + b_enc``, keep the top
-``k`` pre-activations, then ReLU on the kept values (SAELens's topk->ReLU order; sparsify uses
-ReLU->topk, which keeps the same set but can differ when fewer than k are positive).
+Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``,
+``b_dec [d_out]``, where ``d_out = d_in`` except in a transcoder's sparse part
+(``saes.transcoder``), whose decoder writes to another hook. Encoding matches SAELens's
+``TopKSAE`` with ``rescale_acts_by_decoder_norm`` off and ``normalize_activations="none"``:
+``pre = (x - b_dec) @ W_enc + b_enc``, keep the top ``k`` pre-activations, then ReLU on the
+kept values (SAELens's topk->ReLU order; sparsify uses ReLU->topk, which keeps the same set but
+can differ when fewer than k are positive).
 
 Each class also says how it is written to and read from a SAELens folder (``saes.io``): its
 ``cfg.json`` architecture name, its tensors beyond the four shared ones and the config keys only
@@ -32,7 +34,8 @@ class AffineSAE(nn.Module):
     """Shared parameters and affine maps of SAELens-style SAEs; subclasses define ``encode``.
 
     ``apply_b_dec_to_input`` subtracts ``b_dec`` from the input before the encoder, as
-    SAELens's option of the same name does (Gemma Scope SAEs turn it off).
+    SAELens's option of the same name does (Gemma Scope SAEs turn it off); it needs
+    ``d_out == d_in``. ``d_out`` (default ``d_in``) is the decoder's width.
     """
 
     saelens_architecture: ClassVar[str]  # cfg.json "architecture"; unset: no SAELens form
@@ -44,22 +47,34 @@ class AffineSAE(nn.Module):
         d_in: int,
         d_sae: int,
         *,
+        d_out: int | None = None,
         apply_b_dec_to_input: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if d_in < 1 or d_sae < 1:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
-        w_dec = torch.randn(d_sae, d_in, generator=generator)
+        d_out = d_in if d_out is None else d_out
+        if d_in < 1 or d_sae < 1 or d_out < 1:
+            raise ValueError(f"d_in, d_sae and d_out must be positive, got d_in={d_in}, "
+                             f"d_sae={d_sae}, d_out={d_out}")
+        if apply_b_dec_to_input and d_out != d_in:
+            raise ValueError(f"apply_b_dec_to_input subtracts b_dec [{d_out}] from the input "
+                             f"[{d_in}]: it needs d_out == d_in")
+        w_dec = torch.randn(d_sae, d_out, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(w_dec.T.contiguous())
+        w_enc = w_dec.T if d_out == d_in else torch.randn(d_sae, d_in, generator=generator).T
+        self.W_enc = nn.Parameter(w_enc.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(w_dec)
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.apply_b_dec_to_input = apply_b_dec_to_input
 
     @property
     def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        """Width of the decoder's output (``d_in`` for an SAE)."""
         return self.W_dec.shape[1]
 
     @property
@@ -79,7 +94,7 @@ class AffineSAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Dense latents ``[n, d_sae]`` -> reconstruction ``[n, d_in]``."""
+        """Dense latents ``[n, d_sae]`` -> reconstruction ``[n, d_out]``."""
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +105,7 @@ class AffineSAE(nn.Module):
         if flat.shape[0] <= step:
             return self.reconstruct(x)
         return torch.cat([self.reconstruct(b) for b in flat.split(step)]).reshape(
-            *x.shape[:-1], self.d_in
+            *x.shape[:-1], self.d_out
         )
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,14 +113,16 @@ class AffineSAE(nn.Module):
         return self.decode(self.encode(x))
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_sae={self.d_sae}"
+        out = f", d_out={self.d_out}" if self.d_out != self.d_in else ""
+        return f"d_in={self.d_in}, d_sae={self.d_sae}{out}"
 
     @classmethod
     def for_config(
-        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, apply_b_dec_to_input: bool = True
+        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, d_out: int | None = None,
+        apply_b_dec_to_input: bool = True,
     ) -> AffineSAE:
         """An SAE of this class for a SAELens config (the keys only this class reads)."""
-        return cls(d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input)
+        return cls(d_in, d_sae, d_out=d_out, apply_b_dec_to_input=apply_b_dec_to_input)
 
     def config_fields(self) -> dict[str, Any]:
         """The ``cfg.json`` keys only this class writes."""
@@ -127,14 +144,14 @@ class TopKSAE(AffineSAE):
         d_sae: int,
         k: int,
         *,
+        d_out: int | None = None,
         apply_b_dec_to_input: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
-        super().__init__(
-            d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, generator=generator
-        )
+        super().__init__(d_in, d_sae, d_out=d_out, apply_b_dec_to_input=apply_b_dec_to_input,
+                         generator=generator)
         self._k = k
 
     @property
@@ -165,19 +182,21 @@ class TopKSAE(AffineSAE):
             per_sample_weights=values.reshape(-1, self._k),
             mode="sum",
         )
-        return out.reshape(*lead, self.d_in) + self.b_dec
+        return out.reshape(*lead, self.d_out) + self.b_dec
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_topk(*self.encode_topk(x))
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
+        return f"{super().extra_repr()}, k={self.k}"
 
     @classmethod
     def for_config(
-        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, apply_b_dec_to_input: bool = True
+        cls, d_in: int, d_sae: int, cfg: dict[str, Any], *, d_out: int | None = None,
+        apply_b_dec_to_input: bool = True,
     ) -> AffineSAE:
-        return cls(d_in, d_sae, int(cfg["k"]), apply_b_dec_to_input=apply_b_dec_to_input)
+        return cls(d_in, d_sae, int(cfg["k"]), d_out=d_out,
+                   apply_b_dec_to_input=apply_b_dec_to_input)
 
     def config_fields(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}

@@ -34,7 +34,7 @@ from sae_darkmatter.models import LoadedModel, load_model
 from sae_darkmatter.saes import TopKSAE, load_sae
 from sae_darkmatter.store import ActivationStore
 
-HOOKS = ("resid_post.2", "mlp_out.1", "attn_out.3")
+HOOKS = ("resid_post.2", "mlp_out.1", "attn_out.3", "mlp_in.1")
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +56,24 @@ def _module(model, hook: str):
     """The hooked module, found by hand (not through sae_darkmatter.models)."""
     kind, layer = hook.split(".")
     block = model.model.layers[int(layer)]
-    return {"resid_post": block, "mlp_out": block.mlp, "attn_out": block.self_attn}[kind]
+    return {"resid_post": block, "mlp_out": block.mlp, "attn_out": block.self_attn,
+            "mlp_in": block.mlp}[kind]
 
 
 def _manual_ce(lm, hook: str, ids: np.ndarray, replace) -> np.ndarray:
-    """Per-token CE [B, T-1] with a plain forward hook that rewrites the module's output."""
+    """Per-token CE [B, T-1] with a plain forward hook that rewrites the module's output (a
+    forward pre-hook that rewrites its input for mlp_in)."""
 
     def hook_fn(_m, _a, out):
         first = out[0] if isinstance(out, tuple) else out
         new = replace(first)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    handle = _module(lm.model, hook).register_forward_hook(hook_fn)
+    module = _module(lm.model, hook)
+    if hook.startswith("mlp_in"):
+        handle = module.register_forward_pre_hook(lambda _m, args: (replace(args[0]), *args[1:]))
+    else:
+        handle = module.register_forward_hook(hook_fn)
     try:
         with torch.no_grad():
             ids_t = torch.from_numpy(ids.astype(np.int64))
@@ -286,9 +292,16 @@ FAMILIES = {  # config, and the hooked modules found by hand: (layer list, attn_
 }
 
 
+def _zero_late(value):
+    first = (value[0] if isinstance(value, tuple) else value).clone()
+    first[:, 2:] = 0
+    return (first, *value[1:]) if isinstance(value, tuple) else first
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_splicer_on_other_families(family):
-    """Identity is bit-exact and a zero splice at positions >= 2 equals a plain forward hook."""
+    """Identity is bit-exact and a zero splice at positions >= 2 equals a plain forward hook
+    (a forward pre-hook on the MLP's input for mlp_in)."""
     config, layers, attn, mlp = FAMILIES[family]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config()).eval()
@@ -298,6 +311,7 @@ def test_splicer_on_other_families(family):
         ("resid_post.1", layers(model)[1]),
         ("attn_out.1", getattr(layers(model)[1], attn)),
         ("mlp_out.2", getattr(layers(model)[2], mlp)),
+        ("mlp_in.1", layers(model)[1].mlp),
     ):
         splicer = HookSplicer(lm, hook)
         x, clean = splicer.clean(ids)
@@ -305,13 +319,10 @@ def test_splicer_on_other_families(family):
         new = x.clone()
         new[:, 2:] = 0
         spliced = splicer.splice(ids, new)
-
-        def zero_late(_m, _a, out):
-            first = (out[0] if isinstance(out, tuple) else out).clone()
-            first[:, 2:] = 0
-            return (first, *out[1:]) if isinstance(out, tuple) else first
-
-        handle = module.register_forward_hook(zero_late)
+        if hook.startswith("mlp_in"):
+            handle = module.register_forward_pre_hook(lambda _m, args: _zero_late(args))
+        else:
+            handle = module.register_forward_hook(lambda _m, _a, out: _zero_late(out))
         try:
             with torch.no_grad():
                 ref = model(input_ids=ids).logits

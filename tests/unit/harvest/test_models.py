@@ -140,6 +140,58 @@ def test_block_outputs_sum_to_residual(tiny, ids):
         assert hook_module(lm.model, "attn_out.0") is layer.post_attention_layernorm
 
 
+# The norm whose output each family's MLP receives.
+PRE_MLP_NORM = {
+    **{f: "post_attention_layernorm" for f in _MODEL_FAMILIES},
+    "gemma2": "pre_feedforward_layernorm",
+    "gemma3": "pre_feedforward_layernorm",
+    "gpt2": "ln_2",
+    "neox": "post_attention_layernorm",
+}
+
+
+def test_mlp_in_is_what_the_mlp_module_receives(tiny, ids):
+    """mlp_in.L equals the MLP's input as a plain forward pre-hook on the module sees it (bit
+    for bit), and is the pre-MLP norm of the residual stream entering the MLP."""
+    family, lm = tiny
+    layers = LAYERS[family](lm.model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [layers[L].mlp.register_forward_pre_hook(
+        lambda _m, args, L=L: seen.__setitem__(L, args[0].clone())) for L in range(N_LAYERS)]
+    try:
+        with torch.no_grad():
+            hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    acts, _ = forward_capture(lm, ids, hook_names(lm.model), False)
+    for L in range(N_LAYERS):
+        assert hook_module(lm.model, f"mlp_in.{L}") is layers[L].mlp
+        assert acts[f"mlp_in.{L}"].shape == (2, 12, hook_dim(lm.model, f"mlp_in.{L}"))
+        assert torch.equal(acts[f"mlp_in.{L}"], seen[L])
+        # NeoX's parallel MLP reads the layer's input; the others the residual after attention
+        parallel = family == "neox"
+        resid = hidden[L] if parallel else acts[f"resid_post.{L}"] - acts[f"mlp_out.{L}"]
+        with torch.no_grad():
+            normed = getattr(layers[L], PRE_MLP_NORM[family])(resid)
+        torch.testing.assert_close(acts[f"mlp_in.{L}"], normed, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(acts[f"mlp_in.{L}"], resid, atol=1e-2)  # the norm is not a no-op
+
+
+def test_mlp_in_alone_stops_before_the_mlp_runs(tiny, ids):
+    family, lm = tiny
+    mlp = LAYERS[family](lm.model)[1].mlp
+    calls = []
+    handle = mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        early, _ = forward_capture(lm, ids, ["mlp_in.1"], with_loss=False)
+        full, _ = forward_capture(lm, ids, ["mlp_in.1"], with_loss=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # only the full forward ran the MLP
+    assert torch.equal(early["mlp_in.1"], full["mlp_in.1"])
+
+
 def test_early_exit_identical_and_skips_later_layers(tiny, ids):
     family, lm = tiny
     layers = LAYERS[family](lm.model)
@@ -194,17 +246,19 @@ def test_logits_batch_bounds_the_logits_held_at_once(tiny, ids, monkeypatch):
 def test_hook_names_and_errors(tiny):
     _, lm = tiny
     names = hook_names(lm.model)
-    assert len(names) == 3 * N_LAYERS and "attn_out.2" in names
+    assert len(names) == 4 * N_LAYERS and "attn_out.2" in names and "mlp_in.0" in names
     assert default_hook(lm.model) == "resid_post.1"
     assert parse_hook(lm, "mlp_out.2") == ("mlp_out", 2)
-    assert hook_dim(lm.model, "resid_post.0") == D
-    bad_names = ("resid_pre.0", "resid_post.3", "resid_post.-1", "mlp_out", "blocks.0.hook_mlp_out")
+    assert parse_hook(lm, "mlp_in.2") == ("mlp_in", 2)
+    assert hook_dim(lm.model, "resid_post.0") == hook_dim(lm.model, "mlp_in.0") == D
+    bad_names = ("resid_pre.0", "resid_post.3", "resid_post.-1", "mlp_out", "blocks.0.hook_mlp_out",
+                 "mlp_in.3")
     for bad in bad_names:
         with pytest.raises(HookError) as info:
             parse_hook(lm.model, bad)
         msg = str(info.value)
         assert repr(bad) in msg
-        assert "resid_post.L, attn_out.L, mlp_out.L for L in 0..2" in msg
+        assert "resid_post.L, attn_out.L, mlp_out.L, mlp_in.L for L in 0..2" in msg
     with pytest.raises(KeyError):  # HookError is also a KeyError
         forward_capture(lm, torch.zeros(1, 4, dtype=torch.long), ["mlp_out.9"], False)
 
@@ -274,6 +328,20 @@ def test_embedded_smollm2(monkeypatch, tmp_path, smollm2_tokenizer):
     median = norms[1:].median().item()
     assert 50 < median < 1000  # measured ~171
     assert norms[0] > 20 * median  # the attention sink at position 0 (~24,000)
+
+    # mlp_in: what SmolLM2's (Llama) MLP module receives, after post_attention_layernorm
+    seen = []
+    mlp = lm.model.model.layers[15].mlp
+    handle = mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    try:
+        acts, _ = forward_capture(lm, ids, ["mlp_in.15", "mlp_out.15", "resid_post.15"], False)
+    finally:
+        handle.remove()
+    assert acts["mlp_in.15"].shape == (1, 64, 576) and torch.equal(acts["mlp_in.15"], seen[0])
+    resid_mid = acts["resid_post.15"] - acts["mlp_out.15"]
+    with torch.no_grad():
+        normed = lm.model.model.layers[15].post_attention_layernorm(resid_mid)
+    torch.testing.assert_close(acts["mlp_in.15"], normed, rtol=1e-4, atol=1e-4)
 
     del lm
     t0 = time.perf_counter()

@@ -17,7 +17,8 @@ from sae_darkmatter.errors import (
 )
 from sae_darkmatter.saes import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 from sae_darkmatter.saes.formats import open_sae
-from sae_darkmatter.saes.registry import hf_model_id, parse_spec, translate_hook
+from sae_darkmatter.saes.hooks import translate_hook, translate_module_input
+from sae_darkmatter.saes.registry import hf_model_id, parse_spec
 
 RTOL = ATOL = 1e-5  # float32, same ops up to summation order (see test_sae_formats.py)
 
@@ -61,11 +62,34 @@ def _random_sae_lens(sae_lens, arch: str, seed: int, **cfg):
         ),  # noted: sandwich-norm models read after the norm
         ("gpt_neox.layers.2.attention", "attn_out.2", True),
         ("resid_post.3", "resid_post.3", False),  # ours pass through
+        ("mlp_in.3", "mlp_in.3", False),
+        # transcoder inputs and outputs
+        ("blocks.7.mlp.hook_in", "mlp_in.7", False),
+        ("blocks.7.hook_mlp_in", "mlp_in.7", True),  # HookedTransformer: the residual before ln2
+        ("blocks.7.mlp.hook_out", "mlp_out.7", True),  # raw: before a sandwich post-norm
+        ("blocks.7.ln2.hook_normalized", None, True),  # before the norm's weight
         (None, None, False),
     ],
 )
 def test_translate_hook(tl, ours, noted):
     hook, note = translate_hook(tl)
+    assert hook == ours and (note is not None) is noted
+
+
+@pytest.mark.parametrize(
+    ("path", "ours", "noted"),
+    [
+        ("layers.7.mlp", "mlp_in.7", False),  # sparsify's transcoder hookpoints
+        ("model.layers.7.mlp", "mlp_in.7", False),
+        ("h.7.mlp", "mlp_in.7", False),
+        ("layers.7", "resid_post.6", True),
+        ("layers.0", None, True),  # the embeddings
+        ("layers.7.self_attn", None, True),  # after the pre-attention norm: not a hook of ours
+        ("embed_tokens", None, True),
+    ],
+)
+def test_translate_module_input(path, ours, noted):
+    hook, note = translate_module_input(path)
     assert hook == ours and (note is not None) is noted
 
 

@@ -276,7 +276,11 @@ def test_load_errors_name_the_problem(tmp_path):
         (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **changes}))
 
     write(architecture="skip_transcoder")
-    with pytest.raises(DarkMatterError, match="'skip_transcoder' is not supported"):
+    with pytest.raises(DarkMatterError, match="a SAELens skip_transcoder, not an SAE: .*"
+                                              "open_transcoder"):
+        load_sae(tmp_path)
+    write(architecture="clt")
+    with pytest.raises(DarkMatterError, match="'clt' is not supported"):
         load_sae(tmp_path)
     write(normalize_activations="layer_norm")
     with pytest.raises(DarkMatterError, match="normalize_activations='layer_norm'"):

@@ -49,12 +49,12 @@ class JumpReLUSAE(AffineSAE):
         d_in: int,
         d_sae: int,
         *,
+        d_out: int | None = None,
         apply_b_dec_to_input: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(
-            d_in, d_sae, apply_b_dec_to_input=apply_b_dec_to_input, generator=generator
-        )
+        super().__init__(d_in, d_sae, d_out=d_out, apply_b_dec_to_input=apply_b_dec_to_input,
+                         generator=generator)
         self.threshold = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
