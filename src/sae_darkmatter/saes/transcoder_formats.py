@@ -26,13 +26,7 @@ import torch
 from sae_darkmatter._io import resolve_device
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.saes import registry
-from sae_darkmatter.saes.formats import (
-    detect_format,
-    folder_provenance,
-    open_sae,
-    read_sparsify,
-    sae_folder,
-)
+from sae_darkmatter.saes.formats import detect_format, open_sae, read_sparsify, sae_folder
 from sae_darkmatter.saes.hooks import translate_hook, translate_module_input
 from sae_darkmatter.saes.io import (
     SAELENS_TRANSCODERS,
@@ -42,6 +36,7 @@ from sae_darkmatter.saes.io import (
     safetensors_dtype,
 )
 from sae_darkmatter.saes.metadata import trained_with
+from sae_darkmatter.saes.tensors import folder_provenance
 from sae_darkmatter.saes.transcoder import (
     Transcoder,
     sae_as_transcoder,
