@@ -3,9 +3,10 @@
 # On SmolLM2-135M, one store (the default run's 1,792 × 128 stdlib contexts) harvested at five
 # layers; a 1,024-wide k = 32 TopK SAE per setting. Factors, one at a time from the base
 # (layer 15, 400k training tokens, norm filter 5× the median):
-#   layer 5, 10, 15, 20, 25 · training 100k, 400k, 1.6M tokens and to a plateau (cap 6.4M)
-#   · norm filter off, 5×, 2× · target ‖e‖² vs ‖e‖ (in studies/tables.py).
-# The paper's protocol is studies/paper_protocol.sh. Usage: studies/norm_r2.sh [OUT]
+#   layer 5, 10, 15, 20, 25 · training 100k, 400k, 1.6M tokens · norm filter off, 5×, 2×
+#   · target ‖e‖² vs ‖e‖ (in studies/tables.py).
+# The paper's protocol is studies/paper_protocol.toml; SAEs trained toward a plateau are
+# studies/converged.toml's. Usage: studies/norm_r2.sh [OUT]
 set -euo pipefail
 OUT=${1:-study/norm_r2}
 DM=${DM:-darkmatter}
@@ -26,7 +27,6 @@ sae() {  # sae NAME LAYER TRAIN-ARGS...: train one SAE and decompose it
 for L in 5 10 15 20 25; do sae "layer$L" "$L" --train-tokens 400000; done
 sae tokens100k 15 --train-tokens 100000
 sae tokens1600k 15 --train-tokens 1600000
-sae plateau 15 --until plateau --train-tokens 6400000
 for R in 0 2; do  # 0: no filter; the base (layer15) has the default 5
   once "$OUT/decompose/filter$R" $DM decompose --store "$S" --hook resid_post.15 \
     --sae "$OUT/saes/layer15/topk-w1024-k32" --max-norm-ratio "$R" -o "$OUT/decompose/filter$R"

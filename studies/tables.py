@@ -1,6 +1,6 @@
 """Print the README's study tables (markdown) from the studies' output folders.
 
-    python studies/tables.py norm  study/norm_r2 study/paper   # study 1: what moves the norm R²
+    python studies/tables.py norm  study/norm_r2 study/paper study/converged   # study 1
     python studies/tables.py width study/converged             # study 2: FVU nonlinear vs width
     python studies/tables.py error study/converged             # study 3: error-SAE learnability
 
@@ -26,7 +26,6 @@ NORM_ROWS = [  # (factor, setting, decomposition folder under the norm_r2 output
     ("layer", "5", "layer5"), ("layer", "10", "layer10"), ("layer", "20", "layer20"),
     ("layer", "25", "layer25"),
     ("training", "100k tokens", "tokens100k"), ("training", "1.6M tokens", "tokens1600k"),
-    ("training", "to a plateau (cap 6.4M)", "plateau"),
     ("norm filter", "off", "filter0"), ("norm filter", "2× the median", "filter2"),
 ]
 
@@ -49,10 +48,12 @@ def training(dec: SavedDecomposition) -> str:
     return f"{t['tokens_seen'] / 1e6:.2f}M ({s.get('stopped', 'tokens')}{tail})"
 
 
-def norm_row(factor: str, setting: str, folder: Path, store: ActivationStore) -> str:
-    (dec,) = decompositions_of(folder)
+def norm_row(factor: str, setting: str, folder: Path, store: ActivationStore,
+             name: str | None = None) -> str:
+    """One SAE's row: the only decomposition in ``folder``, or the one called ``name``."""
+    (dec,) = [d for d in decompositions_of(folder) if name in (None, d.name)]
     m = dec.info["metrics"]
-    base = norm_baselines(folder, store)[dec.name]
+    base = norm_baselines([dec], store)[dec.name]
     cis = base["intervals"]
     return (f"| {factor} | {setting} | {m['n_probe_test']:,} | "
             f"{ci(m['r2_error_norm'], m['ci']['r2_error_norm'])} | "
@@ -61,7 +62,7 @@ def norm_row(factor: str, setting: str, folder: Path, store: ActivationStore) ->
             f"{ci(m['fvu'], m['ci']['fvu'])} | {training(dec)} |")
 
 
-def norm_table(norm_out: Path, paper_run: Path | None) -> list[str]:
+def norm_table(norm_out: Path, paper_run: Path | None, converged: Path | None) -> list[str]:
     lines = ["| factor | setting | held-out tokens | R² of ‖e‖² (probe) | x → ‖e‖² (half) "
              "| x → ‖e‖ (half) | FVU | SAE training |", "|---|---|---|---|---|---|---|---|"]
     store = ActivationStore.open(norm_out / "store")
@@ -69,6 +70,10 @@ def norm_table(norm_out: Path, paper_run: Path | None) -> list[str]:
         folder = norm_out / "decompose" / name
         if folder.is_dir():
             lines.append(norm_row(factor, setting, folder, store))
+    if converged is not None and (converged / "decompose").is_dir():
+        lines.append(norm_row("training", "toward a plateau (cap 3.2M; 4,096 contexts, 30 % "
+                              "train SAEs)", converged / "decompose",
+                              ActivationStore.open(converged / "store"), "topk-w1024-k32"))
     if paper_run is not None and (paper_run / "decompose").is_dir():
         lines.append(norm_row("protocol", "paper (1,024-token contexts, positions 200..1022, "
                               "no filter)", paper_run / "decompose",
@@ -122,7 +127,7 @@ def main(argv: list[str]) -> None:
     kind, *paths = argv
     folders = [Path(p) for p in paths]
     if kind == "norm":
-        lines = norm_table(folders[0], folders[1] if len(folders) > 1 else None)
+        lines = norm_table(folders[0], *(folders[1:3] + [None, None])[:2])
     elif kind == "width":
         lines = width_table(folders[0])
     elif kind == "error":
