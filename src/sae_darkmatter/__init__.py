@@ -88,7 +88,7 @@ _EXPORTS = {
     "decompose": ["Decomposition", "DecompositionOutput", "SkipAccount", "decompose",
                   "decompose_many", "decompose_transcoders"],
     "stream": ["StreamResult", "stream_decompose"],
-    "pipeline": ["decompose_saes", "run", "train_saes"],
+    "pipeline": ["decompose_saes", "decompose_transcoder_specs", "run", "train_saes"],
     "presets": ["paper_protocol", "quick"],
     "run_dir": ["RunDir"],
     "analyses": ["Analysis", "run_analyses"],
