@@ -195,14 +195,7 @@ def decompose_transcoder_specs(
         warn_store_differences(store.meta, store.context_length, loaded)
     by_hooks: dict[tuple[str, str], dict[str, tuple[Any, dict[str, Any], dict[str, Any]]]] = {}
     for name, item in loaded.items():
-        hooks = (hook_in or item.hook_in, hook_out or item.hook_out)
-        if hooks[0] is None or hooks[1] is None:
-            side = "input" if hooks[0] is None else "output"
-            original = item.provenance.get(
-                "original_hook_name" if hooks[0] is None else "original_hook_name_out")
-            raise DarkMatterError(
-                f"transcoder {name!r}: its {side} hook {original!r} matches no hook of ours; "
-                f"give it (--hook-{'in' if hooks[0] is None else 'out'}, e.g. mlp_in.3)")
+        hooks = _transcoder_hooks(name, item, hook_in, hook_out)
         check_transcoder(name, item.transcoder, store, hooks[0], hooks[1])  # before any work
         record = {"transcoder": {"hook_in": hooks[0], "hook_out": hooks[1],
                                  "skip": item.transcoder.has_skip}}
@@ -220,6 +213,19 @@ def decompose_transcoder_specs(
         done = _decompose_cached(store, rows, items, cfg, Path(out_dir), [h_in, h_out], run)
         results |= {r["name"]: r for r in done}
     return [results[name] for name in loaded]
+
+
+def _transcoder_hooks(name: str, item: LoadedTranscoder, hook_in: str | None,
+                      hook_out: str | None) -> tuple[str, str]:
+    """(input hook, output hook): those given, else the transcoder's own."""
+    h_in, h_out = hook_in or item.hook_in, hook_out or item.hook_out
+    if h_in is None or h_out is None:
+        side, key = ("in", "original_hook_name") if h_in is None else (
+            "out", "original_hook_name_out")
+        raise DarkMatterError(
+            f"transcoder {name!r}: its {side}put hook {item.provenance.get(key)!r} matches no "
+            f"hook here; give one (--hook-{side}; Python: hook_{side}=), e.g. mlp_{side}.L")
+    return h_in, h_out
 
 
 def _decompose_cached(

@@ -66,7 +66,7 @@ def decompose_many(
             yield (name, *errors(name, x, locate))
 
     widths = {name: sae.d_sae for name, sae in errors.saes.items()}
-    return decompose_rows(store, chunk_errors, widths, splits, cfg, hooks=(hook, hook),
+    return decompose_rows(store, chunk_errors, widths, splits, cfg, hook=hook,
                           progress=progress, what=f"{len(widths)} SAE(s)")
 
 
@@ -83,18 +83,19 @@ def decompose_rows(
     splits: Splits,
     cfg: DecomposeConfig,
     *,
-    hooks: tuple[str, str],
+    hook: str,
+    hook_out: str | None = None,
     progress: bool = True,
     what: str = "",
 ) -> dict[str, DecompositionOutput]:
-    """The two passes for replacements of ``x`` at ``hooks[0]`` predicting ``y`` at
-    ``hooks[1]`` (the same hook: an SAE, ``y = x``), named as ``widths`` (their ``d_sae``)
-    names them and in that order; ``chunk_errors`` gives their errors of a chunk. The probes
-    read ``x``; FVU is relative to ``y``'s variance. The store's rows are tokens, so row ``i``
-    of both hooks is the same token: both are read with the same rows and chunks.
+    """The two passes for replacements of ``x`` at ``hook`` predicting ``y`` at ``hook_out``
+    (transcoders; None: SAEs, ``y = x``), named as ``widths`` (their ``d_sae``) names them and
+    in that order; ``chunk_errors`` gives their errors of a chunk. The probes read ``x``; FVU
+    is relative to ``y``'s variance. The store's rows are tokens, so row ``i`` of both hooks is
+    the same token: both are read with the same rows and chunks.
     """
-    hook_in, hook_out = hooks
-    d_in, d = store.d(hook_in), store.d(hook_out)
+    hooks = (hook, hook_out or hook)
+    d_in, d = store.d(hook), store.d(hooks[1])
     names = list(widths)
     device = resolve_device(cfg.device)
     chunk = chunk_size(cfg, len(names), max(d_in, d))
@@ -160,14 +161,14 @@ def decompose_rows(
             bar.update(task, advance=x.shape[0])
 
     y_centered_sq = distributed.concatenated(y_centered)
-    other = {} if hook_out == hook_in else {"hook_out": hook_out, "d_in": d_in}
+    other = {} if hook_out is None else {"hook_out": hook_out, "d_in": d_in}
     out = {}
     for name in names:
         tokens = {"rows": splits.probe_test.astype(np.int64), "x_centered_sq": y_centered_sq}
         tokens |= {k: distributed.concatenated(per_token[name].get(k, []))
                    for k in ("err_sq", "linear_sq", "nonlinear_sq", "err_sq_pred", "l0")}
         metrics = distributed.merged(scores[name]).metrics(
-            hook=hook_in, d_sae=widths[name], n_probe_train=fit.n, probe=joint, cfg=cfg,
+            hook=hook, d_sae=widths[name], n_probe_train=fit.n, probe=joint, cfg=cfg,
             ci=bootstrap_intervals(tokens), **other)
         out[name] = DecompositionOutput(metrics, *probes[name], tokens)
     return out

@@ -95,8 +95,8 @@ class DecompositionOutput:
 
     ``tokens`` maps ``rows`` (global store rows of the probe-test split, ascending), ``err_sq``
     (‖e‖²), ``linear_sq`` (‖ê‖²), ``nonlinear_sq`` (‖e − ê‖²), ``err_sq_pred`` (the norm
-    probe's prediction of ‖e‖²), ``x_centered_sq`` (‖x − x̄‖², x̄ the test mean) and ``l0``
-    to arrays aligned with ``rows``.
+    probe's prediction of ‖e‖²), ``x_centered_sq`` (‖x − x̄‖², x̄ the test mean; a
+    transcoder's target's ‖y − ȳ‖²) and ``l0`` to arrays aligned with ``rows``.
     """
 
     metrics: Decomposition

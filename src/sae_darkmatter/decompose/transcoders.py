@@ -58,7 +58,7 @@ def decompose_transcoders(
               for name, tc in transcoders.items()}
     errors = TranscoderErrors(transcoders, dtypes, hook_out, resolve_device(cfg.device))
     outputs = decompose_rows(store, errors, errors.widths(), splits, cfg,
-                             hooks=(hook_in, hook_out), progress=progress,
+                             hook=hook_in, hook_out=hook_out, progress=progress,
                              what=f"{len(transcoders)} transcoder(s)")
     return {name: _with_skip_account(outputs[name], outputs.get(name + WITHOUT_SKIP))
             for name in transcoders}

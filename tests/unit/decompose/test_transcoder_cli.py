@@ -79,6 +79,11 @@ def test_cli_decomposes_saelens_transcoders_with_their_own_forward(store, tmp_pa
                                    rtol=1e-4, atol=1e-4)
         y_var = (y.double() - y.double().mean(0)).square().sum()
         assert m["fvu"] == pytest.approx(float(err_sq.sum() / y_var), rel=1e-4)
+    # the report takes transcoders' results as they are
+    report = CliRunner().invoke(app, ["report", str(out), "-o", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())["saes"]
+    assert {s["name"]: "skip" in s for s in saved} == {"skip_tc": True, "plain_tc": False}
     # rerunning reuses every cached result
     again = CliRunner().invoke(app, ["decompose", "--store", str(store.path), "-o", str(out),
                                      "--transcoder", str(folders[0])])

@@ -42,14 +42,14 @@ def setup(tmp_path_factory):
     return st, splits
 
 
-def _transcoder(seed: int, skip: bool) -> Transcoder:
+def _transcoder(seed: int, skip: bool, d_out: int = D_OUT) -> Transcoder:
     gen = torch.Generator().manual_seed(seed)
-    sparse = ReLUSAE(D_IN, WIDTH, d_out=D_OUT, apply_b_dec_to_input=False, generator=gen)
+    sparse = ReLUSAE(D_IN, WIDTH, d_out=d_out, apply_b_dec_to_input=False, generator=gen)
     with torch.no_grad():
         sparse.b_enc.copy_(torch.randn(WIDTH, generator=gen))
-        sparse.b_dec.copy_(torch.randn(D_OUT, generator=gen))
+        sparse.b_dec.copy_(torch.randn(d_out, generator=gen))
         sparse.W_dec.mul_(0.1)
-    return Transcoder(sparse, torch.randn(D_OUT, D_IN, generator=gen) * 0.1 if skip else None)
+    return Transcoder(sparse, torch.randn(d_out, D_IN, generator=gen) * 0.1 if skip else None)
 
 
 def _rows(st, hook):
@@ -84,7 +84,7 @@ def _numpy_parts(tc: Transcoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """(sparse part, skip term, L0) of a ReLU transcoder from its weights, in float64."""
     p = {k: v.detach().double().numpy() for k, v in tc.state_dict().items()}
     z = np.maximum(x @ p["sparse.W_enc"] + p["sparse.b_enc"], 0)
-    skip = x @ p["W_skip"].T if "W_skip" in p else np.zeros((x.shape[0], D_OUT))
+    skip = x @ p["W_skip"].T if "W_skip" in p else 0.0
     return z @ p["sparse.W_dec"] + p["sparse.b_dec"], skip, (z > 0).sum(1)
 
 
@@ -154,6 +154,20 @@ def test_a_skip_that_is_the_best_linear_map_leaves_no_linear_dark_matter(setup):
     assert m.skip.absorbed_share == pytest.approx(1, abs=1e-4)
     assert m.skip.fvu_absorbed == pytest.approx(without.fvu - m.fvu, rel=1e-4)
     assert m.skip.fvu_absorbed > 0.5  # the linear map is most of y here
+
+
+def test_a_skip_transcoder_of_one_hook_predicts_its_input(setup):
+    """Input hook = output hook (sparsify's skip SAEs): ``y`` is ``x``, read once."""
+    st, splits = setup
+    tc = _transcoder(6, skip=True, d_out=D_IN)
+    m = decompose_transcoders(st, {"tc": tc}, splits, progress=False, hook_in="mlp_in.1",
+                              hook_out="mlp_in.1")["tc"].metrics
+    x = _rows(st, "mlp_in.1")
+    sparse, skip_term, _ = _numpy_parts(tc, x)
+    _close(m, _numpy_metrics(x, x, sparse + skip_term, splits))
+    assert m.skip is not None
+    _close(m.skip.without_skip, _numpy_metrics(x, x, sparse, splits))
+    assert (m.hook, m.hook_out, m.d_out) == ("mlp_in.1", "mlp_in.1", D_IN)
 
 
 def test_many_transcoders_in_one_pass_equal_one_at_a_time(setup):
