@@ -264,7 +264,11 @@ def decompose_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path(
         "darkmatter_out/decompose"
     ),
-    hook: Annotated[str | None, typer.Option(help="Stored hook (default: the first).")] = None,
+    hook: Annotated[
+        str | None,
+        typer.Option(help="Stored hook (default: the first); with --transcoder, the hook whose "
+                          "norms the outlier filter reads (default: each one's input hook)."),
+    ] = None,
     hook_in: Annotated[
         str | None, typer.Option(help="Transcoders' input hook (default: their metadata's).")
     ] = None,

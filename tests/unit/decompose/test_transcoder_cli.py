@@ -27,13 +27,13 @@ def store(tiny_model_dir, tmp_path_factory):
     return harvest(cfg, tmp_path_factory.mktemp("tc_store") / "store", progress=False)
 
 
-def _saelens_folder(path, arch: str, seed: int):
+def _saelens_folder(path, arch: str, seed: int, hook_in: str = f"blocks.{LAYER}.mlp.hook_in"):
     """A sae_lens transcoder of ``arch`` with random weights, saved by sae_lens to ``path``."""
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
 
     cls, cfg_cls = get_sae_class(arch)
-    meta = SAEMetadata(model_name="tiny", hook_name=f"blocks.{LAYER}.mlp.hook_in",
+    meta = SAEMetadata(model_name="tiny", hook_name=hook_in,
                        hook_name_out=f"blocks.{LAYER}.hook_mlp_out")
     theirs = cls(cfg_cls(d_in=D, d_sae=D_SAE, d_out=D, apply_b_dec_to_input=False, metadata=meta))
     gen = torch.Generator().manual_seed(seed)
@@ -106,3 +106,18 @@ def test_cli_names_a_missing_hook_and_how_to_harvest_it(store, tmp_path, sae_len
     as_sae = CliRunner().invoke(app, ["decompose", "--store", str(store.path), "-o",
                                       str(tmp_path / "out"), "--sae", str(folder)])
     assert as_sae.exit_code != 0 and "--transcoder" in as_sae.output
+
+
+def test_cli_asks_for_an_input_hook_that_matches_none_of_ours(store, tmp_path, sae_lens):
+    folder = _saelens_folder(tmp_path / "tc", "transcoder", 4,
+                             hook_in=f"blocks.{LAYER}.ln2.hook_normalized")
+    args = ["decompose", "--store", str(store.path), "-o", str(tmp_path / "out"),
+            "--transcoder", str(folder)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0
+    assert (f"its input hook 'blocks.{LAYER}.ln2.hook_normalized' matches no hook here; give "
+            "one (--hook-in") in " ".join(res.output.split())
+    res = CliRunner().invoke(app, [*args, "--hook-in", f"mlp_in.{LAYER}"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "out" / "tc.json").read_text())
+    assert saved["transcoder"]["hook_in"] == f"mlp_in.{LAYER}"
