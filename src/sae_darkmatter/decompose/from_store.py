@@ -131,8 +131,9 @@ def decompose_rows(
 
         # The test mean of y, for per-token ‖y − ȳ‖² (the FVU denominator's terms).
         y_sum = torch.zeros(d, dtype=torch.float64, device=device)
-        for _, _, y in read(test_rows):
-            y_sum += y.double().sum(0)
+        for rows, y in store.iter_chunks(hooks[1], test_rows, chunk):
+            require_finite(y, rows, store, hooks[1])
+            y_sum += y.to(device).double().sum(0)
             bar.update(task, advance=y.shape[0])
         y_mean = (distributed.summed(y_sum) / max(n_test, 1)).float()
 

@@ -11,7 +11,7 @@ import torch
 
 from sae_darkmatter.config import DecomposeConfig, SplitConfig, TokenFilter
 from sae_darkmatter.decompose import decompose_transcoders
-from sae_darkmatter.errors import HookError, ShapeMismatchError
+from sae_darkmatter.errors import HookError, NonFiniteError, ShapeMismatchError
 from sae_darkmatter.saes import ReLUSAE
 from sae_darkmatter.saes.transcoder import Transcoder
 from sae_darkmatter.splits import make_splits
@@ -182,7 +182,7 @@ def test_many_transcoders_in_one_pass_equal_one_at_a_time(setup):
                     value, rel=1e-6, abs=1e-9), key
 
 
-def test_missing_hooks_and_wrong_widths_are_refused_before_any_work(setup):
+def test_missing_hooks_wrong_widths_and_non_finite_outputs_are_refused(setup):
     st, splits = setup
     tc = _transcoder(5, skip=False)
     with pytest.raises(HookError, match=r"lacks 'mlp_in\.2'.*darkmatter harvest --hook mlp_in\.2 "
@@ -190,3 +190,9 @@ def test_missing_hooks_and_wrong_widths_are_refused_before_any_work(setup):
         decompose_transcoders(st, {"tc": tc}, splits, hook_in="mlp_in.2", hook_out="mlp_out.1")
     with pytest.raises(ShapeMismatchError, match="d_out 8 but the store's 'mlp_in.1'"):
         decompose_transcoders(st, {"tc": tc}, splits, hook_in="mlp_in.1", hook_out="mlp_in.1")
+    broken = _transcoder(6, skip=True)
+    with torch.no_grad():
+        assert broken.W_skip is not None
+        broken.W_skip[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"transcoder 'tc' outputs at 'mlp_out\.1'.*context"):
+        decompose_transcoders(st, {"tc": broken}, splits, progress=False, **HOOKS)
