@@ -9,6 +9,8 @@ Stages, each usable alone (see README):
     train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu,
                                                one pass)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
+    decompose_transcoders(store, {name: tc}, splits, hook_in=, hook_out=)
+                                            -> the same for transcoders' errors y - y_hat
     stream_decompose(HarvestConfig, saes)   -> the decomposition straight from the LM, no store
     RunDir(out)                             -> one run folder: store, splits, decompositions, SAEs
     run_analyses(run_dir, cfg=RunConfig)    -> encoder error (pursuit), scaling, per-token, norms,
@@ -83,9 +85,10 @@ _EXPORTS = {
     "saes.transcoder": ["Transcoder"],
     "saes.transcoder_formats": ["LoadedTranscoder", "open_transcoder"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
-    "decompose": ["Decomposition", "DecompositionOutput", "decompose", "decompose_many"],
+    "decompose": ["Decomposition", "DecompositionOutput", "SkipAccount", "decompose",
+                  "decompose_many", "decompose_transcoders"],
     "stream": ["StreamResult", "stream_decompose"],
-    "pipeline": ["decompose_saes", "run", "train_saes"],
+    "pipeline": ["decompose_saes", "decompose_transcoder_specs", "run", "train_saes"],
     "presets": ["paper_protocol", "quick"],
     "run_dir": ["RunDir"],
     "analyses": ["Analysis", "run_analyses"],

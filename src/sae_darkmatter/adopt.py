@@ -29,6 +29,7 @@ from sae_darkmatter.contexts import tokenizer_adds_bos
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.models import AUTO_NAME, load_tokenizer
 from sae_darkmatter.saes.formats import LoadedSAE
+from sae_darkmatter.saes.transcoder_formats import LoadedTranscoder
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def _report_dataset(cfg: RunConfig, trained: Mapping[str, dict[str, Any]]) -> No
 
 
 def warn_store_differences(meta: Mapping[str, Any], context_length: int,
-                           loaded: Mapping[str, LoadedSAE]) -> None:
+                           loaded: Mapping[str, LoadedSAE | LoadedTranscoder]) -> None:
     """One warning per SAE trained with another BOS convention or context length than those
     of a store (metadata ``meta``) it is about to be measured on."""
     store = {"prepend_bos": bool(meta.get("prepend_bos", False)), "context_size": context_length}

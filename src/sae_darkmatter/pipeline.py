@@ -16,17 +16,30 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sae_darkmatter import distributed
 from sae_darkmatter._io import read_json, require_folder, write_json
 from sae_darkmatter.adopt import adopt_sae_metadata, warn_store_differences
 from sae_darkmatter.analyses import run_analyses
-from sae_darkmatter.config import DecomposeConfig, RunConfig, SAETrainConfig, fingerprint, to_dict
-from sae_darkmatter.decompose import decompose_many, require_finite
+from sae_darkmatter.config import (
+    DecomposeConfig,
+    RunConfig,
+    SAETrainConfig,
+    SplitConfig,
+    fingerprint,
+    to_dict,
+)
+from sae_darkmatter.decompose import (
+    DecompositionOutput,
+    check_transcoder,
+    decompose_many,
+    decompose_transcoders,
+    require_finite,
+)
 from sae_darkmatter.errors import DarkMatterError
 from sae_darkmatter.harvest import harvest, harvest_summary
 from sae_darkmatter.models import default_hook_for, default_sources
@@ -36,12 +49,14 @@ from sae_darkmatter.saes.formats import LoadedSAE, open_sae
 from sae_darkmatter.saes.io import weights_digest
 from sae_darkmatter.saes.registry import REGISTRY_PREFIX
 from sae_darkmatter.saes.train import train_grid
+from sae_darkmatter.saes.transcoder_formats import LoadedTranscoder, open_transcoder
 from sae_darkmatter.splits import Splits, make_splits
 from sae_darkmatter.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 
+T = TypeVar("T")
 DECOMPOSE_VERSION = 2  # part of the decomposition cache key: bump when its outputs change
 
 
@@ -104,15 +119,26 @@ def sae_label(spec: str | Path) -> str:
 
 def open_saes(specs: Sequence[str | Path], *, device: str = "cpu") -> dict[str, LoadedSAE]:
     """Load SAEs by spec (registry names or folders of any supported format), keyed by label."""
-    loaded: dict[str, LoadedSAE] = {}
+    return _labelled(specs, lambda spec: open_sae(spec, device=device), "SAEs")
+
+
+def open_transcoders(specs: Sequence[str | Path]) -> dict[str, LoadedTranscoder]:
+    """Load transcoders by spec (as ``open_transcoder`` takes them), keyed by label."""
+    return _labelled(specs, open_transcoder, "transcoders")
+
+
+def _labelled(specs: Sequence[str | Path], load: Callable[[str | Path], T],
+              what: str) -> dict[str, T]:
+    loaded: dict[str, T] = {}
+    sources: dict[str, str | Path] = {}
     for spec in specs:
         label = sae_label(spec)
         if label in loaded:
             raise DarkMatterError(
-                f"two SAEs would share the result name {label!r} ({spec!r} and "
-                f"{loaded[label].provenance.get('source')!r}); give folders distinct names"
+                f"two {what} would share the result name {label!r} ({spec!r} and "
+                f"{str(sources[label])!r}); give folders distinct names"
             )
-        loaded[label] = open_sae(spec, device=device)
+        loaded[label], sources[label] = load(spec), spec
     return loaded
 
 
@@ -133,39 +159,114 @@ def decompose_saes(
     ``check_training`` warns about SAEs trained with another BOS convention or context length
     than the store's (``run`` has already followed or warned about those).
     """
-    out_dir = Path(out_dir)
-    require_folder(out_dir, "the decomposition results")
+    require_folder(Path(out_dir), "the decomposition results")
     hook = hook or next(iter(store.hooks))
-    split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
     loaded = open_saes(saes)
     if check_training and distributed.is_main():
         warn_store_differences(store.meta, store.context_length, loaded)
-    fingerprints, todo, groups = {}, {}, {}
+    items = {name: (item.sae, item.provenance, {}) for name, item in loaded.items()}
+    return _decompose_cached(
+        store, splits, items, cfg, Path(out_dir), hook,
+        lambda todo: decompose_many(store, todo, splits, cfg, hook=hook, progress=progress))
+
+
+def decompose_transcoder_specs(
+    store: ActivationStore,
+    splits: Splits | SplitConfig,
+    specs: Sequence[str | Path],
+    cfg: DecomposeConfig,
+    out_dir: str | Path,
+    *,
+    hook_in: str | None = None,
+    hook_out: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``decompose_saes`` for transcoders (specs as ``open_transcoder`` takes them): the error
+    ``y − ŷ`` at the output hook, probed from the input hook's ``x`` (``decompose_transcoders``).
+
+    Each transcoder's hooks come from its metadata unless ``hook_in`` / ``hook_out`` are given;
+    transcoders of the same hooks share one pass. ``splits`` given as a ``SplitConfig`` are
+    made per input hook (its norms feed the outlier filter). Each result records the
+    transcoder's provenance and ``transcoder: {hook_in, hook_out, skip}``.
+    """
+    require_folder(Path(out_dir), "the decomposition results")
+    loaded = open_transcoders(specs)
+    if distributed.is_main():
+        warn_store_differences(store.meta, store.context_length, loaded)
+    by_hooks: dict[tuple[str, str], dict[str, tuple[Any, dict[str, Any], dict[str, Any]]]] = {}
     for name, item in loaded.items():
+        hooks = _transcoder_hooks(name, item, hook_in, hook_out)
+        check_transcoder(name, item.transcoder, store, hooks[0], hooks[1])  # before any work
+        record = {"transcoder": {"hook_in": hooks[0], "hook_out": hooks[1],
+                                 "skip": item.transcoder.has_skip}}
+        by_hooks.setdefault((hooks[0], hooks[1]), {})[name] = (
+            item.transcoder, item.provenance, record)
+    results = {}
+    for (h_in, h_out), items in by_hooks.items():
+        rows = make_splits(store, splits, hook=h_in) if isinstance(splits, SplitConfig) else splits
+
+        def run(todo: dict[str, Any], rows: Splits = rows, h_in: str = h_in,
+                h_out: str = h_out) -> dict[str, Any]:
+            return decompose_transcoders(store, todo, rows, cfg, hook_in=h_in, hook_out=h_out,
+                                         progress=progress)
+
+        done = _decompose_cached(store, rows, items, cfg, Path(out_dir), [h_in, h_out], run)
+        results |= {r["name"]: r for r in done}
+    return [results[name] for name in loaded]
+
+
+def _transcoder_hooks(name: str, item: LoadedTranscoder, hook_in: str | None,
+                      hook_out: str | None) -> tuple[str, str]:
+    """(input hook, output hook): those given, else the transcoder's own."""
+    h_in, h_out = hook_in or item.hook_in, hook_out or item.hook_out
+    if h_in is None or h_out is None:
+        side, key = ("in", "original_hook_name") if h_in is None else (
+            "out", "original_hook_name_out")
+        raise DarkMatterError(
+            f"transcoder {name!r}: its {side}put hook {item.provenance.get(key)!r} matches no "
+            f"hook here; give one (--hook-{side}; Python: hook_{side}=), e.g. mlp_{side}.L")
+    return h_in, h_out
+
+
+def _decompose_cached(
+    store: ActivationStore,
+    splits: Splits,
+    items: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]],
+    cfg: DecomposeConfig,
+    out_dir: Path,
+    hooks: Any,
+    decompose: Callable[[dict[str, Any]], dict[str, DecompositionOutput]],
+) -> list[dict[str, Any]]:
+    """Run ``decompose`` on the items (name: (module, provenance, extra record)) whose cached
+    result is missing or stale, write ``<name>.json`` and ``.safetensors``, return every
+    item's record. The cache key is (store, splits, ``hooks``, module weights, cfg)."""
+    split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
+    fingerprints, todo, groups = {}, {}, {}
+    for name, (module, _, _) in items.items():
         fingerprints[name] = fingerprint(
-            DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hook,
-            split_hash.hexdigest(), cfg, weights_digest(item.sae),
+            DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hooks,
+            split_hash.hexdigest(), cfg, weights_digest(module),
         )
         result_path = out_dir / f"{name}.json"
         cached = read_json(result_path) if result_path.exists() else {}
         if cached.get("fingerprint") != fingerprints[name]:
-            todo[name] = item
+            todo[name] = module
         groups[name] = cached.get("group", [name])
-    # The SAEs of one call share one least-squares system, whose rounding depends on which SAEs
-    # are in it: a group that a kill interrupted is redone whole, so the rerun's probes equal
-    # an uninterrupted run's bit for bit.
-    todo = {n: item for n, item in loaded.items() if n in todo or set(groups[n]) & set(todo)}
+    # The items of one call share one least-squares system, whose rounding depends on which
+    # items are in it: a group that a kill interrupted is redone whole, so the rerun's probes
+    # equal an uninterrupted run's bit for bit.
+    todo = {n: items[n][0] for n in items if n in todo or set(groups[n]) & set(todo)}
     if todo:
-        outputs = decompose_many(store, {n: i.sae for n, i in todo.items()}, splits, cfg,
-                                 hook=hook, progress=progress)
+        outputs = decompose(todo)
         for name, out in outputs.items() if distributed.is_main() else ():
             out.save(out_dir / f"{name}.safetensors")
-            prov = todo[name].provenance
+            _, prov, extra = items[name]
             write_json(out_dir / f"{name}.json", {
                 "name": name,
                 "fingerprint": fingerprints[name],
                 "sae": {**prov, "path": str(prov.get("source")),
                         "architecture": prov.get("architecture"), "k": prov.get("k")},
+                **extra,
                 "model": store.meta.get("model_name"),
                 "harvest": harvest_summary(store),
                 "data": splits.summary(),
@@ -174,7 +275,7 @@ def decompose_saes(
                 "group": list(todo),
             })
         distributed.barrier()
-    return [read_json(out_dir / f"{name}.json") for name in loaded]
+    return [read_json(out_dir / f"{name}.json") for name in items]
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

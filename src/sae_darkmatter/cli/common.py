@@ -301,5 +301,17 @@ def timings_summary(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def skip_summary(name: str, metrics: dict[str, Any]) -> str:
+    """One line on what a skip transcoder's skip term absorbs (``metrics["skip"]``)."""
+    skip = metrics["skip"]
+    without = skip["without_skip"]
+    lo, hi = skip["ci"].get("fvu_absorbed", (None, None))
+    ci = "" if lo is None else f" [95 % CI {lo:.4f}, {hi:.4f}]"
+    return (f"{name}: its skip term absorbs FVU {skip['fvu_absorbed']:.4f}{ci} of linear dark "
+            f"matter, {_fmt('{:.1%}', skip['absorbed_share'])} of the "
+            f"{without['fvu_linear']:.4f} left without it (FVU without it "
+            f"{without['fvu']:.4f}; nonlinear {without['fvu_nonlinear']:.4f}, unchanged)")
+
+
 def _fmt(fmt: str, value: Any) -> str:
     return "–" if value is None else fmt.format(value)

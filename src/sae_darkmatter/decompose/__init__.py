@@ -23,11 +23,17 @@ system with the error targets of every SAE side by side, so XᵀX is accumulated
 once), a second pass scores them. Both passes stream over the store in chunks; memory grows only
 with the per-token scalars kept for the held-out tokens (for bootstraps and per-token analyses).
 
+Transcoders (``x`` at one hook, ``y`` at another, ``ŷ = decode(encode(x)) + skip(x)``) are
+decomposed the same way with ``e = y − ŷ``: the probe reads ``x``, FVU is relative to ``y``'s
+variance, and a skip transcoder's metrics also say how much linear dark matter its skip term
+absorbs (``transcoders``, ``SkipAccount``).
+
 One core, two drivers:
 
 - ``core``: the per-chunk arithmetic (``SAEErrors``, ``probe_system``, ``HeldOutScores``,
   intervals); ``checks``: the refusals; ``results``: the result types and their files.
-- ``from_store``: ``decompose`` / ``decompose_many`` on a harvested store.
+- ``from_store``: ``decompose`` / ``decompose_many`` on a harvested store; ``transcoders``:
+  ``decompose_transcoders`` on a store holding both of their hooks.
 - ``stream``: ``stream_decompose``, activations straight from the LM, nothing stored (imported
   on its own: ``sae_darkmatter.stream`` re-exports it).
 """
@@ -50,13 +56,19 @@ from sae_darkmatter.decompose.core import (
     probe_system,
     split_probes,
 )
-from sae_darkmatter.decompose.from_store import decompose, decompose_many
+from sae_darkmatter.decompose.from_store import decompose, decompose_many, decompose_rows
 from sae_darkmatter.decompose.results import (
     TOKEN_ARRAYS,
     Decomposition,
     DecompositionOutput,
     SavedDecomposition,
+    SkipAccount,
     load_decompositions,
+)
+from sae_darkmatter.decompose.transcoders import (
+    TranscoderErrors,
+    check_transcoder,
+    decompose_transcoders,
 )
 
 __all__ = [
@@ -69,12 +81,17 @@ __all__ = [
     "Locate",
     "SAEErrors",
     "SavedDecomposition",
+    "SkipAccount",
+    "TranscoderErrors",
     "bootstrap_intervals",
     "check_sae",
+    "check_transcoder",
     "check_width",
     "chunk_size",
     "decompose",
     "decompose_many",
+    "decompose_rows",
+    "decompose_transcoders",
     "load_decompositions",
     "probe_system",
     "require_finite",

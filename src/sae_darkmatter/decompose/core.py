@@ -36,17 +36,21 @@ def chunk_size(cfg: DecomposeConfig, n_saes: int, d: int) -> int:
     return max(256, min(cfg.chunk_rows, _TARGET_BUDGET // (n_saes * (d + 1))))
 
 
-def probe_system(cfg: DecomposeConfig, n_saes: int, d: int, device: torch.device) -> StreamingLstsq:
+def probe_system(
+    cfg: DecomposeConfig, n_saes: int, d: int, device: torch.device, *, d_out: int | None = None
+) -> StreamingLstsq:
     """The joint least-squares system of ``n_saes`` SAEs' probes (targets:
-    ``SAEErrors.probe_targets``)."""
-    return StreamingLstsq(d, n_saes * (d + 1), bias=cfg.bias, device=device,
+    ``SAEErrors.probe_targets``); transcoders' errors are ``d_out`` wide (default ``d``)."""
+    width = d if d_out is None else d_out
+    return StreamingLstsq(d, n_saes * (width + 1), bias=cfg.bias, device=device,
                           gemm_dtype=getattr(torch, cfg.gemm_dtype))
 
 
 def split_probes(
     joint: LinearProbe, names: list[str], d: int
 ) -> dict[str, tuple[LinearProbe, LinearProbe]]:
-    """Each SAE's (error probe, norm probe) out of the joint solve of ``probe_system``."""
+    """Each SAE's (error probe, norm probe) out of the joint solve of ``probe_system``
+    (``d``: the errors' width)."""
     probes = {}
     for i, name in enumerate(names):
         lo = i * (d + 1)
@@ -108,7 +112,7 @@ class SAEErrors:
 
 
 class HeldOutScores:
-    """One SAE's held-out sums, from which ``Decomposition`` is built.
+    """One SAE's (or transcoder's) held-out sums, from which ``Decomposition`` is built.
 
     R² accumulators of ``x̂`` (FVU), ``x̂ + ê`` (nonlinear FVU), ``ê`` of ``e``, the norm
     probe's ``‖e‖²``, the error probe per jackknife group, and ΣL0: float64 sums whose size does
@@ -136,16 +140,21 @@ class HeldOutScores:
         l0: torch.Tensor,
         probes: tuple[LinearProbe, LinearProbe],
         groups: torch.Tensor,
+        *,
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add held-out rows (``groups``: each row's jackknife group).
 
-        Returns (ê, ‖e‖², the norm probe's prediction of ‖e‖²)."""
+        ``x`` is what the probes read; ``y`` the target that ``x_hat`` approximates, ``e = y −
+        x_hat`` (a transcoder's output; None: ``x`` itself, an SAE). Returns (ê, ‖e‖², the norm
+        probe's prediction of ‖e‖²)."""
         err_probe, norm_probe = probes
+        target = x if y is None else y
         e_hat = err_probe.predict(x)
         norm_sq = e.square().sum(dim=1, keepdim=True)
         norm_pred = norm_probe.predict(x)
-        self.accs["sae"].update(x, x_hat)
-        self.accs["lin"].update(x, x_hat + e_hat)
+        self.accs["sae"].update(target, x_hat)
+        self.accs["lin"].update(target, x_hat + e_hat)
         self.accs["err"].update(e, e_hat)
         self.accs["norm"].update(norm_sq, norm_pred)
         for g, acc in enumerate(self.groups):
@@ -186,17 +195,22 @@ class HeldOutScores:
         probe: LinearProbe,
         cfg: DecomposeConfig,
         ci: Mapping[str, tuple[float, float]] | None = None,
+        hook_out: str | None = None,
+        d_in: int | None = None,
     ) -> Decomposition:
         """The held-out metrics; ``probe`` is the solve the probes came from (rank, cond).
 
         ``ci`` holds intervals computed elsewhere (bootstraps); the jackknife interval of
-        ``r2_error_mean_dim`` is added here.
+        ``r2_error_mean_dim`` is added here. A transcoder gives its output hook ``hook_out``
+        and its input width ``d_in`` (the scores' width ``d`` is then its output's).
         """
         sae_acc, lin_acc, err_acc, norm_acc = (self.accs[k] for k in self.KINDS)
         fvu, fvu_nl = sae_acc.fvu(), lin_acc.fvu()
         return Decomposition(
             hook=hook,
-            d_in=self.d,
+            d_in=self.d if d_in is None else d_in,
+            hook_out=hook_out,
+            d_out=None if hook_out is None else self.d,
             d_sae=d_sae,
             n_probe_train=n_probe_train,
             n_probe_test=sae_acc.n,

@@ -24,7 +24,12 @@ from sae_darkmatter.linalg import LinearProbe
 
 @dataclass(frozen=True)
 class Decomposition:
-    """Held-out metrics of one SAE's error decomposition (see ``sae_darkmatter.decompose``)."""
+    """Held-out metrics of one SAE's error decomposition (see ``sae_darkmatter.decompose``).
+
+    A transcoder's also name its output hook ``hook_out`` and width ``d_out`` (``hook`` and
+    ``d_in`` are its input's), and a skip transcoder's the ``skip`` accounting; all three are
+    None for an SAE and left out of ``to_dict``.
+    """
 
     hook: str
     d_in: int
@@ -45,9 +50,43 @@ class Decomposition:
     probe_rank: int | None = None  # numerical rank of the probe system (d_in: full)
     probe_cond: float | None = None  # cond of the centred, scaled XᵀX (None: singular)
     probe_regularized: bool = False  # True: solved with a pseudo-inverse (degenerate x)
+    hook_out: str | None = None  # a transcoder's output hook (the target y)
+    d_out: int | None = None
+    skip: SkipAccount | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.skip is not None:
+            out["skip"]["without_skip"] = self.skip.without_skip.to_dict()
+        return {k: v for k, v in out.items() if v is not None or k not in _TRANSCODER_ONLY}
+
+
+_TRANSCODER_ONLY = ("hook_out", "d_out", "skip")
+
+
+@dataclass(frozen=True)
+class SkipAccount:
+    """How much of a skip transcoder's error its skip term ``x·W_skipᵀ`` removes (held out).
+
+    ``without_skip`` decomposes the same transcoder with the skip term left out of ``ŷ``
+    (``e₀ = y − decode(encode(x)) = e + x·W_skipᵀ``), on the same tokens and probe system.
+    The skip term is linear in ``x`` and the probe has a bias column, so leaving it out changes
+    only the linear part: ``fvu_nonlinear`` is the same both ways (up to rounding, and exactly
+    so only without ridge). Hence
+
+    - ``fvu_absorbed = without_skip.fvu_linear − fvu_linear``: the linear dark matter the skip
+      term absorbs, in units of y's variance (≈ ``without_skip.fvu − fvu``; negative when the
+      skip term adds error);
+    - ``absorbed_share = fvu_absorbed / without_skip.fvu_linear``: 1 when the skip term leaves no
+      linearly predictable error, 0 when it removes none.
+
+    ``ci`` holds the 95 % bootstrap interval of ``fvu_absorbed`` (same resamples as the others).
+    """
+
+    without_skip: Decomposition
+    fvu_absorbed: float
+    absorbed_share: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,8 +95,8 @@ class DecompositionOutput:
 
     ``tokens`` maps ``rows`` (global store rows of the probe-test split, ascending), ``err_sq``
     (‖e‖²), ``linear_sq`` (‖ê‖²), ``nonlinear_sq`` (‖e − ê‖²), ``err_sq_pred`` (the norm
-    probe's prediction of ‖e‖²), ``x_centered_sq`` (‖x − x̄‖², x̄ the test mean) and ``l0``
-    to arrays aligned with ``rows``.
+    probe's prediction of ‖e‖²), ``x_centered_sq`` (‖x − x̄‖², x̄ the test mean; a
+    transcoder's target's ‖y − ȳ‖²) and ``l0`` to arrays aligned with ``rows``.
     """
 
     metrics: Decomposition

@@ -42,8 +42,9 @@ SAELENS_TRANSCODERS = {
     "jumprelu_skip_transcoder": ("jumprelu", True),
 }
 TRANSCODER_HINT = (
-    "its error is y - y_hat (at another hook, or with a skip term), not x - x_hat, which the "
-    "decomposition does not take yet; sae_darkmatter.open_transcoder loads it"
+    "its error is y - y_hat (at another hook, or with a skip term), not x - x_hat: decompose "
+    "it with 'darkmatter decompose --transcoder' (sae_darkmatter.decompose_transcoders); "
+    "sae_darkmatter.open_transcoder loads it"
 )
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
