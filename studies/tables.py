@@ -27,6 +27,7 @@ NORM_ROWS = [  # (factor, setting, decomposition folder under the norm_r2 output
     ("layer", "25", "layer25"),
     ("training", "100k tokens", "tokens100k"), ("training", "1.6M tokens", "tokens1600k"),
     ("norm filter", "off", "filter0"), ("norm filter", "2× the median", "filter2"),
+    ("norm filter", "off, positions ≥ 8", "filter0_from8"),
 ]
 
 
