@@ -1,7 +1,7 @@
 """Print the README's study tables (markdown) from the studies' output folders.
 
     python studies/tables.py norm  study/norm_r2 study/paper study/converged   # study 1
-    python studies/tables.py width study/converged             # study 2: FVU nonlinear vs width
+    python studies/tables.py width study/converged [K]         # study 2: FVU nonlinear vs width
     python studies/tables.py error study/converged             # study 3: error-SAE learnability
 
 Every number is on held-out tokens, with its 95 % interval: the decomposition's token
@@ -83,15 +83,20 @@ def norm_table(norm_out: Path, paper_run: Path | None, converged: Path | None) -
 
 
 def claim(run: Path, key: str) -> str:
+    if not (run / "metrics.json").is_file():
+        return "the run has not finished (no metrics.json)"
     metrics = json.loads((run / "metrics.json").read_text())
-    row = next(c for c in metrics["analyses"]["paper"]["claims"] if c["key"] == key)
-    return f"{row['verdict']}: {row['detail']}"
+    claims = metrics["analyses"].get("paper", {}).get("claims", [])
+    row = next((c for c in claims if c["key"] == key), None)
+    return "not checked in this run" if row is None else f"{row['verdict']}: {row['detail']}"
 
 
-def width_table(run: Path) -> list[str]:
+def width_table(run: Path, k: int | None = None) -> list[str]:
+    """FVU and its parts per width (the SAEs with sparsity ``k`` only, when given)."""
     lines = ["| width | SAE training | FVU | FVU linear | FVU nonlinear | linear share |",
              "|---|---|---|---|---|---|"]
-    for dec in sorted(decompositions_of(run / "decompose"), key=lambda d: d.width):
+    decs = [d for d in decompositions_of(run / "decompose") if k in (None, d.k)]
+    for dec in sorted(decs, key=lambda d: d.width):
         m = dec.info["metrics"]
         lines.append(f"| {dec.width:,} | {training(dec)} | {ci(m['fvu'], m['ci']['fvu'])} | "
                      f"{ci(m['fvu_linear'], m['ci']['fvu_linear'])} | "
@@ -130,7 +135,7 @@ def main(argv: list[str]) -> None:
     if kind == "norm":
         lines = norm_table(folders[0], *(folders[1:3] + [None, None])[:2])
     elif kind == "width":
-        lines = width_table(folders[0])
+        lines = width_table(folders[0], int(paths[1]) if len(paths) > 1 else None)
     elif kind == "error":
         lines = error_table(folders[0])
     else:

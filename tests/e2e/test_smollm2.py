@@ -67,8 +67,11 @@ def test_dark_matter_metrics_are_plausible(smol_run):
     assert not any("skipped" in a for a in analyses.values())
     r2 = analyses["per_token"]["predictability"]["r2"]
     assert r2[0][2] > 0.5  # the narrowest SAE's per-token ‖e‖ predicts the widest's (paper: yes)
-    norms = analyses["norms"]["baselines"]["topk-w1024-k16"]
-    assert all(np.isfinite(v) for v in norms.values())
+    baselines = analyses["norms"]["baselines"]
+    norms = baselines["topk-w1024-k16"]
+    assert all(np.isfinite(norms[b]) for b in baselines["baselines"])
+    lo, hi = norms["intervals"]["x (linear) → ‖e‖"]  # token bootstrap of the ‖e‖ target's fit
+    assert np.isfinite([lo, hi]).all() and lo < hi
     # ~600 fitting tokens: the 577-parameter x baseline overfits (negative held-out R²), while
     # the two-parameter ‖x‖ baseline must still generalise
     assert norms["‖x‖"] > 0.05
