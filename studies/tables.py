@@ -72,7 +72,7 @@ def norm_table(norm_out: Path, paper_run: Path | None, converged: Path | None) -
         if folder.is_dir():
             lines.append(norm_row(factor, setting, folder, store))
     if converged is not None and (converged / "decompose").is_dir():
-        lines.append(norm_row("training", "toward a plateau (cap 3.2M; 4,096 contexts, 30 % "
+        lines.append(norm_row("training", "toward a plateau (cap 1.6M; 4,096 contexts, 30 % "
                               "train SAEs)", converged / "decompose",
                               ActivationStore.open(converged / "store"), "topk-w1024-k32"))
     if paper_run is not None and (paper_run / "decompose").is_dir():
