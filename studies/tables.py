@@ -133,7 +133,8 @@ def main(argv: list[str]) -> None:
     kind, *paths = argv
     folders = [Path(p) for p in paths]
     if kind == "norm":
-        lines = norm_table(folders[0], *(folders[1:3] + [None, None])[:2])
+        paper, converged = (folders + [None, None])[1:3]  # either may be left out
+        lines = norm_table(folders[0], paper, converged)
     elif kind == "width":
         lines = width_table(folders[0], int(paths[1]) if len(paths) > 1 else None)
     elif kind == "error":
