@@ -7,7 +7,8 @@ Stages, each usable alone (see README):
     open_sae("saelens:<release>/<id>" | folder) -> LoadedSAE (SAE + provenance)
     open_transcoder(same)                   -> LoadedTranscoder (transcoder, hooks in and out)
     train_grid(x, SAETrainConfig, out_dir)  -> SAE folders (topk / batchtopk / relu / jumprelu,
-                                               one pass)
+                                               one pass); with y=: transcoders from x to y,
+                                               with and without a skip term (SAELens folders)
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
     decompose_transcoders(store, {name: tc}, splits, hook_in=, hook_out=)
                                             -> the same for transcoders' errors y - y_hat
@@ -82,7 +83,7 @@ _EXPORTS = {
         "train_sae",
     ],
     "saes.formats": ["LoadedSAE", "open_sae"],
-    "saes.transcoder": ["Transcoder"],
+    "saes.transcoder": ["Transcoder", "save_transcoder"],
     "saes.transcoder_formats": ["LoadedTranscoder", "open_transcoder"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
     "decompose": ["Decomposition", "DecompositionOutput", "SkipAccount", "decompose",

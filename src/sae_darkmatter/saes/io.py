@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,17 @@ def save_sae(sae: AffineSAE, path: str | Path, *, metadata: dict[str, Any]) -> N
     other files there (e.g. ``training.json``) are left alone. ``checksums.json`` records the
     sha256 of both files; loading checks it, so a damaged file is named instead of used.
     """
-    path = Path(path)
-    cfg = sae_config(sae, metadata)
     names = type(sae).saelens_names
-    tensors = {names.get(name, name): t.detach().cpu().contiguous()
-               for name, t in sae.state_dict().items()}
+    tensors = {names.get(name, name): t for name, t in sae.state_dict().items()}
+    write_saelens_folder(path, sae_config(sae, metadata), tensors)
+
+
+def write_saelens_folder(path: str | Path, cfg: dict[str, Any],
+                         tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``cfg.json``, the weights and ``checksums.json`` into ``path`` atomically
+    (``save_sae``'s rules)."""
+    path = Path(path)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not mkdtemp, which makes it owner-only) so the folder gets the usual umask mode
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

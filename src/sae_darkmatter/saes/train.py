@@ -13,6 +13,12 @@ the last 20 % of steps. Batches are a pure function of ``(seed, step)`` (seeded 
 permutations of the rows) and initialisation of ``seed``, so an SAE trained in a grid equals
 the same SAE trained alone, and, with checkpoints holding model, optimizer and counters, a
 killed and rerun training ends with bit-identical weights (on CPU).
+
+Given targets ``y`` (another hook's activations of the same tokens), the grid is one of
+transcoders instead, with or without a skip term (``skips``): each reads ``x`` and predicts
+``y`` (scaled to ``E||y|| = sqrt(d_out)`` while training), and is saved as the SAELens
+transcoder of its architecture (``save_transcoder``); SAELens has no TopK transcoder, so
+``topk`` is refused there (``batchtopk`` saves as ``jumprelu_transcoder``).
 """
 
 from __future__ import annotations
@@ -33,20 +39,18 @@ from rich.progress import (
 )
 
 from sae_darkmatter import distributed
-from sae_darkmatter._io import require_folder, resolve_device, write_json
-from sae_darkmatter.config import SAETrainConfig, fingerprint, to_dict
+from sae_darkmatter._io import require_folder, resolve_device
+from sae_darkmatter.config import SAETrainConfig, fingerprint
 from sae_darkmatter.errors import DarkMatterError, ShapeMismatchError
-from sae_darkmatter.linalg import R2Accumulator
-from sae_darkmatter.saes.archs import ARCHITECTURES
+from sae_darkmatter.saes.archs import ARCHITECTURES, SAE_CLASSES
 from sae_darkmatter.saes.archs.base import total_variance
-from sae_darkmatter.saes.io import TRAINING_FILENAME, load_sae, save_sae
-from sae_darkmatter.saes.latents import encode_decode
+from sae_darkmatter.saes.io import SAELENS_TRANSCODERS, load_sae
 from sae_darkmatter.saes.topk import AffineSAE
 from sae_darkmatter.saes.train_data import BatchStream, column_mean, data_summary
+from sae_darkmatter.saes.train_record import dead_after_tokens, finish
 from sae_darkmatter.saes.train_schedule import (
     DECAY_FRACTION,
     decay_after,
-    doubling_gain,
     eval_every,
     heldout_count,
     heldout_split,
@@ -60,12 +64,15 @@ from sae_darkmatter.saes.train_state import (
     remove_checkpoint,
     save_checkpoint,
 )
+from sae_darkmatter.saes.transcoder import Transcoder
 
 log = logging.getLogger(__name__)
 
-MAX_DEAD_AFTER_TOKENS = 1_000_000
-EVAL_ROWS = 16_384  # training rows scored with the final (folded) SAE for training.json
 CURVE_POINTS = 64  # about this many training-curve entries per SAE
+KINDS = {False: "transcoder", True: "skip-transcoder"}  # folder-name prefix of a transcoder grid
+Spec = tuple[Path, int, float, bool]  # (folder, width, sparsity value, skip term)
+# inference classes with a SAELens transcoder form (``jumprelu_transcoder``, ``transcoder``)
+TRANSCODER_CLASSES = {SAE_CLASSES[base] for base, _ in SAELENS_TRANSCODERS.values()}
 
 
 def default_lr(width: int, architecture: str = "topk") -> float:
@@ -80,18 +87,16 @@ def default_lr(width: int, architecture: str = "topk") -> float:
     return ARCHITECTURES[architecture].base_lr / math.sqrt(width / 2**14)
 
 
-def dead_after_tokens(cfg: SAETrainConfig) -> int:
-    """A latent is dead when it has not fired for this many tokens (a tenth of the run, capped)."""
-    return min(MAX_DEAD_AFTER_TOKENS, max(cfg.batch_size, cfg.train_tokens // 10))
-
-
-def sae_folder_name(architecture: str, width: int, sparsity: float) -> str:
-    """Stable, filesystem-safe folder name: ``topk-w512-k32``, ``relu-w512-l1_3e-02``."""
+def sae_folder_name(architecture: str, width: int, sparsity: float,
+                    skip: bool | None = None) -> str:
+    """Stable, filesystem-safe folder name: ``topk-w512-k32``, ``relu-w512-l1_3e-02``; a
+    transcoder's (``skip`` not None) starts ``transcoder-`` or ``skip-transcoder-``."""
     tag = ARCHITECTURES[architecture].folder_tag
+    kind = "" if skip is None else f"{KINDS[skip]}-"
     if ARCHITECTURES[architecture].counts_latents:
-        return f"{architecture}-w{width}-{tag}{sparsity:g}"
+        return f"{kind}{architecture}-w{width}-{tag}{sparsity:g}"
     mantissa, exponent = f"{float(sparsity):.6e}".split("e")
-    return f"{architecture}-w{width}-{tag}_{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    return f"{kind}{architecture}-w{width}-{tag}_{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 def train_sae(
@@ -119,7 +124,9 @@ def train_sae(
     value = k if k is not None else sparsity
     assert value is not None
     with distributed.main_first():  # under torchrun rank 0 trains; the others load its result
-        member = _train([(Path(out_dir), width, value)], x, cfg, metadata, progress)[0]
+        member = _train([(Path(out_dir), width, value, False)], x, None, cfg, metadata,
+                        progress)[0]
+    assert not isinstance(member, Transcoder)
     return member if member is not None else load_sae(out_dir)
 
 
@@ -130,6 +137,8 @@ def train_grid(
     *,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
+    y: torch.Tensor | None = None,
+    skips: tuple[bool, ...] = (False, True),
 ) -> list[Path]:
     """Train every (sparsity value, width) SAE of ``cfg`` in one pass; their folders, in order.
 
@@ -137,44 +146,57 @@ def train_grid(
     torchrun SAE ``i`` of that order is trained by rank ``i % world_size`` (each SAE depends
     only on its seed and the shared batch order, so the weights equal one process's), and
     every rank returns once all are saved.
+
+    With ``y`` (``[N, d_out]``, row ``i`` the target of ``x``'s row ``i``) the grid is of
+    transcoders from ``x`` to ``y``, once per value of ``skips`` (the outermost axis; with a
+    skip term or without); ``metadata`` then needs ``hook_name_out`` too.
     """
     require_folder(out_dir, "the SAE folders")
-    specs = [(Path(out_dir) / sae_folder_name(cfg.architecture, w, s), w, s)
-             for s in cfg.sparsity_values() for w in cfg.widths]
-    names = [p.name for p, _, _ in specs]
+    axis = (None,) if y is None else tuple(skips)
+    if not axis:
+        raise DarkMatterError("skips must hold False, True or both")
+    specs = [(Path(out_dir) / sae_folder_name(cfg.architecture, w, s, skip), w, s, bool(skip))
+             for skip in axis for s in cfg.sparsity_values() for w in cfg.widths]
+    names = [spec[0].name for spec in specs]
     if len(set(names)) != len(names):
         raise DarkMatterError(f"the grid has repeated SAEs (folder names {names})")
     mine = [spec for i, spec in enumerate(specs) if distributed.owns(i)]
     if mine:
-        _train(mine, x, cfg, metadata, progress and distributed.is_main())
+        _train(mine, x, y, cfg, metadata, progress and distributed.is_main())
     distributed.barrier()
-    return [p for p, _, _ in specs]
+    return [spec[0] for spec in specs]
 
 
 def _train(
-    specs: list[tuple[Path, int, float]],
+    specs: list[Spec],
     x: torch.Tensor,
+    y: torch.Tensor | None,
     cfg: SAETrainConfig,
     metadata: dict[str, Any] | None,
     progress: bool,
-) -> list[AffineSAE | None]:
-    """Train the unfinished SAEs of ``specs``; the inference SAEs (None where already done)."""
-    _validate(x, cfg, specs)
+) -> list[AffineSAE | Transcoder | None]:
+    """Train the unfinished SAEs (transcoders, given ``y``) of ``specs``; the inference
+    modules (None where already done)."""
+    _validate(x, y, cfg, specs, metadata)
     data = data_summary(x)
+    target = data if y is None else data_summary(y)
     device = resolve_device(cfg.device)
-    scale = math.sqrt(x.shape[1]) / data["mean_norm"]
-    b_dec = column_mean(x) * scale
+    scales = (math.sqrt(x.shape[1]) / data["mean_norm"],
+              math.sqrt((x if y is None else y).shape[1]) / target["mean_norm"])
+    b_dec = column_mean(x if y is None else y) * scales[1]
     arch = ARCHITECTURES[cfg.architecture]
     members: list[Member | None] = []
-    for out_dir, width, value in specs:
+    for out_dir, width, value, skip in specs:
         lr = cfg.lr if cfg.lr is not None else default_lr(width, cfg.architecture)
-        key = _fingerprint(cfg, width, value, lr, data)
+        key = _fingerprint(cfg, width, value, lr, data,
+                           () if y is None else (KINDS[skip], target))
         if is_finished(out_dir, key):
             log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
             remove_checkpoint(out_dir)  # left when a kill came between training.json and removal
             members.append(None)
             continue
-        sae = arch.trainer(x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed)
+        sae = arch.trainer(x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed,
+                           transcoder=y is not None, skip=skip)
         sae.to(device)
         member = Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
                         torch.zeros(width, dtype=torch.int64))
@@ -183,23 +205,24 @@ def _train(
         members.append(member)
     todo = [m for m in members if m is not None]
     if todo:
-        _fit(x, todo, cfg, scale, progress)
-    return [None if m is None else _finish(m, x, cfg, scale, data, device, metadata)
+        _fit(x, y, todo, cfg, scales, progress)
+    return [None if m is None else finish(m, x, y, cfg, scales, target, device, metadata)
             for m in members]
 
 
 def _fingerprint(cfg: SAETrainConfig, width: int, value: float, lr: float,
-                 data: dict[str, Any]) -> str:
-    """Cache key of one SAE (for topk the same as before other architectures existed)."""
+                 data: dict[str, Any], transcoder: tuple[Any, ...]) -> str:
+    """Cache key of one SAE (for topk the same as before other architectures existed);
+    ``transcoder`` is (kind, target data summary) for a transcoder, else empty."""
     arch = ARCHITECTURES[cfg.architecture]
     sparsity = int(value) if arch.counts_latents else float(value)
     until = ("plateau", cfg.plateau_tolerance) if cfg.until == "plateau" else ()
     return fingerprint(arch.algorithm, width, sparsity, cfg.train_tokens,
-                       cfg.batch_size, lr, cfg.seed, data, *until)
+                       cfg.batch_size, lr, cfg.seed, data, *until, *transcoder)
 
 
-def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: float,
-         progress: bool) -> None:
+def _fit(x: torch.Tensor, y: torch.Tensor | None, members: list[Member], cfg: SAETrainConfig,
+         scales: tuple[float, float], progress: bool) -> None:
     """Run every member from its own step to its end on the shared stream of batches.
 
     Under ``until = "plateau"`` batches come from the rows outside the held-out ones, which
@@ -214,7 +237,9 @@ def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: flo
     dead_after = dead_after_tokens(cfg)
     curve_every = max(1, cap // CURVE_POINTS)
     device = members[0].sae.W_dec.device
-    held = None if held_rows is None else x[held_rows].to(device, torch.float32) * scale
+    held = None if held_rows is None else (
+        x[held_rows].to(device, torch.float32) * scales[0],
+        (x if y is None else y)[held_rows].to(device, torch.float32) * scales[1])
     for m in members:
         if m.end == 0:  # not resumed: the fixed budget's schedule until a plateau moves it
             m.end, m.decay_steps = cap, DECAY_FRACTION * cap
@@ -228,15 +253,17 @@ def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: flo
         step = start
         while step < max(m.end for m in members):
             rows = stream.rows(step)
-            xb = x[rows if train_rows is None else train_rows[rows]].to(device, torch.float32)
-            xb = xb * scale
-            total_var = total_variance(xb)
+            rows = rows if train_rows is None else train_rows[rows]
+            xb = x[rows].to(device, torch.float32) * scales[0]
+            yb = None if y is None else y[rows].to(device, torch.float32) * scales[1]
+            total_var = total_variance(xb if yb is None else yb)
             for m in members:
                 if m.step != step or step >= m.end:  # ahead (a later checkpoint), or done
                     continue
                 t = time.perf_counter()
-                fvu, l0 = _train_step(m, xb, total_var, lr_factor(step, m.end, m.decay_steps),
-                                      step / cap, dead_after)
+                fvu, l0 = _train_step(m, xb, yb, total_var,
+                                      lr_factor(step, m.end, m.decay_steps), step / cap,
+                                      dead_after)
                 m.step, m.last_fvu = step + 1, fvu
                 if (held is not None and m.step % every == 0 and m.end == cap
                         and m.step <= (1 - DECAY_FRACTION) * cap):  # before any decay
@@ -255,22 +282,25 @@ def _fit(x: torch.Tensor, members: list[Member], cfg: SAETrainConfig, scale: flo
 
 
 @torch.no_grad()
-def _score_heldout(m: Member, held: torch.Tensor, cfg: SAETrainConfig, cap: int) -> None:
+def _score_heldout(m: Member, held: tuple[torch.Tensor, torch.Tensor], cfg: SAETrainConfig,
+                   cap: int) -> None:
     """Append the held-out FVU; on a plateau, start the decay (``train_schedule``)."""
-    residual = sum(float(m.sae(chunk).residual.pow(2).sum()) for chunk in held.split(4096))
+    x, y = held
+    residual = sum(float(m.sae(xc, yc).residual.pow(2).sum())
+                   for xc, yc in zip(x.split(4096), y.split(4096), strict=True))
     m.heldout.append({"tokens": m.step * cfg.batch_size,
-                      "fvu": residual / float(total_variance(held))})
+                      "fvu": residual / float(total_variance(y))})
     if plateaued(m.heldout, cfg.plateau_tolerance):
         m.end, m.decay_steps = decay_after(m.step, cap)
 
 
-def _train_step(m: Member, xb: torch.Tensor, total_var: torch.Tensor, lr_scale: float,
-                progress: float, dead_after: int) -> tuple[float, float]:
+def _train_step(m: Member, xb: torch.Tensor, yb: torch.Tensor | None, total_var: torch.Tensor,
+                lr_scale: float, progress: float, dead_after: int) -> tuple[float, float]:
     """One Adam step of one SAE; updates its dead-latent counters; batch FVU and L0."""
     for group in m.opt.param_groups:
         group["lr"] = m.lr * lr_scale * group.get("lr_scale", 1.0)  # absent in old checkpoints
     dead = m.since_fired >= dead_after
-    fw = m.sae(xb)
+    fw = m.sae(xb, yb)
     loss = m.sae.loss(fw, total_var, dead, progress)
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -288,78 +318,32 @@ def _dead_fraction(m: Member, dead_after: int) -> float:
     return float((m.since_fired >= dead_after).float().mean())
 
 
-def _finish(m: Member, x: torch.Tensor, cfg: SAETrainConfig, scale: float,
-            data: dict[str, Any], device: torch.device, metadata: dict[str, Any] | None
-            ) -> AffineSAE:
-    """Save the inference SAE and training.json; remove the checkpoint."""
-    sae = m.sae.cpu().export(scale)
-    save_sae(sae, m.out_dir, metadata=dict(metadata or {}))
-    eval_fvu, eval_mse, eval_l0 = _score(sae, x)
-    dead_after = dead_after_tokens(cfg)
-    n_dead = int((m.since_fired >= dead_after).sum())
-    tokens = m.step * cfg.batch_size
-    arch = ARCHITECTURES[cfg.architecture]
-    write_json(m.out_dir / TRAINING_FILENAME, {
-        "fingerprint": m.key,
-        "algorithm": arch.algorithm,
-        "architecture": cfg.architecture,
-        "config": to_dict(cfg),
-        "width": m.sae.width,
-        **({"k": int(m.sae.sparsity)} if arch.counts_latents else {}),
-        "sparsity": {"name": arch.sparsity_name, "value": m.sae.sparsity},
-        "lr": m.lr,
-        "steps": m.step,
-        "tokens_seen": tokens,
-        "data": data,
-        "input_scale": scale,
-        "last_batch_fvu": m.last_fvu,
-        "final_train_fvu": eval_fvu,
-        "final_train_mse": eval_mse,
-        "final_train_l0": eval_l0,
-        "eval_rows": min(EVAL_ROWS, x.shape[0]),
-        "dead_after_tokens": dead_after,
-        "dead_latents": n_dead,
-        "dead_fraction": n_dead / m.sae.width,
-        "seconds": m.seconds,
-        "tokens_per_second": tokens / max(m.seconds, 1e-9),
-        "device": str(device),
-        **m.sae.summary(),
-        "schedule": _schedule_record(m, cfg, x.shape[0]),
-        "curve": m.curve,
-    })
-    remove_checkpoint(m.out_dir)
-    return sae
-
-
-def _schedule_record(m: Member, cfg: SAETrainConfig, n_rows: int) -> dict[str, Any]:
-    """How training stopped and how far from its plateau the SAE was when the decay began."""
-    cap = math.ceil(cfg.train_tokens / cfg.batch_size)
-    decay_step = round(m.end - m.decay_steps)
-    decay_start = decay_step * cfg.batch_size
-    if cfg.until == "plateau":
-        gain, source = doubling_gain(m.heldout), "held-out rows"
-        stopped = "plateau" if decay_step < round((1 - DECAY_FRACTION) * cap) else "cap"
-    else:
-        gain, source, stopped = doubling_gain(m.curve, decay_start), "training batches", "tokens"
-    return {"until": cfg.until, "stopped": stopped, "decay_start_tokens": decay_start,
-            "doubling_gain": gain, "doubling_gain_from": source,
-            **({"plateau_tolerance": cfg.plateau_tolerance,
-                "heldout_rows": heldout_count(n_rows), "heldout": m.heldout}
-               if cfg.until == "plateau" else {})}
-
-
-def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int, float]]) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ShapeMismatchError(f"training activations must be a 2-D tensor [N, d_in], got "
-                                 f"{shape}")
-    if not x.is_floating_point() or x.shape[0] < 1 or x.shape[1] < 1:
-        raise DarkMatterError(f"training activations must be a non-empty float tensor, got "
-                              f"{x.dtype} of shape {tuple(x.shape)}")
+def _validate(x: torch.Tensor, y: torch.Tensor | None, cfg: SAETrainConfig, specs: list[Spec],
+              metadata: dict[str, Any] | None) -> None:
+    for name, t in (("activations", x), ("targets", y)):
+        if name == "targets" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ShapeMismatchError(f"training {name} must be a 2-D tensor [N, d], got {shape}")
+        if not t.is_floating_point() or t.shape[0] < 1 or t.shape[1] < 1:
+            raise DarkMatterError(f"training {name} must be a non-empty float tensor, got "
+                                  f"{t.dtype} of shape {tuple(t.shape)}")
+    if y is not None:
+        if y.shape[0] != x.shape[0]:
+            raise ShapeMismatchError(f"a transcoder's targets need one row per input row: x has "
+                                     f"{x.shape[0]} rows, y {y.shape[0]}")
+        if ARCHITECTURES[cfg.architecture].sae_class not in TRANSCODER_CLASSES:
+            raise DarkMatterError(
+                f"SAELens has no {cfg.architecture} transcoder to save it as; train transcoders "
+                f"with architecture batchtopk (saved as jumprelu_transcoder), jumprelu or relu")
+        if not (metadata or {}).get("hook_name_out"):
+            raise DarkMatterError("a transcoder grid needs metadata['hook_name_out'] (the hook "
+                                  "of its targets y)")
     if cfg.until == "plateau" and heldout_count(x.shape[0]) < 1:
         raise DarkMatterError(f"until = 'plateau' holds out a tenth of the training rows and "
                               f"needs at least 10 of them, got {x.shape[0]}")
-    for _, width, value in specs:
+    for _, width, value, _ in specs:
         if width < 1:
             raise DarkMatterError(f"SAE width must be >= 1, got {width}")
         if ARCHITECTURES[cfg.architecture].counts_latents and not (
@@ -369,18 +353,6 @@ def _validate(x: torch.Tensor, cfg: SAETrainConfig, specs: list[tuple[Path, int,
         if not value > 0:
             raise DarkMatterError(f"{cfg.architecture} sparsity coefficient must be > 0, got "
                                   f"{value}")
-
-
-@torch.no_grad()
-def _score(sae: AffineSAE, x: torch.Tensor) -> tuple[float, float, float]:
-    """FVU, per-element MSE and mean L0 of the saved (raw-input) SAE on the first rows."""
-    xs = x[:EVAL_ROWS].to(torch.float32)
-    acc, active = R2Accumulator(xs.shape[1]), 0
-    for chunk in xs.split(4096):
-        x_hat, latents = encode_decode(sae, chunk)
-        acc.update(chunk, x_hat)
-        active += int(latents.l0().sum())
-    return acc.fvu(), float(acc.sse_dim.sum()) / xs.numel(), active / xs.shape[0]
 
 
 def _progress_bar(enabled: bool) -> Progress:

@@ -15,6 +15,7 @@ implementation, and the transcoder only adds the output width and the skip term.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ from sae_darkmatter.saes.io import (
     check_weights,
     normalize_config,
     refuse_settings,
+    sae_config,
+    write_saelens_folder,
 )
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
@@ -96,6 +99,27 @@ def transcoder_architecture(tc: Transcoder) -> str:
     base = architecture_name(tc.sparse)
     prefix = "" if base == "standard" else f"{base}_"
     return f"{prefix}{'skip_' if tc.has_skip else ''}transcoder"
+
+
+def save_transcoder(tc: Transcoder, path: str | Path, *, metadata: dict[str, Any]) -> None:
+    """Write ``tc`` as a SAELens transcoder folder (``sae_lens.SAE.load_from_disk`` and
+    ``open_transcoder`` load it); ``metadata`` needs ``hook_name`` and ``hook_name_out``.
+
+    Only kinds SAELens has are written: a ReLU or JumpReLU sparse part, with or without a skip
+    term (``SAELENS_TRANSCODERS``).
+    """
+    arch = transcoder_architecture(tc)
+    if arch not in SAELENS_TRANSCODERS:
+        raise DarkMatterError(f"SAELens has no {arch!r}; it saves "
+                              f"{sorted(SAELENS_TRANSCODERS)}")
+    missing = [key for key in ("hook_name", "hook_name_out") if not metadata.get(key)]
+    if missing:
+        raise DarkMatterError(f"a transcoder's metadata needs {missing}")
+    cfg = sae_config(tc.sparse, metadata) | {"architecture": arch, "d_out": tc.d_out}
+    names = type(tc.sparse).saelens_names
+    tensors = {names.get(name, name): t for name, t in tc.sparse.state_dict().items()}
+    write_saelens_folder(path, cfg, tensors | ({} if tc.W_skip is None else
+                                               {"W_skip": tc.W_skip}))
 
 
 def transcoder_from_saelens(

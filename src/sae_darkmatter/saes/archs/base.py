@@ -8,6 +8,12 @@ active) latents (``train_kernels``) unless a batch is too dense for that to pay.
 
 Shapes: the encoder is held as ``W_enc_t = W_enc.T`` (``[width, d_in]``, one row per latent) so
 the sparse kernels gather rows and Adam gets contiguous gradients (~4x faster optimizer step).
+
+A training SAE becomes a training transcoder when built with ``transcoder=True``: it reads ``x``
+and predicts another hook's ``y`` (``b_dec`` is the ``[d_out]`` output bias and is not subtracted
+from the input, as in SAELens's transcoders), and with ``skip=True`` it adds the dense term
+``x @ W_skip.T`` (zeros at the start, as SAELens initialises it); ``export`` gives the sparse part
+of the inference transcoder and the trainer adds the skip term (``saes.train``).
 """
 
 from __future__ import annotations
@@ -86,20 +92,40 @@ class TrainingSAE(nn.Module):
     decoder_init_norm: ClassVar[float] = 1.0
     dense_above = 1 / 8  # selected fraction above which dense products win (~15 % at W=4096)
 
+    W_skip: nn.Parameter | None
+
     def __init__(self, d_in: int, width: int, sparsity: float, *, b_dec: torch.Tensor,
-                 seed: int) -> None:
+                 seed: int, transcoder: bool = False, skip: bool = False) -> None:
+        """``b_dec`` is the initial output bias (its length is ``d_out``); an SAE's encoder
+        starts as its decoder's transpose, a transcoder's (``d_out`` may differ) as its own
+        random unit rows."""
         super().__init__()
-        w_dec = torch.randn(width, d_in, generator=torch.Generator().manual_seed(seed))
+        if skip and not transcoder:
+            raise ValueError("skip=True needs transcoder=True")
+        d_out = b_dec.shape[0]
+        if not transcoder and d_out != d_in:
+            raise ValueError(f"an SAE's b_dec must have d_in = {d_in} entries, got {d_out}")
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(width, d_out, generator=gen)
         w_dec *= self.decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
-        self.W_enc_t = nn.Parameter(w_dec.clone())  # W_enc.T: one row per latent (kernels)
+        w_enc = w_dec.clone() if not transcoder else torch.randn(width, d_in, generator=gen)
+        if transcoder:
+            w_enc /= w_enc.norm(dim=1, keepdim=True)
+        self.W_enc_t = nn.Parameter(w_enc)  # W_enc.T: one row per latent (kernels)
         self.b_enc = nn.Parameter(torch.zeros(width))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(b_dec.detach().clone().float())
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in)) if skip else None
         self.sparsity = sparsity
+        self.transcoder = transcoder
 
     @property
     def width(self) -> int:
         return self.W_dec.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc_t.shape[1]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Adam parameter groups; ``lr_scale`` multiplies the scheduled learning rate."""
@@ -120,8 +146,10 @@ class TrainingSAE(nn.Module):
         the fraction of steps done (coefficient warm-up), ``dead`` the dead-latent mask."""
         raise NotImplementedError
 
-    def forward(self, xb: torch.Tensor) -> Forward:
-        xc = xb - self.b_dec
+    def forward(self, xb: torch.Tensor, yb: torch.Tensor | None = None) -> Forward:
+        """``xb`` through the SAE; the residual is against ``yb`` (a transcoder's target), else
+        against ``xb``."""
+        xc = xb if self.transcoder else xb - self.b_dec
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc_t.T)
         codes = self.select(pre)
@@ -133,7 +161,11 @@ class TrainingSAE(nn.Module):
             p = gather_pre(xc, self.W_enc_t, self.b_enc, pre, codes)
             values, penalty = self.activate(p, codes.cols)
             x_hat = sparse_decode(values, codes, self.W_dec)
-        return Forward(xc, pre, codes, values, penalty, xb - (x_hat + self.b_dec))
+        y_hat = x_hat + self.b_dec
+        if self.W_skip is not None:
+            y_hat = y_hat + xb @ self.W_skip.T
+        return Forward(xc, pre, codes, values, penalty,
+                       (xb if yb is None else yb) - y_hat)
 
     def _mask_codes(self, mask: torch.Tensor) -> Codes | None:
         """Codes of a mask, or None when it is too dense for the sparse kernels to pay."""
@@ -157,14 +189,22 @@ class TrainingSAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
-    def export(self, scale: float) -> AffineSAE:
-        """The inference SAE for raw inputs (this SAE was trained on ``scale * x``)."""
+    def export(self, scale: float, out_scale: float | None = None) -> AffineSAE:
+        """The inference SAE for raw inputs: it was trained on ``scale * x`` (and, for a
+        transcoder, to predict ``out_scale * y``: the skip term is exported by the trainer)."""
         raise NotImplementedError
 
-    def _fill(self, sae: AffineSAE, scale: float, **extra: torch.Tensor) -> AffineSAE:
+    def _shell(self, cls: type[AffineSAE], *args: Any) -> AffineSAE:
+        """An untrained inference ``cls`` of this SAE's shapes (``args`` after ``d_sae``)."""
+        return cls(self.d_in, self.width, *args, d_out=self.W_dec.shape[1],
+                   apply_b_dec_to_input=not self.transcoder)
+
+    def _fill(self, sae: AffineSAE, scale: float, out_scale: float | None,
+              **extra: torch.Tensor) -> AffineSAE:
+        out = scale if out_scale is None else out_scale
         with torch.no_grad():
             sae.load_state_dict({"W_enc": self.W_enc_t.T * scale, "b_enc": self.b_enc,
-                                 "W_dec": self.W_dec / scale, "b_dec": self.b_dec / scale,
+                                 "W_dec": self.W_dec / out, "b_dec": self.b_dec / out,
                                  **extra})
         return sae
 

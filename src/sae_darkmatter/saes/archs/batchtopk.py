@@ -29,8 +29,9 @@ class BatchTopKTrainer(TopKTrainer):
     threshold_updates: torch.Tensor
 
     def __init__(self, d_in: int, width: int, sparsity: float, *, b_dec: torch.Tensor,
-                 seed: int) -> None:
-        super().__init__(d_in, width, sparsity, b_dec=b_dec, seed=seed)
+                 seed: int, transcoder: bool = False, skip: bool = False) -> None:
+        super().__init__(d_in, width, sparsity, b_dec=b_dec, seed=seed, transcoder=transcoder,
+                         skip=skip)
         self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
@@ -65,9 +66,9 @@ class BatchTopKTrainer(TopKTrainer):
         updates = int(self.threshold_updates)
         return float(self.threshold_ema) / (1 - (1 - THRESHOLD_EMA) ** updates) if updates else 0.0
 
-    def export(self, scale: float) -> AffineSAE:
-        sae = JumpReLUSAE(self.W_dec.shape[1], self.width)
-        return self._fill(sae, scale, threshold=torch.full((self.width,), self.threshold()))
+    def export(self, scale: float, out_scale: float | None = None) -> AffineSAE:
+        return self._fill(self._shell(JumpReLUSAE), scale, out_scale,
+                          threshold=torch.full((self.width,), self.threshold()))
 
     def summary(self) -> dict[str, Any]:
         return {"threshold": self.threshold()}

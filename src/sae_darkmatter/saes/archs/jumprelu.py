@@ -107,8 +107,9 @@ class JumpReLUTrainer(TrainingSAE):
     max_grad_norm = 1.0
 
     def __init__(self, d_in: int, width: int, sparsity: float, *, b_dec: torch.Tensor,
-                 seed: int) -> None:
-        super().__init__(d_in, width, sparsity, b_dec=b_dec, seed=seed)
+                 seed: int, transcoder: bool = False, skip: bool = False) -> None:
+        super().__init__(d_in, width, sparsity, b_dec=b_dec, seed=seed, transcoder=transcoder,
+                         skip=skip)
         self.threshold = nn.Parameter(torch.full((width,), JUMPRELU_INIT_THRESHOLD))
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -135,8 +136,8 @@ class JumpReLUTrainer(TrainingSAE):
         super().after_step(fw)
         self.threshold.clamp_(min=0.0)
 
-    def export(self, scale: float) -> AffineSAE:
-        return self._fill(JumpReLUSAE(self.W_dec.shape[1], self.width), scale,
+    def export(self, scale: float, out_scale: float | None = None) -> AffineSAE:
+        return self._fill(self._shell(JumpReLUSAE), scale, out_scale,
                           threshold=self.threshold.detach())
 
 

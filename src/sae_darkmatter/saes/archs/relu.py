@@ -51,9 +51,9 @@ class ReLUTrainer(TrainingSAE):
              ) -> torch.Tensor:
         return penalized_loss(fw, self.sparsity * warmup(progress, RELU_WARMUP))
 
-    def export(self, scale: float) -> AffineSAE:
+    def export(self, scale: float, out_scale: float | None = None) -> AffineSAE:
         norms = self.W_dec.detach().norm(dim=1).clamp_min(1e-12)
-        sae = self._fill(ReLUSAE(self.W_dec.shape[1], self.width), scale)
+        sae = self._fill(self._shell(ReLUSAE), scale, out_scale)
         with torch.no_grad():  # relu(n * a) = n * relu(a): unit-norm rows, same outputs
             sae.W_enc.mul_(norms)
             sae.b_enc.mul_(norms)

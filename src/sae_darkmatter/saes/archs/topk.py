@@ -44,8 +44,8 @@ class TopKTrainer(TrainingSAE):
         scale = min(n_dead / k_aux_max, 1.0)
         return scale * (e_hat - residual).pow(2).sum() / total_variance(residual)
 
-    def export(self, scale: float) -> AffineSAE:
-        return self._fill(TopKSAE(self.W_dec.shape[1], self.width, int(self.sparsity)), scale)
+    def export(self, scale: float, out_scale: float | None = None) -> AffineSAE:
+        return self._fill(self._shell(TopKSAE, int(self.sparsity)), scale, out_scale)
 
 
 ARCHITECTURE = Architecture(
