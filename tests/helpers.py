@@ -24,7 +24,7 @@ from sae_darkmatter import (
     SplitConfig,
 )
 from sae_darkmatter._io import write_json
-from sae_darkmatter.config import DecomposeConfig, DownstreamConfig
+from sae_darkmatter.config import DecomposeConfig, DownstreamConfig, TranscoderConfig
 from sae_darkmatter.decompose import decompose_many
 from sae_darkmatter.harvest import harvest
 from sae_darkmatter.saes import TopKSAE, train_sae
@@ -71,8 +71,9 @@ def cached_hub_repo(cache: Path, repo_id: str) -> Path:
 
 
 def tiny_run_config(model_dir: Path) -> RunConfig:
-    """The whole pipeline on a tiny model: 96 contexts of 32 tokens, three TopK SAEs; one extra
-    round of downstream contexts at most (the stopping rule has its own tests)."""
+    """The whole pipeline on a tiny model: 96 contexts of 32 tokens, three TopK SAEs, the same
+    widths of transcoders and skip transcoders of layer 2's MLP; one extra round of downstream
+    contexts at most (the stopping rule has its own tests)."""
     return RunConfig(
         harvest=HarvestConfig(
             model=ModelConfig(name=str(model_dir)),
@@ -81,6 +82,9 @@ def tiny_run_config(model_dir: Path) -> RunConfig:
         ),
         train=SAETrainConfig(widths=(64, 128, 256), ks=(8,), train_tokens=6000, batch_size=512),
         downstream=DownstreamConfig(max_contexts=16),
+        transcoders=TranscoderConfig(enabled=True, train=SAETrainConfig(
+            architecture="batchtopk", widths=(64, 128, 256), ks=(8,), train_tokens=6000,
+            batch_size=512)),
     )
 
 

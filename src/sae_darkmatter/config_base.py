@@ -74,8 +74,14 @@ def _plain(obj: Any) -> Any:
     return {
         f.name: _plain(getattr(obj, f.name))
         for f in dataclasses.fields(obj)
-        if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
+        if not (f.metadata.get("omit_default") and getattr(obj, f.name) == _default(f))
     }
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def fingerprint(*parts: Any) -> str:
@@ -86,13 +92,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, path: str | None = None) -> T:
+def from_dict(cls: type[T], data: dict[str, Any], *, path: str | None = None,
+              base: T | None = None) -> T:
     """Build a (nested) config dataclass from a dict (a TOML file's tables, a saved JSON).
 
     Unknown keys are named with the valid ones and a close match; a value of the wrong type
     (a string for a list, a table for a number, ...) gets an error naming its key path, the
     expected type and the value. ``path`` is where ``data`` sits in the file (default: the
-    class's usual table).
+    class's usual table). A nested table changes only the keys it names of its field's default
+    (``[error_saes.train] train_tokens = ...`` keeps the error SAEs' own widths); ``base``
+    is that default.
     """
     where = cls.PATH if path is None else path  # type: ignore[attr-defined]
     table = f"table [{where}]" if where else "the top level"
@@ -119,11 +128,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, path: str | None = None) ->
             if not isinstance(value, dict):
                 raise ConfigValueError(where, name,
                                        f"must be a table [{key}], got {_show(value, kind=True)}")
-            kwargs[name] = from_dict(sub, value, path=key)
+            default = getattr(base, name) if base is not None else _default(fields[name])
+            kwargs[name] = from_dict(sub, value, path=key, base=default)
         else:
             kwargs[name] = _tuples(value, str(ftype))
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
     except ConfigValueError as err:
         raise err.moved_to(where) from None
 

@@ -6,6 +6,8 @@
     store/                   activation store (safetensors shards + manifest)
     saes/<name>/             SAELens-format SAE folders; saes/<hook>/<name>/ for other hooks
     decompose/<sae>.json     held-out metrics of each SAE (+ <sae>.safetensors probes)
+    transcoders/<name>/      the transcoders the run trained (SAELens folders)
+    decompose/transcoders/   the transcoders' decompositions, as decompose/ has the SAEs'
     analyses.json            every analysis's result, keyed by name
     error_saes/, downstream/ SAEs trained on the error parts; per-token splice values
     autointerp/              latent explanations and scores
@@ -23,10 +25,12 @@ STORE = "store"
 SAES = "saes"
 ERROR_SAES = "error_saes"
 DECOMPOSE = "decompose"
+TRANSCODERS = "transcoders"
+TRANSCODER_RESULTS = f"{DECOMPOSE}/{TRANSCODERS}"
 DOWNSTREAM = "downstream"
 AUTOINTERP = "autointerp"
 ANALYSES = "analyses.json"
 METRICS = "metrics.json"
 REPORT = "report.html"
 FIGURES = "figures"
-SAE_FOLDERS = (SAES, ERROR_SAES)  # where a run keeps the SAEs it trained
+SAE_FOLDERS = (SAES, ERROR_SAES, TRANSCODERS)  # where a run keeps the SAEs it trained

@@ -73,6 +73,14 @@ class RunDir:
         return self.path / layout.DECOMPOSE
 
     @property
+    def transcoders_path(self) -> Path:
+        return self.path / layout.TRANSCODERS
+
+    @property
+    def transcoder_results_path(self) -> Path:
+        return self.path / layout.TRANSCODER_RESULTS
+
+    @property
     def downstream_path(self) -> Path:
         return self.path / layout.DOWNSTREAM
 
@@ -117,6 +125,12 @@ class RunDir:
     def decompositions(self) -> list[SavedDecomposition]:
         """Every decomposition of the run, sorted by (width, k, name)."""
         return load_decompositions(self.decompose_path)
+
+    @cached_property
+    def transcoder_decompositions(self) -> list[SavedDecomposition]:
+        """The transcoders' decompositions (none when the run has no transcoders)."""
+        folder = self.transcoder_results_path
+        return load_decompositions(folder) if any(folder.glob("*.json")) else []
 
     def decomposition(self, name: str) -> SavedDecomposition:
         by_name = {d.name: d for d in self.decompositions}

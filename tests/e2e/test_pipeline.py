@@ -38,8 +38,8 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
     # 3 overview + 2 scaling + 2 per-token + 3 norm-prediction + encoder error + cross-layer
-    # + error SAEs + 2 downstream
-    assert len(images) == 15
+    # + error SAEs + 2 downstream + transcoders
+    assert len(images) == 16
     for src in images:
         assert (out / src).read_bytes()[:8] == PNG_MAGIC, src
     assert "Contexts with the largest nonlinear error" in page
@@ -47,7 +47,7 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     assert page.count("% over the last doubling") == len(metrics["saes"])
     analyses = metrics["analyses"]
     assert set(analyses) == {"paper", "encoder_error", "scaling", "per_token", "norms",
-                             "cross_layer", "error_saes", "downstream"}
+                             "cross_layer", "error_saes", "downstream", "transcoders"}
     assert not any("skipped" in a for a in analyses.values())
     # every claim is checked on the real run, each with its estimates and a verdict
     claims = analyses["paper"]["claims"]
@@ -59,11 +59,15 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     enc = analyses["encoder_error"]
     assert [e["width"] for e in enc["per_sae"]] == [64, 128, 256]
     assert analyses["scaling"]["encoder_band"] == enc["fvu_nonlinear_drop_mean"]
-    # cross-layer: the target's neighbours were harvested, each got one SAE
+    # cross-layer: the target's neighbours were harvested, each got one SAE; the transcoders'
+    # input hook came last and got none
     assert list(ActivationStore.open(out / "store").hooks) == [
-        "resid_post.2", "resid_post.1", "attn_out.2", "mlp_out.2"]
+        "resid_post.2", "resid_post.1", "attn_out.2", "mlp_out.2", "mlp_in.2"]
     for hook in ("resid_post.1", "attn_out.2", "mlp_out.2"):
         assert (out / "saes" / hook / "topk-w256-k8" / "sae_weights.safetensors").is_file()
+    assert {p.name for p in (out / "saes").iterdir()} == {
+        "topk-w64-k8", "topk-w128-k8", "topk-w256-k8", "resid_post.1", "attn_out.2", "mlp_out.2"}
+    _check_transcoders(out, analyses["transcoders"])
     cross = analyses["cross_layer"]
     assert cross["target"] == "resid_post.2" and cross["best"]["predictor"] in cross["predictors"]
     # downstream: the splice's clean CE equals the plain forward's (the default harvest stores no
@@ -95,6 +99,38 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     )
 
 
+def _check_transcoders(out, result):
+    """The run's transcoder sweep: 3 widths x (plain, skip), decomposed on the SAEs' tokens;
+    the analysis's values are the decompositions' own, and it compares the SAEs of the same k."""
+    kinds = {"transcoder": "transcoder", "skip transcoder": "skip-transcoder"}
+    names = {f"{kinds[kind]}-batchtopk-w{w}-k8": (kind, w) for kind in kinds
+             for w in (64, 128, 256)}
+    assert {p.name for p in (out / "transcoders").iterdir()} == set(names)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == set(names) | {"topk-w64-k8", "topk-w128-k8", "topk-w256-k8"}
+    assert result["hooks"] == {"in": "mlp_in.2", "out": "mlp_out.2"}
+    sae_tokens = json.loads((out / "decompose" / "topk-w64-k8.json").read_text())["data"]
+    for name, (kind, width) in names.items():
+        record = json.loads((out / "decompose" / "transcoders" / f"{name}.json").read_text())
+        assert record["transcoder"] == {"hook_in": "mlp_in.2", "hook_out": "mlp_out.2",
+                                        "skip": kind == "skip transcoder"}
+        assert record["data"] == sae_tokens  # the same held-out tokens as the SAEs
+        row, m = rows[name], record["metrics"]
+        assert (row["kind"], row["width"], row["k"]) == (kind, width, 8)
+        for metric in ("fvu", "fvu_linear", "fvu_nonlinear"):
+            assert row[metric] == pytest.approx(m[metric], rel=1e-6, abs=1e-9)
+            assert row[f"{metric}_ci"][0] <= row[metric] <= row[f"{metric}_ci"][1]
+        assert ("absorbed_share" in row) is (kind == "skip transcoder")
+    assert [(c["kind"], c["widths"]) for c in result["width_changes"]] == [
+        (kind, [64, 256]) for kind in ("SAE", "transcoder", "skip transcoder")]
+    effects = result["skip_effects"]
+    assert [e["width"] for e in effects] == [64, 128, 256]
+    for e in effects:  # the share removed is 1 - linear(skip) / linear(plain), row by row
+        plain, skip = rows[e["plain"]], rows[e["skip"]]
+        assert e["linear_removed"] == pytest.approx(
+            1 - skip["fvu_linear"] / plain["fvu_linear"], rel=1e-9)
+
+
 def test_saved_sae_loads_in_sae_lens_with_same_reconstructions(tiny_run):
     import torch
     from sae_lens import SAE
@@ -119,6 +155,7 @@ def test_rerun_reuses_every_stage(tiny_run, tiny_model_dir):
     assert weights.stat().st_mtime_ns == stamp
     assert [s["fvu"] for s in again["saes"]] == [s["fvu"] for s in first["saes"]]
     assert again["timings_s"]["harvest"] < 5 and again["timings_s"]["train"] < 5
+    assert again["timings_s"]["transcoders"] < 5
     # every analysis is reused, not recomputed, and says so
     assert all(a.get("reused") for a in again["analyses"].values())
     assert {k: {kk: vv for kk, vv in a.items() if kk != "reused"}

@@ -29,7 +29,8 @@ VERSION = 1  # part of every analysis's cache key: bump when any result's meanin
 
 
 def _inputs(run: RunDir) -> list[Any]:
-    """What every analysis reads: the store, the decompositions and the SAE weight files.
+    """What every analysis reads: the store, the decompositions (the transcoders' too, where
+    there are any) and the SAE weight files.
 
     Weights enter by content (sha256), not by file stamps: a rewrite with the same bytes (an SAE
     retrained after a kill) keeps the cached results, and the key is the same in any folder.
@@ -41,7 +42,10 @@ def _inputs(run: RunDir) -> list[Any]:
         (str(p.relative_to(run.path)), _sha256(p))
         for p in sorted(run.saes_path.glob("**/sae_weights.safetensors"))
     ]
-    return [run.store.meta.get("harvest_fingerprint"), run.store.n_rows, decs, weights]
+    transcoders = {p.stem: read_json(p).get("fingerprint")
+                   for p in sorted(run.transcoder_results_path.glob("*.json"))}
+    return [run.store.meta.get("harvest_fingerprint"), run.store.n_rows, decs, weights,
+            *([transcoders] if transcoders else [])]
 
 
 def _sha256(path: Path) -> str:

@@ -59,6 +59,7 @@ _MODULES = {
     "cross_layer": "cross_layer",
     "error_saes": "error_saes",
     "downstream": "downstream",
+    "transcoders": "transcoders",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 

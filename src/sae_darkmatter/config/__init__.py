@@ -25,16 +25,18 @@ from sae_darkmatter.config.data import (
     SplitConfig,
     TokenFilter,
 )
-from sae_darkmatter.config.train import DecomposeConfig, SAETrainConfig
+from sae_darkmatter.config.train import DecomposeConfig, SAETrainConfig, TranscoderConfig
 from sae_darkmatter.config_base import _Checked, read_toml
 from sae_darkmatter.config_base import fingerprint as fingerprint  # re-exported: the public API
 from sae_darkmatter.config_base import from_dict as from_dict
 from sae_darkmatter.config_base import to_dict as to_dict
+from sae_darkmatter.errors import ConfigValueError
 
 __all__ = [
     "CorpusConfig", "CrossLayerConfig", "DecomposeConfig", "DownstreamConfig", "ErrorSAEConfig",
     "HarvestConfig", "ModelConfig", "PursuitConfig", "RunConfig", "SAETrainConfig",
-    "SplitConfig", "TokenFilter", "fingerprint", "from_dict", "load_toml", "to_dict",
+    "SplitConfig", "TokenFilter", "TranscoderConfig", "fingerprint", "from_dict", "load_toml",
+    "to_dict",
 ]
 
 
@@ -45,7 +47,8 @@ class RunConfig(_Checked):
     ``saes`` lists pretrained SAEs to analyse instead of training the ``train`` grid:
     ``"saelens:<release>/<sae_id>"`` or local SAELens / sparsify / dictionary_learning folders.
     Their metadata then picks the model (when ``harvest.model.name`` is ``"auto"``) and the hook
-    (when ``harvest.hooks`` is empty).
+    (when ``harvest.hooks`` is empty). ``transcoders`` (off by default) adds a transcoder sweep
+    of one MLP, decomposed beside the SAEs.
     """
 
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
@@ -57,9 +60,17 @@ class RunConfig(_Checked):
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     error_saes: ErrorSAEConfig = field(default_factory=ErrorSAEConfig)
     saes: tuple[str, ...] = ()
+    transcoders: TranscoderConfig = field(default_factory=TranscoderConfig,
+                                          metadata={"omit_default": True})
 
     def _check(self) -> None:
         self.split.filter.check_context_length(self.harvest.corpus.context_length)
+        tc = self.transcoders
+        if self.saes and tc.enabled and not tc.pretrained:
+            raise ConfigValueError(
+                "transcoders", "pretrained",
+                "must name the transcoders to decompose when the run analyses pretrained SAEs "
+                "(such a run has no SAE-training split to train transcoders on)")
 
 
 def load_toml(path: str | Path) -> RunConfig:

@@ -1,4 +1,4 @@
-"""The SAE training grid and the error decomposition."""
+"""The SAE training grid, the transcoder sweep and the error decomposition."""
 
 from __future__ import annotations
 
@@ -125,3 +125,45 @@ class DecomposeConfig(_Checked):
         self._need("gemm_dtype", self.gemm_dtype in self.GEMM_DTYPES,
                    f"one of {list(self.GEMM_DTYPES)}")
         _need_device(self)
+
+
+def _transcoder_train() -> SAETrainConfig:
+    return SAETrainConfig(architecture="batchtopk", widths=(512, 1024, 2048, 4096), ks=(32,))
+
+
+@dataclass(frozen=True)
+class TranscoderConfig(_Checked):
+    """Transcoders of one layer's MLP beside the SAEs: trained from ``mlp_in.L`` to
+    ``mlp_out.L`` on the SAE-training split, or loaded, then decomposed on the SAEs' tokens.
+
+    - ``enabled``: off by default (the run harvests two more hooks and trains ``train``'s grid
+      once per value of ``skip``).
+    - ``layer``: the MLP's layer; unset, that of the run's target hook (``resid_post.15``: 15).
+    - ``skip``: ``[false, true]`` trains transcoders and skip transcoders (``y_hat`` plus a dense
+      ``x @ W_skip.T``) of every width and sparsity of ``train``.
+    - ``train``: the grid (``SAETrainConfig``; ``until = "plateau"`` works here too). SAELens has
+      no TopK transcoder, so the architecture is ``batchtopk`` (saved as ``jumprelu_transcoder``,
+      default), ``jumprelu`` or ``relu``.
+    - ``pretrained``: transcoder specs (``saelens:<release>/<id>``, SAELens or sparsify folders)
+      to decompose instead of training any; their hooks come from their metadata and are
+      harvested with the run's.
+    """
+
+    enabled: bool = False
+    layer: int | None = None
+    skip: tuple[bool, ...] = (False, True)
+    train: SAETrainConfig = field(default_factory=_transcoder_train)
+    pretrained: tuple[str, ...] = ()
+
+    PATH = "transcoders"
+    ARCHITECTURES = ("batchtopk", "jumprelu", "relu")
+
+    def _check(self) -> None:
+        self._need("layer", self.layer is None or self.layer >= 0, ">= 0 (or unset)")
+        self._need("skip", bool(self.skip) and len(set(self.skip)) == len(self.skip),
+                   "a non-empty list of distinct booleans: [false], [true] or [false, true]")
+        if self.train.architecture not in self.ARCHITECTURES:
+            raise ConfigValueError(
+                self.PATH, "train.architecture",
+                f"must be one SAELens saves transcoders of, {list(self.ARCHITECTURES)} (it has "
+                f"no TopK transcoder), got {self.train.architecture!r}")
