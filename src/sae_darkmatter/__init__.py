@@ -94,6 +94,7 @@ _EXPORTS = {
     "run_dir": ["RunDir"],
     "analyses": ["Analysis", "run_analyses"],
     "analyses.encoder_error": ["encoder_error_analysis"],
+    "analyses.transcoders": ["transcoder_analysis"],
     "analyses.cross_layer": ["cross_layer_analysis"],
     "analyses.downstream": ["downstream_analysis"],
     "analyses.error_saes": ["error_sae_analysis"],

@@ -34,6 +34,8 @@ def quick(cfg: RunConfig) -> RunConfig:
         downstream=dataclasses.replace(cfg.downstream, n_contexts=4, max_contexts=12),
         error_saes=dataclasses.replace(
             cfg.error_saes, train=dataclasses.replace(cfg.error_saes.train, train_tokens=24_000)),
+        transcoders=dataclasses.replace(cfg.transcoders, train=dataclasses.replace(
+            cfg.transcoders.train, widths=(128, 256, 512, 1024), train_tokens=100_000)),
     )
 
 

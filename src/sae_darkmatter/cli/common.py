@@ -174,7 +174,7 @@ def build_config(
     config: Path | RunConfig | None, *, model=None, hook=None, corpus=None, n_contexts=None,
     context_length=None, loss=None, device=None, dtype=None, widths=None, k=None, train_tokens=None,
     seed=None, skip_positions=None, max_norm_ratio=None, saes=None, architecture=None,
-    protocol="default", prepend_bos=None, gemm_dtype=None, until=None,
+    protocol="default", prepend_bos=None, gemm_dtype=None, until=None, transcoders=None,
 ) -> RunConfig:
     """The run's config: the TOML file (or a config read already, or defaults), then the
     protocol's settings, then flags."""
@@ -197,7 +197,9 @@ def build_config(
     return given(cfg, harvest=harvest, split=split, train=train,
                 decompose=given(cfg.decompose, device=device, gemm_dtype=gemm_dtype),
                 cross_layer=given(cfg.cross_layer, device=device),
-                error_saes=given(cfg.error_saes, train=given(cfg.error_saes.train, device=device)))
+                error_saes=given(cfg.error_saes, train=given(cfg.error_saes.train, device=device)),
+                transcoders=given(cfg.transcoders, enabled=transcoders,
+                                  train=given(cfg.transcoders.train, device=device)))
 
 
 def bos_value(value: str | None) -> bool | str | None:

@@ -96,6 +96,15 @@ def run(
     device: Device = None,
     dtype: Dtype = None,
     gemm_dtype: GemmDtype = None,
+    transcoders: Annotated[
+        bool | None,
+        typer.Option(
+            "--transcoders/--no-transcoders",
+            help="Also train transcoders and skip transcoders of the target layer's MLP "
+                 "(mlp_in.L -> mlp_out.L; widths and k from [transcoders.train]) and decompose "
+                 "them beside the SAEs ([transcoders] enabled).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline: harvest -> train SAEs (or load --sae ones) -> decompose their \
 error -> report."""
@@ -127,6 +136,7 @@ error -> report."""
             prepend_bos=prepend_bos,
             gemm_dtype=gemm_dtype,
             until=until,
+            transcoders=transcoders,
         )
         if quick:
             cfg = presets.quick(cfg)

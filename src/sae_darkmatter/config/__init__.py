@@ -68,7 +68,7 @@ class RunConfig(_Checked):
         tc = self.transcoders
         if self.saes and tc.enabled and not tc.pretrained:
             raise ConfigValueError(
-                "transcoders", "pretrained",
+                "", "transcoders.pretrained",
                 "must name the transcoders to decompose when the run analyses pretrained SAEs "
                 "(such a run has no SAE-training split to train transcoders on)")
 
