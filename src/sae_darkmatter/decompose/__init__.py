@@ -72,6 +72,7 @@ from sae_darkmatter.decompose.prefixes import (
     decompose_prefixes,
     default_prefix_widths,
     firing_order,
+    plan_prefixes,
     prefix_name,
 )
 from sae_darkmatter.decompose.results import (
@@ -118,6 +119,7 @@ __all__ = [
     "default_prefix_widths",
     "firing_order",
     "load_decompositions",
+    "plan_prefixes",
     "prefix_name",
     "probe_system",
     "require_finite",

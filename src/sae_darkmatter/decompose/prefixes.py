@@ -30,6 +30,7 @@ prefix's ``metrics.d_sae`` is its width ``m``, so the scaling-law fit
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -44,10 +45,12 @@ from sae_darkmatter.decompose.core import chunk_size
 from sae_darkmatter.decompose.from_store import Errors, decompose_rows
 from sae_darkmatter.decompose.results import DecompositionOutput
 from sae_darkmatter.errors import ConfigError
-from sae_darkmatter.saes import SAE, latent_rows
+from sae_darkmatter.saes import SAE, TopKSAE, latent_rows
 from sae_darkmatter.saes.latents import decode_latents, encode_latents
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
+
+log = logging.getLogger(__name__)
 
 LatentOrder = Literal["stored", "frequency"]
 ORDERS: tuple[LatentOrder, ...] = ("stored", "frequency")
@@ -98,6 +101,34 @@ def default_prefix_widths(d_sae: int, nested: Sequence[int] | None = None) -> tu
     if nested:
         return tuple(dict.fromkeys([*nested, d_sae]))
     return tuple(dict.fromkeys(d_sae // q for q in DEFAULT_DIVISORS if d_sae // q >= 1))
+
+
+def plan_prefixes(
+    name: str,
+    sae: SAE,
+    nested: Sequence[int] | None,
+    widths: Sequence[int] | None,
+    order: str | Sequence[int] | np.ndarray,
+) -> tuple[int, ...]:
+    """The checked prefix widths of SAE ``name`` (``widths``, else ``default_prefix_widths``
+    with its ``nested`` Matryoshka widths), after checking ``order``; warns where the prefixes
+    are not nested groups the SAE was trained with: the stored order of an SAE without
+    ``nested`` widths is arbitrary, and a TopK SAE's prefixes are truncations (module doc)."""
+    chosen = check_prefix_widths(default_prefix_widths(sae.d_sae, nested) if widths is None
+                                 else widths, sae.d_sae)
+    check_order(order, sae.d_sae)
+    if nested:
+        return chosen
+    if isinstance(order, str) and order == "stored":
+        log.warning("SAE %r records no nested (Matryoshka) widths: its stored latent order comes "
+                    "from its initialisation, so its prefixes are arbitrary subsets of its "
+                    "latents; order them by firing frequency instead (--latent-order frequency)",
+                    name)
+    if isinstance(sae, TopKSAE):
+        log.warning("SAE %r is a TopK SAE: each prefix keeps those of its k selected latents that "
+                    "fall inside it (truncation after the top-k), so the prefixes' L0 falls below "
+                    "k and they are not TopK SAEs of their widths", name)
+    return chosen
 
 
 def check_prefix_widths(widths: Sequence[int], d_sae: int) -> tuple[int, ...]:
