@@ -72,9 +72,11 @@ def decompose_prefixes(
     by width, ascending.
 
     Probes are fit on ``splits.probe_train`` and scored on ``splits.probe_test`` as in
-    ``decompose``; the full width's result equals ``decompose(store, sae, splits, cfg)`` up to
-    the rounding of the joint solve. The widths, the order and the SAE are checked before any
-    work (``check_prefix_widths``, ``check_order``, ``check_sae``).
+    ``decompose``; the full width's result is ``decompose(store, sae, splits, cfg)``'s (the
+    same errors; the probes up to the rounding of the joint solve). The widths, the order and
+    the SAE are checked before any work (``check_prefix_widths``, ``check_order``,
+    ``check_sae``); ``plan_prefixes`` adds a Matryoshka SAE's widths as the default and warns
+    about prefixes that are not the SAE's trained nesting (the CLI goes through it).
     """
     hook = hook or next(iter(store.hooks))
     dtype = check_sae("sae", sae, store, hook)
@@ -114,8 +116,15 @@ def plan_prefixes(
     with its ``nested`` Matryoshka widths), after checking ``order``; warns where the prefixes
     are not nested groups the SAE was trained with: the stored order of an SAE without
     ``nested`` widths is arbitrary, and a TopK SAE's prefixes are truncations (module doc)."""
-    chosen = check_prefix_widths(default_prefix_widths(sae.d_sae, nested) if widths is None
-                                 else widths, sae.d_sae)
+    if widths is None and nested:
+        try:
+            chosen = check_prefix_widths(default_prefix_widths(sae.d_sae, nested), sae.d_sae)
+        except ConfigError as err:
+            raise ConfigError(f"SAE {name!r} records Matryoshka widths {list(nested)} that do not "
+                              f"fit it ({err}); give the prefix widths") from None
+    else:
+        chosen = check_prefix_widths(default_prefix_widths(sae.d_sae) if widths is None
+                                     else widths, sae.d_sae)
     check_order(order, sae.d_sae)
     if nested:
         return chosen

@@ -16,6 +16,7 @@ from sae_darkmatter.decompose import (
     decompose_prefixes,
     default_prefix_widths,
     firing_order,
+    plan_prefixes,
 )
 from sae_darkmatter.errors import ConfigError, NonFiniteError
 from sae_darkmatter.saes import ReLUSAE, TopKSAE
@@ -175,6 +176,22 @@ def test_default_prefix_widths():
     assert default_prefix_widths(1) == (1,)
     assert default_prefix_widths(64, [16, 48]) == (16, 48, 64)  # a Matryoshka SAE's groups
     assert default_prefix_widths(64, [16, 64]) == (16, 64)
+
+
+def test_plan_prefixes_takes_matryoshka_widths_and_warns(setup, caplog):
+    topk, relu = setup[1]["topk"], setup[1]["relu"]
+    assert plan_prefixes("mat", relu, [16, 32], None, "stored") == (16, 32, WIDTH)
+    assert plan_prefixes("mat", relu, [16, 32], [8], "stored") == (8,)  # given widths win
+    assert caplog.text == ""  # a Matryoshka SAE's stored order is its nesting
+    assert plan_prefixes("relu", relu, None, None, "frequency") == (4, 8, 16, 32, WIDTH)
+    assert caplog.text == ""
+    plan_prefixes("relu", relu, None, None, "stored")
+    assert "SAE 'relu' records no nested (Matryoshka) widths" in caplog.text
+    plan_prefixes("topk", topk, None, None, "frequency")
+    assert "SAE 'topk' is a TopK SAE: each prefix keeps those of its k selected" in caplog.text
+    with pytest.raises(ConfigError, match=r"SAE 'mat' records Matryoshka widths \[16, 80\] that "
+                                          r"do not fit it \(prefix widths \[80\] are outside"):
+        plan_prefixes("mat", relu, [16, 80], None, "stored")
 
 
 @pytest.fixture(scope="module")
