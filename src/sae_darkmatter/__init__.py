@@ -12,6 +12,9 @@ Stages, each usable alone (see README):
     decompose(store, sae, splits, cfg)      -> DecompositionOutput (held-out metrics + probes)
     decompose_transcoders(store, {name: tc}, splits, hook_in=, hook_out=)
                                             -> the same for transcoders' errors y - y_hat
+    decompose_prefixes(store, sae, splits, widths=, order=)
+                                            -> {width: the same}: the SAE cut to its first m
+                                               latents, per m (Matryoshka groups; scaling law)
     stream_decompose(HarvestConfig, saes)   -> the decomposition straight from the LM, no store
     RunDir(out)                             -> one run folder: store, splits, decompositions, SAEs
     run_analyses(run_dir, cfg=RunConfig)    -> encoder error (pursuit), scaling, per-token, norms,
@@ -87,9 +90,11 @@ _EXPORTS = {
     "saes.transcoder_formats": ["LoadedTranscoder", "open_transcoder"],
     "linalg": ["LinearProbe", "R2Accumulator", "StreamingLstsq"],
     "decompose": ["Decomposition", "DecompositionOutput", "SkipAccount", "decompose",
-                  "decompose_many", "decompose_transcoders"],
+                  "decompose_many", "decompose_prefixes", "decompose_transcoders",
+                  "firing_order"],
     "stream": ["StreamResult", "stream_decompose"],
-    "pipeline": ["decompose_saes", "decompose_transcoder_specs", "run", "train_saes"],
+    "pipeline": ["decompose_sae_prefixes", "decompose_saes", "decompose_transcoder_specs", "run",
+                 "train_saes"],
     "presets": ["paper_protocol", "quick"],
     "run_dir": ["RunDir"],
     "analyses": ["Analysis", "run_analyses"],

@@ -129,6 +129,33 @@ def test_saved_sae_matches_sae_lens_on_real_activations(smol_run):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
 
 
+def test_prefixes_of_a_smollm2_sae_are_a_width_sweep(smol_run, tmp_path):
+    """The run's widest SAE cut to W/16 ... W in frequency order (the run's fixture is shared,
+    so this costs one decomposition): the error falls with every doubling, the full width is
+    the run's own decomposition of that SAE, and the scaling law fits the prefixes."""
+    from sae_darkmatter import DecomposeConfig, decompose_sae_prefixes
+    from sae_darkmatter.analyses.scaling import fit_scaling, load_sweep
+
+    out, metrics = smol_run
+    store = ActivationStore.open(out / "store")
+    results = decompose_sae_prefixes(store, make_splits(store, SplitConfig()),
+                                     out / "saes" / "topk-w1024-k16", DecomposeConfig(),
+                                     tmp_path / "prefixes", order="frequency", progress=False)
+    got = [r["metrics"] for r in results]
+    assert [m["d_sae"] for m in got] == [64, 128, 256, 512, 1024]
+    assert all(a["fvu"] > b["fvu"] and a["l0"] < b["l0"] for a, b in zip(got, got[1:]))
+    whole = next(s for s in metrics["saes"] if s["name"] == "topk-w1024-k16")
+    assert got[-1]["fvu"] == pytest.approx(whole["fvu"], rel=1e-9)  # the same x̂, bit for bit
+    for key in ("fvu_nonlinear", "linear_share", "r2_error_norm"):  # the joint solve's rounding
+        assert got[-1][key] == pytest.approx(whole[key], rel=1e-5), key
+    points = load_sweep(tmp_path / "prefixes", prefixes_of="topk-w1024-k16")
+    for of in ("fvu", "fvu_nonlinear"):
+        fit = fit_scaling(points, whole["l0"], n_boot=20, of=of)
+        assert fit.widths == (64, 128, 256, 512, 1024)
+        assert np.isfinite([fit.c, fit.a, fit.m]).all() and fit.c >= 0
+    assert fit_scaling(points, whole["l0"], n_boot=2).m > 0  # FVU falls with the prefix width
+
+
 def test_synthetic_model_on_a_smollm2_sae_dictionary(smol_run, tmp_path):
     """The ground-truth grid with the decoder of an SAE trained on SmolLM2 as the dictionary."""
     from sae_darkmatter import SyntheticConfig, run_synthetic

@@ -1,9 +1,15 @@
 """Scaling of SAE error with width (paper Fig. 1): power-law fit FVU(W) = c + a·W^(−m).
 
 Reads a sweep of decompositions (``decompose/<name>.json`` + ``.safetensors``, see the format
-contract), picks one SAE per width near a target L0, fits the power law, bootstraps confidence
-intervals over held-out tokens, and draws the stacked "dark matter" figure and the contour maps
-of FVU_nonlinear and of the linear predictability of the error over (width, L0).
+contract), picks one SAE per width near a target L0, fits the power law (to FVU, or to
+FVU_nonlinear), bootstraps confidence intervals over held-out tokens, and draws the stacked
+"dark matter" figure and the contour maps of FVU_nonlinear and of the linear predictability of
+the error over (width, L0).
+
+The nested prefixes of one SAE (``decompose_prefixes``: ``<sae>__prefix<m>``) are a sweep too,
+one point per prefix width: ``load_sweep(folder, prefixes_of=<sae>)`` reads them and
+``fit_scaling`` fits the law of that single SAE (their L0 falls with the width, see
+``decompose.prefixes``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -38,7 +44,8 @@ class SweepPoint:
     """One decomposed SAE: identity, size, empirical L0, JSON metrics and per-test-token sums.
 
     The per-token arrays (aligned with ``rows``) are kept so FVUs can be recomputed on bootstrap
-    resamples of the held-out tokens.
+    resamples of the held-out tokens. ``prefix_of`` names the SAE a prefix result was cut from
+    (None: a whole SAE).
     """
 
     name: str
@@ -50,6 +57,7 @@ class SweepPoint:
     err_sq: np.ndarray
     nonlinear_sq: np.ndarray
     x_centered_sq: np.ndarray
+    prefix_of: str | None = None
 
     @property
     def fvu(self) -> float:
@@ -63,13 +71,15 @@ class SweepPoint:
 
 
 CI = tuple[float, float]
+Fitted = Literal["fvu", "fvu_nonlinear"]
 
 
 @dataclass(frozen=True)
 class PowerLawFit:
     """FVU(W) = c + a·W^(−m) fitted on one SAE per width, with 95 % percentile bootstrap CIs.
 
-    ``widths``/``fvu``/``fvu_nonlinear`` (and their CIs) are the selected points, by width.
+    ``of`` is the FVU fitted (``"fvu"`` or ``"fvu_nonlinear"``); ``widths``/``fvu``/
+    ``fvu_nonlinear`` (and their CIs) are the selected points, by width.
     """
 
     c: float
@@ -87,6 +97,7 @@ class PowerLawFit:
     fvu_ci: tuple[CI, ...]
     fvu_nonlinear: tuple[float, ...]
     fvu_nonlinear_ci: tuple[CI, ...]
+    of: Fitted = "fvu"
 
     def predict(self, widths: np.ndarray | Sequence[float]) -> np.ndarray:
         """The fitted curve at the given widths."""
@@ -101,13 +112,20 @@ def _point(d: SavedDecomposition) -> SweepPoint:
         err_sq=t["err_sq"].astype(np.float64),
         nonlinear_sq=t["nonlinear_sq"].astype(np.float64),
         x_centered_sq=t["x_centered_sq"].astype(np.float64),
+        prefix_of=(d.info.get("prefix") or {}).get("of"),
     )
 
 
-def load_sweep(decompose_dir: Decompositions) -> list[SweepPoint]:
+def load_sweep(decompose_dir: Decompositions, *, prefixes_of: str | None = None
+               ) -> list[SweepPoint]:
     """All decomposed SAEs of a run or ``decompose`` folder (or those given), sorted by
-    (k, width)."""
+    (k, width); with ``prefixes_of``, only the prefix results of that SAE."""
     points = [_point(d) for d in decompositions_of(decompose_dir)]
+    if prefixes_of is not None:
+        points = [p for p in points if p.prefix_of == prefixes_of]
+        if not points:
+            raise DarkMatterError(f"no prefix results of SAE {prefixes_of!r} there; run "
+                                  "'darkmatter decompose --prefixes' on it first")
     return sorted(points, key=lambda p: (p.k if p.k is not None else -1, p.width, p.name))
 
 
@@ -202,8 +220,9 @@ def _percentile_ci(samples: np.ndarray) -> CI:
 
 
 def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int = 200,
-                seed: int = 0) -> PowerLawFit:
-    """Fit the power law on the SAEs nearest ``target_l0`` per width; bootstrap over test tokens.
+                seed: int = 0, of: Fitted = "fvu") -> PowerLawFit:
+    """Fit the power law to ``of`` (FVU or FVU_nonlinear) on the SAEs nearest ``target_l0`` per
+    width; bootstrap over test tokens.
 
     Each bootstrap draws test-token indices with replacement (one draw shared by all SAEs, since
     they share the test rows), recomputes every selected SAE's FVU and FVU_nonlinear from the
@@ -212,6 +231,8 @@ def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int =
     """
     if n_boot < 1:
         raise DarkMatterError(f"n_boot must be at least 1, got {n_boot}")
+    if of not in ("fvu", "fvu_nonlinear"):
+        raise DarkMatterError(f"fit_scaling fits 'fvu' or 'fvu_nonlinear', not {of!r}")
     selected = [p for p, _ in select_at_l0(points, target_l0)]
     if len(selected) < 3:
         raise DarkMatterError(
@@ -230,7 +251,7 @@ def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int =
     total = np.stack([p.x_centered_sq for p in selected])
     fvu = err.sum(1) / total.sum(1)
     fvu_nl = nonlin.sum(1) / total.sum(1)
-    c, a, m = fit_power_law(widths, fvu)
+    c, a, m = fit_power_law(widths, fvu if of == "fvu" else fvu_nl)
 
     rng = np.random.default_rng(seed)
     n = rows.size
@@ -242,7 +263,7 @@ def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int =
         denom = total @ counts
         boot_fvu[i] = err @ counts / denom
         boot_nl[i] = nonlin @ counts / denom
-        boot_par[i] = fit_power_law(widths, boot_fvu[i])
+        boot_par[i] = fit_power_law(widths, boot_fvu[i] if of == "fvu" else boot_nl[i])
     return PowerLawFit(
         c=c, a=a, m=m,
         c_ci=_percentile_ci(boot_par[:, 0]), a_ci=_percentile_ci(boot_par[:, 1]),
@@ -255,6 +276,7 @@ def fit_scaling(points: Sequence[SweepPoint], target_l0: float, *, n_boot: int =
         fvu_ci=tuple(_percentile_ci(boot_fvu[:, j]) for j in range(len(selected))),
         fvu_nonlinear=tuple(float(v) for v in fvu_nl),
         fvu_nonlinear_ci=tuple(_percentile_ci(boot_nl[:, j]) for j in range(len(selected))),
+        of=of,
     )
 
 

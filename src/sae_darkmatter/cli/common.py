@@ -155,6 +155,25 @@ def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
         raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
+def prefix_request(prefixes: str | None, latent_order: str | None, out: Path | None, *,
+                   transcoder: bool) -> tuple[Any, tuple[int, ...] | None, Path]:
+    """``decompose --prefixes``: (latent order, widths or None for the defaults, results
+    folder), after refusing combinations that do not apply and unknown orders."""
+    from sae_darkmatter.decompose import ORDERS
+
+    if prefixes and transcoder:
+        raise DarkMatterError("--prefixes applies to --sae only (transcoders' prefixes are not "
+                              "decomposed)")
+    if latent_order is not None and not prefixes:
+        raise DarkMatterError("--latent-order orders the latents of --prefixes; give --prefixes")
+    if latent_order is not None and latent_order not in ORDERS:
+        raise DarkMatterError(f"--latent-order must be one of {', '.join(ORDERS)}, got "
+                              f"{latent_order!r}")
+    widths = None if prefixes in (None, "auto") else int_list(prefixes, "--prefixes")
+    folder = out or Path("darkmatter_out/prefixes" if prefixes else "darkmatter_out/decompose")
+    return latent_order or "stored", widths, folder
+
+
 def grid_config(cfg: SAETrainConfig, architecture: str | None, widths: str | None,
           k: str | None, **values: Any) -> SAETrainConfig:
     """The training grid with command-line overrides; ``--k`` fills the architecture's axis."""

@@ -41,12 +41,10 @@ from sae_darkmatter.cli.common import (
     main,
     sae_summary,
     show,
-    skip_summary,
     split_config,
     timings_summary,
 )
 from sae_darkmatter.config import (
-    DecomposeConfig,
     HarvestConfig,
     SAETrainConfig,
     SplitConfig,
@@ -247,86 +245,6 @@ def train(
                           "–" if gain is None else f"FVU {-100 * gain:+.1f} %",
                           f"{t['tokens_per_second']:,.0f}")
         show(table)
-
-    main(body)
-
-
-@app.command("decompose")
-def decompose_cmd(
-    sae: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="SAE, repeatable: 'saelens:<release>/<sae_id>' or a SAELens / sparsify / "
-                 "dictionary_learning folder."
-        ),
-    ] = None,
-    transcoder: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Transcoder, repeatable (instead of --sae): 'saelens:<release>/<sae_id>' or a "
-                 "SAELens / sparsify folder. Its error y - y_hat at the output hook is probed "
-                 "from x at the input hook; the store must hold both."
-        ),
-    ] = None,
-    store: Annotated[Path, typer.Option(help="Activation store folder.")] = Path(
-        "darkmatter_out/store"
-    ),
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.")] = Path(
-        "darkmatter_out/decompose"
-    ),
-    hook: Annotated[
-        str | None,
-        typer.Option(help="Stored hook (default: the first); with --transcoder, the hook whose "
-                          "norms the outlier filter reads (default: each one's input hook)."),
-    ] = None,
-    hook_in: Annotated[
-        str | None, typer.Option(help="Transcoders' input hook (default: their metadata's).")
-    ] = None,
-    hook_out: Annotated[
-        str | None, typer.Option(help="Transcoders' output hook (default: their metadata's).")
-    ] = None,
-    skip_positions: Skip = None,
-    max_norm_ratio: MaxNorm = None,
-    ridge: Annotated[float | None, typer.Option(help="Ridge penalty of the probes.")] = None,
-    bias: Annotated[
-        bool | None, typer.Option("--bias/--no-bias", help="Bias column in the probes.")
-    ] = None,
-    seed: Seed = None,
-    device: Device = None,
-    gemm_dtype: GemmDtype = None,
-) -> None:
-    """Split each SAE's (or transcoder's) error into linear and nonlinear parts on held-out \
-tokens."""
-    from sae_darkmatter.pipeline import decompose_saes, decompose_transcoder_specs
-    from sae_darkmatter.splits import make_splits
-    from sae_darkmatter.store import ActivationStore
-
-    def body() -> None:
-        if bool(sae) == bool(transcoder):
-            raise DarkMatterError("give --sae or --transcoder (repeatable), not both: SAEs and "
-                                  "transcoders are decomposed in separate calls")
-        if sae and (hook_in or hook_out):
-            raise DarkMatterError("--hook-in and --hook-out apply to --transcoder only")
-        split = split_config(SplitConfig(), seed, skip_positions, max_norm_ratio)
-        cfg = given(DecomposeConfig(), ridge=ridge, bias=bias, device=device,
-                    gemm_dtype=gemm_dtype)
-        st = ActivationStore.open(store)
-        if transcoder:
-            results = decompose_transcoder_specs(
-                st, make_splits(st, split, hook=hook) if hook else split, transcoder, cfg, out,
-                hook_in=hook_in, hook_out=hook_out)
-        else:
-            results = decompose_saes(st, make_splits(st, split, hook=hook), sae or [], cfg, out,
-                                     hook=hook)
-        where = ", ".join(dict.fromkeys(
-            m["hook"] + (f" -> {m['hook_out']}" if "hook_out" in m else "")
-            for m in (r["metrics"] for r in results)))
-        show(sae_summary({"model": results[0]["model"], "hook": where,
-                       "saes": [{"name": r["name"], "k": r["sae"].get("k"), **r["metrics"]}
-                                for r in results]}))
-        for r in results:
-            if r["metrics"].get("skip"):
-                show(skip_summary(r["name"], r["metrics"]))
 
     main(body)
 

@@ -28,12 +28,18 @@ decomposed the same way with ``e = y − ŷ``: the probe reads ``x``, FVU is rel
 variance, and a skip transcoder's metrics also say how much linear dark matter its skip term
 absorbs (``transcoders``, ``SkipAccount``).
 
+The nested prefixes of one SAE (its first ``m`` latents of a latent order, for several ``m``:
+a Matryoshka SAE's groups, or an ordinary SAE's most frequent latents) are decomposed together
+in the same way, one result per width (``prefixes``, ``decompose_prefixes``), so a scaling law
+in width can be fit from a single SAE.
+
 One core, two drivers:
 
 - ``core``: the per-chunk arithmetic (``SAEErrors``, ``probe_system``, ``HeldOutScores``,
   intervals); ``checks``: the refusals; ``results``: the result types and their files.
 - ``from_store``: ``decompose`` / ``decompose_many`` on a harvested store; ``transcoders``:
-  ``decompose_transcoders`` on a store holding both of their hooks.
+  ``decompose_transcoders`` on a store holding both of their hooks; ``prefixes``:
+  ``decompose_prefixes`` of one SAE on a store.
 - ``stream``: ``stream_decompose``, activations straight from the LM, nothing stored (imported
   on its own: ``sae_darkmatter.stream`` re-exports it).
 """
@@ -57,6 +63,18 @@ from sae_darkmatter.decompose.core import (
     split_probes,
 )
 from sae_darkmatter.decompose.from_store import decompose, decompose_many, decompose_rows
+from sae_darkmatter.decompose.prefixes import (
+    ORDERS,
+    LatentOrder,
+    PrefixErrors,
+    check_order,
+    check_prefix_widths,
+    decompose_prefixes,
+    default_prefix_widths,
+    firing_order,
+    plan_prefixes,
+    prefix_name,
+)
 from sae_darkmatter.decompose.results import (
     TOKEN_ARRAYS,
     Decomposition,
@@ -74,25 +92,35 @@ from sae_darkmatter.decompose.transcoders import (
 __all__ = [
     "JACKKNIFE_GROUPS",
     "N_BOOT",
+    "ORDERS",
     "TOKEN_ARRAYS",
     "Decomposition",
     "DecompositionOutput",
     "HeldOutScores",
+    "LatentOrder",
     "Locate",
+    "PrefixErrors",
     "SAEErrors",
     "SavedDecomposition",
     "SkipAccount",
     "TranscoderErrors",
     "bootstrap_intervals",
+    "check_order",
+    "check_prefix_widths",
     "check_sae",
     "check_transcoder",
     "check_width",
     "chunk_size",
     "decompose",
     "decompose_many",
+    "decompose_prefixes",
     "decompose_rows",
     "decompose_transcoders",
+    "default_prefix_widths",
+    "firing_order",
     "load_decompositions",
+    "plan_prefixes",
+    "prefix_name",
     "probe_system",
     "require_finite",
     "require_finite_at",

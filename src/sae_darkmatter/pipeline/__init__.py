@@ -30,6 +30,7 @@ from sae_darkmatter.harvest import harvest
 from sae_darkmatter.models import default_hook_for, default_sources
 from sae_darkmatter.pipeline.stages import (
     DECOMPOSE_VERSION,
+    decompose_sae_prefixes,
     decompose_saes,
     decompose_transcoder_specs,
     open_saes,
@@ -44,7 +45,8 @@ from sae_darkmatter.splits import Splits, make_splits
 from sae_darkmatter.store import ActivationStore
 
 __all__ = [
-    "DECOMPOSE_VERSION", "cross_layer_hooks", "decompose_saes", "decompose_transcoder_specs",
+    "DECOMPOSE_VERSION", "cross_layer_hooks", "decompose_sae_prefixes", "decompose_saes",
+    "decompose_transcoder_specs",
     "open_saes", "open_transcoders", "run", "run_hooks", "sae_label", "train_saes",
 ]
 

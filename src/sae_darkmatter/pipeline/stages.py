@@ -22,9 +22,14 @@ from sae_darkmatter.config import (
 )
 from sae_darkmatter.decompose import (
     DecompositionOutput,
+    LatentOrder,
+    check_sae,
     check_transcoder,
     decompose_many,
+    decompose_prefixes,
     decompose_transcoders,
+    plan_prefixes,
+    prefix_name,
     require_finite,
 )
 from sae_darkmatter.errors import DarkMatterError
@@ -180,6 +185,46 @@ def decompose_transcoder_specs(
     return [results[name] for name in loaded]
 
 
+def decompose_sae_prefixes(
+    store: ActivationStore,
+    splits: Splits,
+    spec: str | Path,
+    cfg: DecomposeConfig,
+    out_dir: str | Path,
+    *,
+    widths: Sequence[int] | None = None,
+    order: LatentOrder = "stored",
+    hook: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``decompose_prefixes`` of the SAE ``spec`` names, cached as ``decompose_saes`` caches SAEs:
+    one result ``<sae>__prefix<m>`` per width ``m``, recording ``prefix: {of, width, d_sae,
+    order}`` (with the SAE's provenance and ``metrics.d_sae = m``).
+
+    Default widths: a Matryoshka SAE's ``matryoshka_widths`` (from its ``cfg.json``), else W/16,
+    W/8, W/4, W/2, W (``plan_prefixes``, which also checks them and warns about orders that
+    are not the SAE's own nesting).
+    """
+    require_folder(Path(out_dir), "the decomposition results")
+    hook = hook or next(iter(store.hooks))
+    [(name, item)] = open_saes([spec]).items()
+    if distributed.is_main():
+        warn_store_differences(store.meta, store.context_length, {name: item})
+    sae = item.sae
+    chosen = plan_prefixes(name, sae, item.provenance.get("matryoshka_widths"), widths, order)
+    check_sae(name, sae, store, hook)
+    items = {f"{name}__{prefix_name(m)}": (sae, item.provenance, {"prefix": {
+        "of": name, "width": m, "d_sae": sae.d_sae, "order": order}}) for m in chosen}
+
+    def run(todo: dict[str, Any]) -> dict[str, DecompositionOutput]:
+        done = decompose_prefixes(store, sae, splits, cfg, order=order, hook=hook,
+                                  progress=progress,
+                                  widths=[items[n][2]["prefix"]["width"] for n in todo])
+        return {f"{name}__{prefix_name(m)}": out for m, out in done.items()}
+
+    return _decompose_cached(store, splits, items, cfg, Path(out_dir), hook, run)
+
+
 def _transcoder_hooks(name: str, item: LoadedTranscoder, hook_in: str | None,
                       hook_out: str | None) -> tuple[str, str]:
     """(input hook, output hook): those given, else the transcoder's own."""
@@ -204,13 +249,15 @@ def _decompose_cached(
 ) -> list[dict[str, Any]]:
     """Run ``decompose`` on the items (name: (module, provenance, extra record)) whose cached
     result is missing or stale, write ``<name>.json`` and ``.safetensors``, return every
-    item's record. The cache key is (store, splits, ``hooks``, module weights, cfg)."""
+    item's record. The cache key is (store, splits, ``hooks``, module weights, cfg), plus an
+    SAE prefix's record (width and order)."""
     split_hash = hashlib.sha256(splits.probe_train.tobytes() + splits.probe_test.tobytes())
     fingerprints, todo, groups = {}, {}, {}
-    for name, (module, _, _) in items.items():
+    for name, (module, _, extra) in items.items():
         fingerprints[name] = fingerprint(
             DECOMPOSE_VERSION, store.meta.get("harvest_fingerprint"), store.n_rows, hooks,
             split_hash.hexdigest(), cfg, weights_digest(module),
+            *([extra["prefix"]] if "prefix" in extra else []),
         )
         result_path = out_dir / f"{name}.json"
         cached = read_json(result_path) if result_path.exists() else {}

@@ -36,7 +36,7 @@ from sae_darkmatter.saes.io import (
     read_tensors,
     safetensors_dtype,
 )
-from sae_darkmatter.saes.metadata import run_config_training, trained_with
+from sae_darkmatter.saes.metadata import matryoshka_widths, run_config_training, trained_with
 from sae_darkmatter.saes.tensors import build_sae, check_tensor_shapes, folder_provenance
 from sae_darkmatter.saes.topk import AffineSAE
 
@@ -59,7 +59,8 @@ class LoadedSAE:
     (as the SAE states it), ``model`` (a Hugging Face id or our model name, for loading),
     ``hook_name`` (ours, e.g. ``"resid_post.12"``, or None), ``original_hook_name``,
     ``notes`` (list of strings) and ``trained_with`` (the training-data settings the files
-    state: ``saes.metadata.trained_with``).
+    state: ``saes.metadata.trained_with``); a Matryoshka SAE's also ``matryoshka_widths``
+    (its nested prefix widths, ``saes.metadata.matryoshka_widths``).
     """
 
     sae: AffineSAE
@@ -163,6 +164,8 @@ def _open_saelens_folder(path: Path, scale: float | None) -> tuple[AffineSAE, di
         model_name if ours else registry.hf_model_id(model_name), hook, original_hook,
         [note] if note else [], trained_with(cfg),
     )
+    if nested := matryoshka_widths(cfg):
+        prov["matryoshka_widths"] = nested
     trained = path / TRAINING_FILENAME
     if ours and trained.is_file():  # our trainer's record: e.g. BatchTopK saved as JumpReLU
         info = read_json_file(trained)

@@ -36,6 +36,22 @@ def trained_with(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def matryoshka_widths(cfg: dict[str, Any]) -> list[int] | None:
+    """The nested prefix widths a Matryoshka SAE's ``cfg.json`` records, or None.
+
+    SAELens saves a Matryoshka BatchTopK SAE for inference as a JumpReLU SAE and keeps the
+    settings only training uses in ``metadata.training_architecture_details``; its
+    ``matryoshka_widths`` are cumulative: the first ``w`` latents form the group-nested
+    dictionary of width ``w`` (ascending, the last one ``d_sae``). Values are returned as
+    stated; ``decompose.prefixes`` checks them against the SAE.
+    """
+    details = (cfg.get("metadata") or {}).get("training_architecture_details")
+    widths = details.get("matryoshka_widths") if isinstance(details, dict) else None
+    if not isinstance(widths, list) or not widths:
+        return None
+    return [int(w) for w in widths]
+
+
 def run_config_training(run_cfg: dict[str, Any]) -> dict[str, Any]:
     """``context_size`` and ``dataset_path`` from a sparsify or dictionary_learning run config."""
     buffer = run_cfg.get("buffer")

@@ -31,7 +31,7 @@ from sae_darkmatter.saes.io import (
     sae_from_saelens,
     safetensors_dtype,
 )
-from sae_darkmatter.saes.metadata import trained_with
+from sae_darkmatter.saes.metadata import matryoshka_widths, trained_with
 from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 from sae_darkmatter.saes.transcoder import (
     Transcoder,
@@ -255,7 +255,7 @@ def _provenance(
         # Converted releases (Gemma Scope 2) state their training data at the top level of the
         # raw config; SAELens keeps only its metadata keys on the SAE.
         "trained_with": trained_with({**raw_cfg, "metadata": meta}),
-    }
+    } | ({"matryoshka_widths": nested} if (nested := matryoshka_widths(cfg)) else {})
 
 
 # weights file and decoder tensor of the layouts whose stored dtype we report

@@ -18,6 +18,7 @@ from scipy.optimize import curve_fit
 from helpers import PNG_MAGIC
 from sae_darkmatter.analyses.scaling import (
     PowerLawFit,
+    SweepPoint,
     contour_figure,
     fit_power_law,
     fit_scaling,
@@ -205,6 +206,27 @@ def test_bootstrap_reproducible_with_seed(tmp_path):
     assert a == b
     assert (a.c, a.a, a.m) == (c.c, c.a, c.m)  # point estimates do not depend on the seed
     assert a.c_ci != c.c_ci and a.fvu_ci != c.fvu_ci
+
+
+def test_fit_of_fvu_nonlinear_recovers_a_known_law():
+    """Points whose FVU_nonlinear is exactly 0.02 + 0.5·W^-0.3 (per token a fixed share of
+    ‖x − x̄‖²) and whose FVU is flat: ``of="fvu_nonlinear"`` recovers the law, and every
+    bootstrap resample has the same ratios, so the intervals collapse onto it."""
+    rng = np.random.default_rng(0)
+    xc, rows = rng.gamma(8.0, 1.0, 500), np.arange(500)
+    law = lambda w: 0.02 + 0.5 * w**-0.3  # noqa: E731
+    points = [SweepPoint(f"sae__prefix{w}", w, 32, 32.0 * w / 4096, {}, rows, 0.6 * xc,
+                         law(w) * xc, xc, prefix_of="sae") for w in WIDTHS]
+    fit = fit_scaling(points, 32, n_boot=20, of="fvu_nonlinear")
+    assert fit.of == "fvu_nonlinear"
+    assert (fit.c, fit.a, fit.m) == pytest.approx((0.02, 0.5, 0.3), rel=1e-6)
+    assert fit.m_ci == pytest.approx((0.3, 0.3), rel=1e-6)
+    np.testing.assert_allclose(fit.fvu_nonlinear, [law(w) for w in WIDTHS], rtol=1e-12)
+    assert fit.fvu == pytest.approx([0.6] * len(WIDTHS))
+    flat = fit_scaling(points, 32, n_boot=2)  # the FVU of the same points has no width trend
+    assert flat.of == "fvu" and flat.a * 256**-flat.m == pytest.approx(0, abs=1e-6)
+    with pytest.raises(DarkMatterError, match="fits 'fvu' or 'fvu_nonlinear'"):
+        fit_scaling(points, 32, of="l0")  # type: ignore[arg-type]
 
 
 def test_mismatched_test_rows_rejected(tmp_path):
