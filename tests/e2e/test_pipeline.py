@@ -179,7 +179,7 @@ def test_stage_commands(tiny_run, tmp_path):
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
     assert set(json.loads((out / "analyses.json").read_text())) == {"paper", "encoder_error",
-        "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream"}
+        "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream", "transcoders"}
     res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
     assert res.exit_code == 2 and "scaling" in res.output
     res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "batchtopk",
