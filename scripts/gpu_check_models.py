@@ -64,7 +64,7 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 FAMILIES = tuple(CONFIGS)
 ADDS_BOS = frozenset({"llama", "gemma2", "gemma3", "mistral"})
 # Each family's run (`darkmatter run --config`): a few hundred 32-token contexts, a 3-width TopK
-# grid and every analysis at its smallest useful size.
+# grid, transcoders of one MLP and every analysis at its smallest useful size.
 RUN_TOML = """
 [harvest]
 batch_size = 16
@@ -97,6 +97,13 @@ chunk_rows = 1024
 widths = [64]
 ks = [4, 8]
 train_tokens = 4000
+batch_size = 256
+[transcoders]
+enabled = true
+[transcoders.train]
+widths = [64, 128]
+ks = [8]
+train_tokens = 8000
 batch_size = 256
 """
 

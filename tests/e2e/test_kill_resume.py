@@ -38,7 +38,8 @@ from typing import Any
 
 import pytest
 
-from sae_darkmatter.analyses.registry import NAMES
+from sae_darkmatter.analyses.registry import NAMES, get
+from sae_darkmatter.config import RunConfig
 
 CONFIG = """
 [harvest]
@@ -117,7 +118,7 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
 RUN_TIMEOUT = 300
 N_SAES = 3  # the [train] grid
 N_CONTEXTS = 64  # [harvest.corpus]
-N_ANALYSES = len(NAMES)  # all of them
+N_ANALYSES = sum(get(n).enabled(RunConfig()) for n in NAMES)  # all those on by default
 
 
 @dataclass

@@ -15,6 +15,7 @@ from sae_darkmatter import (
     RunConfig,
     SAETrainConfig,
     SplitConfig,
+    TranscoderConfig,
     load_sae,
     make_splits,
     run,
@@ -32,6 +33,9 @@ def smol_run(tmp_path_factory):
             widths=(256, 512, 1024), ks=(16,), train_tokens=60_000, batch_size=1024
         ),
         downstream=DownstreamConfig(max_contexts=16),  # at most one round after the first 8
+        transcoders=TranscoderConfig(enabled=True, train=SAETrainConfig(
+            architecture="batchtopk", widths=(256, 1024), ks=(16,), train_tokens=60_000,
+            batch_size=1024)),
     )
     return out, run(cfg, out, progress=False)
 
@@ -41,7 +45,7 @@ def test_store_holds_real_layer15_activations(smol_run):
     store = ActivationStore.open(out / "store")
     # the target first, then its neighbours for cross-layer prediction
     assert store.hooks == {"resid_post.15": 576, "resid_post.14": 576, "attn_out.15": 576,
-                           "mlp_out.15": 576}
+                           "mlp_out.15": 576, "mlp_in.15": 576}
     assert store.n_rows == 48 * 128
     position = store.column("position")
     norms = np.concatenate([x.norm(dim=1).numpy() for _, x in store.iter_chunks("resid_post.15")])
@@ -154,6 +158,38 @@ def test_prefixes_of_a_smollm2_sae_are_a_width_sweep(smol_run, tmp_path):
         assert fit.widths == (64, 128, 256, 512, 1024)
         assert np.isfinite([fit.c, fit.a, fit.m]).all() and fit.c >= 0
     assert fit_scaling(points, whole["l0"], n_boot=2).m > 0  # FVU falls with the prefix width
+
+
+def test_transcoders_of_the_layer15_mlp(smol_run):
+    """Transcoders and skip transcoders of SmolLM2's layer-15 MLP, trained and decomposed in the
+    run: sae_lens reproduces their outputs on the real MLP inputs, their errors are split on
+    the SAEs' tokens, and the skip term takes linear dark matter out."""
+    import torch
+    from sae_lens import SAE
+
+    from sae_darkmatter import open_transcoder
+
+    out, metrics = smol_run
+    result = metrics["analyses"]["transcoders"]
+    assert result["hooks"] == {"in": "mlp_in.15", "out": "mlp_out.15"}
+    store = ActivationStore.open(out / "store")
+    x, y = (store.gather(h, np.arange(1, 400)) for h in ("mlp_in.15", "mlp_out.15"))
+    rows = {r["name"]: r for r in result["rows"]}
+    for kind in ("transcoder", "skip-transcoder"):
+        for width in (256, 1024):
+            folder = out / "transcoders" / f"{kind}-batchtopk-w{width}-k16"
+            with torch.no_grad():
+                ours = open_transcoder(folder).transcoder(x)
+                theirs = SAE.load_from_disk(str(folder), device="cpu")(x)
+            torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
+            row = rows[folder.name]
+            assert 0 < row["fvu_nonlinear"] < row["fvu"] < 1
+            assert float((y - ours).pow(2).sum() / (y - y.mean(0)).pow(2).sum()) < 1
+    for effect in result["skip_effects"]:
+        lo, _ = effect["linear_removed_ci"]
+        assert lo > 0, effect  # study 4 (README): the skip term removes most of it
+    assert [c["kind"] for c in result["width_changes"]] == ["SAE", "transcoder",
+                                                            "skip transcoder"]
 
 
 def test_synthetic_model_on_a_smollm2_sae_dictionary(smol_run, tmp_path):
