@@ -18,7 +18,7 @@ from sae_darkmatter.report.sections import AUTOINTERP_TITLE, analyses_html
 def test_every_name_resolves_to_its_own_record():
     assert ANALYSES == NAMES
     assert set(NAMES) == {"paper", "scaling", "per_token", "norms", "encoder_error",
-                          "cross_layer", "error_saes", "downstream"}
+                          "cross_layer", "error_saes", "downstream", "transcoders"}
     for name in NAMES:
         record = get(name)
         assert record.name == name and record.title and callable(record.section)
