@@ -25,6 +25,7 @@ from sae_darkmatter import (
 from sae_darkmatter.analyses.claims import VERDICTS
 from sae_darkmatter.analyses.paper import CLAIMS
 from sae_darkmatter.analyses.registry import get
+from sae_darkmatter.analyses.scaling import fit_power_law
 from sae_darkmatter.cli import app
 from sae_darkmatter.config import DownstreamConfig, ErrorSAEConfig
 from sae_darkmatter.saes.formats import open_sae
@@ -124,6 +125,13 @@ def _check_transcoders(out, result):
         assert ("absorbed_share" in row) is (kind == "skip transcoder")
     assert [(c["kind"], c["widths"]) for c in result["width_changes"]] == [
         (kind, [64, 256]) for kind in ("SAE", "transcoder", "skip transcoder")]
+    for change in result["width_changes"]:  # the scaling analysis's law, fit per kind
+        group = sorted((r for r in rows.values() if r["kind"] == change["kind"]),
+                       key=lambda r: r["width"])
+        law = change["power_law"]
+        want = fit_power_law([r["width"] for r in group], [r["fvu"] for r in group])
+        assert [law["c"], law["a"], law["m"]] == pytest.approx(list(want), rel=1e-6, abs=1e-9)
+        assert all(np.isfinite(law[f"{p}_ci"]).all() for p in ("c", "a", "m"))
     effects = result["skip_effects"]
     assert [e["width"] for e in effects] == [64, 128, 256]
     for e in effects:  # the share removed is 1 - linear(skip) / linear(plain), row by row

@@ -7,9 +7,10 @@ bootstrap intervals over the held-out tokens (one resample shared by every trans
 which were all scored on the same tokens):
 
 - per kind (transcoder, skip transcoder, and the run's SAEs of the same k), the relative change
-  of FVU nonlinear from the narrowest to the widest: (widest − narrowest) / their mean. The
-  SAEs' FVUs are relative to their own input's variance, so only this dimensionless change is
-  compared across kinds;
+  of FVU nonlinear from the narrowest to the widest: (widest − narrowest) / their mean, and
+  with 3 widths or more the scaling analysis's power law FVU(W) = c + a·W^(−m). The SAEs' FVUs
+  are relative to their own input's variance, so only the relative change is compared across
+  kinds;
 - at each (width, k) with both kinds, the share of the plain transcoder's linear dark matter
   the skip transcoder does not have, ``1 − FVU_linear(skip) / FVU_linear(plain)``, and the
   change of FVU. Each skip transcoder's own ``absorbed_share`` (``SkipAccount``: its linear
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sae_darkmatter.analyses.registry import Analysis, Results
+from sae_darkmatter.analyses.scaling import fit_power_law
 from sae_darkmatter.config import RunConfig
 from sae_darkmatter.decompose import SavedDecomposition
 from sae_darkmatter.errors import DarkMatterError
@@ -147,7 +149,21 @@ def _width_changes(points: list[_Point], boot: _Bootstrap) -> list[dict[str, Any
             value, ci = _value((hi - lo) / ((hi + lo) / 2))
             out.append({"kind": kind, "k": k, "narrowest": group[0].name,
                         "widest": group[-1].name, "widths": [group[0].width, group[-1].width],
-                        "fvu_nonlinear_change": value, "ci": ci})
+                        "fvu_nonlinear_change": value, "ci": ci,
+                        **({"power_law": _power_law(group, boot)}
+                           if len({p.width for p in group}) >= 3 else {})})
+    return out
+
+
+def _power_law(group: list[_Point], boot: _Bootstrap) -> dict[str, Any]:
+    """FVU(W) = c + a·W^(−m) over the group's widths (``scaling.fit_power_law``), refitted on
+    every resample: the scaling analysis's law, for one kind of sparse replacement."""
+    widths = [p.width for p in group]
+    fvu = np.stack([boot.of(p.name)["fvu"] for p in group])  # [widths, 1 + n_boot]
+    fits = np.array([fit_power_law(widths, fvu[:, b]) for b in range(fvu.shape[1])])
+    out: dict[str, Any] = {"model": "FVU(W) = c + a * W^(-m)"}
+    for i, name in enumerate(("c", "a", "m")):
+        out[name], out[f"{name}_ci"] = _value(fits[:, i])
     return out
 
 
@@ -211,6 +227,13 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _law_text(law: dict[str, Any] | None) -> str:
+    if law is None:
+        return ""
+    return (f"; FVU(W) = c + a·W<sup>−m</sup> with c = {ci_text(law['c'], law['c_ci'])}, "
+            f"m = {ci_text(law['m'], law['m_ci'])}")
+
+
 def _k_text(k: int | None) -> str:
     return "" if k is None else f" (k = {k})"
 
@@ -228,7 +251,7 @@ def section(s: dict[str, Any], out_dir: Path) -> str:
         f"<li>{esc(c['kind'])}{_k_text(c['k'])}: "
         f"{c['widths'][0]:,} → {c['widths'][1]:,} latents, FVU nonlinear "
         f"{100 * c['fvu_nonlinear_change']:+.1f} % "
-        f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]</li>"
+        f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]{_law_text(c.get('power_law'))}</li>"
         for c in s["width_changes"])
     skips = "".join(
         f"<li>width {e['width']:,}: the skip transcoder has "
