@@ -35,7 +35,7 @@ from sae_darkmatter.markup import ci_text, esc, figures_html, num
 from sae_darkmatter.plotting import plt, save_figure
 from sae_darkmatter.run_dir import RunDir
 
-VERSION = 1
+VERSION = 2
 N_BOOT = 200
 FIGURE = RunDir.figure_key("transcoders")
 KINDS = ("SAE", "transcoder", "skip transcoder")
