@@ -14,8 +14,10 @@ class SAETrainConfig(_Checked):
     """A grid of SAEs, one per (width, sparsity value), trained on the SAE-training split.
 
     - ``architecture``: ``"topk"`` (OpenAI TopK + AuxK), ``"batchtopk"`` (saved as JumpReLU),
-      ``"relu"`` (L1 penalty, Anthropic's April 2024 recipe) or ``"jumprelu"`` (L0 penalty with
-      straight-through estimators); one module each in ``saes.archs``.
+      ``"relu"`` (L1 penalty, Anthropic's April 2024 recipe), ``"jumprelu"`` (L0 penalty with
+      straight-through estimators) or ``"matryoshka_batchtopk"`` (BatchTopK whose first
+      ``f * width`` latents, for each of ``matryoshka_fractions``, also reconstruct on their
+      own; saved as JumpReLU with those prefix widths); one module each in ``saes.archs``.
     - ``widths``: numbers of latents.
     - The sparsity axis depends on the architecture: ``ks`` (active latents per token; the mean
       over the batch for batchtopk) for topk/batchtopk, ``l1_coefficients`` for relu,
@@ -49,10 +51,12 @@ class SAETrainConfig(_Checked):
     device: str = "auto"
     until: str = field(default="tokens", metadata={"omit_default": True})
     plateau_tolerance: float = field(default=0.01, metadata={"omit_default": True})
+    matryoshka_fractions: tuple[float, ...] = field(default=(0.0625, 0.125, 0.25, 0.5),
+                                                    metadata={"omit_default": True})
 
     # architecture -> field of its sparsity axis; ``saes.archs`` checks it has these records
     SPARSITY_FIELDS = {"topk": "ks", "batchtopk": "ks", "relu": "l1_coefficients",
-                       "jumprelu": "l0_coefficients"}
+                       "jumprelu": "l0_coefficients", "matryoshka_batchtopk": "ks"}
     ARCHITECTURES = tuple(SPARSITY_FIELDS)
     PATH = "train"
     SELF_TYPED = ("widths", "ks", "l1_coefficients", "l0_coefficients")
@@ -81,6 +85,10 @@ class SAETrainConfig(_Checked):
         self._need("until", self.until in ("tokens", "plateau"), "'tokens' or 'plateau'")
         self._need("plateau_tolerance", 0 < self.plateau_tolerance < 1,
                    "strictly between 0 and 1 (a relative FVU gain per doubling of tokens)")
+        fractions = self.matryoshka_fractions
+        self._need("matryoshka_fractions", bool(fractions) and all(0 < f < 1 for f in fractions)
+                   and list(fractions) == sorted(set(fractions)),
+                   "strictly ascending fractions of the width, each strictly between 0 and 1")
         _need_device(self)
 
     @property

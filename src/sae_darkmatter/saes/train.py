@@ -188,15 +188,17 @@ def _train(
     members: list[Member | None] = []
     for out_dir, width, value, skip in specs:
         lr = cfg.lr if cfg.lr is not None else default_lr(width, cfg.architecture)
+        options = arch.options(cfg, width)
         key = _fingerprint(cfg, width, value, lr, data,
-                           () if y is None else (KINDS[skip], target))
+                           (*([] if y is None else [KINDS[skip], target]),
+                            *([options] if options else [])))
         if is_finished(out_dir, key):
             log.info("%s already holds this SAE (fingerprint %s); not retraining", out_dir, key)
             remove_checkpoint(out_dir)  # left when a kill came between training.json and removal
             members.append(None)
             continue
         sae = arch.trainer(x.shape[1], width, value, b_dec=b_dec, seed=cfg.seed,
-                           transcoder=y is not None, skip=skip)
+                           transcoder=y is not None, skip=skip, **options)
         sae.to(device)
         member = Member(out_dir, key, lr, sae, torch.optim.Adam(sae.param_groups(), lr=lr),
                         torch.zeros(width, dtype=torch.int64))
@@ -211,14 +213,14 @@ def _train(
 
 
 def _fingerprint(cfg: SAETrainConfig, width: int, value: float, lr: float,
-                 data: dict[str, Any], transcoder: tuple[Any, ...]) -> str:
+                 data: dict[str, Any], extra: tuple[Any, ...]) -> str:
     """Cache key of one SAE (for topk the same as before other architectures existed);
-    ``transcoder`` is (kind, target data summary) for a transcoder, else empty."""
+    ``extra``: a transcoder's kind and target data summary, the architecture's options."""
     arch = ARCHITECTURES[cfg.architecture]
     sparsity = int(value) if arch.counts_latents else float(value)
     until = ("plateau", cfg.plateau_tolerance) if cfg.until == "plateau" else ()
     return fingerprint(arch.algorithm, width, sparsity, cfg.train_tokens,
-                       cfg.batch_size, lr, cfg.seed, data, *until, *transcoder)
+                       cfg.batch_size, lr, cfg.seed, data, *until, *extra)
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor | None, members: list[Member], cfg: SAETrainConfig,

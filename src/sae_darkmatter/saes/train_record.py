@@ -34,15 +34,16 @@ def finish(m: Member, x: torch.Tensor, y: torch.Tensor | None, cfg: SAETrainConf
     """Save the inference SAE (a transcoder, given targets ``y``) and training.json; remove
     the checkpoint. ``data`` summarises what it was trained to reconstruct."""
     trained = m.sae.cpu()
+    meta = {**(metadata or {}), **trained.saelens_metadata()}
     module: AffineSAE | Transcoder
     if y is None:
         module = trained.export(scales[0])
-        save_sae(module, m.out_dir, metadata=dict(metadata or {}))
+        save_sae(module, m.out_dir, metadata=meta)
     else:
         skip = trained.W_skip
         module = Transcoder(trained.export(*scales),
                             None if skip is None else skip.detach() * (scales[0] / scales[1]))
-        save_transcoder(module, m.out_dir, metadata=dict(metadata or {}))
+        save_transcoder(module, m.out_dir, metadata=meta)
     eval_fvu, eval_mse, eval_l0 = _score(module, x, y)
     dead_after = dead_after_tokens(cfg)
     n_dead = int((m.since_fired >= dead_after).sum())

@@ -11,7 +11,7 @@ the two disagree.
 from __future__ import annotations
 
 from sae_darkmatter.config import SAETrainConfig
-from sae_darkmatter.saes.archs import batchtopk, jumprelu, relu, topk
+from sae_darkmatter.saes.archs import batchtopk, jumprelu, matryoshka, relu, topk
 from sae_darkmatter.saes.archs.base import Architecture
 from sae_darkmatter.saes.archs.gated import GatedSAE
 from sae_darkmatter.saes.archs.jumprelu import JumpReLUSAE
@@ -20,7 +20,8 @@ from sae_darkmatter.saes.topk import AffineSAE, TopKSAE
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
-    for a in (topk.ARCHITECTURE, batchtopk.ARCHITECTURE, relu.ARCHITECTURE, jumprelu.ARCHITECTURE)
+    for a in (topk.ARCHITECTURE, batchtopk.ARCHITECTURE, relu.ARCHITECTURE, jumprelu.ARCHITECTURE,
+              matryoshka.ARCHITECTURE)
 }
 # SAELens architecture name -> the class save_sae writes and load_sae builds (in isinstance
 # order: no class here subclasses another)

@@ -18,12 +18,14 @@ of the inference transcoder and the trainer adds the skip term (``saes.train``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from sae_darkmatter.config import SAETrainConfig
 from sae_darkmatter.saes.topk import AffineSAE
 from sae_darkmatter.saes.train_kernels import (
     Codes,
@@ -43,7 +45,9 @@ class Architecture:
     ``sparsity_field`` is the ``SAETrainConfig`` field of the grid's sparsity axis,
     ``sparsity_name`` its name in ``training.json`` and ``folder_tag`` in folder names.
     ``algorithm`` is part of the cache fingerprint: bump it when the training math changes.
-    ``base_lr`` is the learning rate at width 2**14 (``train.default_lr``).
+    ``base_lr`` is the learning rate at width 2**14 (``train.default_lr``). ``options(cfg,
+    width)`` are the trainer's own keyword arguments from the config (they enter the
+    fingerprint too).
     """
 
     name: str
@@ -54,6 +58,7 @@ class Architecture:
     folder_tag: str
     algorithm: str
     base_lr: float
+    options: Callable[[SAETrainConfig, int], dict[str, Any]] = lambda cfg, width: {}
 
     @property
     def counts_latents(self) -> bool:
@@ -210,6 +215,10 @@ class TrainingSAE(nn.Module):
 
     def summary(self) -> dict[str, Any]:
         """Architecture-specific values for training.json."""
+        return {}
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        """Entries for the saved ``cfg.json``'s ``metadata`` (what SAELens records there)."""
         return {}
 
 
