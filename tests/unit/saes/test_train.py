@@ -257,10 +257,13 @@ def test_sae_folder_names_are_stable_and_distinct():
     assert sae_folder_name("relu", 512, 0.03) == "relu-w512-l1_3e-02"
     assert sae_folder_name("relu", 512, 0.025) == "relu-w512-l1_2.5e-02"
     assert sae_folder_name("jumprelu", 4096, 1) == "jumprelu-w4096-l0_1e+00"
+    assert sae_folder_name("matryoshka_batchtopk", 512, 32) == "matryoshka_batchtopk-w512-k32"
+    assert sae_folder_name("batchtopk", 512, 32, skip=True) == "skip-transcoder-batchtopk-w512-k32"
 
 
 def test_bad_configs_get_specific_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"one of \['topk', 'batchtopk', 'relu', 'jumprelu'\]"):
+    with pytest.raises(ConfigError, match=r"one of \['topk', 'batchtopk', 'relu', 'jumprelu', "
+                                          r"'matryoshka_batchtopk'\]"):
         SAETrainConfig(architecture="gated")
     with pytest.raises(ConfigError, match="train.l1_coefficients must be a non-empty list"):
         SAETrainConfig(architecture="relu", l1_coefficients=())
