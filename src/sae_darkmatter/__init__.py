@@ -51,6 +51,7 @@ _EXPORTS = {
         "SAETrainConfig",
         "SplitConfig",
         "TokenFilter",
+        "TranscoderConfig",
         "load_toml",
     ],
     "errors": [
