@@ -30,7 +30,7 @@ from sae_darkmatter.analyses.registry import NAMES, get
 from sae_darkmatter.cli.common import build_config
 from sae_darkmatter.config import ModelConfig, RunConfig
 from sae_darkmatter.models import load_model
-from sae_darkmatter.pipeline import decompose_saes, run
+from sae_darkmatter.pipeline import decompose_saes, decompose_transcoder_specs, run
 from sae_darkmatter.run_dir import RunDir
 from sae_darkmatter.splits import make_splits
 from sae_darkmatter.store import ActivationStore
@@ -189,12 +189,14 @@ def check_train(f: Family, tol: Tolerances) -> Row:
 
 
 def copy_inputs(src: Path, dst: Path) -> None:
-    """The CPU run's store, SAEs and config, into a fresh run folder."""
+    """The CPU run's store, SAEs, transcoders and config, into a fresh run folder."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     shutil.copytree(src / "store", dst / "store")
     shutil.copytree(src / "saes", dst / "saes")
+    if (src / "transcoders").is_dir():
+        shutil.copytree(src / "transcoders", dst / "transcoders")
     shutil.copy2(src / "run_config.json", dst / "run_config.json")
 
 
@@ -208,9 +210,18 @@ def check_same_saes_decompose(f: Family, device: str, tol: Tolerances) -> tuple[
     t = time.perf_counter()
     decompose_saes(store, splits, [f.same / "saes" / n for n in names], cfg.decompose,
                    f.same / "decompose", progress=False, check_training=False)
+    tc_dir = f.cpu / "decompose" / "transcoders"  # the CPU run's transcoders, the same way
+    transcoders = list(decompositions(tc_dir)) if tc_dir.is_dir() else []
+    if transcoders:
+        decompose_transcoder_specs(store, splits, [f.same / "transcoders" / n for n in transcoders],
+                                   cfg.decompose, f.same / "decompose" / "transcoders",
+                                   progress=False)
     seconds = time.perf_counter() - t
     diff = compare_decompositions(f.cpu / "decompose", f.same / "decompose", tol.decompose,
                                   tol.per_token)
+    if transcoders:
+        diff.merge(compare_decompositions(tc_dir, f.same / "decompose" / "transcoders",
+                                          tol.decompose, tol.per_token), "transcoders/")
     return Row.of(f"{f.name} decompose", diff, device_s=timings(f.device).get("decompose"),
                   cpu_s=timings(f.cpu).get("decompose")), seconds
 
