@@ -99,6 +99,7 @@ def test_decomposition_equals_single_process(runs):
     assert (two / "report.html").is_file() and (two / "metrics.json").is_file()
 
 
+@pytest.mark.soak
 def test_killed_distributed_harvest_resumes_to_the_same_store(tiny_model_dir, tmp_path):
     """SIGKILL every process of a 2-rank harvest mid-way; a rerun (here on 2 ranks again) keeps
     the committed and staged shards and ends byte-identical to the single-process store."""

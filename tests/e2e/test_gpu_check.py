@@ -35,6 +35,7 @@ def rows_of(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_every_step_passes_on_cpu_and_prints_the_table(tmp_path):
     out = tmp_path / "out"
     done = gpu_check(out, "--checks", "families,bf16,torchrun,timing", "--n-contexts", "64",
@@ -66,6 +67,7 @@ def test_every_step_passes_on_cpu_and_prints_the_table(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_an_impossible_tolerance_fails_the_check(tmp_path):
     out = tmp_path / "out"
     done = gpu_check(out, "--checks", "bf16", "--tolerance-scale", "0", "--n-contexts", "32")

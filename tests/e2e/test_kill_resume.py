@@ -385,6 +385,7 @@ def test_killed_at_each_stage_resumes_to_identical_results(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_killed_at_every_injected_point_resumes_to_identical_results(reference):
     steps = HARVEST + TRAIN + DECOMPOSE + ANALYSES + REPORT
     r = kill_chain(reference, "chain_all", steps)
@@ -396,6 +397,7 @@ def _has(pattern: str) -> Callable[[Path], bool]:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_killed_when_stage_outputs_appear_resumes_to_identical_results(reference):
     """SIGKILL from outside as soon as each stage's first output shows up."""
     watched = [("harvest", _has("store/shard_000001.safetensors")),
@@ -412,6 +414,7 @@ def test_killed_when_stage_outputs_appear_resumes_to_identical_results(reference
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("seed", [0])
 def test_killed_at_random_moments_resumes_to_identical_results(reference, seed):
     """Two SIGKILLs in a row at seeded random delays, fractions of an uninterrupted run's time
