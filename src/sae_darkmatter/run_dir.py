@@ -29,6 +29,8 @@ from sae_darkmatter.linalg import LinearProbe
 from sae_darkmatter.models import load_tokenizer
 from sae_darkmatter.saes import AffineSAE
 from sae_darkmatter.saes.formats import open_sae
+from sae_darkmatter.saes.transcoder import Transcoder
+from sae_darkmatter.saes.transcoder_formats import open_transcoder
 from sae_darkmatter.splits import Splits, make_splits
 from sae_darkmatter.store import ActivationStore
 
@@ -165,10 +167,18 @@ class RunDir:
 
     def open_sae(self, d: SavedDecomposition, device: torch.device | str = "cpu") -> AffineSAE:
         """The SAE a decomposition names (a folder, relative to the run if need be, or a spec)."""
+        return open_sae(self._spec(d), device=device).sae.eval()
+
+    def open_transcoder(self, d: SavedDecomposition,
+                        device: torch.device | str = "cpu") -> Transcoder:
+        """The transcoder a transcoder decomposition names (as ``open_sae``)."""
+        return open_transcoder(self._spec(d), device=device).transcoder.eval()
+
+    def _spec(self, d: SavedDecomposition) -> str:
         spec = str(d.info["sae"]["path"])
         if not Path(spec).exists() and (self.path / spec).exists():
             spec = str(self.path / spec)
-        return open_sae(spec, device=device).sae.eval()
+        return spec
 
     # ---------------------------------------------------------------- writing
     @contextmanager

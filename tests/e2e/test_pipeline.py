@@ -40,8 +40,8 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
     # 3 overview + 2 scaling + 2 per-token + 3 norm-prediction + encoder error + cross-layer
-    # + error SAEs + 2 downstream + transcoders
-    assert len(images) == 16
+    # + error SAEs + 2 downstream + transcoders + 2 transcoder downstream
+    assert len(images) == 18
     for src in images:
         assert (out / src).read_bytes()[:8] == PNG_MAGIC, src
     assert "Contexts with the largest nonlinear error" in page
@@ -49,7 +49,8 @@ def test_run_writes_report_metrics_and_figures(tiny_run):
     assert page.count("% over the last doubling") == len(metrics["saes"])
     analyses = metrics["analyses"]
     assert set(analyses) == {"paper", "encoder_error", "scaling", "per_token", "norms",
-                             "cross_layer", "error_saes", "downstream", "transcoders"}
+                             "cross_layer", "error_saes", "downstream", "transcoders",
+                             "transcoder_downstream"}
     assert not any("skipped" in a for a in analyses.values())
     # every claim is checked on the real run, each with its estimates and a verdict
     claims = analyses["paper"]["claims"]
@@ -188,7 +189,8 @@ def test_stage_commands(tiny_run, tmp_path):
     res = runner.invoke(app, ["analyze", str(out), "--only", "scaling"])
     assert res.exit_code == 0, res.output
     assert set(json.loads((out / "analyses.json").read_text())) == {"paper", "encoder_error",
-        "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream", "transcoders"}
+        "scaling", "per_token", "norms", "cross_layer", "error_saes", "downstream", "transcoders",
+        "transcoder_downstream"}
     res = runner.invoke(app, ["analyze", str(out), "--only", "scalin"])
     assert res.exit_code == 2 and "scaling" in res.output
     res = runner.invoke(app, ["train", "--store", str(out / "store"), "--architecture", "batchtopk",

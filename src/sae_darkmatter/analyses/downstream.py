@@ -26,6 +26,10 @@ replacement; the identity splice reproduces the clean logits bit for bit, and th
 checked against a reference: the loss the harvest stored, or, for a store harvested without it
 (the default), the loss of the model's plain forward pass on the chosen contexts, whose
 activations at the hook must then equal the stored ones (so the model is the one harvested).
+
+``of="transcoders"`` splices the run's transcoders instead: ŷ, ŷ + ê and ŷ + (e − ê) (and the
+controls) replace the MLP's output (``mlp_out.L``), computed from its input (``mlp_in.L``) of
+the same clean forward; the probe ê reads that input, as in their decomposition.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,14 +47,22 @@ from safetensors.numpy import save_file
 
 from sae_darkmatter import layout
 from sae_darkmatter._io import atomic_path
-from sae_darkmatter.analyses.downstream_figures import ce_figure, panels, section, shares_figure
+from sae_darkmatter.analyses.downstream_checks import check_losses, reference_loss
+from sae_darkmatter.analyses.downstream_figures import (
+    ce_figure,
+    kind_slices,
+    panels,
+    section,
+    shares_figure,
+)
 from sae_darkmatter.analyses.downstream_stats import summarize, unfinished
 from sae_darkmatter.analyses.registry import Analysis, Results
-from sae_darkmatter.analyses.splice import PER_SAE, SHARED, splice_contexts
+from sae_darkmatter.analyses.splice import PER_SAE, SHARED, Replacer, splice_contexts
+from sae_darkmatter.analyses.transcoders import trained_k
 from sae_darkmatter.config import DownstreamConfig, ModelConfig, RunConfig, SplitConfig, from_dict
 from sae_darkmatter.decompose import SavedDecomposition
-from sae_darkmatter.errors import DarkMatterError, HookError
-from sae_darkmatter.models import LoadedModel, forward_capture, load_model, logits_batch
+from sae_darkmatter.errors import DarkMatterError
+from sae_darkmatter.models import LoadedModel, load_model, logits_batch
 from sae_darkmatter.run_dir import RunDir, error_probe
 from sae_darkmatter.splits import Splits
 from sae_darkmatter.store import ActivationStore
@@ -60,13 +72,53 @@ log = logging.getLogger(__name__)
 PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/per_token.safetensors"
 SHARES_FIGURE = RunDir.figure_key("downstream_shares")
 CE_FIGURE = RunDir.figure_key("downstream_ce")
-# Max relative per-token distance ‖x − x_stored‖ / ‖x_stored‖ between the hook activations of the
-# recomputed forward and the store's. Rounding stays far below it: on CPU another batch
-# composition gives bit-identical SmolLM2 layer-15 activations in float32 and bfloat16, and a
-# bfloat16 store of float32 activations is off by 0.0025 at most (8 significant bits; GPU kernels
-# chosen by batch shape may add about that much again). Another model's activations are unrelated
-# (~1; independent directions give √2).
-ACTIVATION_TOLERANCE = 0.1
+TRANSCODER_PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/transcoders_per_token.safetensors"
+OF = ("saes", "transcoders")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one downstream analysis splices where: decompositions of SAEs (``source`` None) or
+    of transcoders reading ``source``, replacing the activations at ``hook``."""
+
+    of: str
+    decs: list[SavedDecomposition]
+    hook: str
+    source: str | None
+    per_token_file: str
+    figures: tuple[str, str]  # shares, CE
+
+    @classmethod
+    def of_run(cls, run: RunDir, cfg: DownstreamConfig, of: str) -> _Target:
+        if of == "saes":
+            decs = select_saes(run.decompositions, cfg)
+            return cls(of, decs, decs[0].info["metrics"]["hook"], None, PER_TOKEN_FILE,
+                       (SHARES_FIGURE, CE_FIGURE))
+        if of != "transcoders":
+            raise DarkMatterError(f"downstream splices one of {list(OF)}, got {of!r}")
+        decs = run.transcoder_decompositions
+        if not decs:
+            raise DarkMatterError(f"{run.path} has no transcoder decompositions (run with "
+                                  "--transcoders or [transcoders] enabled = true)")
+        pairs = sorted({(d.info["transcoder"]["hook_in"], d.info["transcoder"]["hook_out"])
+                        for d in decs})
+        if len(pairs) > 1:
+            raise DarkMatterError(f"the run's transcoders map different hooks {pairs}; the "
+                                  "downstream splice takes one pair of hooks")
+        (source, hook), = pairs
+        return cls(of, decs, hook, source, TRANSCODER_PER_TOKEN_FILE,
+                   (RunDir.figure_key("downstream_transcoders_shares"),
+                    RunDir.figure_key("downstream_transcoders_ce")))
+
+    def open(self, run: RunDir, d: SavedDecomposition, device: torch.device) -> Replacer:
+        return run.open_sae(d, device) if self.source is None else run.open_transcoder(d, device)
+
+    def describe(self, d: SavedDecomposition) -> dict[str, Any]:
+        """A result row's identity: name, width, k (a transcoder's: as trained), L0, skip."""
+        if self.source is None:
+            return {"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"]}
+        return {"name": d.name, "width": d.width, "k": trained_k(d),
+                "l0": d.info["metrics"]["l0"], "skip": bool(d.info["transcoder"]["skip"])}
 VERSION = 2  # part of the cache key: 2 added the stopping rule, contexts in splice order
 
 
@@ -111,8 +163,10 @@ def downstream_analysis(
     split: SplitConfig | None = None,
     device: str | None = None,
     progress: bool = True,
+    of: str = "saes",
 ) -> dict[str, Any]:
-    """Splice every chosen SAE of ``run_dir`` into the LM; write per-token values and figures.
+    """Splice every chosen SAE (``of="transcoders"``: every transcoder) of ``run_dir`` into the
+    LM; write per-token values and figures.
 
     ``lm`` defaults to the harvest's model (from the store's metadata), loaded on ``device``
     (default: the harvest's; a run harvested on a GPU can be analysed elsewhere); ``split`` must
@@ -120,14 +174,16 @@ def downstream_analysis(
     the first round is checked against ``reference_loss`` (the stored loss, or the plain
     forward's for a store without it); ``cfg``'s stopping rule may add contexts after it.
     Writes ``downstream/per_token.safetensors`` (``reference_loss`` beside the CE/KL arrays, its
-    source in the file's metadata) and ``figures/downstream_{shares,ce}.png``.
+    source in the file's metadata) and ``figures/downstream_{shares,ce}.png``; for transcoders
+    ``downstream/transcoders_per_token.safetensors`` and ``downstream_transcoders_*.png``, and
+    the result's ``saes`` lists the transcoders (``cfg.saes``/``select`` choose SAEs only).
     """
     run, cfg, split = RunDir.of(run_dir), cfg or DownstreamConfig(), split or SplitConfig()
     t0 = time.perf_counter()
-    store = run.store
-    decs = select_saes(run.decompositions, cfg)
-    hook = decs[0].info["metrics"]["hook"]
-    splits = run.splits(split, hook=hook)
+    target = _Target.of_run(run, cfg, of)
+    decs, hook, store = target.decs, target.hook, run.store
+    # transcoders were decomposed on the SAEs' tokens: the run's splits of its first hook
+    splits = run.splits(split, hook=hook if target.source is None else None)
     if not np.array_equal(splits.probe_test, decs[0].tokens["rows"]):
         raise DarkMatterError(
             "the split settings differ from the run's (probe-test rows do not match "
@@ -147,10 +203,11 @@ def downstream_analysis(
     )  # pretrained SAEs: no SAE split
     total = sum(x.double().sum(0) for _, x in store.iter_chunks(hook, mean_rows))
     mean = cast("torch.Tensor", total) / mean_rows.size
-    saes = {d.name: (run.open_sae(d, lm.device), error_probe(d)) for d in decs}
+    saes = {d.name: (target.open(run, d, lm.device), error_probe(d)) for d in decs}
     log.info(
-        "splicing %d SAE(s) at %s into %d contexts: %d forwards per batch of %d",
+        "splicing %d %s at %s into %d contexts: %d forwards per batch of %d",
         len(saes),
+        target.of,
         hook,
         first.size,
         len(SHARED) + len(PER_SAE) * len(saes),
@@ -158,13 +215,14 @@ def downstream_analysis(
     )
     t1 = time.perf_counter()
     per_token = splice_contexts(lm, hook, tokens[first], first, spliced[: first.size], saes, mean,
-                                batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+                                source=target.source, batch_size=cfg.batch_size, seed=cfg.seed,
+                                progress=progress)
     seconds = time.perf_counter() - t1
-    check |= _check(per_token, reference, cfg.loss_tolerance, check["reference"])
+    check |= check_losses(per_token, reference, cfg.loss_tolerance, check["reference"])
     per_token, used = _more_contexts(per_token, cfg, averaged, saes, lambda lo, hi, chosen: (
         splice_contexts(lm, hook, tokens[order[lo:hi]], order[lo:hi], spliced[lo:hi], chosen,
-                        mean, batch_size=cfg.batch_size, seed=cfg.seed, everything=False,
-                        progress=progress)))
+                        mean, source=target.source, batch_size=cfg.batch_size, seed=cfg.seed,
+                        everything=False, progress=progress)))
     seconds_more = time.perf_counter() - t1 - seconds
     chosen = order[: max(used.values())]
     spliced, averaged = spliced[: chosen.size], averaged[: chosen.size]
@@ -176,7 +234,7 @@ def downstream_analysis(
         "spliced": spliced,
         "averaged": averaged,
     }
-    with atomic_path(run.path / PER_TOKEN_FILE) as tmp:
+    with atomic_path(run.path / target.per_token_file) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in per_token.items()}, str(tmp),
                   metadata={"reference": check["reference"]})
     summary = summarize(per_token, averaged, list(saes), first=first.size, contexts=used,
@@ -184,6 +242,8 @@ def downstream_analysis(
     rows = chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])
     result = {
         "hook": hook,
+        "replaces": "SAE" if target.source is None else "transcoder",
+        **({} if target.source is None else {"source": target.source}),
         "model": lm.name,
         "contexts": chosen.tolist(),
         "tokens": {
@@ -201,27 +261,20 @@ def downstream_analysis(
         "config": asdict(cfg),
         "mean_ablation_tokens": int(mean_rows.size),
         "shared": summary["shared"],
-        "saes": [
-            {
-                "name": d.name,
-                "width": d.width,
-                "k": d.k,
-                "l0": d.info["metrics"]["l0"],
-                **summary["saes"][d.name],
-            }
-            for d in decs
-        ],
+        "saes": [target.describe(d) | summary["saes"][d.name] for d in decs],
         "target": _target(summary, cfg, first.size, order.size),
-        "per_token_file": PER_TOKEN_FILE,
+        "per_token_file": target.per_token_file,
         "seconds_splice": round(seconds + seconds_more, 2),
         "seconds_first_round": round(seconds, 2),
         "seconds_reference": round(seconds_reference, 2),
         "seconds_per_context": round(seconds / max(first.size, 1), 3),  # every intervention
     }
     result["table"] = table(result)
+    slices = None if target.source is None else kind_slices(result["saes"])
+    shares, ce = (run.path / key for key in target.figures)
     result["figures"] = {
-        "shares": str(shares_figure(result, run.path / SHARES_FIGURE).relative_to(run.path)),
-        "ce": str(ce_figure(result, run.path / CE_FIGURE).relative_to(run.path)),
+        "shares": str(shares_figure(result, shares, slices).relative_to(run.path)),
+        "ce": str(ce_figure(result, ce).relative_to(run.path)),
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -314,73 +367,6 @@ def _target(summary: Mapping[str, Any], cfg: DownstreamConfig, first: int,
     return {"half_width": cfg.target_half_width, "max_contexts": cfg.max_contexts,
             "first_round": first, "contexts_allowed": allowed, "widest_half_width": widest,
             "met": met}
-
-
-def reference_loss(store: ActivationStore, lm: LoadedModel, hook: str, tokens: np.ndarray,
-                   chosen: np.ndarray, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The per-token clean loss ``[n, T]`` of contexts ``chosen`` that the splice's clean CE must
-    equal, and the check's record of it (``"reference"``: ``"stored"`` or ``"recomputed"``).
-
-    A store harvested with the loss gives it. Otherwise (the loss column is NaN) the model runs
-    its plain forward pass (``forward_capture``: none of the splice's hooks) on those contexts,
-    in the splice's batches; its activations at ``hook`` must equal the stored ones within
-    ``ACTIVATION_TOLERANCE``, which checks, before any splice, that ``lm`` is the harvested model
-    (what the stored loss checks otherwise).
-    """
-    stored = store.column("loss").reshape(tokens.shape)[chosen]
-    if np.isfinite(stored).any():  # the harvest stores every loss but the last position's
-        return stored, {"reference": "stored"}
-    ids = torch.from_numpy(tokens[chosen].astype(np.int64))
-    batch = logits_batch(lm, ids.shape[1], batch_size)
-    log.info("the store holds no per-token loss: the clean loss of %d contexts from the model's "
-             "plain forward pass", ids.shape[0])
-    losses, acts = [], []
-    for lo in range(0, ids.shape[0], batch):
-        x, loss = forward_capture(lm, ids[lo : lo + batch], [hook], with_loss=True)
-        acts.append(x[hook].double())
-        losses.append(cast("torch.Tensor", loss))
-    x = torch.cat(acts)
-    rows = (chosen[:, None] * tokens.shape[1] + np.arange(tokens.shape[1])).ravel()
-    x_stored = store.gather(hook, rows).double().reshape(x.shape)
-    rel = ((x - x_stored).norm(dim=-1) / x_stored.norm(dim=-1).clamp_min(1e-30)).max().item()
-    if not rel <= ACTIVATION_TOLERANCE:  # also NaN
-        raise DarkMatterError(
-            f"the model's activations at {hook} differ from the stored ones by up to {rel:.3g} "
-            "(relative to their norm): the model is not the one harvested (load the model with "
-            "the harvest's ModelConfig)"
-        )
-    check = {"reference": "recomputed", "activations_vs_stored_max_rel": rel,
-             "activation_tolerance": ACTIVATION_TOLERANCE}
-    return torch.cat(losses).numpy(), check
-
-
-def _check(per_token: Mapping[str, np.ndarray], reference: np.ndarray, tolerance: float,
-           source: str) -> dict[str, Any]:
-    """Clean CE vs the reference loss (``source``: stored by the harvest or recomputed by the
-    plain forward), and the identity splice vs clean (must agree)."""
-    clean, ident = per_token["clean/ce"], per_token["shared/x/ce"]
-    valid = np.isfinite(reference)
-    diff = float(np.abs(clean - reference)[valid].max()) if valid.any() else None
-    out = {
-        "clean_vs_reference_max_abs": diff,
-        "identity_vs_clean_max_abs": float(np.nanmax(np.abs(ident - clean))),
-        "identity_max_kl": float(np.nanmax(np.abs(per_token["shared/x/kl"]))),
-        "tolerance": tolerance,
-    }
-    if diff is not None and diff > tolerance:
-        raise DarkMatterError(
-            f"clean CE differs from the harvest's stored loss by up to {diff:.3g} nats: the "
-            "model or contexts are not the ones harvested (load the model with the harvest's "
-            "ModelConfig)" if source == "stored" else
-            f"clean CE of the splice differs from the model's plain forward pass by up to "
-            f"{diff:.3g} nats: the splice's clean pass does not run the model as a plain forward "
-            "does"
-        )
-    if out["identity_vs_clean_max_abs"] > tolerance:
-        raise HookError(
-            "the identity splice does not reproduce the clean loss on this architecture"
-        )
-    return out
 
 
 def _run(run: RunDir, cfg: RunConfig, results: Results, progress: bool) -> dict[str, Any]:

@@ -15,11 +15,28 @@ from sae_darkmatter.plotting import plt, save_figure
 DIFF = "ce_gap_closed_linear_minus_nonlinear"
 
 
-def shares_figure(result: dict[str, Any], path: Path) -> Path:
-    """Bars: CE gap closed by the linear / nonlinear part (95 % CI); markers: FVU gap closed."""
-    slices = panels(result["saes"])
+Slices = list[tuple[str, list[dict[str, Any]], str]]  # (title, rows, "width" or "l0")
+
+
+def kind_slices(transcoders: list[dict[str, Any]]) -> Slices:
+    """One panel per kind (transcoders, skip transcoders), each by width."""
+    out: Slices = []
+    for skip, title in ((False, "transcoders"), (True, "skip transcoders")):
+        rows = sorted((t for t in transcoders if t["skip"] == skip), key=lambda t: t["width"])
+        if rows:
+            out.append((f"{title}, by width", rows, "width"))
+    return out
+
+
+def shares_figure(result: dict[str, Any], path: Path, slices: Slices | None = None) -> Path:
+    """Bars: CE gap closed by the linear / nonlinear part (95 % CI); markers: FVU gap closed.
+
+    ``slices``: the panels; default, the SAE sweep's two (``panels``)."""
+    if slices is None:
+        slices = [(title, rows, by) for (title, rows), by in zip(panels(result["saes"]),
+                                                                 ("width", "l0"))]
     fig, axes = plt.subplots(1, len(slices), figsize=(5.2 * len(slices), 3.9), squeeze=False)
-    for ax, (title, rows), by in zip(axes[0], slices, ("width", "l0")):
+    for ax, (title, rows, by) in zip(axes[0], slices):
         pos = np.arange(len(rows))
         for j, (part, colour) in enumerate((("linear", "#e8a33d"), ("nonlinear", "#2a6f97"))):
             stat = [r["ce_gap_closed"][f"sae+{part}"] for r in rows]
@@ -31,14 +48,16 @@ def shares_figure(result: dict[str, Any], path: Path) -> Path:
                     color="black", ms=4, label="FVU gap closed" if j == 0 else None)
         labels = [f"{r['width']:,}" if by == "width" else f"{r['l0']:.0f}" for r in rows]
         ax.set_xticks(pos, labels)
-        ax.set_xlabel("SAE width" if by == "width" else "L0")
+        ax.set_xlabel("width" if by == "width" else "L0")
         ax.set_title(title, fontsize=10)
         ax.axhline(0, color="black", lw=0.8)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("share of the SAE's gap closed")
+    what, hat = _terms(result)
+    axes[0][0].set_ylabel(f"share of the {what}'s gap closed")
     axes[0][0].legend(frameon=False, fontsize=7)
     fig.suptitle(
-        f"Splicing x̂ + error part at {result['hook']} ({result['tokens']['contexts']} contexts)",
+        f"Splicing {hat} + error part at {result['hook']} ({result['tokens']['contexts']} "
+        "contexts)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -93,8 +112,15 @@ def panels(saes: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]
     return out
 
 
+def _terms(r: dict[str, Any]) -> tuple[str, str]:
+    """What was spliced ("SAE" or "transcoder") and its output's symbol."""
+    what = r.get("replaces", "SAE")
+    return what, ("x̂" if what == "SAE" else "ŷ")
+
+
 def section(r: dict[str, Any], out_dir: Path) -> str:
     """The report's HTML: what was spliced, the clean-loss check, the table and the figures."""
+    what, hat = _terms(r)
 
     def ci(v: float, c: Any) -> str:
         return f"{v:.2f} <small>[{c[0]:.2f}, {c[1]:.2f}]</small>"
@@ -129,14 +155,19 @@ def section(r: dict[str, Any], out_dir: Path) -> str:
         for key, name in (("zero", "zero"), ("mean", "mean"))
         if key in sh
     )
+    spliced = (
+        "The SAE reconstruction x̂ and its parts" if what == "SAE" else
+        f"Each transcoder's output ŷ (computed from {esc(r['source'])}) and its error parts, in "
+        "place of the MLP's output,"
+    )
     return (
-        f"<p>The SAE reconstruction and its parts spliced into the model at {esc(r['hook'])} "
+        f"<p>{spliced} spliced into the model at {esc(r['hook'])} "
         f"(real forward passes) on {tok['contexts']} evaluation contexts; CE averaged over "
         f"{tok['averaged']:,} tokens. {_rule(r)}Clean CE {clean:.3f} ({checked}); "
-        f"{esc(ablations)}. Share of the CE gap of x̂ closed by adding each error part (95 % "
+        f"{esc(ablations)}. Share of the CE gap of {hat} closed by adding each error part (95 % "
         f"bootstrap over contexts) next to the share of the FVU it closes, and their paired "
         f"difference; the last column adds a random vector of ‖e‖ instead.</p>"
-        f"<table><tr><th>SAE</th><th>width</th><th>L0</th><th>contexts</th><th>ΔCE x̂</th>"
+        f"<table><tr><th>{what}</th><th>width</th><th>L0</th><th>contexts</th><th>ΔCE {hat}</th>"
         f"<th>CE gap closed by ê</th><th>FVU closed by ê</th><th>CE gap closed by e − ê</th>"
         f"<th>FVU closed by e − ê</th><th>ê minus e − ê</th><th>random ‖e‖</th></tr>{rows}"
         f"</table>" + figures_html(r["figures"], out_dir)
@@ -148,9 +179,10 @@ def _rule(r: dict[str, Any]) -> str:
     target = r.get("target") or {}
     if target.get("half_width") is None:
         return ""
-    met = "every SAE met it" if target["met"] else (
+    what, hat = _terms(r)
+    met = f"every {what} met it" if target["met"] else (
         f"not met within {target['contexts_allowed']} contexts: widest "
         f"±{target['widest_half_width']:.3f}")
-    return (f"Every intervention ran on the first {target['first_round']} contexts; SAEs whose "
-            f"gap-closed intervals were wider than ±{target['half_width']} got more contexts for "
-            f"x̂, x̂ + ê and x̂ + (e − ê) ({met}). ")
+    return (f"Every intervention ran on the first {target['first_round']} contexts; {what}s "
+            f"whose gap-closed intervals were wider than ±{target['half_width']} got more "
+            f"contexts for {hat}, {hat} + ê and {hat} + (e − ê) ({met}). ")

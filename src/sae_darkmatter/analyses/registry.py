@@ -60,6 +60,7 @@ _MODULES = {
     "error_saes": "error_saes",
     "downstream": "downstream",
     "transcoders": "transcoders",
+    "transcoder_downstream": "transcoder_downstream",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 

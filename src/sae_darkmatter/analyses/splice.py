@@ -4,7 +4,9 @@ The decoder layers before the hook replay their clean outputs (so only the layer
 on run again) and the hook module returns the replacement at the spliced positions; the
 identity splice reproduces the clean logits bit for bit. ``splice_contexts`` runs the clean
 forward and every intervention (``SHARED`` and, per SAE, ``PER_SAE``) per batch of contexts and
-returns per-token next-token CE and KL(clean ‖ spliced).
+returns per-token next-token CE and KL(clean ‖ spliced). A transcoder replaces the activations
+at its output hook (``mlp_out.L``) with what it computes from those at its ``source`` hook
+(``mlp_in.L``), captured in the same clean forward; its probe reads the source too.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from sae_darkmatter.models import (
     reads_input,
 )
 from sae_darkmatter.saes import SAE
+from sae_darkmatter.saes.transcoder import Transcoder
 
 SHARED = ("x", "zero", "mean")
 PER_SAE = ("sae", "sae+linear", "sae+nonlinear", "sae+random@error",
            "sae+linear+random@nonlinear", "sae+nonlinear+random@linear")
+Replacer = SAE | Transcoder  # an SAE reconstructs its hook; a transcoder predicts it from a source
 MAIN = PER_SAE[:3]  # x̂, x̂ + ê, x̂ + (e − ê): what the gap closed by each error part needs
 
 
@@ -61,6 +65,15 @@ def _constant_forwards(outputs: Mapping[nn.Module, Any]) -> Iterator[None]:
                 m.forward = fwd
 
 
+def _capture(module: nn.Module, read_input: bool, into: dict[str, Any],
+             key: str) -> torch.utils.hooks.RemovableHandle:
+    """Keep ``module``'s output (its first input when ``read_input``) in ``into[key]``."""
+    if read_input:
+        return module.register_forward_pre_hook(
+            lambda m, args: into.update({key: module_input(m, args)}))
+    return module.register_forward_hook(lambda _m, _a, out: into.update({key: out}))
+
+
 class HookSplicer:
     """Run an LM clean, then with the activations at hook ``hook`` replaced, on the same batch.
 
@@ -68,31 +81,33 @@ class HookSplicer:
     decoder layer before it; ``splice(ids, new)`` then runs the model with the earlier layers
     replaying that output and the hook module returning ``new``, so only the rest is computed.
     At an input hook (``mlp_in``) the hook module is called with ``new`` instead (the rest of
-    its layer runs again). Works for every hook kind ``models`` supports.
+    its layer runs again). Works for every hook kind ``models`` supports. With a ``source``
+    hook, ``clean`` also keeps its activations in ``source_acts`` (what a transcoder reads).
     """
 
-    def __init__(self, lm: LoadedModel, hook: str) -> None:
+    def __init__(self, lm: LoadedModel, hook: str, source: str | None = None) -> None:
         _, layer = parse_hook(lm.model, hook)
         self.lm = lm
         self.module = hook_module(lm.model, hook)
         self.reads_input = reads_input(hook)
+        self.source = source
         self.skipped = [hook_module(lm.model, f"resid_post.{i}") for i in range(layer)]
         self._hook_out: Any = None
         self._prev_out: Any = None
+        self.source_acts: torch.Tensor | None = None
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
 
     def clean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hook activations [B, T, d] float32, logits [B, T, V])`` of the clean forward."""
+        """``(hook activations [B, T, d] float32, logits [B, T, V])`` of the clean forward (and
+        ``source_acts``, float32, with a source hook)."""
         captured: dict[str, Any] = {}
-        handles = [
-            self.module.register_forward_pre_hook(
-                lambda m, args: captured.update(hook=module_input(m, args)))
-            if self.reads_input
-            else self.module.register_forward_hook(lambda _m, _a, out: captured.update(hook=out))
-        ]
+        handles = [_capture(self.module, self.reads_input, captured, "hook")]
+        if self.source is not None:
+            handles.append(_capture(hook_module(self.lm.model, self.source),
+                                    reads_input(self.source), captured, "source"))
         if self.skipped:
             handles.append(self.skipped[-1].register_forward_hook(
                 lambda _m, _a, out: captured.update(prev=out)))
@@ -103,7 +118,10 @@ class HookSplicer:
                 h.remove()
         if "hook" not in captured:
             raise HookError(f"the hook module produced no output on {type(self.lm.model).__name__}")
+        if self.source is not None and "source" not in captured:
+            raise HookError(f"the source hook {self.source!r} produced no output")
         self._hook_out, self._prev_out = captured["hook"], captured.get("prev")
+        self.source_acts = _first(captured["source"]).float() if self.source else None
         return _first(self._hook_out).float(), logits
 
     def splice(self, ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -149,16 +167,20 @@ def random_directions(contexts: np.ndarray, length: int, d: int, seed: int) -> t
     return torch.from_numpy(out / np.linalg.norm(out, axis=-1, keepdims=True)).float()
 
 
-def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
-                  u: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def interventions(x: torch.Tensor, sae: Replacer, probe: LinearProbe, u: torch.Tensor,
+                  source: torch.Tensor | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The per-SAE replacements of activations ``x [m, d]`` and per-token ‖e‖², ‖ê‖², ‖e − ê‖².
 
-    ``u [m, d]`` are unit directions for the random controls.
+    ``u [m, d]`` are unit directions for the random controls. A transcoder (``source``: its
+    input activations ``[m, d_in]``) predicts ``x`` from ``source``, and its probe reads
+    ``source``; an SAE reconstructs ``x`` from ``x``.
     """
+    read = x if source is None else source
     with torch.inference_mode():
-        x_hat = sae.forward(x)
+        x_hat = sae.forward(read)
         e = x - x_hat
-        lin = probe.predict(x)
+        lin = probe.predict(read)
     nl = e - lin
     n_err, n_lin, n_nl = (v.norm(dim=1, keepdim=True) for v in (e, lin, nl))
     new = {
@@ -177,15 +199,16 @@ def interventions(x: torch.Tensor, sae: SAE, probe: LinearProbe,
     return new, sq
 
 
-def _replacements(xm: torch.Tensor, mean: torch.Tensor, saes: Mapping[str, tuple[SAE, LinearProbe]],
-                  u: torch.Tensor, everything: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _replacements(xm: torch.Tensor, sm: torch.Tensor | None, mean: torch.Tensor,
+                  saes: Mapping[str, tuple[Replacer, LinearProbe]], u: torch.Tensor,
+                  everything: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """Replacement values ``[m, d]`` of the interventions (``everything``: all, else ``MAIN``),
-    and per-token squared norms ``[m]``."""
+    and per-token squared norms ``[m]``; ``sm``: the source activations of transcoders."""
     if everything:
         yield from (("shared/x", xm), ("shared/zero", torch.zeros_like(xm)),
                     ("shared/mean", mean.to(xm).expand_as(xm)))
     for name, (sae, probe) in saes.items():
-        new, sq = interventions(xm, sae, probe, u)
+        new, sq = interventions(xm, sae, probe, u, sm)
         yield from ((f"{name}/{key}", value) for key, value in (sq | new).items()
                     if everything or key in sq or key in MAIN)
 
@@ -196,9 +219,10 @@ def splice_contexts(
     tokens: np.ndarray,
     contexts: np.ndarray,
     spliced: np.ndarray,
-    saes: Mapping[str, tuple[SAE, LinearProbe]],
+    saes: Mapping[str, tuple[Replacer, LinearProbe]],
     mean: torch.Tensor,
     *,
+    source: str | None = None,
     batch_size: int = 8,
     seed: int = 0,
     everything: bool = True,
@@ -208,10 +232,11 @@ def splice_contexts(
 
     ``spliced [n, T]`` marks the positions replaced. Returns ``[n, T]`` float32 arrays keyed
     ``"clean/ce"``, ``"shared/<i>/ce|kl"``, ``"<sae>/<i>/ce|kl"`` and ``"<sae>/<part>"`` (parts
-    NaN where not spliced). ``everything=False`` runs only the ``MAIN`` interventions.
+    NaN where not spliced). ``everything=False`` runs only the ``MAIN`` interventions. With
+    ``source``, ``saes`` are transcoders reading the activations at that hook.
     """
     n, t = tokens.shape
-    splicer = HookSplicer(lm, hook)
+    splicer = HookSplicer(lm, hook, source)
     out: dict[str, np.ndarray] = {}
 
     def put(key: str, lo: int, value: torch.Tensor) -> None:
@@ -233,7 +258,8 @@ def splice_contexts(
             clean_ce[:, :-1] = -clean_logp.gather(2, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
             put("clean/ce", lo, clean_ce)
             u = random_directions(contexts[lo : lo + batch_size], t, x.shape[-1], seed).to(x.device)
-            for key, values in _replacements(x[mask], mean, saes, u[mask], everything):
+            sm = None if splicer.source_acts is None else splicer.source_acts[mask]
+            for key, values in _replacements(x[mask], sm, mean, saes, u[mask], everything):
                 if values.ndim == 1:  # a per-token squared norm, NaN where not spliced
                     full = torch.full(mask.shape, float("nan"), device=x.device)
                     full[mask] = values.float()

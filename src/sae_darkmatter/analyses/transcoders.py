@@ -58,7 +58,7 @@ class _Point:
     total: np.ndarray  # ‖y − ȳ‖² (an SAE's: ‖x − x̄‖²)
 
 
-def _trained_k(d: SavedDecomposition) -> int | None:
+def trained_k(d: SavedDecomposition) -> int | None:
     """The k an SAE was built or trained with: its own (TopK), else our trainer's record."""
     if d.k is not None:
         return d.k
@@ -69,7 +69,7 @@ def _trained_k(d: SavedDecomposition) -> int | None:
 
 def _point(d: SavedDecomposition, kind: str) -> _Point:
     t = d.tokens
-    return _Point(d.name, kind, d.width, _trained_k(d), float(d.info["metrics"]["l0"]),
+    return _Point(d.name, kind, d.width, trained_k(d), float(d.info["metrics"]["l0"]),
                   d.info["metrics"], t["rows"].astype(np.int64),
                   t["err_sq"].astype(np.float64), t["nonlinear_sq"].astype(np.float64),
                   t["x_centered_sq"].astype(np.float64))
@@ -84,7 +84,7 @@ def _points(run: RunDir) -> list[_Point]:
                      else "transcoder") for d in tcs]
     ks = {p.k for p in points}
     points += [_point(d, "SAE") for d in run.decompositions
-               if _trained_k(d) in ks and np.array_equal(d.tokens["rows"], points[0].rows)]
+               if trained_k(d) in ks and np.array_equal(d.tokens["rows"], points[0].rows)]
     for p in points[1:]:
         if not np.array_equal(p.rows, points[0].rows):
             raise DarkMatterError(f"{p.name} and {points[0].name} were scored on different "

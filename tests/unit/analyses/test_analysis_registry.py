@@ -18,7 +18,8 @@ from sae_darkmatter.report.sections import AUTOINTERP_TITLE, analyses_html
 def test_every_name_resolves_to_its_own_record():
     assert ANALYSES == NAMES
     assert set(NAMES) == {"paper", "scaling", "per_token", "norms", "encoder_error",
-                          "cross_layer", "error_saes", "downstream", "transcoders"}
+                          "cross_layer", "error_saes", "downstream", "transcoders",
+                          "transcoder_downstream"}
     for name in NAMES:
         record = get(name)
         assert record.name == name and record.title and callable(record.section)
