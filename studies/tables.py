@@ -3,6 +3,7 @@
     python studies/tables.py norm  study/norm_r2 study/paper study/converged   # study 1
     python studies/tables.py width study/converged [K]         # study 2: FVU nonlinear vs width
     python studies/tables.py error study/converged             # study 3: error-SAE learnability
+    python studies/tables.py downstream study/transcoders      # study 4: CE of the error parts
 
 Every number is on held-out tokens, with its 95 % interval: the decomposition's token
 bootstrap for FVU and the probe's R² of ‖e‖²; the norm baselines' token bootstrap for the
@@ -129,6 +130,27 @@ def error_table(run: Path) -> list[str]:
     return [*lines, "", f"Claim check: {claim(run, 'error_saes_worse')}"]
 
 
+def downstream_table(run: Path) -> list[str]:
+    """The CE gap each error part closes against the FVU it closes, for the SAEs and the
+    transcoders the run spliced (95 % bootstrap intervals over contexts)."""
+    results = json.loads((run / "analyses.json").read_text())
+    lines = ["| spliced | width | contexts | ΔCE of x̂ / ŷ | CE gap closed by ê | FVU closed by ê "
+             "| CE gap closed by e − ê | FVU closed by e − ê | ê minus e − ê |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in ("downstream", "transcoder_downstream"):
+        for row in results.get(key, {}).get("table", []):
+            diff = "ce_gap_closed_linear_minus_nonlinear"
+            lines.append(
+                f"| {row['sae']} | {row['width']:,} | {row['contexts']} | "
+                f"{row['ce_increase_sae']:+.3f} | "
+                f"{ci(row['ce_gap_closed_linear'], row['ce_gap_closed_linear_ci'], 2)} | "
+                f"{row['fvu_gap_closed_linear']:.2f} | "
+                f"{ci(row['ce_gap_closed_nonlinear'], row['ce_gap_closed_nonlinear_ci'], 2)} | "
+                f"{row['fvu_gap_closed_nonlinear']:.2f} | "
+                f"{ci(row[diff], row[f'{diff}_ci'], 2)} |")
+    return [*lines, "", f"Claim check: {claim(run, 'ce_proportional')}"]
+
+
 def main(argv: list[str]) -> None:
     kind, *paths = argv
     folders = [Path(p) for p in paths]
@@ -139,8 +161,10 @@ def main(argv: list[str]) -> None:
         lines = width_table(folders[0], int(paths[1]) if len(paths) > 1 else None)
     elif kind == "error":
         lines = error_table(folders[0])
+    elif kind == "downstream":
+        lines = downstream_table(folders[0])
     else:
-        raise SystemExit(f"unknown table {kind!r}: norm, width or error")
+        raise SystemExit(f"unknown table {kind!r}: norm, width, error or downstream")
     print("\n".join(lines))
 
 
