@@ -74,6 +74,7 @@ SHARES_FIGURE = RunDir.figure_key("downstream_shares")
 CE_FIGURE = RunDir.figure_key("downstream_ce")
 TRANSCODER_PER_TOKEN_FILE = f"{layout.DOWNSTREAM}/transcoders_per_token.safetensors"
 OF = ("saes", "transcoders")
+VERSION = 2  # part of the cache key: 2 added the stopping rule, contexts in splice order
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,6 @@ class _Target:
             return {"name": d.name, "width": d.width, "k": d.k, "l0": d.info["metrics"]["l0"]}
         return {"name": d.name, "width": d.width, "k": trained_k(d),
                 "l0": d.info["metrics"]["l0"], "skip": bool(d.info["transcoder"]["skip"])}
-VERSION = 2  # part of the cache key: 2 added the stopping rule, contexts in splice order
 
 
 def select_saes(decs: list[SavedDecomposition], cfg: DownstreamConfig) -> list[SavedDecomposition]:
