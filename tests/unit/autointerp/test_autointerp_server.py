@@ -11,12 +11,8 @@ import dataclasses
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import pytest
 
 from helpers import AUTOINTERP_HOOK as HOOK
 from helpers import collect_examples_of, make_run
+from llama_server import KEY, KEY_ENV, free_port, start_server, stop
 from sae_darkmatter.autointerp import (
     AutoInterpConfig,
     ChatClient,
@@ -40,10 +37,7 @@ from sae_darkmatter.autointerp.run import (
     detect,
     explain,
 )
-from sae_darkmatter.models import embedded_gguf_path
 
-KEY_ENV = "DM_AUTOINTERP_TEST_KEY"
-KEY = "sk-darkmatter-fake-5e1b7c93d04a"  # distinctive: grepped for in every file and log
 # Small and fast: 1 latent per SAE, 2 quantiles, 8-token windows, short answers.
 FAST = {
     "model": "smollm2",
@@ -64,84 +58,12 @@ FAST = {
 }
 
 
-# ---------------------------------------------------------------------------- the server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """llama.cpp's OpenAI-compatible server on the embedded SmolLM2, requiring KEY.
-
-    One thread: on a shared 2-core machine two spinning llama.cpp threads made requests ~20x
-    slower (16 s instead of 0.7 s each).
-    """
-    import llama_cpp  # noqa: F401  (the [autointerp] extra: a missing package fails here, never skips)
-    import openai  # noqa: F401
-
-    port = _free_port()
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(embedded_gguf_path()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",
-            "--n_threads_batch",
-            "1",
-            "--api_key",
-            KEY,
-            "--verbose",
-            "False",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama.cpp server exited: {log_path.read_text()[-2000:]}")
-        try:
-            request = urllib.request.Request(
-                f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}
-            )
-            with urllib.request.urlopen(request, timeout=2) as answer:
-                if answer.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"llama.cpp server did not answer in 90 s: {log_path.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     os.environ[KEY_ENV] = KEY
-    proc, url = _start_server(tmp_path_factory.mktemp("server") / "server.log")
+    proc, url = start_server(tmp_path_factory.mktemp("server") / "server.log")
     yield url
-    _stop(proc)
+    stop(proc)
     os.environ.pop(KEY_ENV, None)
 
 
@@ -200,7 +122,7 @@ def test_rerun_is_answered_from_the_cache_even_with_the_server_gone(run_dir, fir
     assert again["requests"]["from_cache"] == result["requests"]["sent"]
     assert _without_timings(again) == _without_timings(json.loads(json.dumps(result)))
     # the cache key holds no URL: a stopped server (nothing listening) costs nothing either
-    gone = dataclasses.replace(cfg, base_url=f"http://127.0.0.1:{_free_port()}/v1")
+    gone = dataclasses.replace(cfg, base_url=f"http://127.0.0.1:{free_port()}/v1")
     offline = autointerp_run(run_dir, gone, tokenizer=tokenizer, progress=False)
     assert offline["requests"]["sent"] == 0
     assert offline["saes"] == again["saes"]
@@ -228,7 +150,7 @@ def test_api_key_is_sent_but_never_written(run_dir, first_run, tmp_path, server,
 
 
 def test_unreachable_endpoint_fails_fast_and_clearly(run_dir, tmp_path, tokenizer):
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     cfg = AutoInterpConfig(
         base_url=url, cache_dir=str(tmp_path / "cache"), **{**FAST, "max_retries": 3}
     )
@@ -257,7 +179,7 @@ def test_scores_match_recorded_verdicts(run_dir, tmp_path, tokenizer):
     summary must equal the counts of the recorded verdicts, the unparsable batch left out."""
     cache = tmp_path / "cache"
     cfg = AutoInterpConfig(
-        base_url=f"http://127.0.0.1:{_free_port()}/v1",
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
         cache_dir=str(cache),
         saes=("topk-w64-k8",),
         **{**FAST, "n_latents": 3, "n_per_quantile": 2, "n_negatives": 3, "batch_size": 4},
@@ -337,7 +259,7 @@ def test_unparsable_answers_are_retried_once_then_excluded(run_dir, server, tmp_
 
 
 def test_server_killed_mid_run_keeps_cached_answers(run_dir, server, tmp_path, tokenizer):
-    proc, url = _start_server(tmp_path / "server.log")
+    proc, url = start_server(tmp_path / "server.log")
     cache = tmp_path / "cache"
     cfg = AutoInterpConfig(
         base_url=url,
@@ -358,7 +280,7 @@ def test_server_killed_mid_run_keeps_cached_answers(run_dir, server, tmp_path, t
     deadline = time.monotonic() + 60
     while not list(cache.rglob("*.json")) and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.02)
-    _stop(proc)
+    stop(proc)
     t = time.perf_counter()
     thread.join(60)
     assert not thread.is_alive() and time.perf_counter() - t < 30
@@ -421,7 +343,7 @@ def test_cli_command(run_dir, first_run, tmp_path):
     assert out.exit_code == 0, out.output
     assert "Detection scoring" in out.output and "topk-w64-k8" in out.output
     assert f"requests: 0 sent, {result['requests']['sent']} answered from the cache" in out.output
-    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     out = CliRunner().invoke(
         app,
         [*args, "--base-url", dead, "--cache-dir", str(tmp_path / "d"), "--saes", "topk-w64-k8"],
