@@ -4,6 +4,7 @@
     python studies/tables.py width study/converged [K]         # study 2: FVU nonlinear vs width
     python studies/tables.py error study/converged             # study 3: error-SAE learnability
     python studies/tables.py downstream study/transcoders      # study 4: CE of the error parts
+    python studies/tables.py prefixes study/matryoshka study/transcoders  # study 5: prefixes
 
 Every number is on held-out tokens, with its 95 % interval: the decomposition's token
 bootstrap for FVU and the probe's R² of ‖e‖²; the norm baselines' token bootstrap for the
@@ -151,6 +152,41 @@ def downstream_table(run: Path) -> list[str]:
     return [*lines, "", f"Claim check: {claim(run, 'ce_proportional')}"]
 
 
+def prefix_table(out: Path, sweep: Path, k: int = 32) -> list[str]:
+    """Per prefix width: FVU and FVU nonlinear of each SAE's prefixes (``out/prefixes``) beside
+    the separately trained SAEs of that width and ``k`` (``sweep``'s decompositions); then the
+    power law fitted to each set."""
+    from sae_darkmatter.analyses.scaling import fit_scaling, load_sweep
+
+    prefixes = decompositions_of(out / "prefixes")
+    sources = sorted({d.info["prefix"]["of"] for d in prefixes}, reverse=True)
+    at = {(d.info["prefix"]["of"], d.width): d.info["metrics"] for d in prefixes}
+    at |= {("trained", d.width): d.info["metrics"]
+           for d in decompositions_of(sweep / "decompose") if d.k == k}
+    columns = [*sources, "trained"]
+    lines = ["| width | " + " | ".join(f"{c}: FVU / FVU nonlinear (L0)" for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for width in sorted({w for _, w in at}):
+        cells = []
+        for c in columns:
+            m = at.get((c, width))
+            cells.append("–" if m is None else
+                         f"{m['fvu']:.3f} / {ci(m['fvu_nonlinear'], m['ci']['fvu_nonlinear'])} "
+                         f"({m['l0']:.1f})")
+        lines.append(f"| {width:,} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for c in columns:
+        points = (load_sweep(out / "prefixes", prefixes_of=c) if c != "trained"
+                  else [p for p in load_sweep(sweep / "decompose") if p.k == k])
+        fit = fit_scaling(points, points[-1].l0, n_boot=200)
+        first, last = (p.metrics["fvu_nonlinear"] for p in (points[0], points[-1]))
+        lines.append(f"- {c}: FVU(W) = c + a·W^(−m) with c = {ci(fit.c, fit.c_ci)}, m = "
+                     f"{ci(fit.m, fit.m_ci, 2)}; FVU nonlinear {first:.3f} → {last:.3f} "
+                     f"({last / first - 1:+.0%}) from {points[0].width:,} to "
+                     f"{points[-1].width:,} latents")
+    return lines
+
+
 def main(argv: list[str]) -> None:
     kind, *paths = argv
     folders = [Path(p) for p in paths]
@@ -163,8 +199,10 @@ def main(argv: list[str]) -> None:
         lines = error_table(folders[0])
     elif kind == "downstream":
         lines = downstream_table(folders[0])
+    elif kind == "prefixes":
+        lines = prefix_table(folders[0], folders[1])
     else:
-        raise SystemExit(f"unknown table {kind!r}: norm, width, error or downstream")
+        raise SystemExit(f"unknown table {kind!r}: norm, width, error, downstream or prefixes")
     print("\n".join(lines))
 
 
